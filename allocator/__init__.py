@@ -1,0 +1,56 @@
+"""bitalloc core: formats, cost tables, budgets, plans, the quantization backend, CLI and service.
+
+Importing :mod:`allocator` is cheap: torch, pulp, cvxpy and optuna load only when used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from allocator.budget import Budget
+from allocator.errors import (
+    AllocatorError,
+    BackendError,
+    ExportError,
+    InfeasibleBudgetError,
+    InvalidBudgetError,
+    InvalidCostTableError,
+    InvalidParameterError,
+    InvalidPlanError,
+    ModelError,
+    PlanCheckError,
+    SolverUnavailableError,
+    UnknownNameError,
+)
+from allocator.formats import DEFAULT_OPTIONS, FormatKind, QuantFormat, parse_format, parse_options
+from allocator.plan import Assignment, BitPlan, check_plan
+from allocator.result import SolveResult, SolveStatus
+from allocator.table import CostTable
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "AllocatorError",
+    "Assignment",
+    "BackendError",
+    "BitPlan",
+    "Budget",
+    "CostTable",
+    "ExportError",
+    "FormatKind",
+    "InfeasibleBudgetError",
+    "InvalidBudgetError",
+    "InvalidCostTableError",
+    "InvalidParameterError",
+    "InvalidPlanError",
+    "ModelError",
+    "PlanCheckError",
+    "QuantFormat",
+    "SolveResult",
+    "SolveStatus",
+    "SolverUnavailableError",
+    "UnknownNameError",
+    "__version__",
+    "check_plan",
+    "parse_format",
+    "parse_options",
+]
