@@ -18,7 +18,8 @@ SIZE_RTOL = 1e-9
 def _positive(name: str, value: float | None) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
         raise InvalidBudgetError(f"budget {name} must be a finite number > 0, got {value!r}")
 
 
