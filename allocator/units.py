@@ -140,7 +140,7 @@ def discover_units(
         n_candidates += 1
         if (inc and not inc.search(name)) or (exc and exc.search(name)):
             continue
-        found.append((name, kind, tuple(module.weight.shape)))  # type: ignore[union-attr,arg-type]
+        found.append((name, kind, tuple(module.weight.shape)))
     if not found:
         what = "/".join(kind_set)
         if n_candidates == 0:
