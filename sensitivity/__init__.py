@@ -1,0 +1,61 @@
+"""Sensitivity estimators: (model, calibration data, candidate options) → CostTable.
+
+Estimators are registered by name; :func:`estimate` is the one driver. ``sensitivity`` depends
+on ``allocator`` core types only and never imports ``solvers``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from allocator.errors import UnknownNameError
+from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
+
+__all__ = [
+    "ESTIMATORS",
+    "BaseEstimator",
+    "EstimateContext",
+    "UnitCosts",
+    "estimate",
+    "estimator_class",
+    "get_estimator",
+    "quant_errors",
+    "score_times_error",
+]
+
+#: name → "module:Class" (documented in each class's docstring with its paper).
+ESTIMATORS: dict[str, str] = {
+    "hessian-trace": "sensitivity._hessian:HessianTraceEstimator",
+    "hessian-eig": "sensitivity._hessian:HessianEigEstimator",
+    "fisher": "sensitivity._fisher:FisherEstimator",
+    "salience": "sensitivity._salience:SalienceEstimator",
+    "hessian-proxy": "sensitivity._salience:HessianProxyEstimator",
+    "relevance": "sensitivity._relevance:RelevanceEstimator",
+    "measured": "sensitivity._measured:MeasuredEstimator",
+    "datafree": "sensitivity._datafree:DataFreeEstimator",
+    "lim": "sensitivity._datafree:LimEstimator",
+    "zd": "sensitivity._datafree:ZdEstimator",
+}
+
+
+def estimator_class(name: str) -> type[BaseEstimator]:
+    if name not in ESTIMATORS:
+        raise UnknownNameError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
+    module, cls = ESTIMATORS[name].split(":")
+    found: type[BaseEstimator] = getattr(importlib.import_module(module), cls)
+    return found
+
+
+def get_estimator(name: str | BaseEstimator, **params: Any) -> BaseEstimator:
+    """An estimator instance from a name (constructor ``params`` passed on) or an instance."""
+    if isinstance(name, BaseEstimator):
+        return name
+    return estimator_class(name)(**params)
+
+
+def estimate(*args: Any, **kwargs: Any) -> Any:
+    """High-level driver (model path/object + data → CostTable); see :mod:`sensitivity._driver`."""
+    from sensitivity._driver import run_estimate
+
+    return run_estimate(*args, **kwargs)
