@@ -50,6 +50,7 @@ SOLVERS: dict[str, str] = {
     "cvxpy": "solvers._closed_form:CvxpySolver",
     "greedy": "solvers._greedy:GreedySolver",
     "brute_force": "solvers._brute_force:BruteForceSolver",
+    "bayesian": "solvers._bayesian:BayesianSolver",
 }
 
 
