@@ -1,0 +1,49 @@
+"""``bitalloc search``: Bayesian refinement of the cost-table optimum with real evaluations."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from allocator.cli._common import add_budget_arguments, budget_from_args, console
+
+HELP = "refine a plan by Bayesian search (Optuna TPE) with a real evaluator in the loop"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", help="cost table (.parquet/.csv/.json)")
+    add_budget_arguments(p)
+    p.add_argument("--model", help="model to evaluate on (local HF dir, 'minilm', 'tiny-llama'); "
+                   "without it the table's own cost is the objective")
+    p.add_argument("--trials", type=int, default=50, help="trials in the study in total (default 50)")
+    p.add_argument("--radius", type=int, default=1, help="hull steps each unit may move (default 1)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="how plans are applied")
+    p.add_argument("--samples", type=int, default=32, help="evaluation sequences (default 32)")
+    p.add_argument("--storage", help="Optuna storage URL: sqlite:///search.db or postgresql://...")
+    p.add_argument("--study", help="study name (shared by workers; re-run to resume)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--no-prune", action="store_true", help="evaluate every trial fully")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="plan.json", help="where to write the best plan")
+
+
+def run(args: argparse.Namespace) -> int:
+    from allocator.search import EvaluatorKind, SearchSpec, run_search
+
+    budget = budget_from_args(args)
+    spec = SearchSpec(
+        table_path=str(Path(args.table)), budget=budget.to_dict(), n_trials=args.trials, seed=args.seed,
+        storage=args.storage, study=args.study, radius=args.radius, prune=not args.no_prune,
+        evaluator=EvaluatorKind.MODEL if args.model else EvaluatorKind.TABLE, model=args.model,
+        method=args.method, samples=args.samples,
+    )
+    result = run_search(spec, workers=args.workers)
+    out = console()
+    out.print(f"status {result.status}  {result.message}")
+    if result.plan is None:
+        return 1
+    result.plan.save(args.output)
+    s = result.plan.summary
+    out.print(f"bpw {s.bpw:.4f}  predicted cost {s.predicted_cost:.6g}  "
+              f"measured {result.stats.get('measured_error', float('nan')):.6g}  -> {args.output}")
+    return 0

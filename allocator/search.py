@@ -1,0 +1,118 @@
+"""Search orchestration: one Optuna study shared by N worker processes (one or many machines).
+
+A :class:`SearchSpec` says everything a worker needs (table file, budget, storage URL, study
+name, evaluator), so a worker on another machine can join with the same spec:
+``bitalloc search TABLE --bpw 3 --storage postgresql://... --study s1 --workers 4``.
+In-memory storage cannot be shared, so ``workers > 1`` needs an RDB URL (SQLite file or
+PostgreSQL). Interrupting and re-running the same command resumes the study.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from allocator.budget import Budget
+from allocator.errors import InvalidParameterError
+from allocator.result import SolveResult
+from allocator.table import CostTable
+
+__all__ = ["EvaluatorKind", "SearchSpec", "make_evaluator", "run_search", "run_worker"]
+
+
+class EvaluatorKind(StrEnum):
+    TABLE = "table"  #: the table's additive cost (no model; for tests and dry runs)
+    MODEL = "model"  #: apply the plan to the model and measure its output error
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpec:
+    """Everything a search worker needs; plain data so it crosses process boundaries."""
+
+    table_path: str
+    budget: Mapping[str, Any]
+    n_trials: int = 50
+    seed: int = 0
+    storage: str | None = None
+    study: str | None = None
+    radius: int = 1
+    prune: bool = True
+    evaluator: EvaluatorKind = EvaluatorKind.TABLE
+    model: str | None = None
+    method: str = "rtn"
+    samples: int = 32
+    seq_len: int = 128
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise InvalidParameterError(f"n_trials must be ≥ 1, got {self.n_trials}")
+        object.__setattr__(self, "evaluator", EvaluatorKind(self.evaluator))
+        if self.evaluator is EvaluatorKind.MODEL and self.model is None:
+            raise InvalidParameterError("a model evaluator needs --model (a local model dir or 'minilm')")
+
+
+def make_evaluator(spec: SearchSpec) -> Any:
+    """The evaluator a worker uses (``None`` = the table's cost)."""
+    if spec.evaluator is EvaluatorKind.TABLE:
+        return None
+    from allocator.search_eval import ModelEvaluator
+
+    return ModelEvaluator(model=spec.model, method=spec.method, samples=spec.samples,
+                          seq_len=spec.seq_len, seed=spec.seed)
+
+
+def run_worker(spec: SearchSpec, worker: int = 0) -> SolveResult:
+    """Join (or create) the study and run trials until the study has ``n_trials``."""
+    from solvers._bayesian import BayesianSolver
+
+    table = CostTable.load(spec.table_path)
+    solver = BayesianSolver(evaluator=make_evaluator(spec), n_trials=spec.n_trials, radius=spec.radius,
+                            storage=spec.storage, study_name=spec.study, prune=spec.prune)
+    # Distinct sampler seeds per worker, or every worker would propose the same trials.
+    return solver.solve(table, Budget.from_dict(spec.budget), seed=spec.seed + worker)
+
+
+def _worker_entry(spec_dict: dict[str, Any], worker: int) -> None:
+    run_worker(SearchSpec(**spec_dict), worker)
+
+
+def run_search(spec: SearchSpec, *, workers: int = 1) -> SolveResult:
+    """Run a search with ``workers`` processes on this machine; returns the study's best plan."""
+    if workers < 1:
+        raise InvalidParameterError(f"workers must be ≥ 1, got {workers}")
+    if workers > 1 and spec.storage is None:
+        raise InvalidParameterError(
+            "several workers need shared storage: pass --storage sqlite:///search.db or a PostgreSQL URL"
+        )
+    if workers > 1 and spec.study is None:
+        raise InvalidParameterError("several workers need one --study name to share")
+    ctx = mp.get_context("spawn")  # torch and fork do not mix
+    procs = [ctx.Process(target=_worker_entry, args=(asdict(spec), w), daemon=False)
+             for w in range(1, workers)]
+    for p in procs:
+        p.start()
+    try:
+        result = run_worker(spec, 0)
+    finally:
+        for p in procs:
+            p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} search worker(s) failed (exit codes {failed})")
+    if workers > 1:  # other workers may have found a better plan after this one finished
+        return run_worker(spec, 0)
+    return result
+
+
+def study_trials(storage: str, study: str) -> Iterator[Mapping[str, Any]]:
+    """Every trial of a stored study as plain dicts (number, state, value, size, worker)."""
+    import optuna
+
+    s = optuna.load_study(study_name=study, storage=storage)
+    for t in s.get_trials(deepcopy=False):
+        yield {"number": t.number, "state": t.state.name, "value": t.value,
+               "size_bits": t.user_attrs.get("size_bits"), "params": dict(t.params)}
