@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from allocator.budget import SIZE_RTOL, Budget
-from allocator.errors import SolverUnavailableError
+from allocator.errors import AllocatorError, SolverUnavailableError
 from allocator.plan import BitPlan, SolverInfo, check_rows
 from allocator.result import SolveResult, SolveStatus
 from allocator.table import CostTable
@@ -93,9 +93,9 @@ class BaseSolver(abc.ABC):
             return _finish(infeasible, self.name, time.perf_counter() - t0)
         try:
             raw = self._solve(problem, seed=seed)
+        except AllocatorError:
+            raise  # user errors (bad parameters, missing backends) are not solve outcomes
         except (ArithmeticError, RuntimeError, ValueError) as exc:
-            if isinstance(exc, SolverUnavailableError):
-                raise
             return SolveResult(status=SolveStatus.ERROR, solver=self.name,
                                seconds=time.perf_counter() - t0, message=f"{type(exc).__name__}: {exc}")
         return self._result(problem, raw, time.perf_counter() - t0)

@@ -1,0 +1,120 @@
+"""Bayesian search: budget is hard, warm start is never beaten by a worse answer, resumes, prunes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import pytest
+
+import solvers
+from allocator import Budget, CostTable, InvalidParameterError, SolveStatus, check_plan
+from solvers._bayesian import BayesianSolver, lower_hull
+
+
+class Interacting:
+    """Additive table cost plus a penalty when neighbouring units both go below 4 bits.
+
+    The additive optimum ignores the penalty, so a search that evaluates the real objective
+    can beat it — the situation the Bayesian solver exists for.
+    """
+
+    def __init__(self, table: CostTable, penalty: float) -> None:
+        df = table.df.set_index(["unit", "option"])
+        self.cost = df["cost"].to_dict()
+        self.bits = df["bits"].to_dict()
+        self.units = table.units
+        self.penalty = penalty
+        self.calls = 0
+
+    def __call__(self, choice: Mapping[str, str]) -> float:
+        self.calls += 1
+        base = sum(self.cost[(u, o)] for u, o in choice.items())
+        low = [self.bits[(u, choice[u])] < 4 for u in self.units]
+        return base + self.penalty * sum(a and b for a, b in zip(low, low[1:], strict=False))
+
+
+class Stepping(Interacting):
+    """The same objective revealed over 4 'batches' (running mean), for pruning."""
+
+    def evaluate_steps(self, choice: Mapping[str, str]) -> Iterator[float]:
+        final = self(choice)
+        for k in range(1, 5):
+            yield final * (1 + 0.5 / k)
+        yield final
+
+
+def test_lower_hull_drops_dominated_and_concave_points() -> None:
+    size = np.array([1.0, 2.0, 3.0, 4.0, np.inf])
+    cost = np.array([10.0, 9.5, 3.0, 4.0, 0.0])
+    assert lower_hull(size, cost).tolist() == [0, 2]
+
+
+def test_table_objective_never_worse_than_warm_start(table: CostTable) -> None:
+    budget = Budget(bpw=3.5)
+    exact = solvers.solve(table, budget, solver="mckp")
+    r = BayesianSolver(n_trials=15).solve(table, budget, seed=0)
+    assert r.status is SolveStatus.FEASIBLE and r.plan is not None
+    assert check_plan(r.plan, table, budget) == []
+    assert r.objective == pytest.approx(exact.objective)  # the warm start is the optimum
+    assert r.stats["trials"] == 15
+
+
+def test_real_objective_beats_the_additive_optimum(table: CostTable) -> None:
+    budget = Budget(bpw=4.0)
+    ev = Interacting(table, penalty=5e-3)
+    exact = solvers.solve(table, budget, solver="mckp")
+    assert exact.plan is not None
+    warm_value = ev(exact.plan.choice)
+    r = BayesianSolver(evaluator=ev, n_trials=60, radius=2, prune=False).solve(table, budget, seed=1)
+    assert r.plan is not None and check_plan(r.plan, table, budget) == []
+    assert r.stats["measured_error"] == pytest.approx(ev(r.plan.choice))
+    assert r.stats["measured_error"] < warm_value
+
+
+def test_same_seed_same_plan(table: CostTable) -> None:
+    budget = Budget(bpw=3.0)
+    a = BayesianSolver(evaluator=Interacting(table, 1e-3), n_trials=20).solve(table, budget, seed=3)
+    b = BayesianSolver(evaluator=Interacting(table, 1e-3), n_trials=20).solve(table, budget, seed=3)
+    assert a.plan is not None and b.plan is not None and a.plan.choice == b.plan.choice
+
+
+def test_pruning_stops_bad_trials_early(table: CostTable) -> None:
+    import optuna
+
+    storage = optuna.storages.InMemoryStorage()
+    ev = Stepping(table, penalty=1e-2)
+    BayesianSolver(evaluator=ev, n_trials=40, radius=2, storage=storage, study_name="p").solve(
+        table, Budget(bpw=3.5), seed=0)
+    states = [t.state for t in optuna.load_study(study_name="p", storage=storage).trials]
+    assert optuna.trial.TrialState.PRUNED in states
+
+
+def test_resume_continues_the_same_study(tmp_path, table: CostTable) -> None:  # type: ignore[no-untyped-def]
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    BayesianSolver(n_trials=8, storage=url, study_name="r").solve(table, Budget(bpw=3.0), seed=0)
+    BayesianSolver(n_trials=14, storage=url, study_name="r").solve(table, Budget(bpw=3.0), seed=0)
+    trials = optuna.load_study(study_name="r", storage=url).trials
+    assert len(trials) == 14
+    assert sorted(t.number for t in trials) == list(range(14))
+
+
+def test_study_for_another_space_is_refused(tmp_path, table: CostTable) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    BayesianSolver(n_trials=3, storage=url, study_name="x").solve(table, Budget(bpw=3.0), seed=0)
+    # A clashing study is a user error; it must not silently mix two searches.
+    with pytest.raises(InvalidParameterError, match="different search space"):
+        BayesianSolver(n_trials=3, storage=url, study_name="x", radius=3).solve(table, Budget(bpw=3.0))
+
+
+def test_infeasible_budget_is_a_status(table: CostTable) -> None:
+    r = BayesianSolver(n_trials=3).solve(table, Budget(bpw=1.0))
+    assert r.status is SolveStatus.INFEASIBLE and r.min_feasible is not None
+
+
+@pytest.mark.parametrize("kw", [{"n_trials": 0}, {"radius": -1}])
+def test_bad_parameters(kw: dict[str, int]) -> None:
+    with pytest.raises(InvalidParameterError):
+        BayesianSolver(**kw)
