@@ -31,7 +31,9 @@ def table() -> CostTable:
 
 @pytest.fixture
 def pg_url() -> str:
-    url = os.environ.get("BITALLOC_TEST_PG_URL") or (PG_URL_FILE.read_text().strip() if PG_URL_FILE.is_file() else "")
+    url = os.environ.get("BITALLOC_TEST_PG_URL", "")
+    if not url and PG_URL_FILE.is_file():
+        url = PG_URL_FILE.read_text().strip()
     if not url:
         pytest.skip("PostgreSQL not available: scripts/ci_postgres.sh did not start a server "
                     "(no BITALLOC_TEST_PG_URL and no /tmp/bitalloc_pg_url)")
