@@ -1,0 +1,128 @@
+"""Export a :class:`~allocator.plan.BitPlan` to the config format of a quantization tool.
+
+Targets (``EXPORTERS``): ``gptqmodel`` (``QuantizeConfig.dynamic``), ``llmcompressor``
+(recipe with ``config_groups``), ``autoround`` (``layer_config``), ``hqq`` (per-tag
+``dynamic_config``), ``llamacpp`` (``llama-quantize --tensor-type-file``) and ``torchao``
+(``FqnToConfig``). Formats and matching rules follow ``shared/reference/export-formats.md``;
+user documentation is ``docs/exports.md``.
+
+Every export either expresses the plan exactly or raises :class:`~allocator.errors.ExportError`
+naming what the target cannot hold. ``lossy=True`` allows the documented fallbacks only (raise
+modules that must share a setting to the highest one; map GGUF/int options to the nearest richer
+type) and lists every changed unit in :attr:`ExportResult.changed` and the notes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from allocator.errors import ExportError, UnknownNameError
+from allocator.export._common import ExportContext
+from allocator.plan import BitPlan
+
+__all__ = ["EXPORTERS", "ExportResult", "Exporter", "export_plan", "write_export"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportResult:
+    """The exported text (``text``, for the main file), extra files and what to tell the user.
+
+    ``files`` maps a file-name suffix (``".json"``) to the content of a companion file written
+    next to the main one. ``changed`` lists, in lossy mode, unit → (planned, exported) labels.
+    """
+
+    target: str
+    text: str
+    suffix: str
+    files: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    changed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+
+class Exporter(Protocol):
+    NAME: str
+    SUFFIX: str
+    #: what ``base`` means for this target, or None when it takes none
+    BASE_HELP: str | None
+
+    def export(self, ctx: ExportContext, base: str | None) -> ExportResult: ...
+
+
+#: target name → module defining ``EXPORTER`` (imported on use).
+EXPORTERS: dict[str, str] = {
+    "gptqmodel": "allocator.export.gptqmodel",
+    "llmcompressor": "allocator.export.llmcompressor",
+    "autoround": "allocator.export.autoround",
+    "hqq": "allocator.export.hqq",
+    "llamacpp": "allocator.export.llamacpp",
+    "torchao": "allocator.export.torchao",
+}
+
+
+def get_exporter(target: str) -> Exporter:
+    if target not in EXPORTERS:
+        raise UnknownNameError(f"unknown export target {target!r}; choose one of {', '.join(EXPORTERS)}")
+    exporter: Exporter = importlib.import_module(EXPORTERS[target]).EXPORTER
+    return exporter
+
+
+def export_plan(
+    plan: BitPlan,
+    target: str,
+    *,
+    model_names: Iterable[str] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    lossy: bool = False,
+    base: str | None = None,
+    arch: str | None = None,
+) -> ExportResult:
+    """Express ``plan`` in ``target``'s format.
+
+    Args:
+        model_names: names of the model's modules. With them, plan units that are not modules
+            are refused, fused siblings outside the plan are checked, and targets with a global
+            default (GPTQModel, AutoRound) pin unplanned weight modules to "not quantized".
+        shapes: module → weight shape, for the target's bpw accounting and divisibility checks.
+        lossy: allow the documented fallbacks instead of refusing (each change is reported).
+        base: the target's base setting (GPTQModel: the top-level option; llama.cpp: the
+            ``ftype`` of the command line). Other targets take none.
+        arch: the model family (HF ``model_type``) for GGUF tensor names; guessed from the
+            names when omitted (llama-style → llama table, ``encoder.layer.*`` → bert).
+
+    Raises:
+        UnknownNameError: unknown target.
+        ExportError: the target cannot express the plan (one line naming the unit and the fix).
+    """
+    exporter = get_exporter(target)
+    if base is not None and exporter.BASE_HELP is None:
+        raise ExportError(f"{target}: takes no base setting (got {base!r}); drop --base")
+    if not plan.assignments:
+        raise ExportError(f"{target}: the plan has no units; nothing to export")
+    ctx = ExportContext(plan=plan, target=target, lossy=lossy,
+                        model_names=frozenset(model_names) if model_names is not None else None,
+                        shapes=dict(shapes or {}), arch=arch)
+    return exporter.export(ctx, base)
+
+
+def write_export(plan: BitPlan, target: str, path: str | Path, **kw: object) -> list[Path]:
+    """Export and write the main file to ``path`` and companion files next to it.
+
+    Companion files take ``path`` with their suffix (``plan.py`` → ``plan.json``); returns every
+    path written.
+    """
+    result = export_plan(plan, target, **kw)  # type: ignore[arg-type]
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(result.text)
+    written = [p]
+    for suffix, text in result.files.items():
+        q = p.with_suffix(suffix)
+        if q == p:
+            q = p.with_name(p.name + suffix)
+        q.write_text(text)
+        written.append(q)
+    return written
