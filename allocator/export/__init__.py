@@ -18,13 +18,14 @@ import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from allocator.errors import ExportError, UnknownNameError
 from allocator.export._common import ExportContext
 from allocator.plan import BitPlan
 
-__all__ = ["EXPORTERS", "ExportResult", "Exporter", "export_plan", "write_export"]
+__all__ = ["EXPORTERS", "ExportResult", "Exporter", "export_plan", "get_exporter", "write_export",
+           "write_result"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,13 +109,9 @@ def export_plan(
     return exporter.export(ctx, base)
 
 
-def write_export(plan: BitPlan, target: str, path: str | Path, **kw: object) -> list[Path]:
-    """Export and write the main file to ``path`` and companion files next to it.
-
-    Companion files take ``path`` with their suffix (``plan.py`` → ``plan.json``); returns every
-    path written.
-    """
-    result = export_plan(plan, target, **kw)  # type: ignore[arg-type]
+def write_result(result: ExportResult, path: str | Path) -> list[Path]:
+    """Write ``result.text`` to ``path`` and each companion file next to it (``plan.py`` →
+    ``plan.json``); returns every path written."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(result.text)
@@ -126,3 +123,8 @@ def write_export(plan: BitPlan, target: str, path: str | Path, **kw: object) -> 
         q.write_text(text)
         written.append(q)
     return written
+
+
+def write_export(plan: BitPlan, target: str, path: str | Path, **kw: Any) -> list[Path]:
+    """:func:`export_plan` then :func:`write_result`; ``kw`` as for :func:`export_plan`."""
+    return write_result(export_plan(plan, target, **kw), path)

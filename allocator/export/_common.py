@@ -277,15 +277,13 @@ def anchored_patterns(
             templ[(".".join(parts[:idx]), ".".join(parts[idx + 1:]), tuple(sorted(leaves)))].append(
                 parts[idx])
     out: list[str] = []
-    for (head, tail, leaves), indices in templ.items():
-        if tail is None:
-            pieces = [re.escape(head)] if head else []
-        else:
-            pieces = [re.escape(head)] if head else []
+    for (head, tail, leaf_names), indices in templ.items():
+        pieces = [re.escape(head)] if head else []
+        if tail is not None:
             pieces.append(_alt(sorted(indices, key=int)))
             if tail:
                 pieces.append(re.escape(tail))
-        pieces.append(_alt(leaves))
+        pieces.append(_alt(leaf_names))
         out.append("^" + r"\.".join(pieces) + re.escape(suffix) + "$")
     return sorted(out)
 
@@ -334,7 +332,7 @@ def weighted_bpw(ctx: ExportContext, settings: Mapping[str, Setting], bpw: BpwFn
             vals.append(f"{label}={bpw(s, None):.4g}")
         except ExportError:
             vals.append(f"{label}=n/a")
-    return "per setting " + ", ".join(vals) + " (pass the model for the weighted average)"
+    return "bpw per setting " + ", ".join(vals) + " (pass the model for the weighted average)"
 
 
 def plan_header(ctx: ExportContext, target_line: str) -> list[str]:
