@@ -78,6 +78,10 @@ class HqqExporter:
 
     def export(self, ctx: ExportContext, base: str | None) -> ExportResult:
         settings = module_settings(ctx, lambda u, f: _convert(ctx, u, f))
+        heads = sorted(n for n, s in settings.items() if not s.skip and n.split(".")[-1] == "lm_head")
+        if heads:
+            raise ctx.fail(f"unit {heads[0]!r} is quantized, but HQQ never quantizes lm_head (its "
+                           "linear tags skip it); plan it as fp16")
         names = set(settings) | (ctx.model_names or frozenset())
         tags: dict[str, list[str]] = defaultdict(list)
         for n in sorted(names):

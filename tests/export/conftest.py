@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from allocator.plan import BitPlan  # noqa: E402
 from allocator.table import CostTable  # noqa: E402
-from allocator.units import Unit, discover_units  # noqa: E402
+from allocator.units import Unit  # noqa: E402
 
 TINY_LLAMA = Path(__file__).resolve().parents[2] / "allocator" / "assets" / "tiny-llama"
 

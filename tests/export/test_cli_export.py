@@ -12,7 +12,8 @@ from .conftest import make_plan, random_pick
 
 def test_cli_export_with_model(minilm, tmp_path, capsys) -> None:
     units = discover_units(minilm)
-    plan = make_plan(units, ["int4-g128-asym", "int8-g128-sym"], random_pick(["int4-g128-asym", "int8-g128-sym"]))
+    opts = ["int4-g128-asym", "int8-g128-sym"]
+    plan = make_plan(units, opts, random_pick(opts))
     plan_path = tmp_path / "plan.json"
     plan.save(plan_path)
     out = tmp_path / "recipe.yaml"

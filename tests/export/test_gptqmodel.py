@@ -46,7 +46,8 @@ def test_gptqmodel_every_module_gets_its_setting(llama, with_model: bool) -> Non
 
 def test_gptqmodel_six_bits_switch_to_gptq_p(llama) -> None:
     units = discover_units(llama, exclude="lm_head")
-    plan = make_plan(units, ["int6-g128-sym", "int4-g128-sym"], random_pick(["int6-g128-sym", "int4-g128-sym"]))
+    opts = ["int6-g128-sym", "int4-g128-sym"]
+    plan = make_plan(units, opts, random_pick(opts))
     res = export_plan(plan, "gptqmodel")
     assert json.loads(res.text)["format"] == "gptq_p"
     assert any("gptq_p" in n for n in res.notes)
@@ -54,7 +55,8 @@ def test_gptqmodel_six_bits_switch_to_gptq_p(llama) -> None:
 
 def test_gptqmodel_plain_format_and_base(llama) -> None:
     units = discover_units(llama, exclude="lm_head")
-    plan = make_plan(units, ["int4-g128-sym", "int8-g128-sym"], random_pick(["int4-g128-sym", "int8-g128-sym"]))
+    opts = ["int4-g128-sym", "int8-g128-sym"]
+    plan = make_plan(units, opts, random_pick(opts))
     cfg = json.loads(export_plan(plan, "gptqmodel", base="int2-g64-asym").text)
     assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["format"]) == (2, 64, False, "gptq")
     for name, opt in plan.choice.items():

@@ -15,7 +15,8 @@ name_to_linear_tag = hqq_base.name_to_linear_tag
 
 TAG_OPTS = {"self_attn.q_proj": "int4-g64-asym", "self_attn.k_proj": "int4-g64-asym",
             "self_attn.v_proj": "int8-g32-asym", "self_attn.o_proj": "fp16",
-            "mlp.gate_proj": "int3-g128-asym", "mlp.up_proj": "int2-ch-asym", "mlp.down_proj": "int5-g64-asym"}
+            "mlp.gate_proj": "int3-g128-asym", "mlp.up_proj": "int2-ch-asym",
+            "mlp.down_proj": "int5-g64-asym"}
 
 
 def _hqq_settings(model, quant_config: dict) -> dict:
@@ -59,6 +60,9 @@ def test_hqq_refuses_per_layer_plans_and_bits(llama) -> None:
     sym = make_plan(units, ["int4-g64-sym"], lambda u, rng: "int4-g64-sym")
     with pytest.raises(ExportError, match="symmetric"):
         export_plan(sym, "hqq")
+    head = make_plan(discover_units(llama), ["int4-g64-asym"], lambda u, rng: "int4-g64-asym")
+    with pytest.raises(ExportError, match="lm_head"):
+        export_plan(head, "hqq")
     # a plan over some layers only: HQQ would quantize the rest of each tag too
     part = make_plan([u for u in units if ".layers.0." in u.name], ["int4-g64-asym"],
                      lambda u, rng: "int4-g64-asym")

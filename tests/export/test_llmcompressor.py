@@ -79,7 +79,8 @@ def test_llmcompressor_minilm_bert_names(minilm) -> None:
 
 def test_llmcompressor_refusals(llama) -> None:
     units = discover_units(llama, group_columns=64)
-    plan = make_plan(units, ["int4-g64-asym", "int8-g64-asym"], random_pick(["int4-g64-asym", "int8-g64-asym"]))
+    opts = ["int4-g64-asym", "int8-g64-asym"]
+    plan = make_plan(units, opts, random_pick(opts))
     with pytest.raises(ExportError, match=r"column group"):
         export_plan(plan, "llmcompressor")
     lossy = export_plan(plan, "llmcompressor", lossy=True)

@@ -49,7 +49,8 @@ def _fake_torchao() -> types.ModuleType:
     mod = types.ModuleType("torchao.quantization")
     mod.IntxWeightOnlyConfig, mod.PerGroup, mod.PerAxis = IntxWeightOnlyConfig, PerGroup, PerAxis
     mod.MappingType, mod.FqnToConfig, mod.calls = MappingType, FqnToConfig, calls
-    mod.quantize_ = lambda model, config, filter_fn=BASE: calls.append({"config": config, "filter_fn": filter_fn})
+    mod.quantize_ = lambda model, config, filter_fn=BASE: calls.append(
+        {"config": config, "filter_fn": filter_fn})
     return mod
 
 
