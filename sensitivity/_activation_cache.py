@@ -1,0 +1,358 @@
+"""Transformer-block activation cache: re-run a model from block k with blocks 0..k−1 skipped.
+
+Quantizing a unit inside block k leaves the inputs of blocks 0..k (and so the activation entering
+block k) unchanged, so a measurement only has to recompute blocks k..end plus the final
+norm / head / pooling. :class:`BlockCache` records, for every calibration chunk, the output of
+every block in one full-precision forward; :meth:`BlockCache.outputs_from` then calls the model
+with the ``forward`` of blocks 0..k−1 replaced by "return the cached output of block k−1", so
+the model's own code still prepares masks, rotary tables and the head exactly as in a normal
+call. Models whose block list is not found (or whose blocks are not called once each, in order)
+fall back to the full forward.
+
+Chunks: the calibration batches are regrouped into length-sorted, right-trimmed chunks of at most
+``max_tokens`` tokens (when every batch is right-padded with an ``attention_mask``), which removes
+padding work and uses larger matrix products; each row remembers its original batch so that
+per-batch statistics are unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from allocator.errors import InvalidParameterError, ModelError
+from allocator.units import Unit
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BLOCK_LIST_NAMES",
+    "BlockCache",
+    "Chunk",
+    "find_blocks",
+    "forward_outputs",
+    "make_chunks",
+]
+
+#: Last attribute name of a transformer block list (``model.layers``, ``encoder.layer``,
+#: ``transformer.h``, ``blocks``); the one with the most parameters wins.
+BLOCK_LIST_NAMES: tuple[str, ...] = ("layers", "layer", "h", "blocks", "block")
+
+#: Keys that are targets, not model inputs.
+_NON_INPUT_KEYS = ("labels", "label")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk:
+    """Model inputs for a group of rows; ``origin[r]`` is the calibration batch of row r."""
+
+    batch: Mapping[str, Any]
+    origin: torch.Tensor  #: [rows] int64
+    mask: torch.Tensor | None  #: [rows, T] token mask for per-token outputs, else None
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """The transformer block list (prefix, ModuleList), or None when no list is recognised."""
+    import torch
+
+    best: tuple[int, str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
+            continue
+        if name.rsplit(".", 1)[-1] not in BLOCK_LIST_NAMES:
+            continue
+        n = sum(p.numel() for p in mod.parameters())
+        if best is None or n > best[0]:
+            best = (n, name, mod)
+    return None if best is None else (best[1], best[2])
+
+
+def _model_inputs(batch: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    inputs = {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
+    if kind == "causal_lm":
+        inputs.setdefault("use_cache", False)
+    return inputs
+
+
+def forward_outputs(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
+    """The output a distortion is measured on.
+
+    Logits for ``causal_lm`` / ``classifier`` (and ``generic`` models that have them); for
+    encoders the attention-mask mean-pooled last hidden state, L2-normalised (sentence
+    embedding as sentence-transformers computes it).
+    """
+    import torch
+
+    out = model(**_model_inputs(batch, kind))
+    logits = getattr(out, "logits", None)
+    if kind in ("causal_lm", "classifier") or (kind == "generic" and logits is not None):
+        if logits is None:
+            logits = out[0] if isinstance(out, tuple | list) else out
+        if not isinstance(logits, torch.Tensor):
+            raise ModelError(f"model of kind {kind!r} returned no logits tensor")
+        return logits
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, tuple | list) else out
+    if not isinstance(hidden, torch.Tensor):
+        raise ModelError("encoder model returned no last_hidden_state tensor")
+    if hidden.dim() == 2:
+        return torch.nn.functional.normalize(hidden, dim=-1)
+    am = batch.get("attention_mask")
+    m = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if am is None else am.to(hidden.dtype)
+    pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _output_mask(chunk_batch: Mapping[str, Any], out: torch.Tensor) -> torch.Tensor | None:
+    """Token mask for per-token outputs ([B, T, V] logits); None for per-sample outputs."""
+    import torch
+
+    if out.dim() < 3:
+        return None
+    am = chunk_batch.get("attention_mask")
+    if am is None or tuple(am.shape) != tuple(out.shape[:2]):
+        return torch.ones(out.shape[:2], dtype=torch.bool)
+    return am.bool()
+
+
+def _right_padded_lengths(batch: Mapping[str, Any]) -> tuple[int, int, torch.Tensor] | None:
+    """(rows, T, lengths) when every tensor is [B, ...] and the mask is right padding; else None."""
+    import torch
+
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    rows, t = ids.shape
+    for v in batch.values():
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != rows:
+            return None
+    am = batch.get("attention_mask")
+    if am is None:
+        return rows, t, torch.full((rows,), t, dtype=torch.long)
+    if tuple(am.shape) != (rows, t):
+        return None
+    lengths = am.long().sum(1)
+    expected = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+    if not torch.equal(am.bool(), expected):
+        return None
+    return rows, t, lengths
+
+
+def make_chunks(batches: Sequence[Mapping[str, Any]], *, max_tokens: int) -> list[Chunk]:
+    """Regroup batches into length-sorted chunks of ≤ ``max_tokens`` tokens (see module doc).
+
+    Batches that are not right-padded token batches are kept as they are (one chunk each).
+    """
+    import torch
+
+    if not batches:
+        raise InvalidParameterError("no calibration batches; pass data or use the built-in corpus")
+    if max_tokens <= 0:
+        raise InvalidParameterError(f"max_tokens must be > 0, got {max_tokens}")
+    info = [_right_padded_lengths(b) for b in batches]
+    if any(i is None for i in info) or len({tuple(sorted(b)) for b in batches}) != 1:
+        return [_as_chunk(b, torch.full((_rows(b),), bi, dtype=torch.long))
+                for bi, b in enumerate(batches)]
+    rows = [(int(length), bi, r) for bi, i in enumerate(info) if i is not None
+            for r, length in enumerate(i[2].tolist())]
+    if any(length == 0 for length, _, _ in rows):
+        raise InvalidParameterError("a calibration sequence has no tokens (all-zero attention mask)")
+    rows.sort(key=lambda x: (-x[0], x[1], x[2]))
+    chunks: list[Chunk] = []
+    start = 0
+    while start < len(rows):
+        width = rows[start][0]
+        n = max(1, min(len(rows) - start, max_tokens // width))
+        sel = rows[start:start + n]
+        batch: dict[str, Any] = {}
+        for key in batches[0]:
+            parts = []
+            for _, bi, r in sel:
+                v = batches[bi][key][r:r + 1]
+                parts.append(v[:, :width] if v.dim() >= 2 else v)
+            batch[key] = torch.cat(parts, 0)
+        chunks.append(_as_chunk(batch, torch.tensor([bi for _, bi, _ in sel], dtype=torch.long)))
+        start += n
+    return chunks
+
+
+def _rows(batch: Mapping[str, Any]) -> int:
+    import torch
+
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise InvalidParameterError(f"calibration batch has no tensors (keys {sorted(batch)})")
+
+
+def _as_chunk(batch: Mapping[str, Any], origin: torch.Tensor) -> Chunk:
+    return Chunk(batch=dict(batch), origin=origin, mask=None)
+
+
+def _clone_tree(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple | list):
+        return type(obj)(_clone_tree(x) for x in obj)
+    return obj
+
+
+def _detach_tree(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple | list):
+        return type(obj)(_detach_tree(x) for x in obj)
+    return obj
+
+
+class BlockCache:
+    """Reference outputs and per-block outputs of every chunk (see the module docstring).
+
+    Memory: the outputs of every block for every token (n_blocks × tokens × hidden floats) plus
+    the reference outputs (tokens × vocabulary floats for a causal LM).
+    """
+
+    def __init__(self, model: torch.nn.Module, chunks: Sequence[Chunk], *, kind: str) -> None:
+        import torch
+
+        self.model, self.kind = model, kind
+        found = find_blocks(model)
+        self.prefix, self.blocks = (found[0], list(found[1])) if found else ("", [])
+        self.block_out: list[list[Any]] = []  # [chunk][block]
+        self.reference: list[torch.Tensor] = []
+        self.chunks: list[Chunk] = []
+        order: list[str] = []
+        for ci, chunk in enumerate(chunks):
+            calls: list[int] = []
+            outs: list[Any] = [None] * len(self.blocks)
+            with torch.inference_mode(), self._recording(outs, calls), \
+                    (self._tracing(order) if ci == 0 else _null()):
+                ref = forward_outputs(model, chunk.batch, kind)
+            if calls != list(range(len(self.blocks))):
+                # Shared or re-entered blocks (ALBERT) or a skipped one: cannot skip safely.
+                self.prefix, self.blocks = "", []
+                outs = []
+            self.block_out.append(outs)
+            self.reference.append(ref)
+            self.chunks.append(Chunk(batch=chunk.batch, origin=chunk.origin,
+                                     mask=_output_mask(chunk.batch, ref)))
+        if not self.blocks:
+            self.block_out = [[] for _ in self.chunks]
+        self._order = order
+
+    # ------------------------------------------------------------------ hooks
+    @contextmanager
+    def _recording(self, outs: list[Any], calls: list[int]) -> Iterator[None]:
+        handles = []
+        for i, block in enumerate(self.blocks):
+            def hook(_m: Any, _a: Any, out: Any, i: int = i) -> None:
+                calls.append(i)
+                outs[i] = _detach_tree(out)
+            handles.append(block.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def _tracing(self, order: list[str]) -> Iterator[None]:
+        handles = []
+        for name, mod in self.model.named_modules():
+            def pre(_m: Any, _a: Any, name: str = name) -> None:
+                order.append(name)
+            handles.append(mod.register_forward_pre_hook(pre))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def start_block(self, unit: Unit) -> int:
+        """First block whose computation the unit's weight can change (0 = full forward).
+
+        A unit inside block k starts at k; a unit executed only after the last block (head,
+        pooler) starts at ``n_blocks``; anything else — or a weight shared with a module that
+        runs earlier (tied embeddings) — starts at 0.
+        """
+        if not self.blocks:
+            return 0
+        owners = _modules_sharing_weight(self.model, unit.module)
+        return min(self._start_of(name) for name in owners)
+
+    def _start_of(self, module: str) -> int:
+        m = re.match(rf"^{re.escape(self.prefix)}\.(\d+)(?:\.|$)", module)
+        if m and int(m[1]) < self.n_blocks:
+            return int(m[1])
+        last = f"{self.prefix}.{self.n_blocks - 1}"
+        try:
+            first_call = self._order.index(module)
+            last_block = self._order.index(last)
+        except ValueError:
+            return 0
+        return self.n_blocks if first_call > last_block else 0
+
+    def outputs_from(self, ci: int, start: int) -> torch.Tensor:
+        """Model outputs of chunk ``ci`` recomputing only blocks ``start..`` (call under no-grad)."""
+        chunk = self.chunks[ci]
+        if start <= 0 or not self.blocks:
+            return forward_outputs(self.model, chunk.batch, self.kind)
+        cached = self.block_out[ci][start - 1]
+        skipped = self.blocks[:start]
+
+        def replay(*_a: Any, **_k: Any) -> Any:
+            return _clone_tree(cached)  # a clone: the next block may update its input in place
+
+        for b in skipped:
+            b.forward = replay
+        try:
+            return forward_outputs(self.model, chunk.batch, self.kind)
+        finally:
+            for b in skipped:
+                del b.forward
+
+    def tokens(self) -> int:
+        return sum(_rows(c.batch) * _width(c.batch) for c in self.chunks)
+
+
+def _width(batch: Mapping[str, Any]) -> int:
+    ids = batch.get("input_ids")
+    return int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
+
+
+def _modules_sharing_weight(model: torch.nn.Module, module: str) -> list[str]:
+    """``module`` plus every module that owns a parameter stored in the same memory."""
+    from allocator.units import get_module
+
+    import torch
+
+    w = get_module(model, module).weight
+    if not isinstance(w, torch.Tensor):
+        return [module]
+    ptr = w.data_ptr()
+    names = {module}
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            if p.data_ptr() == ptr:
+                names.add(name)
+    return sorted(names)
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
