@@ -155,7 +155,9 @@ def make_chunks(batches: Sequence[Mapping[str, Any]], *, max_tokens: int) -> lis
     if max_tokens <= 0:
         raise InvalidParameterError(f"max_tokens must be > 0, got {max_tokens}")
     info = [_right_padded_lengths(b) for b in batches]
-    if any(i is None for i in info) or len({tuple(sorted(b)) for b in batches}) != 1:
+    mixed_unmasked = "attention_mask" not in batches[0] and len({i[1] for i in info if i}) > 1
+    if any(i is None for i in info) or len({tuple(sorted(b)) for b in batches}) != 1 \
+            or mixed_unmasked:
         return [_as_chunk(b, torch.full((_rows(b),), bi, dtype=torch.long))
                 for bi, b in enumerate(batches)]
     rows = [(int(length), bi, r) for bi, i in enumerate(info) if i is not None
@@ -174,7 +176,12 @@ def make_chunks(batches: Sequence[Mapping[str, Any]], *, max_tokens: int) -> lis
             parts = []
             for _, bi, r in sel:
                 v = batches[bi][key][r:r + 1]
-                parts.append(v[:, :width] if v.dim() >= 2 else v)
+                if v.dim() >= 2:
+                    v = v[:, :width]
+                    if v.shape[1] < width:  # from a shorter batch: pad (masked out) to width
+                        pad = v.new_zeros((1, width - v.shape[1], *v.shape[2:]))
+                        v = torch.cat([v, pad], 1)
+                parts.append(v)
             batch[key] = torch.cat(parts, 0)
         chunks.append(_as_chunk(batch, torch.tensor([bi for _, bi, _ in sel], dtype=torch.long)))
         start += n
@@ -336,9 +343,9 @@ def _width(batch: Mapping[str, Any]) -> int:
 
 def _modules_sharing_weight(model: torch.nn.Module, module: str) -> list[str]:
     """``module`` plus every module that owns a parameter stored in the same memory."""
-    from allocator.units import get_module
-
     import torch
+
+    from allocator.units import get_module
 
     w = get_module(model, module).weight
     if not isinstance(w, torch.Tensor):
