@@ -54,13 +54,16 @@ def histogram_kl(w: torch.Tensor, q: torch.Tensor, *, bins: int = 256) -> float:
     """KL(p_W ‖ p_Q) of two weight tensors on shared equal-width bins (add-½ smoothing)."""
     import torch
 
-    a, b = w.detach().double().flatten(), q.detach().double().flatten()
+    a, b = w.detach().float().flatten(), q.detach().float().flatten()
     lo = float(torch.minimum(a.min(), b.min()))
     hi = float(torch.maximum(a.max(), b.max()))
     if hi <= lo:
         return 0.0
-    pw = torch.histc(a, bins=bins, min=lo, max=hi) + 0.5
-    pq = torch.histc(b, bins=bins, min=lo, max=hi) + 0.5
+    def hist(x: torch.Tensor) -> torch.Tensor:
+        idx = ((x - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
+        return torch.bincount(idx, minlength=bins).double() + 0.5
+
+    pw, pq = hist(a), hist(b)
     pw, pq = pw / pw.sum(), pq / pq.sum()
     return max(float((pw * (pw / pq).log()).sum()), 0.0)
 

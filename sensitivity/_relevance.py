@@ -21,7 +21,9 @@ output keeps its value but gets a gradient such that R(x) = x ⊙ ∂̃f/∂x is
 Explained output f: for models with logits, Σ over (valid) positions of the arg-max logit; for
 encoders Σ_samples ‖mean-pooled embedding‖ (relevance = p ⊙ p/‖p‖ at the pooled vector).
 Score of unit i = Σ|R| at the unit's output (all samples, tokens, features) / Σ over all units;
-cost(i, b) = score_i · ‖ΔW_i‖² / ‖W_i‖².
+cost(i, b) = score_i · ‖ΔW_i‖² / ‖W_i‖². Under the AH-rule query/key projections receive no
+relevance (they only feed the detached probabilities); like LRP-QViT's fused qkv layer they take
+the mean relevance of their sibling projections (V, O) instead — see :func:`_share_with_siblings`.
 """
 
 from __future__ import annotations
@@ -235,9 +237,27 @@ def relevance_scores(model: torch.nn.Module, ctx: EstimateContext, *, epsilon: f
                 total[name] += float(r.double().abs().sum())
     finally:
         model.train(was_training)
+    total = _share_with_siblings(total)
     raw = np.array([_unit_share(u, total[u.module]) for u in ctx.units])
     s = raw.sum()
     return raw / s if s > 0 else np.full(len(raw), 1.0 / len(raw))
+
+
+def _share_with_siblings(total: dict[str, float]) -> dict[str, float]:
+    """Q/K projections only feed the (detached) attention probabilities, so the AH-rule gives
+    them no relevance; as LRP-QViT scores a fused qkv layer by its output relevance, a module
+    with zero relevance takes the mean of its nonzero siblings (same parent: V, and O where the
+    parent holds it). A module with no relevant sibling (an unused pooler) keeps 0."""
+    out = dict(total)
+    for name, value in total.items():
+        if value > 0:
+            continue
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        sib = [v for n, v in total.items() if v > 0 and n != name
+               and (n.rsplit(".", 1)[0] if "." in n else "") == parent]
+        if sib:
+            out[name] = float(np.mean(sib))
+    return out
 
 
 def _unit_share(unit: Unit, module_total: float) -> float:
