@@ -169,7 +169,11 @@ def make_chunks(batches: Sequence[Mapping[str, Any]], *, max_tokens: int) -> lis
     start = 0
     while start < len(rows):
         width = rows[start][0]
-        n = max(1, min(len(rows) - start, max_tokens // width))
+        n = 1
+        # Grow the chunk while it fits in max_tokens and a row wastes < 1/8 of it as padding.
+        while (start + n < len(rows) and (n + 1) * width <= max_tokens
+               and rows[start + n][0] * 8 >= width * 7):
+            n += 1
         sel = rows[start:start + n]
         batch: dict[str, Any] = {}
         for key in batches[0]:
