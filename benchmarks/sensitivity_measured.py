@@ -17,7 +17,6 @@ import os
 import re
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
