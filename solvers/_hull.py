@@ -4,8 +4,8 @@ The LP relaxation of a single-constraint MCKP is solved by the lower convex hull
 (size, cost) points plus a greedy on incremental efficiencies (Sinha & Zoltners 1979): start every
 item at its smallest point, then take hull steps in order of decreasing efficiency
 ``e = Δcost / Δsize`` until the capacity is used up. At most one step is fractional; its
-efficiency is the optimal dual ``λ`` of the capacity constraint. Everything here is vectorised
-across items: the hull is built by gift wrapping, one pass per slot, over all items at once.
+efficiency is the optimal dual ``λ`` of the capacity constraint. Everything is vectorised over
+items on dense (items × slots) arrays; no Python loop runs per item.
 """
 
 from __future__ import annotations
@@ -16,99 +16,133 @@ import numpy as np
 
 __all__ = ["Hull", "LpGreedy", "lagrangian_value", "lower_hulls", "lp_greedy"]
 
-#: Slopes within this relative distance count as collinear (the farther point is kept).
-_COLLINEAR_RTOL = 1e-12
-
 
 @dataclass(frozen=True, eq=False)
 class Hull:
-    """Lower convex hulls of every item, and their steps in one flat, t-major layout.
+    """Lower convex hulls of every item and their steps, dense and slot-major.
+
+    Arrays are stored (slot/step index, item) so that the per-item scans run along the long
+    axis (numpy is slow along a short contiguous axis).
 
     Attributes:
-        vertices: (n, K) slot of hull vertex ``t`` of item ``i`` (by increasing size); -1 after
-            the last vertex. Column 0 is the item's smallest (then cheapest) valid slot.
+        vertices: (K, n) slot of hull vertex ``t`` of item ``i`` (by increasing size); -1 after
+            the last vertex. Row 0 is the item's smallest (then cheapest) valid slot.
         n_vertices: (n,) vertices per item (≥ 1 when the item has a valid slot).
-        step_item, step_t: item and index ``t ≥ 1`` of each step ``vertex[t-1] → vertex[t]``,
-            ordered by ``t`` then item (so a stable sort keeps an item's steps in order).
-        ds, dc: Δsize > 0 and Δcost reduction > 0 of each step; eff = dc / ds, non-increasing
-            along each item's steps (convexity).
+        ds, dc: (K−1, n) Δsize > 0 and Δcost reduction > 0 of step ``t → t+1``; 0 past the
+            last vertex. eff = dc / ds, non-increasing along t (convexity); −inf past the
+            last vertex.
     """
 
     vertices: np.ndarray
     n_vertices: np.ndarray
-    step_item: np.ndarray
-    step_t: np.ndarray
     ds: np.ndarray
     dc: np.ndarray
     eff: np.ndarray
 
     @property
     def start(self) -> np.ndarray:
-        return self.vertices[:, 0]
+        return self.vertices[0]
+
+    @property
+    def n_steps(self) -> int:
+        return int(np.maximum(self.n_vertices - 1, 0).sum())
 
     def choice_after(self, counts: np.ndarray) -> np.ndarray:
         """Slot of each item after taking its first ``counts[i]`` steps."""
-        return self.vertices[np.arange(self.vertices.shape[0]), counts]
+        return self.vertices[counts, np.arange(self.vertices.shape[1])]
+
+    def flat_steps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(item, ds, dc, eff) of every step, ordered by step index t, then item.
+
+        In this layout a stable sort by efficiency keeps each item's steps in order.
+        """
+        mask = self.eff > -np.inf
+        _, item = np.nonzero(mask)
+        return item, self.ds[mask], self.dc[mask], self.eff[mask]
 
 
 def lower_hulls(size: np.ndarray, cost: np.ndarray) -> Hull:
     """Lower-left convex hull of every row's (size, cost) points (``inf`` = invalid slot).
 
-    Gift wrapping from the smallest point: the next vertex is the point of least slope
-    ``(c_j − c_cur) / (s_j − s_cur)`` among larger, strictly cheaper points (the farther one on
-    collinear ties). Dominated points (larger and not cheaper) are never reached.
+    Points are walked by increasing size (then cost). A point not strictly cheaper than every
+    smaller one is dominated. Then every point lying on or above the chord between its
+    surviving neighbours is removed, all rows and points at once, until none is (each removal
+    is valid on its own: a point above a chord of two others is never a lower-hull vertex).
+    Collinear middle points go, so efficiencies strictly decrease along a hull (up to rounding).
     """
     n, k = size.shape
     valid = np.isfinite(size) & np.isfinite(cost)
-    s = np.where(valid, size, np.inf)
-    c = np.where(valid, cost, np.inf)
-    rows = np.arange(n)
-    smin = s.min(axis=1)
-    cur = np.argmin(np.where(s == smin[:, None], c, np.inf), axis=1)
-    vertices = np.full((n, k), -1, dtype=np.int64)
-    vertices[:, 0] = np.where(np.isfinite(smin), cur, -1)
-    alive = np.isfinite(smin)
-    n_vertices = alive.astype(np.int64)
-    for t in range(1, k):
-        if not alive.any():
+    all_valid = bool(valid.all())
+    s = size if all_valid else np.where(valid, size, np.inf)
+    c = cost if all_valid else np.where(valid, cost, np.inf)
+    perm = _size_order(s, c, valid)
+    if perm.ndim == 1:  # (K, n) contiguous copies, in size order
+        ss, cc, ok = (np.ascontiguousarray(x.T[perm]) for x in (s, c, valid))
+        perm_t = np.broadcast_to(perm[:, None], (k, n))
+    else:
+        perm_t = np.ascontiguousarray(perm.T)
+        cols = np.arange(n)[None, :]
+        ss, cc, ok = (np.ascontiguousarray(x.T)[perm_t, cols] for x in (s, c, valid))
+    prev_min = np.empty_like(cc)
+    prev_min[0] = np.inf
+    np.minimum.accumulate(cc[:-1], axis=0, out=prev_min[1:])
+    keep = ok & (cc < prev_min)
+    del prev_min
+    rows = np.arange(k)[:, None]
+    items = np.arange(n)[None, :]
+    while k > 2:
+        left = np.where(keep, rows, -1)
+        np.maximum.accumulate(left, axis=0, out=left)
+        right = np.where(keep, rows, k)[::-1]
+        right = np.minimum.accumulate(right, axis=0)[::-1]
+        inner = keep[1:-1] & (left[:-2] >= 0) & (right[2:] < k)
+        if not inner.any():
             break
-        ids = rows[alive]
-        cs, cc = s[ids, cur[ids]], c[ids, cur[ids]]
-        ss, sc = s[ids], c[ids]
-        ok = (ss > cs[:, None]) & (sc < cc[:, None])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            slope = np.where(ok, (sc - cc[:, None]) / (ss - cs[:, None]), np.inf)
-        best = slope.min(axis=1)
-        has = np.isfinite(best)
-        near = ok & (slope <= (best + np.abs(best) * _COLLINEAR_RTOL)[:, None])
-        nxt = np.argmax(np.where(near, ss, -np.inf), axis=1)  # farthest of the collinear ties
-        ids_next = ids[has]
-        vertices[ids_next, t] = nxt[has]
-        n_vertices[ids_next] += 1
-        cur[ids_next] = nxt[has]
-        alive[ids[~has]] = False
-    # Steps, t-major: for t = 1.., every item that has a vertex t.
-    t_idx, i_idx = np.nonzero((vertices[:, 1:] >= 0).T)
-    step_t = (t_idx + 1).astype(np.int64)
-    step_item = i_idx.astype(np.int64)
-    a, b = vertices[step_item, step_t - 1], vertices[step_item, step_t]
-    ds = s[step_item, b] - s[step_item, a]
-    dc = c[step_item, a] - c[step_item, b]
-    eff = dc / ds
-    eff = _clamp_non_increasing(eff, step_item, step_t, n)
-    return Hull(vertices=vertices, n_vertices=n_vertices, step_item=step_item, step_t=step_t,
-                ds=ds, dc=dc, eff=eff)
+        a, b = np.clip(left[:-2], 0, k - 1), np.clip(right[2:], 0, k - 1)
+        sa, ca, sb, cb = ss[a, items], cc[a, items], ss[b, items], cc[b, items]
+        with np.errstate(invalid="ignore"):
+            above = inner & ((cc[1:-1] - ca) * (sb - sa) >= (cb - ca) * (ss[1:-1] - sa))
+        if not above.any():
+            break
+        keep[1:-1] &= ~above
+    n_vertices = keep.sum(axis=0)
+    target = np.cumsum(keep, axis=0) - 1
+    pos = np.zeros((k, n), dtype=np.int64)
+    t, i = np.nonzero(keep)
+    pos[target[t, i], i] = t
+    live = rows < n_vertices[None, :]
+    vertices = np.where(live, perm_t[pos, items], -1)
+    vs = np.where(live, ss[pos, items], 0.0)
+    vc = np.where(live, cc[pos, items], 0.0)
+    step = live[1:]
+    ds = np.where(step, vs[1:] - vs[:-1], 0.0)
+    dc = np.where(step, vc[:-1] - vc[1:], 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        eff = np.where(step, dc / np.where(step, ds, 1.0), -np.inf)
+    # Rounding can make a later step of a row 1 ulp steeper; clamp so the order stays valid.
+    np.minimum.accumulate(eff, axis=0, out=eff)
+    return Hull(vertices=vertices, n_vertices=n_vertices, ds=ds, dc=dc, eff=eff)
 
 
-def _clamp_non_increasing(eff: np.ndarray, item: np.ndarray, t: np.ndarray, n: int) -> np.ndarray:
-    """Rounding can make a later step of an item 1 ulp steeper; clamp so order stays valid."""
-    out = eff.copy()
-    last = np.full(n, np.inf)
-    for tt in np.unique(t):  # ≤ K passes
-        sel = t == tt
-        out[sel] = np.minimum(out[sel], last[item[sel]])
-        last[item[sel]] = out[sel]
-    return out
+def _size_order(size: np.ndarray, cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Slot order of every row by (size, cost): one shared (K,) order when it fits all rows,
+    else an (n, K) row-wise order (``size``/``cost`` are ``inf`` at invalid slots).
+
+    Tables built from a format catalogue order options the same way in every unit, so the
+    common case costs one check instead of a row-wise sort.
+    """
+    full = valid.all(axis=1)
+    first = int(np.argmax(full)) if full.any() else 0
+    perm0 = np.lexsort((cost[first], size[first]))
+    if full.all():
+        if np.all(np.diff(size[:, perm0], axis=1) > 0):
+            return perm0
+    else:
+        s = np.where(valid, size, -np.inf)[:, perm0]
+        prev = np.maximum.accumulate(s, axis=1)
+        if np.all((s[:, 1:] > prev[:, :-1]) | ~valid[:, perm0][:, 1:]):
+            return perm0
+    return np.lexsort((cost, size), axis=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,35 +150,75 @@ class LpGreedy:
     """The greedy solution of the LP relaxation.
 
     Attributes:
-        order: step indices by decreasing efficiency (stable: ties keep an item's step order).
         n_taken: whole steps that fit (the integral prefix).
         counts: (n,) steps taken per item in the prefix.
         choice: (n,) slot per item of the prefix (a feasible integral solution).
         lam: efficiency of the first step that does not fit (the LP dual ``λ``); 0 when all fit.
     """
 
-    order: np.ndarray
     n_taken: int
     counts: np.ndarray
     choice: np.ndarray
     lam: float
 
 
-def lp_greedy(hull: Hull, size: np.ndarray, cap: float, order: np.ndarray | None = None) -> LpGreedy:
-    """Take hull steps by decreasing efficiency while the capacity ``cap`` allows."""
-    n = hull.vertices.shape[0]
-    if order is None:
-        order = np.argsort(-hull.eff, kind="stable")
+def lp_greedy(hull: Hull, size: np.ndarray, cap: float) -> LpGreedy:
+    """Take hull steps by decreasing efficiency while the capacity ``cap`` allows.
+
+    Only the steps near the split are sorted: a strided sample of efficiencies brackets the
+    threshold, two exact passes confirm the bracket (widened until they do), and the steps
+    inside it are sorted (ties in the t-major order of :meth:`Hull.flat_steps`).
+    """
+    n = hull.vertices.shape[1]
     base = float(size[np.arange(n), hull.start].sum())
-    room = cap - base
-    cum = np.cumsum(hull.ds[order])
-    # Tolerate round-off of the cumulative sum: a prefix counts as fitting if it is within
-    # 1e-12 relative of the cap (the central plan check allows 1e-9).
-    n_taken = int(np.searchsorted(cum, room + abs(cap) * 1e-12, side="right"))
-    counts = np.bincount(hull.step_item[order[:n_taken]], minlength=n).astype(np.int64)
-    lam = float(hull.eff[order[n_taken]]) if n_taken < len(order) else 0.0
-    return LpGreedy(order=order, n_taken=n_taken, counts=counts, choice=hull.choice_after(counts),
-                    lam=max(lam, 0.0))
+    # Round-off of the sums: a prefix fits if within 1e-12 relative of the cap (the central
+    # plan check allows 1e-9).
+    room = cap - base + abs(cap) * 1e-12
+    eff, ds = hull.eff, hull.ds
+    total = float(ds.sum())
+    if total <= room:
+        counts = np.maximum(hull.n_vertices - 1, 0)
+        return LpGreedy(n_taken=hull.n_steps, counts=counts, choice=hull.choice_after(counts),
+                        lam=0.0)
+    lo, hi = _bracket(eff, ds, room)
+    above = eff > hi
+    w_above = float(ds[above].sum())
+    mid = (eff > lo) & ~above
+    # t-major flat index = t·n + item: ties keep each item's steps in order
+    t_idx, item = np.nonzero(mid)
+    e_mid, d_mid = eff[t_idx, item], ds[t_idx, item]
+    order = np.lexsort((t_idx * n + item, -e_mid))
+    cum = w_above + np.cumsum(d_mid[order])
+    n_mid = int(np.searchsorted(cum, room, side="right"))
+    counts = above.sum(axis=0) + np.bincount(item[order[:n_mid]], minlength=n)
+    if n_mid < len(order):
+        lam = float(e_mid[order[n_mid]])
+    else:  # the split step lies at or below lo: the first step not taken
+        rest = np.where(eff <= lo, eff, -np.inf)
+        lam = float(rest.max())
+    n_taken = int(above.sum()) + n_mid
+    return LpGreedy(n_taken=n_taken, counts=counts.astype(np.int64),
+                    choice=hull.choice_after(counts), lam=max(lam, 0.0))
+
+
+def _bracket(eff: np.ndarray, ds: np.ndarray, room: float) -> tuple[float, float]:
+    """Efficiencies lo < hi with Σ ds[eff > hi] ≤ room < Σ ds[eff > lo] (lo may be −inf)."""
+    flat_e, flat_d = eff.ravel(), ds.ravel()
+    stride = max(1, flat_e.size // 200_000)
+    se, sd = flat_e[::stride], flat_d[::stride]
+    o = np.argsort(-se, kind="stable")
+    cum = np.cumsum(sd[o]) * (flat_d.sum() / max(sd.sum(), 1e-300))
+    at = int(np.searchsorted(cum, room))
+    margin = 64
+    while True:
+        hi_i, lo_i = at - margin, at + margin
+        hi = float(se[o[hi_i]]) if hi_i >= 0 else np.inf
+        lo = float(se[o[lo_i]]) if lo_i < len(o) else -np.inf
+        ok_hi = hi == np.inf or float(flat_d[flat_e > hi].sum()) <= room
+        ok_lo = lo == -np.inf or float(flat_d[flat_e > lo].sum()) > room
+        if ok_hi and ok_lo:
+            return lo, hi
+        margin *= 4
 
 
 def lagrangian_value(cost: np.ndarray, weights: list[np.ndarray], mult: list[float],

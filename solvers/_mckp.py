@@ -115,12 +115,12 @@ def _solve_single(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSolu
     rows = np.arange(problem.n_items)
     hull = lower_hulls(size, cost)
     lp = lp_greedy(hull, size, cap)
-    stats: dict[str, float] = {"hull_steps": float(len(hull.ds)), "lambda": lp.lam}
+    stats: dict[str, float] = {"hull_steps": float(hull.n_steps), "lambda": lp.lam}
     lb, pen = lagrangian_value(cost, [size], [lp.lam], [cap])
     choice = lp.choice.copy()
     ub = float(cost[rows, choice].sum())
     stats["lp_bound"] = lb
-    if lp.n_taken == len(hull.ds):  # every item at its cheapest point: the budget does not bind
+    if lp.n_taken == hull.n_steps:  # every item at its cheapest point: the budget does not bind
         return RawSolution(status=SolveStatus.OPTIMAL, choice=choice, bound=ub,
                            message="budget does not bind", stats=stats)
     rc = pen - pen.min(axis=1, keepdims=True)
