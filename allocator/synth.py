@@ -37,9 +37,9 @@ class ModelShape:
     def projections(self) -> list[tuple[str, int, int]]:
         """(name, out_features, in_features) of the seven linear layers of one block."""
         h, f, kv = self.hidden, self.intermediate, self.kv_dim
-        return [("self_attn.q_proj", h, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
-                ("self_attn.o_proj", h, h), ("mlp.gate_proj", f, h), ("mlp.up_proj", f, h),
-                ("mlp.down_proj", h, f)]
+        return [("self_attn.q_proj", h, h), ("self_attn.k_proj", kv, h),
+                ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, h), ("mlp.gate_proj", f, h),
+                ("mlp.up_proj", f, h), ("mlp.down_proj", h, f)]
 
 
 #: Real layer dimensions (from the models' config.json).
@@ -58,8 +58,8 @@ def synth_options(n_options: int = 7) -> tuple[QuantFormat, ...]:
     """``int2..int{n+1}-g128-asym`` for n ≤ 7; 8 adds ``fp16``."""
     if isinstance(n_options, bool) or not isinstance(n_options, int) or not 1 <= n_options <= 8:
         raise InvalidParameterError(
-            f"The 'n_options' parameter of synth_options must be an int in 1..8. Got {n_options!r} "
-            "instead.")
+            "The 'n_options' parameter of synth_options must be an int in 1..8. "
+            f"Got {n_options!r} instead.")
     labels = [f"int{b}-g128-asym" for b in range(2, 2 + min(n_options, 7))]
     if n_options == 8:
         labels.append("fp16")

@@ -229,8 +229,9 @@ def lagrangian_value(cost: np.ndarray, weights: list[np.ndarray], mult: list[flo
     so it is a valid lower bound whatever μ is (invalid slots are ``inf`` and never chosen).
     """
     pen = cost.copy()
-    for w, m in zip(weights, mult, strict=True):
-        if m != 0.0:
-            pen += m * w
+    with np.errstate(over="ignore", invalid="ignore"):
+        for w, m in zip(weights, mult, strict=True):
+            if m != 0.0:
+                pen += m * w
     mins = pen.min(axis=1)
     return float(mins.sum()) - float(sum(m * c for m, c in zip(mult, caps, strict=True))), pen

@@ -24,6 +24,9 @@ from solvers._problem import Problem
 if TYPE_CHECKING:
     from solvers._mckp import MckpConfig
 
+_SEARCH_SHARE = 0.1  # as in solvers._mckp
+_MU_MAX = 1e100  # multipliers stay far from overflow of μ·w
+
 __all__ = ["optimise_multipliers", "repair", "solve_multi"]
 
 
@@ -46,16 +49,14 @@ def optimise_multipliers(cost: np.ndarray, weights: list[np.ndarray], caps: list
             _, base = lagrangian_value(cost, weights, others, caps)
 
             def grad(t: float, base: np.ndarray = base, w: np.ndarray = w, b: float = b) -> float:
-                j = np.argmin(base + t * w, axis=1)
-                return float(w[rows, j].sum()) - b
+                j = np.argmin(base + t * w if t > 0 else base, axis=1)  # 0·inf is nan
+                return float(w[rows, j].sum()) - b * (1 + 1e-9)  # the plan check's slack
 
             if grad(0.0) <= 0:
                 mult[k] = 0.0
             else:
-                span = np.nanmax(np.where(np.isfinite(base), base, np.nan)) + 1.0
-                wmin = np.nanmin(np.where(np.isfinite(w) & (w > 0), w, np.nan))
-                hi = max(span / max(wmin, 1e-300), 1e-300)
-                while grad(hi) > 0 and hi < 1e300:
+                hi = min(max(_finite_max(base) / _least_positive(w), 1e-300), _MU_MAX)
+                while grad(hi) > 0 and hi < _MU_MAX:
                     hi *= 4.0
                 lo = 0.0
                 for _ in range(steps):
@@ -70,10 +71,15 @@ def optimise_multipliers(cost: np.ndarray, weights: list[np.ndarray], caps: list
     return mult, value
 
 
-def _fits(weights: list[np.ndarray], caps: list[float], choice: np.ndarray) -> bool:
-    rows = np.arange(len(choice))
-    return all(float(w[rows, choice].sum()) <= b * (1 + 1e-12) for w, b in zip(weights, caps,
-                                                                                 strict=True))
+def _finite_max(x: np.ndarray) -> float:
+    """1 + the largest finite |value| (a cost scale)."""
+    return 1.0 + float(np.max(np.abs(x[np.isfinite(x)]), initial=0.0))
+
+
+def _least_positive(w: np.ndarray) -> float:
+    """The smallest positive finite weight (1 when there is none)."""
+    pos = w[np.isfinite(w) & (w > 0)]
+    return float(pos.min()) if pos.size else 1.0
 
 
 def repair(cost: np.ndarray, weights: list[np.ndarray], caps: list[float],
@@ -86,9 +92,7 @@ def repair(cost: np.ndarray, weights: list[np.ndarray], caps: list[float],
     """
     m = list(mult)
     rows = np.arange(cost.shape[0])
-    scale = [float(np.nanmax(np.where(np.isfinite(cost), cost, np.nan)) + 1.0)
-             / max(float(np.nanmin(np.where(np.isfinite(w) & (w > 0), w, np.nan))), 1e-300)
-             for w in weights]
+    scale = [_finite_max(cost) / _least_positive(w) for w in weights]
     choice = None
     for _ in range(200):
         _, pen = lagrangian_value(cost, weights, m, caps)
@@ -98,7 +102,8 @@ def repair(cost: np.ndarray, weights: list[np.ndarray], caps: list[float],
         if not any(over):
             choice = cand
             break
-        m = [max(2 * mk, 1e-6 * sk) if o else mk for mk, sk, o in zip(m, scale, over, strict=True)]
+        m = [min(max(2 * mk, 1e-6 * sk), _MU_MAX) if o else mk
+             for mk, sk, o in zip(m, scale, over, strict=True)]
     if choice is None:
         return None
     return _improve(cost, weights, caps, choice)
@@ -130,14 +135,16 @@ def solve_multi(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSoluti
     rows = np.arange(problem.n_items)
     mult, lb = optimise_multipliers(cost, weights, caps)
     _, pen = lagrangian_value(cost, weights, mult, caps)
-    rc = pen - pen.min(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        rc = np.nan_to_num(pen - pen.min(axis=1, keepdims=True), nan=np.inf)
     incumbent = repair(cost, weights, caps, mult)
     ub = float(cost[rows, incumbent].sum()) if incumbent is not None else np.inf
     tol = 1e-12 * (float(np.abs(pen.min(axis=1)).sum()) + sum(m * b for m, b in zip(mult, caps,
                                                                                    strict=True)))
-    eps = cfg.rel_gap * abs(ub) if np.isfinite(ub) else 0.0
+    eps = _SEARCH_SHARE * cfg.rel_gap * abs(ub) if np.isfinite(ub) else 0.0
     g = ub - eps - lb + tol
-    stats: dict[str, float] = {"lagrangian_bound": lb, **{f"mu_{i}": m for i, m in enumerate(mult)}}
+    stats: dict[str, float] = {"lagrangian_bound": lb,
+                               **{f"mu_{i}": m for i, m in enumerate(mult)}}
     if incumbent is not None and g <= 0:
         return RawSolution(status=SolveStatus.OPTIMAL, choice=incumbent, stats=stats,
                            bound=max(lb, ub - eps), message="repair meets the Lagrangian bound")
@@ -150,7 +157,7 @@ def solve_multi(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSoluti
             return RawSolution(status=SolveStatus.INFEASIBLE, stats=stats,
                                message="no plan meets every cap together (proven by search)")
         return RawSolution(status=SolveStatus.OPTIMAL, choice=incumbent, stats=stats,
-                           bound=max(lb, ub - cfg.rel_gap * abs(ub)),
+                           bound=max(lb, ub - _SEARCH_SHARE * cfg.rel_gap * abs(ub)),
                            message="certified by Lagrangian reduced-cost fixing and B&B")
     if cfg.handoff:
         handed = _handoff(problem, incumbent, ub, lb, stats)

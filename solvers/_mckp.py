@@ -1,4 +1,4 @@
-"""The exact default solver: multiple-choice knapsack by LP bound, reduced-cost fixing and a core DP.
+"""The exact default solver: multiple-choice knapsack by LP bound, reduced-cost fixing, core DP.
 
 Single size cap (the usual case):
 
@@ -32,6 +32,10 @@ from solvers._hull import lagrangian_value, lower_hulls, lp_greedy
 from solvers._problem import Problem
 
 __all__ = ["MckpConfig", "MckpSolver", "pareto_core_dp"]
+
+#: The search ignores improvements below this share of ``rel_gap·|UB|``, so a completed search
+#: proves a gap of at most a tenth of the tolerance (rounding cannot push it over).
+_SEARCH_SHARE = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +95,9 @@ class MckpSolver(BaseSolver):
     def __init__(self, *, time_limit_s: float = 60.0, rel_gap: float = 1e-9,
                  max_states: int = 200_000, max_nodes: int = 2_000_000, first_core: int = 256,
                  handoff: bool = True) -> None:
-        self._config = MckpConfig(time_limit_s=time_limit_s, rel_gap=rel_gap, max_states=max_states,
-                                  max_nodes=max_nodes, first_core=first_core, handoff=handoff)
+        self._config = MckpConfig(time_limit_s=time_limit_s, rel_gap=rel_gap,
+                                  max_states=max_states, max_nodes=max_nodes,
+                                  first_core=first_core, handoff=handoff)
 
     @property
     def config(self) -> MckpConfig:
@@ -131,7 +136,7 @@ def _solve_single(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSolu
     certified, rounds, core_cap, states = False, 0, cfg.first_core, 0
     while time.perf_counter() < deadline:
         rounds += 1
-        eps = cfg.rel_gap * abs(ub)
+        eps = _SEARCH_SHARE * cfg.rel_gap * abs(ub)
         g = ub - eps - lb + tol
         if g <= 0:
             certified = True
@@ -159,7 +164,7 @@ def _solve_single(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSolu
     stats.update(rounds=float(rounds), core=float(np.count_nonzero(alt < ub - lb + tol)),
                  max_states=float(states))
     if certified:
-        bound = max(lb, ub - cfg.rel_gap * abs(ub))
+        bound = max(lb, ub - _SEARCH_SHARE * cfg.rel_gap * abs(ub))
         return RawSolution(status=SolveStatus.OPTIMAL, choice=choice, bound=bound,
                            message="certified by reduced-cost fixing and core DP", stats=stats)
     why = "time limit" if time.perf_counter() >= deadline else "state limit"
