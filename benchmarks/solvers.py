@@ -5,7 +5,8 @@ Run:  PYTHONPATH=. python benchmarks/solvers.py [--max-units 1000000] [--cbc-lim
 Tables come from :func:`allocator.synth.synth_table` (Llama-7B layer shapes, cost ∝ s·n·4^-b);
 the budget is 4.1 bits per weight. CBC is asked for a relative gap of 1e-9; where it stops at
 its limit first, the time ratio is a lower bound and its (worse) objective is shown. For each
-size every registered solver that is installed (mckp, ilp, closed_form, greedy; missing modules are skipped) runs ``solve()`` end to end —
+size every registered solver that is installed (mckp, ilp, closed_form, greedy; missing
+modules are skipped) runs ``solve()`` end to end —
 problem build, solve, central plan check, plan — and the baseline, PuLP + CBC, is built here
 directly with pulp (one binary per unit × option, one assignment row per unit, the size row) and
 timed from model build to solution. CBC runs up to the first size where it misses its time
