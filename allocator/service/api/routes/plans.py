@@ -1,0 +1,147 @@
+"""Plans: solve (synchronous), list, get, delete, export; the frontier of a table."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from allocator.budget import Budget
+from allocator.plan import BitPlan
+from allocator.result import SolveResult
+from allocator.service.api.routes import errors
+from allocator.service.core.errors import ServiceError
+from allocator.service.deps import DbDep, ReadAuth, WriteAuth
+from allocator.service.schemas import (
+    ErrorBody,
+    ExportPublic,
+    FrontierPointPublic,
+    FrontierPublic,
+    PlanPublic,
+    PlanRequest,
+    PlansPublic,
+)
+from allocator.service.store import repo
+from allocator.table import CostTable
+
+router = APIRouter(tags=["plans"], responses=errors(401, 404))
+
+
+def _solve(table: CostTable, budget: Budget, solver: str, seed: int | None) -> SolveResult:
+    import solvers
+
+    try:
+        cls = solvers.solver_class(solver)
+    except ImportError as exc:  # registered but not built/installed here
+        raise ServiceError(501, "solver_unavailable", f"solver {solver!r} is not available: {exc}") from None
+    if cls.capabilities.needs_evaluator:
+        raise ServiceError(422, "use_search_job",
+                           f"solver {solver!r} evaluates models; submit a 'search' job instead")
+    return solvers.solve(table, budget, solver=solver, seed=seed)
+
+
+@router.post("/plans", response_model=PlanPublic, status_code=status.HTTP_201_CREATED,
+             dependencies=[WriteAuth], responses={200: {"model": PlanPublic}, 501: {"model": ErrorBody}})
+def create_plan(db: DbDep, req: PlanRequest, response: Response) -> PlanPublic:
+    """Solve ``table_id`` under ``budget``; an infeasible budget is a status, not an error."""
+    budget = Budget.from_dict(req.budget.to_domain_dict())
+    with db.read() as s:
+        table = repo.load_table(s, req.table_id, db.cache)
+    result = _solve(table, budget, req.solver, req.seed)
+    if not req.store:
+        response.status_code = status.HTTP_200_OK
+        return PlanPublic(
+            id=None, table_id=req.table_id, status=str(result.status), solver=result.solver,  # type: ignore[arg-type]
+            budget=budget.to_dict(), objective=repo._finite(result.objective),
+            bound=repo._finite(result.bound), gap=repo._finite(result.gap), seconds=result.seconds,
+            message=result.message, min_feasible=repo._finite(result.min_feasible),
+            stats={k: repo._finite(v) for k, v in dict(result.stats).items()},
+            plan=result.plan.to_dict() if result.plan else None, created_at=None)
+    with db.write() as s:
+        repo.get_table_record(s, req.table_id)  # deleted while we solved?
+        rec = repo.add_plan(s, table_id=req.table_id, result=result, budget=budget)
+        return PlanPublic.from_record(rec)
+
+
+@router.get("/plans", response_model=PlansPublic, dependencies=[ReadAuth])
+def list_plans(db: DbDep, table_id: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> PlansPublic:
+    """Stored plans, newest first (optionally of one table)."""
+    with db.read() as s:
+        rows, count = repo.list_plans(s, table_id=table_id, limit=limit, offset=offset)
+        return PlansPublic(data=[PlanPublic.from_record(r) for r in rows], count=count)
+
+
+@router.get("/plans/{plan_id}", response_model=PlanPublic, dependencies=[ReadAuth])
+def get_plan(db: DbDep, plan_id: str) -> PlanPublic:
+    with db.read() as s:
+        return PlanPublic.from_record(repo.get_plan(s, plan_id))
+
+
+@router.delete("/plans/{plan_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth])
+def delete_plan(db: DbDep, plan_id: str) -> Response:
+    with db.write() as s:
+        repo.delete_plan(s, plan_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/plans/{plan_id}/export", response_model=ExportPublic, dependencies=[ReadAuth],
+            responses={501: {"model": ErrorBody}})
+def export_plan(db: DbDep, plan_id: str,
+                target: Annotated[str, Query(min_length=1, max_length=64)],
+                lossy: bool = False,
+                base: Annotated[str | None, Query(max_length=64)] = None,
+                arch: Annotated[str | None, Query(max_length=64)] = None) -> ExportPublic:
+    """The plan in a quantization tool's config format (``target``: see ``/v1/version``)."""
+    with db.read() as s:
+        rec = repo.get_plan(s, plan_id)
+    if rec.plan is None:
+        raise ServiceError(409, "plan_has_no_assignments",
+                           f"plan {plan_id!r} is {rec.status}; there is nothing to export")
+    try:
+        from allocator.export import export_plan as _export
+    except ImportError:
+        raise ServiceError(501, "export_unavailable", "this installation has no exporters") from None
+    out = _export(BitPlan.from_dict(rec.plan), target, lossy=lossy, base=base, arch=arch)
+    return ExportPublic(plan_id=plan_id, target=out.target, suffix=out.suffix, text=out.text,
+                        files=dict(out.files), notes=list(out.notes),
+                        changed={u: list(v) for u, v in out.changed.items()})
+
+
+@router.get("/tables/{table_id}/frontier", response_model=FrontierPublic, dependencies=[ReadAuth])
+def frontier(db: DbDep, table_id: str,
+             bpw: Annotated[list[float], Query(max_length=64, description="add exact points here")] = [],  # noqa: B006
+             ) -> FrontierPublic:
+    """The size-vs-cost Pareto frontier (hull sweep, plus exact solves at ``bpw``)."""
+    import math
+
+    import solvers
+
+    for b in bpw:
+        if not (math.isfinite(b) and b > 0):
+            raise ServiceError(422, "invalid_budget", f"bpw must be finite and > 0, got {b!r}")
+    with db.read() as s:
+        table = repo.load_table(s, table_id, db.cache)
+    f = solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
+    points = [FrontierPointPublic(size_bits=float(sz), bpw=float(bp), cost=float(c), kind=str(k), status=str(st))
+              for sz, bp, c, k, st in zip(f.size_bits, f.bpw, f.cost, f.kind, f.status, strict=True)]
+    return FrontierPublic(table_id=table_id, total_params=table.total_params, points=points)
+
+
+@router.get("/tables/{table_id}/frontier/{index}", response_model=PlanPublic, dependencies=[ReadAuth])
+def frontier_plan(db: DbDep, table_id: str, index: int,
+                  bpw: Annotated[list[float], Query(max_length=64)] = []) -> PlanPublic:  # noqa: B006
+    """The plan of frontier point ``index`` (not stored; POST /v1/plans to keep one)."""
+    import solvers
+
+    with db.read() as s:
+        table = repo.load_table(s, table_id, db.cache)
+    f = solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
+    if not -len(f) <= index < len(f):
+        raise ServiceError(404, "frontier_point_not_found", f"frontier has points 0..{len(f) - 1}, not {index}")
+    plan = f.plan(index)
+    return PlanPublic(id=None, table_id=table_id, status=str(f.status[index]),  # type: ignore[arg-type] solver=plan.solver.name,
+                      budget=dict(plan.budget), objective=plan.summary.predicted_cost, bound=None,
+                      gap=plan.solver.gap, seconds=plan.solver.seconds, message="",
+                      min_feasible=None, stats={}, plan=plan.to_dict(), created_at=None)

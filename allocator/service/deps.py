@@ -1,0 +1,87 @@
+"""Dependencies as ``Annotated`` aliases: settings, the database, authentication."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from allocator.service.core.config import Settings
+from allocator.service.core.errors import ServiceError
+from allocator.service.store.db import is_sqlite
+from allocator.service.store.repo import TableCache
+
+__all__ = ["Db", "DbDep", "ReadAuth", "SettingsDep", "WriteAuth"]
+
+
+class Db:
+    """Sessions for one app: ``read()`` for queries, ``write()`` for changes.
+
+    On SQLite ``write()`` begins with ``BEGIN IMMEDIATE`` so a read-then-write transaction
+    waits for the lock up front instead of failing with ``database is locked`` half-way.
+    Handlers do their heavy work (parsing, solving) before opening a write session.
+    """
+
+    def __init__(self, engine: Engine, cache: TableCache) -> None:
+        self.engine = engine
+        self.cache = cache
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            if is_sqlite(self.engine):
+                session.connection(execution_options={"sqlite_immediate": True})
+            yield session
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_db(request: Request) -> Db:
+    db: Db = request.app.state.db
+    return db
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DbDep = Annotated[Db, Depends(get_db)]
+
+_bearer = HTTPBearer(auto_error=False, description="the server's token (BITALLOC_TOKEN or its token file)")
+
+
+def _check(settings: Settings, creds: HTTPAuthorizationCredentials | None, request: Request) -> None:
+    given = creds.credentials if creds is not None else request.headers.get("x-bitalloc-token")
+    if not given:
+        raise ServiceError(401, "unauthorized", "this request needs the token: send 'Authorization: Bearer <token>'")
+    assert settings.token is not None  # ensure_token ran in create_app
+    if not secrets.compare_digest(given.encode(), settings.token.encode()):
+        raise ServiceError(401, "unauthorized", "the token is wrong; use the server's BITALLOC_TOKEN")
+
+
+def require_read(request: Request, settings: SettingsDep,
+                 creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Reads are open on loopback; off loopback every request needs the token."""
+    if not settings.loopback_only:
+        _check(settings, creds, request)
+
+
+def require_write(request: Request, settings: SettingsDep,
+                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Every write needs the token, whatever the bind address."""
+    _check(settings, creds, request)
+
+
+ReadAuth = Depends(require_read)
+WriteAuth = Depends(require_write)

@@ -1,0 +1,214 @@
+"""Job kinds: a name registry of ``run(params, progress, cancel) -> result`` callables.
+
+``estimate`` runs :func:`sensitivity.estimate` on a model directory under a configured root;
+``search`` runs the Bayesian search (:class:`solvers._bayesian.BayesianSolver`) on a stored
+table. Both import their packages lazily, so a missing package fails the *job* with a stable
+code (``estimator_unavailable`` / ``search_unavailable``) and never the worker. Plug-ins and
+tests register more kinds with :func:`register_job_kind` from a module named in
+``BITALLOC_JOB_MODULES``.
+
+A run callable may put a :class:`~allocator.table.CostTable` or a
+:class:`~allocator.result.SolveResult` in its result dict: the worker stores it and replaces it
+by ``<key>_id`` (a table id / plan id), so results stay JSON.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from allocator.errors import InvalidParameterError
+from allocator.service.core.errors import ServiceError
+
+__all__ = ["JOB_KINDS", "JobCancelled", "JobFailure", "JobKind", "Progress", "get_job_kind",
+           "load_job_modules", "register_job_kind", "resolve_model_path"]
+
+#: progress(fraction in [0, 1], message)
+Progress = Callable[[float, str], None]
+RunFn = Callable[[Mapping[str, Any], Progress, threading.Event], Mapping[str, Any]]
+#: validate(params, model_roots) -> normalised params; raises ServiceError / InvalidParameterError
+ValidateFn = Callable[[Mapping[str, Any], list[Path]], dict[str, Any]]
+
+
+class JobCancelled(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a run callable (or its progress hook) when the cancel flag is set."""
+
+
+class JobFailure(Exception):
+    """A job failed for a reason with a stable code (shown to clients)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    run: RunFn
+    validate: ValidateFn | None = None
+    #: the worker loads ``params["table_id"]`` into ``params["table"]`` before ``run``
+    needs_table: bool = False
+
+
+JOB_KINDS: dict[str, JobKind] = {}
+
+
+def register_job_kind(kind: JobKind, *, replace: bool = False) -> JobKind:
+    """Add ``kind`` to :data:`JOB_KINDS` (duplicate names raise unless ``replace``)."""
+    if kind.name in JOB_KINDS and not replace:
+        raise InvalidParameterError(f"job kind {kind.name!r} is already registered; pick another name")
+    JOB_KINDS[kind.name] = kind
+    return kind
+
+
+def get_job_kind(name: str) -> JobKind:
+    if name not in JOB_KINDS:
+        raise ServiceError(422, "unknown_job_kind",
+                           f"unknown job kind {name!r}; choose one of {sorted(JOB_KINDS)}")
+    return JOB_KINDS[name]
+
+
+def load_job_modules(modules: list[str]) -> None:
+    """Import plug-in modules that call :func:`register_job_kind` (idempotent)."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def resolve_model_path(model: Any, roots: list[Path]) -> Path:
+    """The real path of ``model`` if it lies inside a configured root, else a 403.
+
+    ``model`` is ``<root name>/<relative path>`` or an absolute path. Symlinks are resolved
+    before the check, so ``..`` and links out of a root are refused alike.
+    """
+    if not isinstance(model, str) or not model or "\x00" in model:
+        raise ServiceError(422, "invalid_parameter", "params.model must be a non-empty path string")
+    if not roots:
+        raise ServiceError(403, "model_roots_unset",
+                           "this server has no model roots; start it with --model-root DIR")
+    p = Path(model)
+    if p.is_absolute():
+        cands = [p]
+    else:  # "<root name>/rest" first, then "rest" relative to each root
+        cands = [r.joinpath(*p.parts[1:]) for r in roots if p.parts[0] == r.name]
+        cands += [r / p for r in roots]
+    inside = [c.resolve() for c in cands
+              if any(c.resolve() == r or c.resolve().is_relative_to(r) for r in roots)]
+    if not inside:
+        raise ServiceError(403, "path_not_allowed",
+                           f"model {model!r} is outside the configured model roots "
+                           f"({', '.join(r.name for r in roots)}); use <root>/<dir>")
+    for real in inside:
+        if real.exists():
+            return real
+    raise ServiceError(404, "model_not_found", f"model {model!r} does not exist under the model roots")
+
+
+# ----------------------------------------------------------------- estimate
+_ESTIMATE_KEYS = {"model", "method", "options", "seed", "samples", "seq_len", "device", "params",
+                  "name"}
+
+
+def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any]:
+    unknown = set(params) - _ESTIMATE_KEYS
+    if unknown:
+        raise ServiceError(422, "invalid_parameter",
+                           f"unknown estimate parameter(s) {sorted(unknown)}; known: {sorted(_ESTIMATE_KEYS)}")
+    out = dict(params)
+    out["model"] = str(resolve_model_path(params.get("model"), roots))
+    if not isinstance(out.get("method", "datafree"), str):
+        raise ServiceError(422, "invalid_parameter", "params.method must be an estimator name")
+    return out
+
+
+def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threading.Event) -> dict[str, Any]:
+    try:
+        import sensitivity
+        from sensitivity import ESTIMATORS
+    except ImportError as exc:
+        raise JobFailure("estimator_unavailable", f"the sensitivity package is not installed: {exc}") from None
+    method = str(params.get("method", "datafree"))
+    if method not in ESTIMATORS:
+        raise JobFailure("unknown_name", f"unknown estimator {method!r}; choose one of {sorted(ESTIMATORS)}")
+    kwargs: dict[str, Any] = {k: params[k] for k in ("options", "seed", "samples", "seq_len", "device")
+                              if k in params}
+    kwargs.update(dict(params.get("params", {})))
+    progress(0.0, f"estimating {method} costs of {Path(str(params['model'])).name}")
+    if cancel.is_set():
+        raise JobCancelled
+    try:
+        table = sensitivity.estimate(str(params["model"]), method=method, **kwargs)
+    except ModuleNotFoundError as exc:  # e.g. the driver or torch not installed
+        raise JobFailure("estimator_unavailable", f"estimation needs a missing module: {exc.name}") from None
+    except TypeError as exc:
+        raise JobFailure("invalid_parameter", f"sensitivity.estimate rejected the parameters: {exc}") from None
+    if cancel.is_set():
+        raise JobCancelled
+    return {"table": table, "method": method, "name": params.get("name") or Path(str(params["model"])).name}
+
+
+# ----------------------------------------------------------------- search
+_SEARCH_KEYS = {"table_id", "budget", "n_trials", "seed", "radius", "prune"}
+
+
+def _validate_search(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any]:
+    from allocator.budget import Budget
+
+    unknown = set(params) - _SEARCH_KEYS
+    if unknown:
+        raise ServiceError(422, "invalid_parameter",
+                           f"unknown search parameter(s) {sorted(unknown)}; known: {sorted(_SEARCH_KEYS)}")
+    if not isinstance(params.get("table_id"), str):
+        raise ServiceError(422, "invalid_parameter", "params.table_id (a stored table id) is required")
+    if not isinstance(params.get("budget"), Mapping):
+        raise ServiceError(422, "invalid_parameter", "params.budget (e.g. {\"bpw\": 3.0}) is required")
+    Budget.from_dict(params["budget"])  # invalid budgets fail at submission, not in the worker
+    n = params.get("n_trials", 50)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000:
+        raise ServiceError(422, "invalid_parameter", f"params.n_trials must be an int in 1..100000, got {n!r}")
+    return dict(params)
+
+
+class _CountingEvaluator:
+    """The table's additive cost, counting calls for progress and checking the cancel flag."""
+
+    def __init__(self, table: Any, n_trials: int, progress: Progress, cancel: threading.Event) -> None:
+        df = table.df
+        self._cost = dict(zip(zip(df["unit"], df["option"], strict=True), df["cost"], strict=True))
+        self._n, self._done = n_trials, 0
+        self._progress, self._cancel = progress, cancel
+
+    def __call__(self, choice: Mapping[str, str]) -> float:
+        if self._cancel.is_set():
+            raise JobCancelled
+        self._done += 1
+        self._progress(min(self._done / self._n, 0.99), f"trial {self._done}/{self._n}")
+        return float(sum(self._cost[(u, o)] for u, o in choice.items()))
+
+
+def _run_search(params: Mapping[str, Any], progress: Progress, cancel: threading.Event) -> dict[str, Any]:
+    from allocator.budget import Budget
+
+    try:
+        import solvers
+
+        cls = solvers.solver_class("bayesian")
+    except ImportError as exc:
+        raise JobFailure("search_unavailable", f"the search solver cannot be imported: {exc}") from None
+    if not cls.is_available():
+        raise JobFailure("search_unavailable", "the search needs optuna: pip install 'bitalloc[search]'")
+    table = params["table"]
+    n_trials = int(params.get("n_trials", 50))
+    evaluator = _CountingEvaluator(table, n_trials, progress, cancel)
+    solver = cls(evaluator=evaluator, n_trials=n_trials, radius=int(params.get("radius", 1)),  # type: ignore[call-arg]
+                 prune=bool(params.get("prune", True)))
+    result = solver.solve(table, Budget.from_dict(params["budget"]), seed=params.get("seed"))
+    return {"plan": result, "status": str(result.status), "objective": result.objective}
+
+
+register_job_kind(JobKind("estimate", _run_estimate, _validate_estimate))
+register_job_kind(JobKind("search", _run_search, _validate_search, needs_table=True))

@@ -1,0 +1,196 @@
+"""Worker processes: claim queued jobs, run them with heartbeats, store the outcome.
+
+A heartbeat thread writes progress and liveness every ``heartbeat_s`` and reads the job's
+``cancel_requested`` flag. Every worker also reaps lost jobs (stale heartbeats) on each poll, so
+a job whose worker was killed is requeued or failed by whichever worker is alive next — it is
+never lost. Job failures never end the worker: every exception becomes a stable error code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from allocator.result import SolveResult
+from allocator.service.core.config import Settings
+from allocator.service.core.errors import ServiceError, domain_error
+from allocator.service.jobs import JOB_KINDS, JobCancelled, JobFailure, get_job_kind, load_job_modules
+from allocator.service.store import jobs as jobstore
+from allocator.service.store import repo
+from allocator.service.store.db import make_engine, migrate
+from allocator.table import CostTable
+
+__all__ = ["Worker", "jsonable", "run_worker_process"]
+
+logger = logging.getLogger("bitalloc.service.worker")
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON: non-finite floats → None, numpy scalars → Python, unknown objects → str."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        return jsonable(obj.item())
+    return str(obj)
+
+
+class _Run:
+    """Shared state between a running job, its progress hook and the heartbeat thread."""
+
+    def __init__(self) -> None:
+        self.progress = 0.0
+        self.message = "started"
+        self.cancel = threading.Event()
+        self.lost = False
+        self.done = threading.Event()
+
+    def report(self, fraction: float, message: str) -> None:
+        if self.cancel.is_set():
+            raise JobCancelled
+        self.progress = min(max(float(fraction), 0.0), 1.0)
+        self.message = str(message)
+
+
+class Worker:
+    """One job at a time; ``run_forever`` until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, *, engine: Engine | None = None, ident: str | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings.db_url, pool_size=2)
+        self.ident = ident or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        load_job_modules(settings.job_modules)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        logger.info("worker %s polling %s", self.ident, self.engine.url.render_as_string())
+        while not stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # the database went away: wait and retry, never die
+                logger.exception("worker %s: poll failed", self.ident)
+                ran = False
+            if not ran:
+                stop.wait(self.settings.poll_s)
+
+    def run_once(self) -> bool:
+        """Reap lost jobs, claim one and run it; returns whether a job ran."""
+        jobstore.reap_lost_jobs(self.engine, stale_after_s=self.settings.stale_after_s)
+        job = jobstore.claim_job(self.engine, worker=self.ident, kinds=sorted(JOB_KINDS))
+        if job is None:
+            return False
+        self._execute(job)
+        return True
+
+    def _execute(self, job: dict[str, Any]) -> None:
+        run = _Run()
+        beat = threading.Thread(target=self._heartbeat, args=(job["id"], run), daemon=True)
+        beat.start()
+        status, result, error = jobstore.JobStatus.SUCCEEDED, None, None
+        try:
+            result = self._call(job, run)
+        except JobCancelled:
+            status = jobstore.JobStatus.CANCELLED
+        except JobFailure as exc:
+            status, error = jobstore.JobStatus.FAILED, (exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a code, the worker lives on
+            err = domain_error(exc)
+            status, error = jobstore.JobStatus.FAILED, (err.code, err.message)
+        finally:
+            run.done.set()
+            beat.join()
+        if run.lost:
+            logger.warning("job %s was taken from %s (declared lost); dropping its outcome",
+                           job["id"], self.ident)
+            return
+        if status is jobstore.JobStatus.CANCELLED:
+            message = "cancelled"
+        elif error is not None:
+            message = f"failed: {error[0]}"
+        else:
+            message = "done"
+        jobstore.finish_job(self.engine, job_id=job["id"], worker=self.ident, status=status,
+                            result=result, error=error, message=message)
+
+    def _call(self, job: dict[str, Any], run: _Run) -> dict[str, Any]:
+        kind = get_job_kind(job["kind"])
+        params = dict(job["params"])
+        if kind.validate is not None:  # again at run time: roots or files may have changed
+            params = kind.validate(params, list(self.settings.model_roots))
+        if kind.needs_table:
+            with Session(self.engine) as session:
+                try:
+                    params["table"] = repo.load_table(session, str(params["table_id"]))
+                except ServiceError as exc:
+                    raise JobFailure("table_not_found", exc.message) from None
+        out = kind.run(params, run.report, run.cancel)
+        if run.cancel.is_set():
+            raise JobCancelled
+        return self._persist(job, params, dict(out))
+
+    def _persist(self, job: dict[str, Any], params: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+        """Store tables and plans a job returned; results hold their ids."""
+        from allocator.budget import Budget
+
+        stored: dict[str, Any] = {}
+        with Session(self.engine) as session:
+            for key, value in out.items():
+                if isinstance(value, CostTable):
+                    rec, _ = repo.add_table(session, table=value, name=str(out.get("name") or key))
+                    stored[f"{key}_id"] = rec.id
+                elif isinstance(value, SolveResult):
+                    table_id = params.get("table_id") or stored.get("table_id")
+                    if value.plan is not None and table_id:
+                        budget = Budget.from_dict(params.get("budget") or value.plan.budget)
+                        plan = repo.add_plan(session, table_id=str(table_id), result=value,
+                                             budget=budget, job_id=job["id"])
+                        stored[f"{key}_id"] = plan.id
+                    stored[f"{key}_status"] = str(value.status)
+                else:
+                    stored[key] = value
+        result: dict[str, Any] = jsonable(stored)
+        return result
+
+    def _heartbeat(self, job_id: str, run: _Run) -> None:
+        while not run.done.wait(self.settings.heartbeat_s):
+            try:
+                owned, cancel = jobstore.heartbeat(self.engine, job_id=job_id, worker=self.ident,
+                                                   progress=run.progress, message=run.message)
+            except Exception:  # a missed beat is not fatal; staleness needs several
+                logger.exception("heartbeat for %s failed", job_id)
+                continue
+            if cancel:
+                run.cancel.set()
+            if not owned:
+                run.lost = True
+                run.cancel.set()
+
+
+def run_worker_process(settings_json: str) -> None:
+    """Entry point of a worker process (``multiprocessing`` spawn target, or ``serve --worker-only``)."""
+    settings = Settings.model_validate_json(settings_json)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker = Worker(settings)
+    migrate(worker.engine)
+    worker.run_forever(stop)
