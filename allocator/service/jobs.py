@@ -96,16 +96,21 @@ def resolve_model_path(model: Any, roots: list[Path]) -> Path:
     else:  # "<root name>/rest" first, then "rest" relative to each root
         cands = [r.joinpath(*p.parts[1:]) for r in roots if p.parts[0] == r.name]
         cands += [r / p for r in roots]
-    inside = [c.resolve() for c in cands
-              if any(c.resolve() == r or c.resolve().is_relative_to(r) for r in roots)]
-    if not inside:
-        raise ServiceError(403, "path_not_allowed",
-                           f"model {model!r} is outside the configured model roots "
-                           f"({', '.join(r.name for r in roots)}); use <root>/<dir>")
-    for real in inside:
-        if real.exists():
-            return real
-    raise ServiceError(404, "model_not_found", f"model {model!r} does not exist under the model roots")
+
+    def inside(real: Path) -> bool:
+        return any(real == r or real.is_relative_to(r) for r in roots)
+
+    for cand in cands:  # the first existing candidate decides (a link out of a root is refused)
+        if cand.exists():
+            if inside(cand.resolve()):
+                return cand.resolve()
+            break
+    else:
+        if any(inside(c.resolve()) for c in cands):
+            raise ServiceError(404, "model_not_found", f"model {model!r} does not exist under the model roots")
+    raise ServiceError(403, "path_not_allowed",
+                       f"model {model!r} is outside the configured model roots "
+                       f"({', '.join(r.name for r in roots)}); use <root>/<dir>")
 
 
 # ----------------------------------------------------------------- estimate

@@ -48,18 +48,26 @@ class BodyLimit:
             await self._refuse(send)
             return
         seen = 0
-        started = False
+        exceeded = started = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > self.limit:
+                exceeded = True
                 raise _TooLarge
             return msg
 
         async def watch(msg: Message) -> None:
+            # The app may turn _TooLarge into its own error (FastAPI's form parser answers
+            # 400): whatever it says after the limit was hit, the client gets the 413.
             nonlocal started
+            if exceeded:
+                if msg["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._refuse(send)
+                return
             started = started or msg["type"] == "http.response.start"
             await send(msg)
 

@@ -7,7 +7,6 @@ immutable, so the cache only has to forget deleted ids).
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 import uuid
@@ -20,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from allocator.budget import Budget
 from allocator.result import SolveResult
-from allocator.table import _META_KEY, CostTable
+from allocator.service.parquet import table_from_parquet, table_to_parquet
+from allocator.table import CostTable
 from allocator.service.core.errors import not_found
 from allocator.service.store.models import PlanRecord, TableRecord
 
@@ -43,31 +43,6 @@ __all__ = [
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-def table_to_parquet(table: CostTable) -> bytes:
-    """The same bytes :meth:`CostTable.save` writes to a ``.parquet`` file."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    arrow = pa.Table.from_pandas(table.df, preserve_index=False)
-    meta = json.dumps(table.metadata, default=str, sort_keys=True)
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _META_KEY: meta})
-    buf = io.BytesIO()
-    pq.write_table(arrow, buf)
-    return buf.getvalue()
-
-
-def table_from_parquet(blob: bytes) -> CostTable:
-    import json
-
-    import pyarrow.parquet as pq
-
-    arrow = pq.read_table(io.BytesIO(blob))
-    raw = (arrow.schema.metadata or {}).get(_META_KEY)
-    return CostTable(arrow.to_pandas(), json.loads(raw) if raw else {})
 
 
 class TableCache:

@@ -141,7 +141,7 @@ def frontier_plan(db: DbDep, table_id: str, index: int,
     if not -len(f) <= index < len(f):
         raise ServiceError(404, "frontier_point_not_found", f"frontier has points 0..{len(f) - 1}, not {index}")
     plan = f.plan(index)
-    return PlanPublic(id=None, table_id=table_id, status=str(f.status[index]),  # type: ignore[arg-type] solver=plan.solver.name,
+    return PlanPublic(id=None, table_id=table_id, status=str(f.status[index]), solver=plan.solver.name,  # type: ignore[arg-type]
                       budget=dict(plan.budget), objective=plan.summary.predicted_cost, bound=None,
                       gap=plan.solver.gap, seconds=plan.solver.seconds, message="",
                       min_feasible=None, stats={}, plan=plan.to_dict(), created_at=None)
