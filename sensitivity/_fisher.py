@@ -1,0 +1,143 @@
+"""Diagonal empirical Fisher / gradient Taylor costs (GWQ arXiv 2411.00850, modelopt style).
+
+With per-sample losses ``ℓ_s`` (:mod:`sensitivity._loss`) and ``g_s = ∂ℓ_s/∂W``, the empirical
+Fisher of the mean loss is ``F = (1/N) Σ_s g_s g_sᵀ``; its diagonal ``F_jj = (1/N) Σ_s g_sj²``
+approximates the Gauss–Newton diagonal, and the second-order Taylor model of the loss increase
+of a weight perturbation ΔW (gradient term dropped: the model sits near a minimum of its own
+loss) is
+
+    cost(i, b) = ½ Σ_{j ∈ unit i} F_jj ΔW_j²,   ΔW = Q_b(W) − W  (shared RTN quantizer).
+
+It is computed as the mean of per-sample terms ``c_s(i, b) = ½ Σ_j g_sj² ΔW_j²`` so that
+``cost_std`` is their standard error (std over samples / √N).
+
+Per-sample gradients: one forward per batch, then one backward per row of ``ℓ`` on the retained
+graph (``per_sample="loop"``) or a single vmapped backward over identity cotangents
+(``"vmap"``, ``is_grads_batched=True``). Both differentiate the batch forward (no torch.func
+re-trace), which is what the encoder's in-batch contrastive loss needs: its ``ℓ_s`` depends on
+the other texts of the batch (the negatives). ``"auto"`` picks vmap for small models and GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from allocator.errors import InvalidParameterError
+from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._loss import (
+    differentiable_attention,
+    gradient_mode,
+    per_sample_losses,
+    unit_block,
+    unit_leaves,
+)
+from sensitivity._progress import progress_bar
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FisherEstimator", "fisher_sample_costs", "squared_quant_deltas"]
+
+PER_SAMPLE_MODES = ("auto", "loop", "vmap")
+#: Below this many unit weights, "auto" uses the vmapped backward (per-call overhead dominates).
+_VMAP_BELOW = 2_000_000
+
+
+def squared_quant_deltas(model: torch.nn.Module, ctx: EstimateContext) -> list[torch.Tensor]:
+    """``ΔW²`` per unit, stacked over options: [n_options, out, cols] (float32)."""
+    import torch
+
+    from allocator.quant import fake_quantize
+    from allocator.units import unit_weight
+
+    out = []
+    with torch.no_grad():
+        for unit in ctx.units:
+            w = unit_weight(model, unit).detach().float()
+            out.append(torch.stack([(fake_quantize(w, f) - w) ** 2 for f in ctx.options]))
+    return out
+
+
+def fisher_sample_costs(model: torch.nn.Module, ctx: EstimateContext, *, per_sample: str = "auto",
+                        chunk: int = 8) -> np.ndarray:
+    """``c_s(i, b) = ½ Σ_j g_sj² ΔW_j²`` for every sample s: (samples, units, options)."""
+
+    if per_sample not in PER_SAMPLE_MODES:
+        raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
+    leaves, index = unit_leaves(model, ctx.units)
+    n_weights = sum(t.numel() for t in leaves)
+    batched = per_sample == "vmap" or (per_sample == "auto" and (
+        not ctx.device.startswith("cpu") or n_weights < _VMAP_BELOW))
+    d2 = [t.to(leaves[k].device) for t, k in zip(squared_quant_deltas(model, ctx), index, strict=True)]
+    rows: list[np.ndarray] = []
+    with gradient_mode(model, leaves), progress_bar(len(ctx.batches), "fisher batches",
+                                                     ctx.progress) as bar:
+        for batch in ctx.batches:
+            with differentiable_attention():
+                losses = per_sample_losses(model, batch, ctx.model_kind)
+            for lo in range(0, losses.numel(), chunk):
+                hi = min(lo + chunk, losses.numel())
+                for grads in _sample_grads(losses, leaves, lo, hi, batched):
+                    rows.append(_costs_of(grads, ctx.units, index, d2))
+            bar.update(1)
+    if not rows:
+        raise InvalidParameterError("no calibration sample has a target; use longer texts")
+    return np.stack(rows)
+
+
+def _sample_grads(losses: torch.Tensor, leaves: Sequence[torch.Tensor], lo: int, hi: int,
+                  batched: bool) -> list[list[torch.Tensor]]:
+    """Gradients of ``ℓ_lo … ℓ_{hi−1}`` (unused leaves: zeros), on the retained batch graph."""
+    import torch
+
+    if batched:
+        eye = torch.zeros(hi - lo, losses.numel(), dtype=losses.dtype, device=losses.device)
+        eye[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+        res = torch.autograd.grad(losses, list(leaves), grad_outputs=eye, retain_graph=True,
+                                  allow_unused=True, is_grads_batched=True)
+        return [[torch.zeros_like(t) if r is None else r[s] for r, t in zip(res, leaves, strict=True)]
+                for s in range(hi - lo)]
+    out = []
+    for s in range(lo, hi):
+        res = torch.autograd.grad(losses[s], list(leaves), retain_graph=True, allow_unused=True)
+        out.append([torch.zeros_like(t) if r is None else r for r, t in zip(res, leaves, strict=True)])
+    return out
+
+
+def _costs_of(grads: Sequence[torch.Tensor], units: Sequence[object], index: Sequence[int],
+              d2: Sequence[torch.Tensor]) -> np.ndarray:
+    out = np.empty((len(units), d2[0].shape[0]))
+    for i, (unit, k) in enumerate(zip(units, index, strict=True)):
+        g2 = unit_block(grads[k].detach(), unit).float() ** 2
+        out[i] = 0.5 * (d2[i] * g2).sum(dim=(1, 2)).cpu().numpy()
+    return out
+
+
+class FisherEstimator(BaseEstimator):
+    """Diagonal empirical Fisher: cost(i, b) = ½ Σ_j F_jj (Q_b(W) − W)_j² (see module doc).
+
+    Args:
+        per_sample: ``auto``, ``loop`` (one backward per sample) or ``vmap`` (one vmapped
+            backward per ``chunk`` samples).
+        chunk: samples per vmapped backward (memory: chunk × unit weights).
+    """
+
+    name: ClassVar[str] = "fisher"
+
+    def __init__(self, *, per_sample: str = "auto", chunk: int = 8) -> None:
+        if per_sample not in PER_SAMPLE_MODES:
+            raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise InvalidParameterError(f"chunk must be an int ≥ 1, got {chunk!r}")
+        self.per_sample = per_sample
+        self.chunk = chunk
+
+    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+        c = fisher_sample_costs(model, ctx, per_sample=self.per_sample, chunk=self.chunk)
+        n = c.shape[0]
+        std = c.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(c.shape[1:])
+        return UnitCosts(cost=c.mean(axis=0), cost_std=std, info={"samples": int(n)})

@@ -1,0 +1,225 @@
+"""Layer-wise reconstruction Hessians H = 2XXᵀ: SliM-LLM salience and the BAQ Hessian proxy.
+
+For a linear unit ``y = W x`` the layer-wise reconstruction loss ``‖WX − Q(W)X‖²`` has the
+Hessian ``H = 2 X Xᵀ`` w.r.t. each row of W (X = the unit's input tokens as columns). It is
+accumulated from forward hooks, streaming like GPTQ's ``add_batch``; padding tokens (attention
+mask 0) are skipped and the sum is normalised by the token count:
+
+    H = (2 / N_tok) Σ_t x_t x_tᵀ.
+
+``salience`` — SliM-LLM (arXiv 2405.14917). The paper writes the element salience as
+``δ_j = w_j² / [H⁻¹]_jj²``; its code (``slim_gptq.py``, like GPTQ) reads ``[H⁻¹]_jj`` off the
+*upper Cholesky factor* U of the damped inverse (``H⁻¹ = UᵀU``), and so do we:
+
+    H_d = H + λ·mean(diag H)·I  (λ = ``percdamp``, 0.01; dead columns get H_cc = 1),
+    U = chol_upper(H_d⁻¹),   d_c = U_cc,   δ_rc = W_rc² / d_c².
+
+δ_rc is (twice) the OBS loss of removing weight W_rc. Quantizing it instead removes the
+fraction ΔW_rc / W_rc, so under the same quadratic model the predicted loss is
+
+    cost(i, b) = ½ Σ_{rc ∈ unit} δ_rc (ΔW_rc / W_rc)² = ½ Σ_{rc} ΔW_rc² / d_c²,
+
+which is exactly GPTQ's / SliM-LLM's per-column loss term ``(w − q)²/d²`` summed (× ½) for RTN
+errors without error feedback. A column-group unit (``[g=k]``) sums its own columns, i.e. the
+paper's group salience; the table records Σ δ per unit as ``salience`` in the metadata.
+
+``hessian-proxy`` — BAQ (arXiv 2506.05664): only the diagonal is needed,
+
+    cost(i, b) = Σ_{rc ∈ unit} H_cc ΔW_rc² = (2/N_tok) Σ_t ‖ΔW x_t‖² restricted to diag(XXᵀ),
+
+the reconstruction error with cross-column terms dropped (BAQ's closed form then models
+ΔW² ∝ range²·2^(−2b)/12; here ΔW is the actual RTN error of each option).
+
+Only ``Linear`` units are supported (conv inputs would need unfolding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from allocator.errors import InvalidParameterError, ModelError
+from allocator.units import Unit, UnitKind
+from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._progress import progress_bar
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "HessianProxyEstimator",
+    "InputHessian",
+    "SalienceEstimator",
+    "collect_input_hessians",
+    "inverse_cholesky_diag",
+]
+
+_NON_INPUT_KEYS = ("labels", "label")
+
+
+class InputHessian:
+    """Streaming ``H = (2/N) Σ_t x_t x_tᵀ`` of one module's inputs (or its diagonal only)."""
+
+    def __init__(self, columns: int, *, diagonal: bool, device: Any = None) -> None:
+        import torch
+
+        self.diagonal = diagonal
+        shape = (columns,) if diagonal else (columns, columns)
+        self._sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add input rows ``x`` ([tokens, columns])."""
+        x64 = x.detach().reshape(-1, x.shape[-1]).to(self._sum.dtype)
+        self._sum += (x64**2).sum(0) if self.diagonal else x64.T @ x64
+        self.tokens += x64.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """H (float64); all zeros if no token was seen."""
+        return self._sum * (2.0 / max(self.tokens, 1))
+
+
+def _token_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
+    m = batch.get("attention_mask")
+    return None if m is None else m.bool()
+
+
+@contextmanager
+def _hooks(model: torch.nn.Module, stats: Mapping[str, InputHessian],
+           mask_ref: list[torch.Tensor | None]) -> Iterator[None]:
+    handles = []
+    for name, acc in stats.items():
+        def hook(_m: Any, args: tuple[Any, ...], acc: InputHessian = acc) -> None:
+            x = args[0]
+            mask = mask_ref[0]
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]
+            acc.add_batch(x)
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_input_hessians(model: torch.nn.Module, ctx: EstimateContext, *,
+                           diagonal: bool) -> dict[str, torch.Tensor]:
+    """H (or its diagonal) of every unit module's input over the calibration batches."""
+    import torch
+
+    from allocator.units import get_module
+
+    stats: dict[str, InputHessian] = {}
+    for unit in ctx.units:
+        if unit.kind is not UnitKind.LINEAR:
+            raise InvalidParameterError(
+                f"unit {unit.name!r} is a {unit.kind} module; this estimator supports Linear units "
+                "only (pass kinds=linear)")
+        if unit.module not in stats:
+            w = get_module(model, unit.module).weight
+            if not isinstance(w, torch.Tensor):
+                raise ModelError(f"module {unit.module!r} has no weight tensor")
+            stats[unit.module] = InputHessian(int(w.shape[1]), diagonal=diagonal, device=w.device)
+    mask_ref: list[torch.Tensor | None] = [None]
+    training = model.training
+    model.eval()
+    try:
+        with _hooks(model, stats, mask_ref), torch.no_grad(), progress_bar(
+                len(ctx.batches), "activation statistics", ctx.progress) as bar:
+            for batch in ctx.batches:
+                mask_ref[0] = _token_mask(batch)
+                inputs = {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
+                if ctx.model_kind == "causal_lm":
+                    inputs.setdefault("use_cache", False)
+                model(**inputs)
+                bar.update(1)
+    finally:
+        model.train(training)
+    empty = [n for n, s in stats.items() if s.tokens == 0]
+    if empty:
+        raise ModelError(f"modules {empty[:3]} never ran on the calibration data; exclude them "
+                         "(--exclude) or check the model kind")
+    return {n: s.finalize() for n, s in stats.items()}
+
+
+def inverse_cholesky_diag(h: torch.Tensor, *, percdamp: float = 0.01) -> torch.Tensor:
+    """``d = diag(chol_upper((H + λ·mean(diag H)·I)⁻¹))`` as GPTQ / SliM-LLM compute it.
+
+    Dead columns (H_cc = 0: the input is always zero) get H_cc = 1 first, as in GPTQ.
+    """
+    import torch
+
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    diag = torch.arange(h.shape[0], device=h.device)
+    h[diag, diag] += percdamp * torch.mean(torch.diag(h))
+    try:
+        lower = torch.linalg.cholesky(h)
+    except RuntimeError:  # torch raises a LinAlgError subclass of RuntimeError
+        raise ModelError("the input Hessian is not positive definite even after damping; "
+                         "raise percdamp") from None
+    inv = torch.cholesky_inverse(lower)
+    return torch.diag(torch.linalg.cholesky(inv, upper=True))
+
+
+def _deltas(model: torch.nn.Module, unit: Unit, options: Sequence[Any]) -> tuple[Any, Any]:
+    """(W block, ΔW² stacked over options) in float64 with the shared RTN quantizer."""
+    import torch
+
+    from allocator.quant import fake_quantize
+    from allocator.units import unit_weight
+
+    w = unit_weight(model, unit).detach().float()
+    d2 = torch.stack([(fake_quantize(w, f) - w) ** 2 for f in options]).double()
+    return w.double(), d2
+
+
+def _cols(unit: Unit) -> slice:
+    return slice(*unit.columns) if unit.columns is not None else slice(None)
+
+
+class SalienceEstimator(BaseEstimator):
+    """SliM-LLM salience-weighted error: cost(i, b) = ½ Σ_j ΔW_j² / d_c(j)² (module doc).
+
+    Args:
+        percdamp: damping λ relative to mean(diag H) (GPTQ / SliM-LLM: 0.01).
+    """
+
+    name: ClassVar[str] = "salience"
+
+    def __init__(self, *, percdamp: float = 0.01) -> None:
+        if isinstance(percdamp, bool) or not isinstance(percdamp, int | float) or not percdamp > 0:
+            raise InvalidParameterError(f"percdamp must be a number > 0, got {percdamp!r}")
+        self.percdamp = float(percdamp)
+
+    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+        hs = collect_input_hessians(model, ctx, diagonal=False)
+        inv_d2 = {n: 1.0 / inverse_cholesky_diag(h, percdamp=self.percdamp) ** 2 for n, h in hs.items()}
+        cost = np.empty((len(ctx.units), len(ctx.options)))
+        salience = np.empty(len(ctx.units))
+        for i, unit in enumerate(ctx.units):
+            w, d2 = _deltas(model, unit, ctx.options)
+            scale = inv_d2[unit.module][_cols(unit)].to(w.device)
+            salience[i] = float((w**2 * scale).sum())
+            cost[i] = 0.5 * (d2 * scale).sum(dim=(1, 2)).cpu().numpy()
+        return UnitCosts(cost=cost, info={"salience": salience.tolist()})
+
+
+class HessianProxyEstimator(BaseEstimator):
+    """BAQ Hessian proxy: cost(i, b) = Σ_j H_cc ΔW_j², H = 2XXᵀ/N_tok (diagonal only)."""
+
+    name: ClassVar[str] = "hessian-proxy"
+
+    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+        diag = collect_input_hessians(model, ctx, diagonal=True)
+        cost = np.empty((len(ctx.units), len(ctx.options)))
+        for i, unit in enumerate(ctx.units):
+            _, d2 = _deltas(model, unit, ctx.options)
+            h = diag[unit.module][_cols(unit)].to(d2.device)
+            cost[i] = (d2 * h).sum(dim=(1, 2)).cpu().numpy()
+        return UnitCosts(cost=cost)
