@@ -1,0 +1,47 @@
+"""Quantization backend: apply a bit plan to a torch model, verify it, evaluate it.
+
+* :func:`apply_plan` — per-unit fake quantization in place, RTN (the shared quantizer) or GPTQ.
+* :func:`verify` — read the weights back and check levels, group size, bits and bpw per unit.
+* :func:`evaluate` — perplexity / KL / embedding cosine / retrieval agreement / accuracy against
+  cached full-precision outputs (:func:`reference_outputs`).
+
+Importing this package does not import torch; the functions do.
+"""
+
+from __future__ import annotations
+
+from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, apply_plan
+from allocator.backend._evaluate import (
+    EvalReport,
+    ReferenceOutputs,
+    clear_reference_cache,
+    data_fingerprint,
+    evaluate,
+    next_token_nll,
+    reference_outputs,
+    retrieval_agreement,
+)
+from allocator.backend._resolve import ResolvedUnit, resolve_plan
+from allocator.backend._verify import Mismatch, PlanMismatchError, UnitCheck, VerifyReport, verify
+
+__all__ = [
+    "ApplyMethod",
+    "ApplyReport",
+    "EvalReport",
+    "Mismatch",
+    "PlanMismatchError",
+    "ReferenceOutputs",
+    "ResolvedUnit",
+    "UnitApplied",
+    "UnitCheck",
+    "VerifyReport",
+    "apply_plan",
+    "clear_reference_cache",
+    "data_fingerprint",
+    "evaluate",
+    "next_token_nll",
+    "reference_outputs",
+    "resolve_plan",
+    "retrieval_agreement",
+    "verify",
+]

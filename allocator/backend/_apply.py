@@ -1,0 +1,191 @@
+"""Apply a bit plan to a torch model in place: per-unit fake quantization with RTN or GPTQ.
+
+Every unit's weight columns are replaced by their dequantized values (``Q(W)`` in the model's
+dtype), so the model runs as usual and shows the quantization error of the plan. RTN uses the
+shared quantizer (:func:`allocator.quant.fake_quantize`); GPTQ (:mod:`allocator.backend._gptq`)
+uses the same grids with error feedback from calibration activations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
+from allocator.errors import BackendError, InvalidParameterError, InvalidPlanError
+from allocator.plan import BitPlan, check_plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from allocator.table import CostTable
+    from allocator.units import Unit
+
+__all__ = ["ApplyMethod", "ApplyReport", "UnitApplied", "apply_plan", "model_inputs"]
+
+_NON_INPUT_KEYS = ("labels", "label")
+
+
+class ApplyMethod(StrEnum):
+    RTN = "rtn"  #: round to nearest per group (shared quantizer)
+    GPTQ = "gptq"  #: GPTQ error feedback from calibration activations
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitApplied:
+    unit: str
+    option: str
+    params: int
+    rel_error: float  #: ‖Q(W) − W‖_F / ‖W‖_F over the unit's columns
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApplyReport:
+    """What :func:`apply_plan` did: one entry per unit, the method and the time it took."""
+
+    method: ApplyMethod
+    units: Sequence[UnitApplied]
+    seconds: float
+    params: int
+    size_bits: float
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def bpw(self) -> float:
+        return self.size_bits / self.params if self.params else 0.0
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A calibration batch without its targets (what ``model(**inputs)`` takes)."""
+    return {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
+
+
+def _default_forward(model: torch.nn.Module) -> Callable[[Mapping[str, Any]], Any]:
+    def run(batch: Mapping[str, Any]) -> Any:
+        inputs = model_inputs(batch)
+        if getattr(getattr(model, "config", None), "is_decoder", False) or hasattr(model, "lm_head"):
+            inputs.setdefault("use_cache", False)
+        return model(**inputs)
+    return run
+
+
+def apply_plan(
+    model: torch.nn.Module,
+    plan: BitPlan,
+    *,
+    method: ApplyMethod | str = ApplyMethod.RTN,
+    calibration: Sequence[Mapping[str, Any]] | None = None,
+    units: Sequence[Unit] | None = None,
+    table: CostTable | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    static_groups: bool = False,
+    forward: Callable[[Mapping[str, Any]], Any] | None = None,
+    progress: bool = False,
+) -> ApplyReport:
+    """Fake-quantize ``model`` in place as ``plan`` says.
+
+    Args:
+        method: ``rtn`` or ``gptq`` (needs ``calibration`` batches of model inputs).
+        units: the discovered units (gives the column range of group units ``m[g=i]``).
+        table: when given, the plan must pass :func:`allocator.plan.check_plan` against it.
+        blocksize, percdamp, static_groups: GPTQ settings (:class:`~._gptq.GptqConfig`).
+        forward: how to run a batch (default ``model(**batch)``), for GPTQ's activations.
+
+    Raises:
+        InvalidPlanError: unknown unit, option outside the catalogue or the table, bits or group
+            size a format cannot hold, codebook GGUF types.
+        BackendError: GPTQ on a non-Linear module or a non-positive-definite Hessian.
+    """
+    import torch
+
+    try:
+        how = ApplyMethod(method)
+    except ValueError:
+        raise InvalidParameterError(f"apply method {method!r} is unknown; choose rtn or gptq") from None
+    if table is not None:
+        problems = check_plan(plan, table)
+        if problems:
+            raise InvalidPlanError(f"plan does not fit the cost table: {problems[0]}")
+    resolved = resolve_plan(model, plan, units)
+    t0 = time.perf_counter()
+    originals = {m: module_weight(model, m).detach().clone() for m in {u.module for u in resolved}}
+    info: dict[str, Any] = {}
+    with torch.no_grad():
+        if how is ApplyMethod.RTN:
+            _apply_rtn(model, resolved)
+        else:
+            if not calibration:
+                raise InvalidParameterError("GPTQ needs calibration batches; pass calibration=...")
+            from allocator.backend._gptq import GptqConfig
+
+            cfg = GptqConfig(blocksize=blocksize, percdamp=percdamp, static_groups=static_groups)
+            info = _apply_gptq(model, resolved, calibration, cfg, forward or _default_forward(model),
+                               progress)
+    report = [_unit_report(model, u, originals[u.module]) for u in resolved]
+    size = sum(u.fmt.size_bits(r.params, u.hi - u.lo) for u, r in zip(resolved, report, strict=True))
+    return ApplyReport(method=how, units=report, seconds=time.perf_counter() - t0,
+                       params=sum(r.params for r in report), size_bits=size, info=info)
+
+
+def _weight2d(model: torch.nn.Module, module: str) -> torch.Tensor:
+    w = module_weight(model, module)
+    return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
+
+
+def _apply_rtn(model: torch.nn.Module, resolved: Sequence[ResolvedUnit]) -> None:
+    from allocator.quant import fake_quantize
+
+    for u in resolved:
+        view = _weight2d(model, u.module)[:, u.lo:u.hi]
+        view.copy_(fake_quantize(view.detach(), u.fmt))
+
+
+def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
+                calibration: Sequence[Mapping[str, Any]], cfg: Any,
+                forward: Callable[[Mapping[str, Any]], Any], progress: bool) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from allocator.backend._gptq import block_stages, collect_hessians, column_formats, gptq_quantize
+
+    by_module: dict[str, list[ResolvedUnit]] = {}
+    for u in resolved:
+        by_module.setdefault(u.module, []).append(u)
+    for name in by_module:
+        if not isinstance(model.get_submodule(name), torch.nn.Linear):
+            raise BackendError(f"GPTQ handles Linear modules only; {name!r} is not one (use --method rtn)")
+    order = [n for n, _ in model.named_modules() if n in by_module]
+    stages = block_stages(order)
+    losses: dict[str, float] = {}
+    bar = tqdm(total=len(order), desc="gptq", disable=not progress, leave=False)
+    for stage in stages:
+        hess = collect_hessians(model, stage, calibration, forward)
+        for name in stage:
+            w = module_weight(model, name)
+            fmts = column_formats(int(w.shape[1]), [(u.lo, u.hi, u.fmt) for u in by_module[name]])
+            q, loss = gptq_quantize(w.detach(), hess[name].H, fmts, cfg)
+            w.copy_(q)
+            losses[name] = loss
+            bar.update(1)
+    bar.close()
+    return {"gptq_loss": losses, "stages": len(stages), "tokens": _tokens(calibration)}
+
+
+def _tokens(batches: Sequence[Mapping[str, Any]]) -> int:
+    n = 0
+    for b in batches:
+        m = b.get("attention_mask")
+        n += int(m.sum()) if m is not None else int(b["input_ids"].numel()) if "input_ids" in b else 0
+    return n
+
+
+def _unit_report(model: torch.nn.Module, u: ResolvedUnit, original: torch.Tensor) -> UnitApplied:
+    w = _weight2d(model, u.module)[:, u.lo:u.hi].detach().double()
+    o = (original.reshape(original.shape[0], -1) if original.dim() > 2 else original)[:, u.lo:u.hi].double()
+    den = float(o.norm())
+    rel = float((w - o).norm()) / den if den > 0 else 0.0
+    return UnitApplied(unit=u.name, option=u.fmt.name, params=int(o.numel()), rel_error=rel)

@@ -1,0 +1,280 @@
+"""Evaluate a (quantized) model against its full-precision outputs on held-out data.
+
+Metrics by model kind (``error`` is the one the pipeline compares plans by):
+
+* ``causal_lm`` — perplexity ``exp(Σ NLL / #targets)`` of next-token prediction on the held-out
+  text, the full-precision perplexity from the cached reference logits, and KL(P_fp ‖ P_q) of the
+  next-token distributions averaged over real tokens (``error`` = KL).
+* ``encoder`` — mean cosine similarity of the sentence embeddings to the full-precision ones
+  (``error`` = 1 − cosine), and retrieval agreement: for each of the first ``n_queries`` texts,
+  the overlap |N_fp ∩ N_q| / k of its top-k neighbours (cosine, itself excluded) among all
+  evaluated texts, averaged.
+* ``classifier`` — accuracy against labels when the batches carry ``labels`` (else agreement
+  with the full-precision argmax) and the KL of the class distributions (``error`` = KL).
+
+Full-precision reference outputs are cached in memory by (model fingerprint, data fingerprint,
+kind), and optionally on disk under ``cache_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from allocator.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "EvalReport",
+    "ReferenceOutputs",
+    "clear_reference_cache",
+    "data_fingerprint",
+    "evaluate",
+    "next_token_nll",
+    "reference_outputs",
+    "retrieval_agreement",
+]
+
+_KINDS = ("causal_lm", "encoder", "classifier", "generic")
+_CACHE: dict[str, ReferenceOutputs] = {}
+_CACHE_MAX = 8
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ReferenceOutputs:
+    """Full-precision outputs per batch (logits, or L2-normalised sentence embeddings)."""
+
+    kind: str
+    outputs: Sequence[torch.Tensor]
+    key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport:
+    kind: str
+    metrics: Mapping[str, float]
+    error_metric: str
+    n_samples: int
+    n_tokens: int = 0
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def error(self) -> float:
+        """The comparison metric (KL for logits, 1 − cosine for embeddings); lower is better."""
+        return float(self.metrics[self.error_metric])
+
+
+# ------------------------------------------------------------------ pure metric functions
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
+                   mask: torch.Tensor | None) -> tuple[float, int]:
+    """(Σ −log p(x_{t+1} | x_≤t), number of targets) over positions with mask[t] = mask[t+1] = 1."""
+    import torch
+
+    lp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    tgt = input_ids[:, 1:]
+    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    if mask is None:
+        valid = torch.ones_like(tgt, dtype=torch.bool)
+    else:
+        valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    return float(nll[valid].sum()), int(valid.sum())
+
+
+def retrieval_agreement(ref: torch.Tensor, emb: torch.Tensor, *, k: int = 5,
+                        n_queries: int | None = None) -> float:
+    """Mean |top-k_fp(q) ∩ top-k_q(q)| / k over queries q (the first ``n_queries`` rows).
+
+    Neighbours are ranked by cosine similarity among all rows, the query itself excluded.
+    """
+    import torch
+
+    n = ref.shape[0]
+    if n < 2:
+        raise InvalidParameterError("retrieval agreement needs at least 2 texts")
+    k = min(k, n - 1)
+    m = n if n_queries is None else min(n_queries, n)
+    a = torch.nn.functional.normalize(ref.double(), dim=-1)
+    b = torch.nn.functional.normalize(emb.double(), dim=-1)
+    sims_a, sims_b = a[:m] @ a.T, b[:m] @ b.T
+    idx = torch.arange(m)
+    sims_a[idx, idx] = -math.inf
+    sims_b[idx, idx] = -math.inf
+    top_a = sims_a.topk(k, dim=1).indices.tolist()
+    top_b = sims_b.topk(k, dim=1).indices.tolist()
+    total = sum(len(set(x) & set(y)) / k for x, y in zip(top_a, top_b, strict=True))
+    return total / m
+
+
+# ------------------------------------------------------------------ reference outputs
+def data_fingerprint(batches: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 of every tensor of every batch (names, shapes, bytes), first 16 hex digits."""
+    import torch
+
+    h = hashlib.sha256()
+    for b in batches:
+        for key in sorted(b):
+            v = b[key]
+            h.update(key.encode())
+            if isinstance(v, torch.Tensor):
+                h.update(str(tuple(v.shape)).encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def clear_reference_cache() -> None:
+    _CACHE.clear()
+
+
+def _forward(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
+    from sensitivity._activation_cache import forward_outputs
+
+    return forward_outputs(model, batch, kind).detach().float()
+
+
+def reference_outputs(
+    model: torch.nn.Module,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    kind: str,
+    model_fingerprint: str | None = None,
+    cache_dir: str | Path | None = None,
+    forward: Callable[[torch.nn.Module, Mapping[str, Any], str], torch.Tensor] | None = None,
+) -> ReferenceOutputs:
+    """Outputs of the (full-precision) ``model`` on ``batches``, cached when it has a fingerprint."""
+    import torch
+
+    _check_kind(kind)
+    key = None
+    if model_fingerprint is not None:
+        key = f"{model_fingerprint}-{data_fingerprint(batches)}-{kind}"
+        if key in _CACHE:
+            return _CACHE[key]
+        if cache_dir is not None:
+            path = Path(cache_dir) / f"ref-{key}.pt"
+            if path.is_file():
+                ref = ReferenceOutputs(kind=kind, key=key, outputs=torch.load(path, weights_only=True))
+                _remember(key, ref)
+                return ref
+    fwd = forward or _forward
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            outs = [fwd(model, b, kind) for b in batches]
+    finally:
+        model.train(was_training)
+    ref = ReferenceOutputs(kind=kind, key=key, outputs=outs)
+    if key is not None:
+        _remember(key, ref)
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            torch.save(list(outs), Path(cache_dir) / f"ref-{key}.pt")
+    return ref
+
+
+def _remember(key: str, ref: ReferenceOutputs) -> None:
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = ref
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise InvalidParameterError(f"model kind {kind!r} is unknown; choose one of {_KINDS}")
+
+
+# ------------------------------------------------------------------ evaluate
+def evaluate(
+    model: torch.nn.Module,
+    batches: Sequence[Mapping[str, Any]],
+    reference: ReferenceOutputs,
+    *,
+    k: int = 5,
+    n_queries: int | None = 64,
+    forward: Callable[[torch.nn.Module, Mapping[str, Any], str], torch.Tensor] | None = None,
+) -> EvalReport:
+    """Metrics of ``model`` on held-out ``batches`` against ``reference`` (see the module doc)."""
+    import torch
+
+    if len(reference.outputs) != len(batches):
+        raise InvalidParameterError(
+            f"reference has {len(reference.outputs)} batches but {len(batches)} were given; "
+            "compute the reference on the same evaluation data"
+        )
+    fwd = forward or _forward
+    kind = reference.kind
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            outs = [fwd(model, b, kind) for b in batches]
+    finally:
+        model.train(was_training)
+    if kind == "encoder":
+        return _encoder_report(reference.outputs, outs, k=k, n_queries=n_queries)
+    if kind == "causal_lm":
+        return _causal_report(batches, reference.outputs, outs)
+    return _classifier_report(batches, reference.outputs, outs)
+
+
+def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *, k: int,
+                    n_queries: int | None) -> EvalReport:
+    import torch
+
+    from sensitivity._distortion import cosine_distance
+
+    ref, emb = torch.cat(list(refs)), torch.cat(list(outs))
+    cos_d = cosine_distance(ref, emb)
+    metrics = {"cosine": float(1 - cos_d.mean()), "cos_distance": float(cos_d.mean()),
+               f"retrieval@{k}": retrieval_agreement(ref, emb, k=k, n_queries=n_queries)}
+    return EvalReport(kind="encoder", metrics=metrics, error_metric="cos_distance",
+                      n_samples=int(ref.shape[0]))
+
+
+def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
+                   outs: Sequence[torch.Tensor]) -> EvalReport:
+    from sensitivity._distortion import kl_divergence
+
+    nll = nll_fp = kl_sum = 0.0
+    n_tgt = n_tok = n = 0
+    for b, r, o in zip(batches, refs, outs, strict=True):
+        mask = b.get("attention_mask")
+        s, c = next_token_nll(o, b["input_ids"], mask)
+        s_fp, _ = next_token_nll(r, b["input_ids"], mask)
+        nll, nll_fp, n_tgt = nll + s, nll_fp + s_fp, n_tgt + c
+        kl = kl_divergence(r, o)
+        m = mask.bool() if mask is not None else None
+        kl_sum += float(kl[m].sum() if m is not None else kl.sum())
+        n_tok += int(m.sum()) if m is not None else int(kl.numel())
+        n += int(o.shape[0])
+    metrics = {"perplexity": math.exp(nll / max(n_tgt, 1)),
+               "perplexity_fp": math.exp(nll_fp / max(n_tgt, 1)), "kl": kl_sum / max(n_tok, 1)}
+    return EvalReport(kind="causal_lm", metrics=metrics, error_metric="kl", n_samples=n, n_tokens=n_tok)
+
+
+def _classifier_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
+                       outs: Sequence[torch.Tensor]) -> EvalReport:
+    from sensitivity._distortion import kl_divergence
+
+    correct = agree = kl_sum = 0.0
+    n = 0
+    labelled = all("labels" in b or "label" in b for b in batches)
+    for b, r, o in zip(batches, refs, outs, strict=True):
+        r2, o2 = r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])
+        pred = o2.argmax(-1)
+        agree += float((pred == r2.argmax(-1)).sum())
+        kl_sum += float(kl_divergence(r2, o2).sum())
+        if labelled:
+            y = b.get("labels", b.get("label"))
+            correct += float((pred == y.reshape(-1)).sum())
+        n += int(o2.shape[0])
+    metrics = {"agreement": agree / max(n, 1), "kl": kl_sum / max(n, 1)}
+    if labelled:
+        metrics["accuracy"] = correct / max(n, 1)
+    return EvalReport(kind="classifier", metrics=metrics, error_metric="kl", n_samples=n)
