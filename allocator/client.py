@@ -196,7 +196,8 @@ class Client:
         return out
 
     # ------------------------------------------------------------ jobs
-    def submit(self, kind: str, params: Mapping[str, Any], *, max_attempts: int | None = None) -> dict[str, Any]:
+    def submit(self, kind: str, params: Mapping[str, Any], *,
+               max_attempts: int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": kind, "params": dict(params)}
         if max_attempts is not None:
             body["max_attempts"] = max_attempts

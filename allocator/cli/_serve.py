@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
+import os
 from typing import Any
 
 HELP = "run the HTTP service (FastAPI on uvicorn) and its job workers"
@@ -54,7 +55,7 @@ def _start_workers(settings: Any, n: int) -> list[Any]:
     from allocator.service.worker import run_worker_process
 
     ctx = mp.get_context("spawn")  # torch (estimate jobs) and fork do not mix
-    procs = [ctx.Process(target=run_worker_process, args=(settings.model_dump_json(),),
+    procs = [ctx.Process(target=run_worker_process, args=(settings.model_dump_json(), os.getpid()),
                          name=f"bitalloc-worker-{i}") for i in range(n)]
     for proc in procs:
         proc.start()

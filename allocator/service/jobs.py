@@ -107,7 +107,8 @@ def resolve_model_path(model: Any, roots: list[Path]) -> Path:
             break
     else:
         if any(inside(c.resolve()) for c in cands):
-            raise ServiceError(404, "model_not_found", f"model {model!r} does not exist under the model roots")
+            raise ServiceError(404, "model_not_found",
+                               f"model {model!r} does not exist under the model roots")
     raise ServiceError(403, "path_not_allowed",
                        f"model {model!r} is outside the configured model roots "
                        f"({', '.join(r.name for r in roots)}); use <root>/<dir>")
@@ -122,7 +123,8 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
     unknown = set(params) - _ESTIMATE_KEYS
     if unknown:
         raise ServiceError(422, "invalid_parameter",
-                           f"unknown estimate parameter(s) {sorted(unknown)}; known: {sorted(_ESTIMATE_KEYS)}")
+                           f"unknown estimate parameter(s) {sorted(unknown)}; "
+                           f"known: {sorted(_ESTIMATE_KEYS)}")
     out = dict(params)
     out["model"] = str(resolve_model_path(params.get("model"), roots))
     if not isinstance(out.get("method", "datafree"), str):
@@ -135,7 +137,8 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
         import sensitivity
         from sensitivity import ESTIMATORS
     except ImportError as exc:
-        raise JobFailure("estimator_unavailable", f"the sensitivity package is not installed: {exc}") from None
+        raise JobFailure("estimator_unavailable",
+                         f"the sensitivity package is not installed: {exc}") from None
     method = str(params.get("method", "datafree"))
     if method not in ESTIMATORS:
         raise JobFailure("unknown_name", f"unknown estimator {method!r}; choose one of {sorted(ESTIMATORS)}")
@@ -150,7 +153,8 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
     except ModuleNotFoundError as exc:  # e.g. the driver or torch not installed
         raise JobFailure("estimator_unavailable", f"estimation needs a missing module: {exc.name}") from None
     except TypeError as exc:
-        raise JobFailure("invalid_parameter", f"sensitivity.estimate rejected the parameters: {exc}") from None
+        raise JobFailure("invalid_parameter",
+                         f"sensitivity.estimate rejected the parameters: {exc}") from None
     if cancel.is_set():
         raise JobCancelled
     return {"table": table, "method": method, "name": params.get("name") or Path(str(params["model"])).name}
@@ -174,7 +178,8 @@ def _validate_search(params: Mapping[str, Any], roots: list[Path]) -> dict[str, 
     Budget.from_dict(params["budget"])  # invalid budgets fail at submission, not in the worker
     n = params.get("n_trials", 50)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000:
-        raise ServiceError(422, "invalid_parameter", f"params.n_trials must be an int in 1..100000, got {n!r}")
+        raise ServiceError(422, "invalid_parameter",
+                           f"params.n_trials must be an int in 1..100000, got {n!r}")
     return dict(params)
 
 

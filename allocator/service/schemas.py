@@ -23,6 +23,10 @@ def _iso(t: float | None) -> dt.datetime | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC)
 
 
+def _iso_req(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, dt.UTC)
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="stable machine-readable code, e.g. 'table_not_found'")
     message: str
@@ -71,7 +75,7 @@ class TablePublic(BaseModel):
         return cls(id=r.id, fingerprint=r.fingerprint, name=r.name, n_units=r.n_units, n_rows=r.n_rows,
                    total_params=r.total_params, options=list(r.options),
                    resource_columns=list(r.resource_columns), metadata=dict(r.meta),
-                   size_bytes=r.size_bytes, created_at=_iso(r.created_at), deduplicated=deduplicated)
+                   size_bytes=r.size_bytes, created_at=_iso_req(r.created_at), deduplicated=deduplicated)
 
 
 class TablesPublic(BaseModel):
@@ -197,7 +201,7 @@ class JobPublic(BaseModel):
         return cls(id=r.id, kind=r.kind, status=r.status, params=dict(r.params), progress=r.progress,  # type: ignore[arg-type]
                    message=r.message, error=err, attempts=r.attempts, max_attempts=r.max_attempts,
                    cancel_requested=r.cancel_requested, worker=r.worker,
-                   heartbeat_at=_iso(r.heartbeat_at), created_at=_iso(r.created_at),
+                   heartbeat_at=_iso(r.heartbeat_at), created_at=_iso_req(r.created_at),
                    started_at=_iso(r.started_at), finished_at=_iso(r.finished_at),
                    has_result=r.result is not None)
 

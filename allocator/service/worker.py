@@ -76,9 +76,14 @@ class Worker:
         self.ident = ident or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         load_job_modules(settings.job_modules)
 
-    def run_forever(self, stop: threading.Event) -> None:
+    def run_forever(self, stop: threading.Event, *, parent_pid: int | None = None) -> None:
+        """Poll until ``stop`` is set or, with ``parent_pid``, until that parent process dies
+        (workers started by ``bitalloc serve`` must not outlive it, even after a kill -9)."""
         logger.info("worker %s polling %s", self.ident, self.engine.url.render_as_string())
         while not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                logger.warning("worker %s: parent %d is gone; exiting", self.ident, parent_pid)
+                return
             try:
                 ran = self.run_once()
             except Exception:  # the database went away: wait and retry, never die
@@ -180,7 +185,7 @@ class Worker:
                 run.cancel.set()
 
 
-def run_worker_process(settings_json: str) -> None:
+def run_worker_process(settings_json: str, parent_pid: int | None = None) -> None:
     """Entry point of a worker process (``multiprocessing`` spawn target, or ``serve --worker-only``)."""
     settings = Settings.model_validate_json(settings_json)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -193,4 +198,4 @@ def run_worker_process(settings_json: str) -> None:
     signal.signal(signal.SIGINT, _stop)
     worker = Worker(settings)
     migrate(worker.engine)
-    worker.run_forever(stop)
+    worker.run_forever(stop, parent_pid=parent_pid)

@@ -107,9 +107,16 @@ def test_claims_are_atomic_under_contention(client, settings):  # type: ignore[n
     lock = threading.Lock()
 
     def grab(w: Worker) -> None:
-        while (job := jobstore.claim_job(w.engine, worker=w.ident, kinds=["sleep"])) is not None:
-            with lock:
-                got.append(job["id"])
+        # None only means "nothing claimable right now" (SKIP LOCKED passes over rows other
+        # workers hold), so stop when the queue is really empty.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            job = jobstore.claim_job(w.engine, worker=w.ident, kinds=["sleep"])
+            if job is not None:
+                with lock:
+                    got.append(job["id"])
+            elif client.get("/v1/jobs", params={"status": "queued"}).json()["count"] == 0:
+                return
 
     threads = [threading.Thread(target=grab, args=(w,)) for w in workers]
     for t in threads:
@@ -163,7 +170,8 @@ def test_list_jobs_filters(client):  # type: ignore[no-untyped-def]
     _submit(client, "fail", {})
     client.post(f"/v1/jobs/{a['id']}/cancel")
     assert client.get("/v1/jobs").json()["count"] == 2
-    assert [j["id"] for j in client.get("/v1/jobs", params={"status": "cancelled"}).json()["data"]] == [a["id"]]
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}).json()["data"]
+    assert [j["id"] for j in cancelled] == [a["id"]]
     assert client.get("/v1/jobs", params={"kind": "fail"}).json()["count"] == 1
     assert client.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
 

@@ -29,7 +29,8 @@ def test_upload_each_format_same_fingerprint(client, table, fmt):  # type: ignor
     assert r.status_code == 201, r.text
     doc = r.json()
     assert doc["fingerprint"] == table.fingerprint
-    assert (doc["n_units"], doc["n_rows"], doc["total_params"]) == (table.n_units, len(table), table.total_params)
+    got = (doc["n_units"], doc["n_rows"], doc["total_params"])
+    assert got == (table.n_units, len(table), table.total_params)
     assert doc["options"] == table.options and doc["deduplicated"] is False
 
 

@@ -75,10 +75,10 @@ def request_cancel(session: Session, job_id: str) -> JobRecord:
     """Cancel a queued job now; ask a running one to stop (its worker sees it on heartbeat)."""
     rec = get_job(session, job_id)
     now = time.time()
-    done = session.execute(
+    done = _rowcount(session.execute(
         update(JobRecord).where(JobRecord.id == job_id, JobRecord.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now,
-                message="cancelled before it started")).rowcount
+                message="cancelled before it started")))
     if not done:
         session.execute(update(JobRecord).where(JobRecord.id == job_id,
                                                 JobRecord.status == JobStatus.RUNNING)
@@ -88,6 +88,11 @@ def request_cancel(session: Session, job_id: str) -> JobRecord:
     if JobStatus(rec.status).finished and rec.status != JobStatus.CANCELLED:
         raise ServiceError(409, "job_finished", f"job {job_id!r} already {rec.status}; nothing to cancel")
     return rec
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE matched (typed access: ``Result`` does not declare ``rowcount``)."""
+    return int(result.rowcount)
 
 
 def claim_job(engine: Engine, *, worker: str, kinds: list[str]) -> dict[str, Any] | None:

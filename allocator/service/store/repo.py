@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 
 from allocator.budget import Budget
 from allocator.result import SolveResult
-from allocator.service.parquet import table_from_parquet, table_to_parquet
-from allocator.table import CostTable
 from allocator.service.core.errors import not_found
+from allocator.service.parquet import table_from_parquet, table_to_parquet
 from allocator.service.store.models import PlanRecord, TableRecord
+from allocator.table import CostTable
 
 __all__ = [
     "TableCache",

@@ -124,7 +124,8 @@ def frontier(db: DbDep, table_id: str,
     with db.read() as s:
         table = repo.load_table(s, table_id, db.cache)
     f = solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
-    points = [FrontierPointPublic(size_bits=float(sz), bpw=float(bp), cost=float(c), kind=str(k), status=str(st))
+    points = [FrontierPointPublic(size_bits=float(sz), bpw=float(bp), cost=float(c), kind=str(k),
+                                  status=str(st))
               for sz, bp, c, k, st in zip(f.size_bits, f.bpw, f.cost, f.kind, f.status, strict=True)]
     return FrontierPublic(table_id=table_id, total_params=table.total_params, points=points)
 
@@ -139,7 +140,8 @@ def frontier_plan(db: DbDep, table_id: str, index: int,
         table = repo.load_table(s, table_id, db.cache)
     f = solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
     if not -len(f) <= index < len(f):
-        raise ServiceError(404, "frontier_point_not_found", f"frontier has points 0..{len(f) - 1}, not {index}")
+        raise ServiceError(404, "frontier_point_not_found",
+                           f"frontier has points 0..{len(f) - 1}, not {index}")
     plan = f.plan(index)
     return PlanPublic(id=None, table_id=table_id, status=str(f.status[index]), solver=plan.solver.name,  # type: ignore[arg-type]
                       budget=dict(plan.budget), objective=plan.summary.predicted_cost, bound=None,

@@ -76,7 +76,8 @@ def upload_table(
     table = parse_table(data, format or _sniff(data, file.filename), metadata)
     if len(table) > settings.max_table_rows:
         raise ServiceError(413, "table_too_large",
-                           f"table has {len(table)} rows; this server takes at most {settings.max_table_rows}")
+                           f"table has {len(table)} rows; this server takes at most "
+                           f"{settings.max_table_rows}")
     with db.write() as s:
         rec, created = repo.add_table(s, table=table, name=name or file.filename or "table")
     if not created:
