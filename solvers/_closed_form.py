@@ -36,7 +36,7 @@ import numpy as np
 
 from allocator.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities, relative_gap
-from solvers._greedy import repair
+from solvers._greedy import ZERO_CAP, repair
 from solvers._problem import Problem
 
 __all__ = ["ClosedFormSolver", "CvxpySolver", "b_of_theta", "fit_c", "water_fill"]
@@ -203,7 +203,7 @@ def _relaxation(problem: Problem, lp_solver: str | None
     cons = [one @ x == 1]
     for mat, cap in rows:
         coef = mat[item, slot]
-        cons.append((coef / cap) @ x <= 1 if cap > 0 else coef @ x <= 0)
+        cons.append((coef / cap) @ x <= 1 if cap > ZERO_CAP else coef @ x <= 0)
     prob = cp.Problem(cp.Minimize((cost / scale) @ x), cons)
     solver = lp_solver or next((s for s in ("HIGHS", "CLARABEL") if s in cp.installed_solvers()),
                                None)

@@ -25,10 +25,13 @@ from allocator.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._problem import Problem
 
-__all__ = ["GreedySolver", "Knapsack", "shrink_to_fit", "spend_leftover"]
+__all__ = ["ZERO_CAP", "GreedySolver", "Knapsack", "repair", "shrink_to_fit", "spend_leftover"]
 
 #: Normalised use above 1 + this counts as a violation (the central check allows 1e-9).
 _TOL = 1e-12
+#: Caps at or below this are zero caps: every slot that uses the resource is forbidden (dividing
+#: by a subnormal cap would overflow).
+ZERO_CAP = 1e-12
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +56,7 @@ class Knapsack:
         valid = problem.valid.copy()
         norm = []
         for mat, cap in zip(mats, caps, strict=True):
-            if cap > 0:
+            if cap > ZERO_CAP:
                 norm.append(np.where(valid, mat, 0.0) / cap)
             else:
                 valid &= ~(mat > 0)

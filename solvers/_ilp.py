@@ -31,6 +31,7 @@ from allocator.budget import SIZE_RTOL
 from allocator.errors import InvalidParameterError, SolverUnavailableError
 from allocator.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
+from solvers._greedy import ZERO_CAP
 from solvers._problem import Problem
 
 __all__ = ["STATUS_MAP", "IlpBackend", "IlpConfig", "IlpSolver"]
@@ -187,7 +188,7 @@ class _Model:
         caps = [("size", problem.size, problem.cap)] + [
             (k, problem.resources[k], problem.caps[k]) for k in sorted(problem.caps)]
         for _, mat, cap in caps:
-            if cap <= 0:  # a zero cap forbids every slot that uses the resource at all
+            if cap <= ZERO_CAP:  # a zero cap forbids every slot that uses the resource at all
                 valid &= ~(mat > 0)
         self.empty_item = not valid.any(axis=1).all()
         self.item, self.slot = np.nonzero(valid)
@@ -205,10 +206,10 @@ class _Model:
             ones = pulp.LpAffineExpression([(v, 1.0) for v in self.x[lo:hi]])
             one = pulp.LpConstraint(ones, pulp.LpConstraintEQ, rhs=1.0)
             self.lp.addConstraint(one, f"one_{i}")
-        #: (name, coefficients per variable scaled to rhs 1, cap) of every ≤ row with cap > 0
+        #: (name, coefficients scaled to rhs 1, cap) of every ≤ row (zero caps have none)
         self.rows: list[tuple[str, np.ndarray, float]] = []
         for name, mat, cap in caps:
-            if cap > 0:
+            if cap > ZERO_CAP:
                 self.rows.append((name, mat[self.item, self.slot] / cap, cap))
         self._cons: list[str] = []
         for r, (_, coef, _) in enumerate(self.rows):
