@@ -34,7 +34,7 @@ def test_documents_are_clean_unique_and_hash_ordered() -> None:
         assert len(d.split()) >= corpus.MIN_WORDS
         assert d == " ".join(d.split())  # whitespace normalised
         assert ">>>" not in d
-    keys = [corpus._sha(d) for d in docs]
+    keys = [corpus._sha(d) for d in docs]  # canonical order
     assert keys == sorted(keys)
 
 
