@@ -149,7 +149,7 @@ class IlpSolver(BaseSolver):
         t0 = time.perf_counter()
         stats: dict[str, float] = {"variables": float(model.n_vars),
                                    "constraints": float(problem.n_items + len(model.rows))}
-        shrink = np.zeros(len(model.rows))
+        shrink = excess = np.zeros(len(model.rows))
         for attempt in range(_RETIGHTEN + 1):
             remaining = self._config.time_limit_s - (time.perf_counter() - t0)
             if remaining <= 0:
@@ -157,6 +157,10 @@ class IlpSolver(BaseSolver):
                                    message="time limit reached while re-tightening caps")
             status, choice, bound = model.solve(self._config, remaining, shrink)
             stats["retightened"] = float(attempt)
+            if choice is None and attempt > 0:  # no proof about the original problem
+                return RawSolution(status=SolveStatus.ERROR, stats=stats, message=(
+                    f"{self._config.backend} broke a cap by {excess.max():.3g} (relative) and "
+                    f"the tightened model gave {status}"))
             if choice is None:
                 return RawSolution(status=status, bound=bound, stats=stats,
                                    message=f"{self._config.backend} reported {status}")
