@@ -1,0 +1,80 @@
+"""``bitalloc run``: estimate → frontier → solve → apply → evaluate for a local HF model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from allocator.cli._common import console
+
+HELP = "end-to-end: estimate, solve at a bpw, apply, evaluate vs uniform at equal size"
+
+
+def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: int, evals: int) -> None:
+    p.add_argument("--bpw", type=float, default=3.0, help="target bits per weight (default 3.0)")
+    p.add_argument("--estimator", default=estimator, help=f"sensitivity estimator (default {estimator})")
+    p.add_argument("--solver", default="mckp", help="solver (default mckp, exact)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="how the plan is applied (default rtn, the quantizer the costs assume)")
+    p.add_argument("--options", help="candidate options (default int2..8-g128-asym + fp16)")
+    p.add_argument("--samples", type=int, default=calib, help=f"calibration samples (default {calib})")
+    p.add_argument("--eval-samples", type=int, default=evals,
+                   help=f"held-out evaluation samples (default {evals})")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama)")
+    add_common(p, out="bitalloc-run", estimator="measured", calib=32, evals=128)
+
+
+def config_from_args(args: argparse.Namespace, model: str) -> Any:
+    from allocator.pipeline import RunConfig
+
+    return RunConfig(model=model, bpw=args.bpw, estimator=args.estimator, solver=args.solver,
+                     method=args.method, options=args.options, calib_samples=args.samples,
+                     eval_samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed,
+                     out=Path(args.out), progress=not args.no_progress)
+
+
+def execute(cfg: Any) -> int:
+    from rich.table import Table
+
+    from allocator.pipeline import run_pipeline
+
+    out = console()
+    t0 = time.perf_counter()
+    with out.status("starting", spinner="dots") as status:
+        def stage(msg: str) -> None:
+            status.update(msg)
+            out.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/dim] {msg}")
+        run = run_pipeline(cfg, on_stage=stage)
+    metrics = list(run.mixed.report.metrics)
+    table = Table(title=f"{cfg.model}: mixed vs uniform at {cfg.bpw:g} bpw "
+                  f"(error = {run.mixed.report.error_metric} vs full precision, held-out data)")
+    for col in ("plan", "bpw", "size KiB", "predicted", *metrics, "verified"):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    for r in run.rows:
+        opts = {a.option for a in r.plan.assignments.values()}
+        name = f"{r.label} {next(iter(opts))}" if len(opts) == 1 else f"{r.label} ({len(opts)} options)"
+        style = "bold green" if r.label == "mixed" else None
+        table.add_row(name, f"{r.bpw:.4f}", f"{r.size_bytes / 1024:,.1f}",
+                      f"{r.plan.summary.predicted_cost:.4g}",
+                      *(f"{r.report.metrics[m]:.4g}" for m in metrics),
+                      "yes" if r.verified else "[red]NO[/red]", style=style)
+    out.print(table)
+    if run.error_ratio is not None:
+        out.print(f"mixed / uniform-at-equal-size error: [bold]{run.error_ratio:.3f}[/bold]")
+    for name, path in run.files.items():
+        out.print(f"{name:9s} -> {path}")
+    out.print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0 if run.mixed.verified else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return execute(config_from_args(args, args.model))

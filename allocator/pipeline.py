@@ -1,0 +1,348 @@
+"""The end-to-end job behind ``bitalloc run`` and ``bitalloc demo``.
+
+model → calibration batches (built-in corpus, ``calibration`` split) → cost table (estimator)
+→ frontier + exact solve at the target bpw → apply (RTN or GPTQ) → verify → evaluate on the
+``evaluation`` split (disjoint from calibration) against the full-precision outputs.
+
+The mixed plan is compared with uniform quantization at equal size: the uniform int option with
+the most bits whose size fits the mixed plan's budget (``uniform ≤``), and the uniform option
+that brackets the budget from above (``uniform >``, larger than the budget) for context.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from allocator.budget import Budget
+from allocator.errors import InfeasibleBudgetError, InvalidParameterError
+from allocator.formats import FormatKind, parse_format
+from allocator.plan import BitPlan
+from allocator.table import CostTable
+
+if TYPE_CHECKING:
+    import torch
+
+    from allocator.backend import EvalReport
+
+__all__ = ["PlanResult", "RunConfig", "RunResult", "run_pipeline", "uniform_plans"]
+
+log = logging.getLogger("allocator.pipeline")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Settings of one end-to-end run (CLI flags of ``bitalloc run`` map 1:1)."""
+
+    model: str = "minilm"
+    bpw: float = 3.0
+    estimator: str = "measured"
+    estimator_params: Mapping[str, Any] = field(default_factory=dict)
+    solver: str = "mckp"
+    method: str = "rtn"
+    options: str | None = None
+    calib_samples: int = 32
+    eval_samples: int = 128
+    seq_len: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    out: Path | None = Path("bitalloc-demo")
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.bpw > 0:
+            raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
+        if self.method not in ("rtn", "gptq"):
+            raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (2 if name == "eval_samples" else 1):
+                raise InvalidParameterError(f"{name} must be a positive int, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanResult:
+    """One evaluated plan (mixed or uniform)."""
+
+    label: str
+    plan: BitPlan
+    report: EvalReport
+    verified: bool
+    mismatches: Sequence[str] = ()
+
+    @property
+    def bpw(self) -> float:
+        return self.plan.summary.bpw
+
+    @property
+    def size_bytes(self) -> float:
+        return self.plan.summary.size_bits / 8
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RunResult:
+    config: RunConfig
+    model_kind: str
+    table: CostTable
+    mixed: PlanResult
+    uniform_below: PlanResult | None
+    uniform_above: PlanResult | None
+    seconds: Mapping[str, float]
+    files: Mapping[str, Path] = field(default_factory=dict)
+    fp_metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[PlanResult]:
+        return [r for r in (self.uniform_below, self.mixed, self.uniform_above) if r is not None]
+
+    @property
+    def error_ratio(self) -> float | None:
+        """Mixed error / uniform-at-equal-size error (< 1: the mixed plan is better)."""
+        if self.uniform_below is None or self.uniform_below.report.error == 0:
+            return None
+        return self.mixed.report.error / self.uniform_below.report.error
+
+
+def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None, BitPlan | None]:
+    """(largest-bits uniform int plan with size ≤ budget, smallest uniform int plan above it).
+
+    Only int options offered to every unit count (fp16 is not a quantized baseline).
+    """
+    df = table.df
+    per_opt = df.groupby("option").agg(size=("size_bits", "sum"), n=("unit", "nunique"),
+                                       bits=("bits", "first"))
+    cands = [o for o in per_opt.index if per_opt.at[o, "n"] == table.n_units
+             and parse_format(str(o)).kind is FormatKind.INT]
+    below = [o for o in cands if per_opt.at[o, "size"] <= budget_bits * (1 + 1e-9)]
+    above = [o for o in cands if per_opt.at[o, "size"] > budget_bits * (1 + 1e-9)]
+    pick_b = max(below, key=lambda o: (per_opt.at[o, "bits"], per_opt.at[o, "size"]), default=None)
+    pick_a = min(above, key=lambda o: (per_opt.at[o, "size"], -per_opt.at[o, "bits"]), default=None)
+
+    def plan(o: str | None) -> BitPlan | None:
+        return None if o is None else BitPlan.from_choice(table, dict.fromkeys(table.units, str(o)))
+    return plan(pick_b), plan(pick_a)
+
+
+# ---------------------------------------------------------------------------- stages
+Stage = Callable[[str], None]
+
+
+def _load(spec: str) -> Any:
+    from allocator.models import load_model
+
+    return load_model(spec)
+
+
+def _data(loaded: Any, cfg: RunConfig) -> tuple[Any, Any]:
+    from allocator.data import CalibrationData
+
+    pack = loaded.kind == "causal_lm"
+    common = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed, "pack": pack}
+    calib = CalibrationData.from_corpus(loaded.tokenizer, split="calibration",
+                                        n_samples=cfg.calib_samples, **common)
+    evaluation = CalibrationData.from_corpus(loaded.tokenizer, split="evaluation",
+                                             n_samples=cfg.eval_samples, **common)
+    return calib, evaluation
+
+
+def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]) -> CostTable:
+    from allocator.formats import parse_options
+    from sensitivity import EstimateContext, get_estimator
+
+    est = get_estimator(cfg.estimator, **dict(cfg.estimator_params))
+    ctx = EstimateContext(batches=list(calib), units=list(units), options=parse_options(cfg.options),
+                          seed=cfg.seed, model_kind=loaded.kind, progress=cfg.progress)
+    meta = {"model": loaded.fingerprint, "data": calib.fingerprint, "data_info": calib.metadata()}
+    return est.estimate(loaded.model, ctx, metadata=meta)
+
+
+def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: dict[str, Any],
+                   calib: Any, evaluation: Any, ref: Any, units: Sequence[Any]) -> PlanResult:
+    from allocator.backend import apply_plan, evaluate, verify
+
+    model: torch.nn.Module = loaded.model
+    model.load_state_dict(state)
+    apply_plan(model, plan, method=cfg.method, calibration=list(calib), units=units,
+               progress=cfg.progress)
+    check = verify(model, plan, units=units)
+    report = evaluate(model, list(evaluation), ref)
+    model.load_state_dict(state)
+    return PlanResult(label=label, plan=plan, report=report, verified=check.ok,
+                      mismatches=[str(m) for m in check.mismatches])
+
+
+def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
+    """Run every stage; writes plan.json, table.parquet, frontier.png, report.md into ``cfg.out``.
+
+    Raises:
+        InfeasibleBudgetError: no plan fits ``cfg.bpw`` (the message gives the smallest bpw).
+    """
+    import solvers
+    from allocator.backend import reference_outputs
+    from allocator.units import discover_units
+
+    say = on_stage or (lambda msg: log.info("%s", msg))
+    secs: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        secs[name] = now - t
+        t = now
+
+    say(f"loading {cfg.model}")
+    loaded = _load(cfg.model)
+    loaded.model.eval()
+    calib, evaluation = _data(loaded, cfg)
+    units = discover_units(loaded.model)
+    lap("load")
+    say(f"estimating costs ({cfg.estimator}, {len(units)} units, {calib.n_samples} samples)")
+    table = estimate_table(loaded, calib, cfg, units)
+    lap("estimate")
+    budget = Budget(bpw=cfg.bpw)
+    say(f"solving at {cfg.bpw:g} bpw ({cfg.solver}) and computing the frontier")
+    result = solvers.solve(table, budget, solver=cfg.solver, seed=cfg.seed)
+    if result.plan is None:
+        raise InfeasibleBudgetError(
+            f"no plan fits {cfg.bpw:g} bpw (status {result.status}); raise --bpw "
+            f"(the smallest option set needs {_min_bpw(table):.4g} bpw)")
+    front = solvers.frontier(table, budgets=[budget])
+    lap("solve")
+    below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
+    state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
+                            model_fingerprint=loaded.fingerprint)
+    fp_metrics = _fp_metrics(ref, evaluation)
+    say(f"applying ({cfg.method}) and evaluating on {evaluation.n_samples} held-out samples")
+    args = (loaded, cfg, state, calib, evaluation, ref, units)
+    mixed = _evaluate_plan("mixed", result.plan, *args)
+    ub = _evaluate_plan("uniform ≤", below, *args) if below is not None else None
+    ua = _evaluate_plan("uniform >", above, *args) if above is not None else None
+    lap("apply+evaluate")
+    run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
+                    uniform_below=ub, uniform_above=ua, seconds=secs, fp_metrics=fp_metrics)
+    if cfg.out is not None:
+        run = write_outputs(run, front, cfg.out)
+    return run
+
+
+def _min_bpw(table: CostTable) -> float:
+    df = table.df
+    return float(df.groupby("unit")["size_bits"].min().sum() / table.total_params)
+
+
+def _fp_metrics(ref: Any, evaluation: Any) -> dict[str, float]:
+    """Metrics of the full-precision model itself (perplexity for causal LMs)."""
+    if ref.kind != "causal_lm":
+        return {}
+    import math
+
+    from allocator.backend import next_token_nll
+
+    s = n = 0.0
+    for b, out in zip(evaluation, ref.outputs, strict=True):
+        a, c = next_token_nll(out, b["input_ids"], b.get("attention_mask"))
+        s, n = s + a, n + c
+    return {"perplexity": math.exp(s / max(n, 1))}
+
+
+# ---------------------------------------------------------------------------- outputs
+def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
+    """plan.json, table.parquet, frontier.png, results.json and report.md in ``out``."""
+    import json
+    from dataclasses import replace
+
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"plan": run.mixed.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
+             "frontier": _plot(run, front, d / "frontier.png")}
+    doc = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()},
+           "model_kind": run.model_kind, "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
+           "error_ratio": run.error_ratio,
+           "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
+                     "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
+                     "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
+                     "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
+    doc["config"]["estimator_params"] = dict(run.config.estimator_params)
+    files["results"] = d / "results.json"
+    files["results"].write_text(json.dumps(doc, indent=1, default=str))
+    files["report"] = d / "report.md"
+    files["report"].write_text(report_markdown(run))
+    return replace(run, files=files)
+
+
+def _option_counts(plan: BitPlan) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for a in plan.assignments.values():
+        counts[a.option] = counts.get(a.option, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _plot(run: RunResult, front: Any, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.plot(front.bpw, front.cost, "-", lw=1.2, color="0.4", label="Pareto frontier (predicted)")
+    for r, style in zip(run.rows, ("s", "*", "^"), strict=False):
+        ax.plot([r.bpw], [max(r.plan.summary.predicted_cost, 1e-12)], style, ms=10 if style == "*" else 7,
+                label=f"{r.label} {_short(r.plan)}: measured {r.report.error_metric}={r.report.error:.3g}")
+    ax.axvline(run.config.bpw, ls=":", color="0.6")
+    if (front.cost > 0).any():
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (overhead included)")
+    ax.set_ylabel(f"predicted cost ({run.table.metadata.get('estimator')})")
+    ax.set_title(f"{run.config.model}: frontier and plans at {run.config.bpw:g} bpw")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _short(plan: BitPlan) -> str:
+    opts = _option_counts(plan)
+    return next(iter(opts)) if len(opts) == 1 else f"({len(opts)} options)"
+
+
+def report_markdown(run: RunResult) -> str:
+    """A short Markdown report: setup, the comparison table, the mixed plan's option counts."""
+    c = run.config
+    m = run.mixed.report
+    lines = [
+        f"# bitalloc run: {c.model} at {c.bpw:g} bpw", "",
+        f"- model kind: {run.model_kind}; units: {run.table.n_units}; "
+        f"params quantized: {run.table.total_params:,}",
+        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples (built-in corpus, "
+        f"calibration split); solver: `{c.solver}`; apply: `{c.method}`",
+        f"- evaluation: {m.n_samples} held-out samples (evaluation split, disjoint from calibration);"
+        f" error = `{m.error_metric}` vs the full-precision model",
+        "- uniform ≤: the uniform int option with the most bits whose size fits the budget "
+        "(equal-size baseline); uniform >: the next uniform option above the budget (context)", "",
+        "| plan | bpw | size (KiB) | predicted cost | " + " | ".join(m.metrics) + " | verified |",
+        "|---|---|---|---|" + "---|" * len(m.metrics) + "---|",
+    ]
+    for r in run.rows:
+        vals = " | ".join(f"{r.report.metrics.get(k, float('nan')):.4g}" for k in m.metrics)
+        lines.append(f"| {r.label} {_short(r.plan)} | {r.bpw:.4f} | {r.size_bytes / 1024:,.1f} | "
+                     f"{r.plan.summary.predicted_cost:.4g} | {vals} | {'yes' if r.verified else 'NO'} |")
+    ratio = run.error_ratio
+    if ratio is not None:
+        lines += ["", f"Mixed / uniform-at-equal-size error ratio: **{ratio:.3f}**"
+                  f" ({'better' if ratio < 1 else 'not better'})."]
+    if run.fp_metrics:
+        lines += ["", "Full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.fp_metrics.items())]
+    lines += ["", "Mixed plan, units per option: " + ", ".join(
+        f"`{k}` × {v}" for k, v in _option_counts(run.mixed.plan).items()), "",
+        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.seconds.items()), "",
+        "Files: `plan.json` (the mixed plan), `table.parquet` (cost table), `frontier.png`, "
+        "`results.json`.", ""]
+    return "\n".join(lines)

