@@ -40,7 +40,7 @@ class RunConfig:
 
     model: str = "minilm"
     bpw: float = 3.0
-    estimator: str = "measured"
+    estimator: str = "hessian-proxy"
     estimator_params: Mapping[str, Any] = field(default_factory=dict)
     solver: str = "mckp"
     method: str = "rtn"
@@ -113,14 +113,19 @@ def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None,
     Only int options offered to every unit count (fp16 is not a quantized baseline).
     """
     df = table.df
-    per_opt = df.groupby("option").agg(size=("size_bits", "sum"), n=("unit", "nunique"),
-                                       bits=("bits", "first"))
-    cands = [o for o in per_opt.index if per_opt.at[o, "n"] == table.n_units
-             and parse_format(str(o)).kind is FormatKind.INT]
-    below = [o for o in cands if per_opt.at[o, "size"] <= budget_bits * (1 + 1e-9)]
-    above = [o for o in cands if per_opt.at[o, "size"] > budget_bits * (1 + 1e-9)]
-    pick_b = max(below, key=lambda o: (per_opt.at[o, "bits"], per_opt.at[o, "size"]), default=None)
-    pick_a = min(above, key=lambda o: (per_opt.at[o, "size"], -per_opt.at[o, "bits"]), default=None)
+    size: dict[str, float] = {}
+    bits: dict[str, float] = {}
+    units: dict[str, int] = {}
+    for opt, sub in df.groupby("option"):
+        o = str(opt)
+        size[o], bits[o], units[o] = float(sub["size_bits"].sum()), float(sub["bits"].iloc[0]), \
+            int(sub["unit"].nunique())
+    cands = [o for o in size if units[o] == table.n_units and parse_format(o).kind is FormatKind.INT]
+    fits = budget_bits * (1 + 1e-9)
+    below = [o for o in cands if size[o] <= fits]
+    above = [o for o in cands if size[o] > fits]
+    pick_b = max(below, key=lambda o: (bits[o], size[o]), default=None)
+    pick_a = min(above, key=lambda o: (size[o], -bits[o]), default=None)
 
     def plan(o: str | None) -> BitPlan | None:
         return None if o is None else BitPlan.from_choice(table, dict.fromkeys(table.units, str(o)))
@@ -261,14 +266,15 @@ def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
     d.mkdir(parents=True, exist_ok=True)
     files = {"plan": run.mixed.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
              "frontier": _plot(run, front, d / "frontier.png")}
-    doc = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()},
+    config: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()}
+    config["estimator_params"] = dict(run.config.estimator_params)
+    doc = {"config": config,
            "model_kind": run.model_kind, "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
            "error_ratio": run.error_ratio,
            "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
                      "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
                      "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
                      "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
-    doc["config"]["estimator_params"] = dict(run.config.estimator_params)
     files["results"] = d / "results.json"
     files["results"].write_text(json.dumps(doc, indent=1, default=str))
     files["report"] = d / "report.md"

@@ -10,7 +10,7 @@ HELP = "run the whole pipeline on the bundled MiniLM (estimate, frontier, solve,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p, out="bitalloc-demo", estimator="measured", calib=32, evals=128)
+    add_common(p, out="bitalloc-demo", estimator="hessian-proxy", calib=16, evals=64)
 
 
 def run(args: argparse.Namespace) -> int:

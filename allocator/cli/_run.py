@@ -30,7 +30,7 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama)")
-    add_common(p, out="bitalloc-run", estimator="measured", calib=32, evals=128)
+    add_common(p, out="bitalloc-run", estimator="measured", calib=32, evals=64)
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Any:

