@@ -11,6 +11,7 @@ from typing import Any
 
 from allocator.errors import UnknownNameError
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
+from sensitivity._driver import run_estimate
 
 __all__ = [
     "ESTIMATORS",
@@ -21,6 +22,7 @@ __all__ = [
     "estimator_class",
     "get_estimator",
     "quant_errors",
+    "run_estimate",
     "score_times_error",
 ]
 
@@ -54,8 +56,5 @@ def get_estimator(name: str | BaseEstimator, **params: Any) -> BaseEstimator:
     return estimator_class(name)(**params)
 
 
-def estimate(*args: Any, **kwargs: Any) -> Any:
-    """High-level driver (model path/object + data → CostTable); see :mod:`sensitivity._driver`."""
-    from sensitivity._driver import run_estimate
-
-    return run_estimate(*args, **kwargs)
+#: High-level driver (model + data + method → CostTable); see :func:`sensitivity._driver.run_estimate`.
+estimate = run_estimate

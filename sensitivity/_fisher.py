@@ -13,7 +13,7 @@ It is computed as the mean of per-sample terms ``c_s(i, b) = ½ Σ_j g_sj² ΔW_
 
 Per-sample gradients: one forward per batch, then one backward per row of ``ℓ`` on the retained
 graph (``per_sample="loop"``) or a single vmapped backward over identity cotangents
-(``"vmap"``, ``is_grads_batched=True``). Both differentiate the batch forward (no torch.func
+(``"vmap"``, ``torch.func.vmap`` over ``autograd.grad``). Both differentiate the batch forward (no torch.func
 re-trace), which is what the encoder's in-batch contrastive loss needs: its ``ℓ_s`` depends on
 the other texts of the batch (the negatives). ``"auto"`` picks vmap for small models and GPUs.
 """
@@ -97,10 +97,14 @@ def _sample_grads(losses: torch.Tensor, leaves: Sequence[torch.Tensor], lo: int,
     if batched:
         eye = torch.zeros(hi - lo, losses.numel(), dtype=losses.dtype, device=losses.device)
         eye[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
-        res = torch.autograd.grad(losses, list(leaves), grad_outputs=eye, retain_graph=True,
-                                  allow_unused=True, is_grads_batched=True)
-        return [[torch.zeros_like(t) if r is None else r[s] for r, t in zip(res, leaves, strict=True)]
-                for s in range(hi - lo)]
+        def grad_of(cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            res = torch.autograd.grad(losses, list(leaves), grad_outputs=cot, retain_graph=True,
+                                      allow_unused=True)
+            return tuple(torch.zeros_like(t) if r is None else r
+                         for r, t in zip(res, leaves, strict=True))
+
+        stacked = torch.func.vmap(grad_of)(eye)
+        return [[r[s] for r in stacked] for s in range(hi - lo)]
     out = []
     for s in range(lo, hi):
         res = torch.autograd.grad(losses[s], list(leaves), retain_graph=True, allow_unused=True)

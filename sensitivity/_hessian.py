@@ -10,7 +10,7 @@ Probe throughput. The first-order graph of a batch is built once per *round* of 
 probe of the round reuses it (PyHessian's data-loader mode rebuilds the forward and backward for
 every probe). Within a round the products are either a loop over the probes on the retained
 graph (``probe_mode="loop"``, the fastest on CPU) or one vmapped double backward over the stacked
-probes (``"vmap"``, ``is_grads_batched=True``; faster on GPU). ``"auto"`` picks by device.
+probes (``"vmap"``, ``torch.func.vmap`` over ``autograd.grad``; faster on GPU). ``"auto"`` picks by device.
 ``benchmarks/sensitivity.py`` measures both against the one-probe-at-a-time loop.
 """
 
@@ -69,7 +69,9 @@ def hvp(grads: Sequence[torch.Tensor | None], leaves: Sequence[torch.Tensor],
     """``H v`` on a retained first-order graph (Pearlmutter's double backprop).
 
     ``vectors`` are shaped like ``leaves`` (with a leading probe dimension when ``batched``:
-    one vmapped backward over every probe, ``is_grads_batched``).
+    one ``torch.func.vmap`` over the double backward for every probe at once; the legacy
+    ``is_grads_batched`` path lacks batching rules for layer norm / softmax backward and falls
+    back to a slow per-probe loop).
     """
     import torch
 
@@ -78,12 +80,17 @@ def hvp(grads: Sequence[torch.Tensor | None], leaves: Sequence[torch.Tensor],
     out = [torch.zeros_like(v) for v in vectors]
     if not used:
         return out
-    res = torch.autograd.grad(outputs, [leaves[i] for i in used],
-                              grad_outputs=[vectors[i] for i in used], retain_graph=True,
-                              allow_unused=True, is_grads_batched=batched)
+    inputs = [leaves[i] for i in used]
+
+    def product(*vs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        res = torch.autograd.grad(outputs, inputs, grad_outputs=list(vs), retain_graph=True,
+                                  allow_unused=True)
+        return tuple(torch.zeros_like(v) if r is None else r for r, v in zip(res, vs, strict=True))
+
+    vs = [vectors[i] for i in used]
+    res = torch.func.vmap(product)(*vs) if batched else product(*vs)
     for i, r in zip(used, res, strict=True):
-        if r is not None:
-            out[i] = r.detach()
+        out[i] = r.detach()
     return out
 
 
