@@ -93,7 +93,8 @@ def main() -> None:
     model, ctx = setup(args.texts, args.batch_size, args.seq_len, args.device)
     tokens = sum(int(b["attention_mask"].sum()) for b in ctx.batches)
     print(f"MiniLM on {args.device}, {len(ctx.units)} units, {args.texts} texts in "
-          f"{len(ctx.batches)} batches ({tokens} tokens), {args.probes} probes, torch threads {torch.get_num_threads()}")
+          f"{len(ctx.batches)} batches ({tokens} tokens), {args.probes} probes, "
+          f"torch threads {torch.get_num_threads()}")
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     baseline(model, ctx, 1)  # warm-up (allocator, kernels)
