@@ -23,8 +23,8 @@ reported in ``stats["reference_cost_heuristic"]``: a heuristic reference, not a 
 ``cvxpy``: the convex relaxation of the real points, for any convex separable cost. Each item's
 option is a convex combination ``λ_ij ≥ 0, Σ_j λ_ij = 1``; the relaxed cost at a given size is
 then the item's piecewise-linear lower convex hull (the epigraph of the hull, written through its
-vertices), and resource caps stay linear. The LP optimum is a proven lower bound; each item takes
-its heaviest option, then the same repair runs.
+vertices), and resource caps stay linear. The LP optimum is a lower bound (reported less the LP
+solver's assumed accuracy); each item takes its heaviest option, then the same repair runs.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ from typing import Any
 import numpy as np
 
 from allocator.result import SolveStatus
-from solvers._base import BaseSolver, RawSolution, SolverCapabilities, relative_gap
+from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._greedy import ZERO_CAP, repair
 from solvers._problem import Problem
 
 __all__ = ["ClosedFormSolver", "CvxpySolver", "b_of_theta", "fit_c", "water_fill"]
 
 _LN2 = math.log(2.0)
+#: Relative accuracy assumed of the LP value (interior-point tolerances are ~1e-8).
+_LP_RTOL = 1e-6
 
 
 def item_params(problem: Problem) -> np.ndarray:
@@ -154,7 +156,7 @@ STATUS_MAP: dict[str, SolveStatus | None] = {
 class CvxpySolver(BaseSolver):
     """Convex (LP) relaxation with cvxpy, rounded and repaired (see the module docstring).
 
-    ``feasible`` with the LP bound and its gap; ``optimal`` when the rounded plan meets the bound.
+    A heuristic: ``feasible`` with the LP bound (less its assumed relative accuracy 1e-6) and gap.
     """
 
     name = "cvxpy"
@@ -179,11 +181,11 @@ class CvxpySolver(BaseSolver):
         if choice is None:
             return RawSolution(status=SolveStatus.ERROR, bound=lp_value, stats=stats,
                                message="rounding and repair found no plan within every cap")
-        objective = float(problem.cost[np.arange(problem.n_items), choice].sum())
-        gap = relative_gap(objective, lp_value)
-        status = SolveStatus.OPTIMAL if gap is not None and gap <= 1e-9 else SolveStatus.FEASIBLE
-        return RawSolution(status=status, choice=choice, bound=min(lp_value, objective),
-                           stats=stats, message=f"LP relaxation ({used}), rounded and repaired")
+        # an interior-point LP value is accurate to its tolerance only: deflate it so the bound
+        # stays a bound; the status never claims optimality on that evidence
+        bound = max(lp_value, 0.0) * (1.0 - _LP_RTOL)
+        return RawSolution(status=SolveStatus.FEASIBLE, choice=choice, bound=bound, stats=stats,
+                           message=f"LP relaxation ({used}), rounded and repaired")
 
 
 def _relaxation(problem: Problem, lp_solver: str | None
@@ -205,7 +207,8 @@ def _relaxation(problem: Problem, lp_solver: str | None
         coef = mat[item, slot]
         cons.append((coef / cap) @ x <= 1 if cap > ZERO_CAP else coef @ x <= 0)
     prob = cp.Problem(cp.Minimize((cost / scale) @ x), cons)
-    solver = lp_solver or next((s for s in ("HIGHS", "CLARABEL") if s in cp.installed_solvers()),
+    # Clarabel (interior point) first: HiGHS' simplex needs ~20x longer on 1e4 GUB rows
+    solver = lp_solver or next((s for s in ("CLARABEL", "HIGHS") if s in cp.installed_solvers()),
                                None)
     try:
         prob.solve(solver=solver)
