@@ -25,9 +25,14 @@ import re
 import sys
 import time
 import traceback
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# benchmarks/ holds a sensitivity.py script that would shadow the package: the repo root first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def rule_mix(table: Any, budget_bits: float) -> dict[str, str] | None:
@@ -63,6 +68,17 @@ def rule_mix(table: Any, budget_bits: float) -> dict[str, str] | None:
     return None
 
 
+def _measure(model: Any, state: Any, units: Any, held: Any, ref: Any, plan: Any) -> float:
+    """Measured error of ``plan`` (RTN) on the held-out batches; weights restored after."""
+    from allocator.backend import apply_plan, evaluate
+
+    model.load_state_dict(state)
+    apply_plan(model, plan, units=units)
+    err = evaluate(model, held, ref).error
+    model.load_state_dict(state)
+    return err
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -85,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import sensitivity
     import solvers
-    from allocator.backend import apply_plan, evaluate, reference_outputs
+    from allocator.backend import reference_outputs
     from allocator.budget import Budget
     from allocator.pipeline import RunConfig, _data, _load, estimate_table, uniform_plans
     from allocator.plan import BitPlan
@@ -114,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = reference_outputs(loaded.model, list(held), kind=loaded.kind,
                                 model_fingerprint=loaded.fingerprint)
 
-        def measure(plan: BitPlan) -> float:
-            loaded.model.load_state_dict(state)
-            apply_plan(loaded.model, plan, units=units)
-            err = evaluate(loaded.model, list(held), ref).error
-            loaded.model.load_state_dict(state)
-            return err
+        measure = partial(_measure, loaded.model, state, units, list(held), ref)
         base_table = None
         for est in estimators:
             t0 = time.perf_counter()

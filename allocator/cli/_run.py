@@ -30,7 +30,7 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama)")
-    add_common(p, out="bitalloc-run", estimator="measured", calib=32, evals=64)
+    add_common(p, out="bitalloc-run", estimator="hessian-proxy", calib=32, evals=64)
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Any:
@@ -48,6 +48,8 @@ def execute(cfg: Any) -> int:
     from allocator.pipeline import run_pipeline
 
     out = console()
+    if not out.is_terminal:  # logs and pipes: room for every column instead of 80
+        out.width = 130
     t0 = time.perf_counter()
     with out.status("starting", spinner="dots") as status:
         def stage(msg: str) -> None:

@@ -27,9 +27,10 @@ def test_next_token_nll_by_hand() -> None:
     mask = torch.tensor([[1, 1, 0]])
     s, n = next_token_nll(logits, ids, mask)
     # only t=0 → target 1 counts (t=1's target is padding): −log softmax([0, 0])[1] = log 2
+    # unmasked, t=1 → target 0 adds −log softmax([2, 0])[0] = log(1 + e⁻²)
     assert n == 1 and s == pytest.approx(math.log(2))
     s2, n2 = next_token_nll(logits, ids, None)
-    assert n2 == 2 and s2 == pytest.approx(math.log(2) + math.log(1 + math.exp(2)))
+    assert n2 == 2 and s2 == pytest.approx(math.log(2) + math.log(1 + math.exp(-2)))
 
 
 def test_retrieval_agreement_by_hand() -> None:
