@@ -66,7 +66,7 @@ def load_data(
     elif data is None or isinstance(data, str | Path):
         if data is not None and not Path(data).is_file():
             raise InvalidParameterError(f"data file {str(data)!r} does not exist; pass a text "
-                                        "file (one text per line) or omit --data for the corpus")
+                                        "file (.txt paragraphs or .jsonl) or omit --data for the corpus")
         cal = CalibrationData.from_path(data, tokenizer, n_samples=samples, seq_len=seq_len,
                                         batch_size=batch_size, seed=seed)
     else:
@@ -145,7 +145,8 @@ def run_estimate(
         model: a local Hugging Face model directory, ``"minilm"`` / ``"tiny-llama"`` (bundled),
             a :class:`~allocator.models.LoadedModel`, or None (MiniLM).
         method: estimator name (``sensitivity.ESTIMATORS``).
-        data: None (built-in corpus, calibration split), a text file (one text per line), a
+        data: None (built-in corpus, calibration split), a text file (.txt: one text per
+            blank-line-separated paragraph; .jsonl: a "text" field per line), a
             list of texts, or ready :class:`~allocator.data.CalibrationData`.
         options: option spec (``"int2..8-g128-asym,fp16"``), labels or formats; None = default.
         samples, seq_len, batch_size: calibration size (texts, tokens per text, texts per batch).

@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True,
                    help="estimator: hessian-trace, hessian-eig, fisher, salience, hessian-proxy, "
                    "measured, relevance, datafree, lim, zd")
-    p.add_argument("--data", help="calibration text file, one text per line (default: the "
-                   "built-in corpus)")
+    p.add_argument("--data", help="calibration texts: .txt (one text per paragraph, blank-line "
+                   "separated) or .jsonl with a 'text' field (default: the built-in corpus)")
     p.add_argument("--options", help="option spec, e.g. 'int2..8-g128-asym,fp16' (default)")
     p.add_argument("--samples", type=int, default=32, help="calibration texts (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text (default 128)")
