@@ -105,13 +105,16 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--dropout", type=float, default=0.0, help="attention dropout")
+    ap.add_argument("--dropout", type=float, default=0.2, help="attention dropout")
     ap.add_argument("--tie", action="store_true", help="tie lm_head to the embedding")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--documents", type=Path, default=None,
+                    help="JSON list of corpus documents (what `python -I -S "
+                         "allocator/data/_stdlib_docs.py` prints) instead of this Python's")
     ap.add_argument("--save-dtype", choices=("float16", "float32"), default="float16")
     args = ap.parse_args()
 
@@ -121,8 +124,9 @@ def main() -> int:
     torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
 
-    train_texts = corpus_texts("train", seed=args.seed)
-    eval_texts = corpus_texts("evaluation", seed=args.seed)
+    docs = None if args.documents is None else json.loads(args.documents.read_text())
+    train_texts = corpus_texts("train", seed=args.seed, documents=docs)
+    eval_texts = corpus_texts("evaluation", seed=args.seed, documents=docs)
     tokenizer = train_tokenizer(train_texts, args.vocab)
     vocab = len(tokenizer)
     train_docs = encode(tokenizer, train_texts)
@@ -191,13 +195,14 @@ def main() -> int:
         "epochs": epoch, "lr": args.lr, "weight_decay": args.weight_decay,
         "attention_dropout": args.dropout, "save_dtype": args.save_dtype,
         "train_tokens": n_train_tokens, "eval_tokens": int(eval_data.numel()),
-        "corpus_sha256": {s: corpus_fingerprint(s) for s in ("train", "evaluation")},
+        "corpus_sha256": {s: corpus_fingerprint(s, documents=docs) for s in ("train", "evaluation")},
         "perplexity": {"train": round(ppl_train, 3), "evaluation": round(ppl_eval, 3),
                        "unigram_evaluation": round(ppl_unigram, 3)},
         "train_seconds": round(train_seconds, 1),
     }
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    cmd = "python scripts/train_tiny_lm.py " + " ".join(sys.argv[1:])
+    cmd = "python scripts/train_tiny_lm.py " + " ".join(
+        a for a in sys.argv[1:] if not a.startswith("--out") and a != str(args.out))
     (args.out / "README.md").write_text(model_card(report, cmd.strip()))
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"params {n_params:,}; perplexity train {ppl_train:.2f}, evaluation {ppl_eval:.2f}, "
@@ -247,7 +252,10 @@ train `{r["corpus_sha256"]["train"]}`, evaluation `{r["corpus_sha256"]["evaluati
 ```
 {cmd}
 ```
-Exact bit-for-bit reproduction needs the same Python (corpus), torch build and thread count.
+`--documents FILE` trains on a corpus collected elsewhere (`python3.11 -I -S
+allocator/data/_stdlib_docs.py > FILE`); on the Python that made it the default corpus is the same
+(compare the fingerprints above). Bit-exact reproduction also needs the same torch build and
+thread count.
 """
 
 

@@ -22,6 +22,7 @@ import logging
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Literal
 
 from allocator.data import _stdlib_docs
@@ -63,7 +64,7 @@ def corpus_documents() -> tuple[str, ...]:
     """
     docs: list[str] | None = None
     try:
-        proc = subprocess.run([sys.executable, "-I", "-S", _stdlib_docs.__file__],
+        proc = subprocess.run([sys.executable, "-I", "-S", "-W", "ignore", _stdlib_docs.__file__],
                               capture_output=True, timeout=300, check=True)
         loaded = json.loads(proc.stdout.decode("utf-8"))
         if isinstance(loaded, list) and all(isinstance(t, str) for t in loaded):
@@ -99,13 +100,22 @@ def _check_split(split: str) -> Split:
     return split
 
 
-def corpus_texts(split: str = "calibration", n: int | None = None, *, seed: int = 0) -> list[str]:
+def _docs_of(split: str | None, documents: Sequence[str] | None) -> tuple[str, ...]:
+    if documents is None:
+        return corpus_documents() if split is None else _split_documents(_check_split(split))
+    canon = tuple(sorted(set(documents), key=_sha))
+    return canon if split is None else tuple(t for t in canon if split_of(t) == _check_split(split))
+
+
+def corpus_texts(split: str = "calibration", n: int | None = None, *, seed: int = 0,
+                 documents: Sequence[str] | None = None) -> list[str]:
     """``n`` documents of ``split`` (all when ``n`` is None) in a seeded random order.
 
     The same (split, n, seed) gives the same list on the same Python version; a larger ``n``
-    extends a smaller one (the first ``n`` of one seeded permutation).
+    extends a smaller one (the first ``n`` of one seeded permutation). ``documents`` replaces
+    the collected corpus (e.g. the JSON ``_stdlib_docs.py`` printed under another Python).
     """
-    docs = list(_split_documents(_check_split(split)))
+    docs = list(_docs_of(split, documents))
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidParameterError(f"n must be a positive int or None; got {n!r}")
@@ -117,7 +127,7 @@ def corpus_texts(split: str = "calibration", n: int | None = None, *, seed: int 
     return docs if n is None else docs[:n]
 
 
-def texts_fingerprint(texts: list[str] | tuple[str, ...]) -> str:
+def texts_fingerprint(texts: Sequence[str]) -> str:
     """sha256 (hex) of the texts in order, each length-prefixed so boundaries count."""
     h = hashlib.sha256()
     for t in texts:
@@ -127,7 +137,7 @@ def texts_fingerprint(texts: list[str] | tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
-def corpus_fingerprint(split: str | None = None) -> str:
+def corpus_fingerprint(split: str | None = None, *,
+                       documents: Sequence[str] | None = None) -> str:
     """sha256 of the documents of ``split`` (or of the whole corpus) in canonical order."""
-    docs = corpus_documents() if split is None else _split_documents(_check_split(split))
-    return texts_fingerprint(docs)
+    return texts_fingerprint(_docs_of(split, documents))
