@@ -42,7 +42,8 @@ from solvers._problem import Problem
 __all__ = ["ClosedFormSolver", "CvxpySolver", "b_of_theta", "fit_c", "water_fill"]
 
 _LN2 = math.log(2.0)
-#: Relative accuracy assumed of the LP value (interior-point tolerances are ~1e-8).
+#: Accuracy assumed of the LP value, relative to it and to the largest cost (interior-point
+#: tolerances are ~1e-8).
 _LP_RTOL = 1e-6
 
 
@@ -156,7 +157,7 @@ STATUS_MAP: dict[str, SolveStatus | None] = {
 class CvxpySolver(BaseSolver):
     """Convex (LP) relaxation with cvxpy, rounded and repaired (see the module docstring).
 
-    A heuristic: ``feasible`` with the LP bound (less its assumed relative accuracy 1e-6) and gap.
+    A heuristic: ``feasible`` with the LP bound (less its assumed accuracy) and the gap.
     """
 
     name = "cvxpy"
@@ -174,7 +175,7 @@ class CvxpySolver(BaseSolver):
         lp = _relaxation(problem, self._lp_solver)
         if isinstance(lp, SolveStatus):
             return RawSolution(status=lp, message=f"LP relaxation: {lp}")
-        weights, lp_value, used = lp
+        weights, lp_value, scale, used = lp
         rounded = np.argmax(np.where(problem.valid, weights, -1.0), axis=1).astype(np.int64)
         choice = repair(problem, rounded)
         stats = {"lp_bound": lp_value}
@@ -183,14 +184,16 @@ class CvxpySolver(BaseSolver):
                                message="rounding and repair found no plan within every cap")
         # an interior-point LP value is accurate to its tolerance only: deflate it so the bound
         # stays a bound; the status never claims optimality on that evidence
-        bound = max(lp_value, 0.0) * (1.0 - _LP_RTOL)
+        # (relative, plus absolute on the normalised objective); costs ≥ 0 make 0 a bound too
+        bound = max(0.0, lp_value - _LP_RTOL * (abs(lp_value) + scale))
         return RawSolution(status=SolveStatus.FEASIBLE, choice=choice, bound=bound, stats=stats,
                            message=f"LP relaxation ({used}), rounded and repaired")
 
 
 def _relaxation(problem: Problem, lp_solver: str | None
-                ) -> tuple[np.ndarray, float, str] | SolveStatus:
-    """Solve the LP over convex-combination weights; (weights, LP value, solver) or a status."""
+                ) -> tuple[np.ndarray, float, float, str] | SolveStatus:
+    """The LP over convex-combination weights: (weights, LP value, cost scale, LP solver) or a
+    status."""
     import cvxpy as cp
     import scipy.sparse as sp
 
@@ -219,4 +222,4 @@ def _relaxation(problem: Problem, lp_solver: str | None
         return mapped
     weights = np.zeros(problem.valid.shape)
     weights[item, slot] = np.asarray(x.value, dtype=np.float64)
-    return weights, float(prob.value) * scale, str(solver or "default")
+    return weights, float(prob.value) * scale, scale, str(solver or "default")
