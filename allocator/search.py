@@ -55,13 +55,13 @@ class SearchSpec:
             raise InvalidParameterError("a model evaluator needs --model (a local model dir or 'minilm')")
 
 
-def make_evaluator(spec: SearchSpec) -> Any:
+def make_evaluator(spec: SearchSpec, table: CostTable) -> Any:
     """The evaluator a worker uses (``None`` = the table's cost)."""
     if spec.evaluator is EvaluatorKind.TABLE:
         return None
     from allocator.search_eval import ModelEvaluator
 
-    return ModelEvaluator(model=spec.model, method=spec.method, samples=spec.samples,
+    return ModelEvaluator(model=str(spec.model), table=table, method=spec.method, samples=spec.samples,
                           seq_len=spec.seq_len, seed=spec.seed)
 
 
@@ -70,7 +70,7 @@ def run_worker(spec: SearchSpec, worker: int = 0) -> SolveResult:
     from solvers._bayesian import BayesianSolver
 
     table = CostTable.load(spec.table_path)
-    solver = BayesianSolver(evaluator=make_evaluator(spec), n_trials=spec.n_trials, radius=spec.radius,
+    solver = BayesianSolver(evaluator=make_evaluator(spec, table), n_trials=spec.n_trials, radius=spec.radius,
                             storage=spec.storage, study_name=spec.study, prune=spec.prune)
     # Distinct sampler seeds per worker, or every worker would propose the same trials.
     return solver.solve(table, Budget.from_dict(spec.budget), seed=spec.seed + worker)

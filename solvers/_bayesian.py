@@ -144,6 +144,44 @@ def repair(problem: Problem, space: SearchSpace, choice: np.ndarray) -> np.ndarr
     return choice
 
 
+def fill(problem: Problem, space: SearchSpace, choice: np.ndarray) -> np.ndarray:
+    """Spend the slack a plan leaves: step items up their candidate lists while the plan fits.
+
+    Each step takes the move with the largest predicted gain per bit, −Δcost/Δsize, among the
+    moves that fit, so every trial plan uses the budget (an under-full plan is never the best).
+    """
+    choice = choice.copy()
+    idx = np.arange(problem.n_items)
+    slack = problem.cap * (1 + 1e-12) - float(problem.size[idx, choice].sum())
+    while True:
+        best, best_gain, best_slot = -1, 0.0, -1
+        for i, cand in enumerate(space.candidates):
+            up = cand[problem.size[i, cand] > problem.size[i, choice[i]]]
+            if up.size == 0:
+                continue
+            nxt = int(up[0])
+            d_size = problem.size[i, nxt] - problem.size[i, choice[i]]
+            gain = (problem.cost[i, choice[i]] - problem.cost[i, nxt]) / d_size
+            if d_size <= slack and gain > best_gain:
+                best, best_gain, best_slot = i, gain, nxt
+        if best < 0:
+            return choice
+        slack -= problem.size[best, best_slot] - problem.size[best, choice[best]]
+        choice[best] = best_slot
+
+
+def perturb(space: SearchSpace, choice: np.ndarray, rng: np.random.Generator, moves: int = 1) -> np.ndarray:
+    """``moves`` items moved to another of their candidates at random (a local-search step)."""
+    out = choice.copy()
+    movable = [i for i, c in enumerate(space.candidates) if c.size > 1]
+    if not movable:
+        return out
+    for i in rng.choice(movable, size=min(moves, len(movable)), replace=False):
+        others = space.candidates[int(i)][space.candidates[int(i)] != out[int(i)]]
+        out[int(i)] = int(rng.choice(others))
+    return out
+
+
 class BayesianSolver(BaseSolver):
     """TPE search over per-unit options with a real evaluator and the budget as a hard constraint.
 
@@ -154,6 +192,9 @@ class BayesianSolver(BaseSolver):
         storage: Optuna storage URL (``None`` = in memory); study_name: study to create/resume.
         prune: prune trials whose running error is worse than the median (needs evaluate_steps).
         n_warm: neighbours of the optimum to enqueue besides the optimum itself.
+        local_every: after every ``local_every``-th trial, enqueue a random one- or two-unit
+            perturbation of the best plan so far (local search between TPE proposals, as
+            exllamav2's annealing moves); 0 turns it off.
     """
 
     name: ClassVar[str] = "bayesian"
@@ -166,11 +207,14 @@ class BayesianSolver(BaseSolver):
     def __init__(
         self, *, evaluator: Evaluator | None = None, n_trials: int = 50, radius: int = 1,
         storage: str | None = None, study_name: str | None = None, prune: bool = True, n_warm: int = 4,
+        local_every: int = 2,
     ) -> None:
         if n_trials < 1:
             raise InvalidParameterError(f"n_trials must be ≥ 1, got {n_trials}")
         if radius < 0:
             raise InvalidParameterError(f"radius must be ≥ 0, got {radius}")
+        if local_every < 0:
+            raise InvalidParameterError(f"local_every must be ≥ 0 (0 = off), got {local_every}")
         self.evaluator = evaluator
         self.n_trials = n_trials
         self.radius = radius
@@ -178,6 +222,7 @@ class BayesianSolver(BaseSolver):
         self.study_name = study_name
         self.prune = prune
         self.n_warm = n_warm
+        self.local_every = local_every
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -201,7 +246,10 @@ class BayesianSolver(BaseSolver):
             # Other workers may share the study: stop when the study (not this process) is done.
             stop = optuna.study.MaxTrialsCallback(
                 self.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-            study.optimize(objective, n_trials=self.n_trials - done, callbacks=[stop])
+            callbacks: list[Any] = [stop]
+            if self.local_every:
+                callbacks.append(LocalMoves(space, every=self.local_every, seed=seed, n_trials=self.n_trials))
+            study.optimize(objective, n_trials=self.n_trials - done, callbacks=callbacks)
         best = study.best_trial
         choice = np.asarray(best.user_attrs["choice"], dtype=np.int64)
         stats = {"trials": float(len(study.trials)), "measured_error": float(best.value or 0.0),
@@ -247,7 +295,7 @@ class BayesianSolver(BaseSolver):
                 int(trial.suggest_categorical(n, [int(s) for s in c]))
                 for n, c in zip(space.names, space.candidates, strict=True)
             ], dtype=np.int64)
-            choice = repair(problem, space, sampled)
+            choice = fill(problem, space, repair(problem, space, sampled))
             cost, size, _ = problem.totals(choice)
             trial.set_user_attr("choice", choice.tolist())
             trial.set_user_attr("size_bits", size)
@@ -275,6 +323,39 @@ class BayesianSolver(BaseSolver):
                     raise optuna.TrialPruned()
             return float(value)
         return float(ev(choice))
+
+
+class LocalMoves:
+    """Optuna callback: every ``every``-th finished trial, queue a perturbation of the best plan.
+
+    Deterministic for a seed: the move for trial t comes from ``default_rng([seed, t])``.
+    Already-tried parameter sets are skipped (``skip_if_exists``), so TPE proposes instead.
+    """
+
+    def __init__(self, space: SearchSpace, *, every: int, seed: int | None, n_trials: int) -> None:
+        self.space, self.every, self.seed = space, every, 0 if seed is None else seed
+        self.n_trials = n_trials
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        import optuna
+
+        if (trial.number + 1) % self.every:
+            return
+        # Nothing queued beyond the study's size: a finished study holds no waiting trials.
+        if _finished(study) >= self.n_trials:
+            return
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            return
+        try:
+            best = study.best_trial
+        except ValueError:  # nothing complete yet
+            return
+        rng = np.random.default_rng([self.seed, trial.number])
+        base = np.asarray(best.user_attrs["choice"], dtype=np.int64)
+        moved = perturb(self.space, base, rng, moves=int(rng.integers(1, 3)))
+        if all(int(s) in c for s, c in zip(moved, self.space.candidates, strict=True)):
+            study.enqueue_trial({n: int(s) for n, s in zip(self.space.names, moved, strict=True)},
+                                skip_if_exists=True)
 
 
 def warm_neighbours(space: SearchSpace, problem: Problem, n: int) -> Iterator[dict[str, int]]:
@@ -339,7 +420,7 @@ def pareto_front(
             int(trial.suggest_categorical(n, [int(s) for s in c]))
             for n, c in zip(space.names, space.candidates, strict=True)
         ], dtype=np.int64)
-        choice = repair(problem, space, sampled)
+        choice = fill(problem, space, repair(problem, space, sampled))
         _, size, _ = problem.totals(choice)
         trial.set_user_attr("choice", choice.tolist())
         units = problem.table.units
