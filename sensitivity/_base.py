@@ -94,7 +94,8 @@ class BaseEstimator(abc.ABC):
         cost = np.asarray(out.cost, dtype=np.float64)
         expected = (len(ctx.units), len(ctx.options))
         if cost.shape != expected:
-            raise RuntimeError(f"estimator {self.name!r} returned costs of shape {cost.shape}, not {expected}")
+            raise RuntimeError(
+                f"estimator {self.name!r} returned costs of shape {cost.shape}, not {expected}")
         # Round-off can make a near-zero measured cost slightly negative; the contract says ≥ 0.
         cost = np.maximum(cost, 0.0)
         meta = {"estimator": self.name, "estimator_params": self.params(), "seed": ctx.seed,
