@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from allocator.errors import AllocatorError
 
@@ -45,7 +46,7 @@ def _verb_module(verb: str) -> ModuleType | None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own convention)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse's own convention)
         self.exit(2, f"bitalloc {self.prog.split()[-1]}: error: {message}\n"
                      f"(see '{self.prog} --help')\n")
 
