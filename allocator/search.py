@@ -16,11 +16,13 @@ from enum import StrEnum
 from typing import Any
 
 from allocator.budget import Budget
-from allocator.errors import InvalidParameterError
+from allocator.errors import InfeasibleBudgetError, InvalidParameterError, PlanCheckError
+from allocator.plan import BitPlan
 from allocator.result import SolveResult
 from allocator.table import CostTable
 
-__all__ = ["EvaluatorKind", "SearchSpec", "make_evaluator", "run_search", "run_worker"]
+__all__ = ["EvaluatorKind", "ParetoPoint", "SearchSpec", "make_evaluator", "run_pareto", "run_search",
+           "run_worker"]
 
 
 class EvaluatorKind(StrEnum):
@@ -106,6 +108,54 @@ def run_search(spec: SearchSpec, *, workers: int = 1) -> SolveResult:
     if workers > 1:  # other workers may have found a better plan after this one finished
         return run_worker(spec, 0)
     return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParetoPoint:
+    """One plan on the measured front: its size, measured error and the (checked) plan."""
+
+    bpw: float
+    size_bits: float
+    error: float
+    plan: BitPlan
+
+
+def run_pareto(spec: SearchSpec, *, population_size: int = 20) -> list[ParetoPoint]:
+    """NSGA-II over (size, measured error) below the budget: the measured Pareto front.
+
+    Each front plan is rebuilt from the table and passes the central plan check; a plan that
+    does not (it cannot, unless the search is broken) raises instead of being returned.
+    """
+    import solvers
+    from allocator.plan import check_plan
+    from solvers._bayesian import _slots_of, build_search_space, pareto_front
+    from solvers._problem import build_problem
+
+    table = CostTable.load(spec.table_path)
+    budget = Budget.from_dict(spec.budget)
+    start = solvers.solve(table, budget)
+    if start.plan is None:
+        raise InfeasibleBudgetError(f"no plan fits the budget (status {start.status}): {start.message}")
+    problem = build_problem(table, budget)
+    space = build_search_space(problem, _slots_of(problem, start.plan.choice), radius=spec.radius)
+    evaluator = make_evaluator(spec, table) or _table_cost(table)
+    front = pareto_front(problem, space, evaluator, n_trials=spec.n_trials, seed=spec.seed,
+                         population_size=population_size, storage=spec.storage, study_name=spec.study)
+    points = []
+    for size, error, slots in front:
+        units = problem.table.units
+        choice = {u: str(problem.labels[slots[problem.item_of_unit[k]]]) for k, u in enumerate(units)}
+        plan = BitPlan.from_choice(table, choice)
+        problems = check_plan(plan, table, budget)
+        if problems:
+            raise PlanCheckError(problems)
+        points.append(ParetoPoint(bpw=plan.summary.bpw, size_bits=size, error=error, plan=plan))
+    return points
+
+
+def _table_cost(table: CostTable) -> Any:
+    cost = table.df.set_index(["unit", "option"])["cost"].to_dict()
+    return lambda choice: float(sum(cost[(u, o)] for u, o in choice.items()))
 
 
 def study_trials(storage: str, study: str) -> Iterator[Mapping[str, Any]]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from allocator.cli._common import add_budget_arguments, budget_from_args, console
+
+if TYPE_CHECKING:
+    from allocator.search import SearchSpec
 
 HELP = "refine a plan by Bayesian search (Optuna TPE) with a real evaluator in the loop"
 
@@ -24,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--no-prune", action="store_true", help="evaluate every trial fully")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pareto", metavar="FRONT.csv",
+                   help="run NSGA-II instead: write the measured size-vs-error front below the budget "
+                   "to this CSV, each front plan beside it as FRONT-<k>.json")
     p.add_argument("-o", "--output", default="plan.json", help="where to write the best plan")
 
 
@@ -37,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         evaluator=EvaluatorKind.MODEL if args.model else EvaluatorKind.TABLE, model=args.model,
         method=args.method, samples=args.samples,
     )
+    if args.pareto:
+        return _pareto(spec, Path(args.pareto))
     result = run_search(spec, workers=args.workers)
     out = console()
     out.print(f"status {result.status}  {result.message}")
@@ -46,4 +55,22 @@ def run(args: argparse.Namespace) -> int:
     s = result.plan.summary
     out.print(f"bpw {s.bpw:.4f}  predicted cost {s.predicted_cost:.6g}  "
               f"measured {result.stats.get('measured_error', float('nan')):.6g}  -> {args.output}")
+    return 0
+
+
+def _pareto(spec: SearchSpec, path: Path) -> int:
+    import csv
+
+    from allocator.search import run_pareto
+
+    points = run_pareto(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["bpw", "size_bits", "measured_error", "plan"])
+        for k, pt in enumerate(points):
+            plan_path = path.with_name(f"{path.stem}-{k}.json")
+            pt.plan.save(plan_path)
+            w.writerow([f"{pt.bpw:.6f}", f"{pt.size_bits:.0f}", f"{pt.error:.8g}", plan_path.name])
+    console().print(f"{len(points)} plans on the measured front -> {path}")
     return 0
