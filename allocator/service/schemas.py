@@ -130,6 +130,7 @@ class FrontierPointPublic(BaseModel):
     cost: float
     kind: str
     status: str
+    cost_std: float | None = None  #: σ of the predicted cost; null when the table has no cost_std
 
 
 class FrontierPublic(BaseModel):

@@ -108,6 +108,20 @@ def test_frontier_matches_the_library(client, table):  # type: ignore[no-untyped
     r = client.get(f"/v1/tables/{tid}/frontier", params={"bpw": [-2]})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_budget"
     assert client.get("/v1/tables/nope/frontier").status_code == 404
+    assert all(p["cost_std"] is None for p in doc["points"])  # this table has no cost_std
+
+
+def test_frontier_carries_the_cost_std_band(client, table):  # type: ignore[no-untyped-def]
+    from allocator import CostTable
+
+    df = table.df.copy()
+    df["cost_std"] = 0.1 * df["cost"]
+    with_std = CostTable(df)
+    tid = upload(client, with_std)["id"]
+    doc = client.get(f"/v1/tables/{tid}/frontier").json()
+    ref = solvers.frontier(with_std)
+    assert ref.cost_std is not None
+    np.testing.assert_allclose([p["cost_std"] for p in doc["points"]], ref.cost_std, rtol=1e-12)
 
 
 def test_export_targets_and_errors(client, table, monkeypatch):  # type: ignore[no-untyped-def]

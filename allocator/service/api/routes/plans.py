@@ -124,9 +124,11 @@ def frontier(db: DbDep, table_id: str,
     with db.read() as s:
         table = repo.load_table(s, table_id, db.cache)
     f = solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
+    stds = [None] * len(f) if f.cost_std is None else [float(v) for v in f.cost_std]
     points = [FrontierPointPublic(size_bits=float(sz), bpw=float(bp), cost=float(c), kind=str(k),
-                                  status=str(st))
-              for sz, bp, c, k, st in zip(f.size_bits, f.bpw, f.cost, f.kind, f.status, strict=True)]
+                                  status=str(st), cost_std=sd)
+              for sz, bp, c, k, st, sd in zip(f.size_bits, f.bpw, f.cost, f.kind, f.status, stds,
+                                              strict=True)]
     return FrontierPublic(table_id=table_id, total_params=table.total_params, points=points)
 
 
