@@ -47,6 +47,7 @@ class SearchSpec:
     method: str = "rtn"
     samples: int = 32
     seq_len: int = 128
+    progress: bool = False  #: a progress bar in the first worker
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,7 +74,8 @@ def run_worker(spec: SearchSpec, worker: int = 0) -> SolveResult:
 
     table = CostTable.load(spec.table_path)
     solver = BayesianSolver(evaluator=make_evaluator(spec, table), n_trials=spec.n_trials, radius=spec.radius,
-                            storage=spec.storage, study_name=spec.study, prune=spec.prune)
+                            storage=spec.storage, study_name=spec.study, prune=spec.prune,
+                            progress=spec.progress and worker == 0)
     # Distinct sampler seeds per worker, or every worker would propose the same trials.
     return solver.solve(table, Budget.from_dict(spec.budget), seed=spec.seed + worker)
 

@@ -195,6 +195,7 @@ class BayesianSolver(BaseSolver):
         local_every: after every ``local_every``-th trial, enqueue a random one- or two-unit
             perturbation of the best plan so far (local search between TPE proposals, as
             exllamav2's annealing moves); 0 turns it off.
+        progress: show a progress bar with ETA over this process's trials.
     """
 
     name: ClassVar[str] = "bayesian"
@@ -207,7 +208,7 @@ class BayesianSolver(BaseSolver):
     def __init__(
         self, *, evaluator: Evaluator | None = None, n_trials: int = 50, radius: int = 1,
         storage: str | None = None, study_name: str | None = None, prune: bool = True, n_warm: int = 4,
-        local_every: int = 2,
+        local_every: int = 2, progress: bool = False,
     ) -> None:
         if n_trials < 1:
             raise InvalidParameterError(f"n_trials must be ≥ 1, got {n_trials}")
@@ -223,6 +224,7 @@ class BayesianSolver(BaseSolver):
         self.prune = prune
         self.n_warm = n_warm
         self.local_every = local_every
+        self.progress = progress
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -249,7 +251,8 @@ class BayesianSolver(BaseSolver):
             callbacks: list[Any] = [stop]
             if self.local_every:
                 callbacks.append(LocalMoves(space, every=self.local_every, seed=seed, n_trials=self.n_trials))
-            study.optimize(objective, n_trials=self.n_trials - done, callbacks=callbacks)
+            study.optimize(objective, n_trials=self.n_trials - done, callbacks=callbacks,
+                           show_progress_bar=self.progress)
         best = study.best_trial
         choice = np.asarray(best.user_attrs["choice"], dtype=np.int64)
         stats = {"trials": float(len(study.trials)), "measured_error": float(best.value or 0.0),

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         table_path=str(Path(args.table)), budget=budget.to_dict(), n_trials=args.trials, seed=args.seed,
         storage=args.storage, study=args.study, radius=args.radius, prune=not args.no_prune,
         evaluator=EvaluatorKind.MODEL if args.model else EvaluatorKind.TABLE, model=args.model,
-        method=args.method, samples=args.samples,
+        method=args.method, samples=args.samples, progress=True,
     )
     if args.pareto:
         return _pareto(spec, Path(args.pareto))
