@@ -41,6 +41,7 @@ class SearchSpec:
     storage: str | None = None
     study: str | None = None
     radius: int = 1
+    granularity: str = "unit"  #: ``unit`` or ``block`` (one parameter per transformer block)
     prune: bool = True
     evaluator: EvaluatorKind = EvaluatorKind.TABLE
     model: str | None = None
@@ -75,7 +76,7 @@ def run_worker(spec: SearchSpec, worker: int = 0) -> SolveResult:
     table = CostTable.load(spec.table_path)
     solver = BayesianSolver(evaluator=make_evaluator(spec, table), n_trials=spec.n_trials, radius=spec.radius,
                             storage=spec.storage, study_name=spec.study, prune=spec.prune,
-                            progress=spec.progress and worker == 0)
+                            progress=spec.progress and worker == 0, granularity=spec.granularity)
     # Distinct sampler seeds per worker, or every worker would propose the same trials.
     return solver.solve(table, Budget.from_dict(spec.budget), seed=spec.seed + worker)
 
@@ -130,7 +131,7 @@ def run_pareto(spec: SearchSpec, *, population_size: int = 20) -> list[ParetoPoi
     """
     import solvers
     from allocator.plan import check_plan
-    from solvers._bayesian import _slots_of, build_search_space, pareto_front
+    from solvers._bayesian import pareto_front, search_space
     from solvers._problem import build_problem
 
     table = CostTable.load(spec.table_path)
@@ -139,7 +140,7 @@ def run_pareto(spec: SearchSpec, *, population_size: int = 20) -> list[ParetoPoi
     if start.plan is None:
         raise InfeasibleBudgetError(f"no plan fits the budget (status {start.status}): {start.message}")
     problem = build_problem(table, budget)
-    space = build_search_space(problem, _slots_of(problem, start.plan.choice), radius=spec.radius)
+    space = search_space(problem, start.plan.choice, radius=spec.radius, granularity=spec.granularity)
     evaluator = make_evaluator(spec, table) or _table_cost(table)
     front = pareto_front(problem, space, evaluator, n_trials=spec.n_trials, seed=spec.seed,
                          population_size=population_size, storage=spec.storage, study_name=spec.study)

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "without it the table's own cost is the objective")
     p.add_argument("--trials", type=int, default=50, help="trials in the study in total (default 50)")
     p.add_argument("--radius", type=int, default=1, help="hull steps each unit may move (default 1)")
+    p.add_argument("--granularity", default="unit", choices=["unit", "block"],
+                   help="search one option per unit, or one hull-step offset per transformer block "
+                   "(large models)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="how plans are applied")
     p.add_argument("--samples", type=int, default=32, help="evaluation sequences (default 32)")
     p.add_argument("--storage", help="Optuna storage URL: sqlite:///search.db or postgresql://...")
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     spec = SearchSpec(
         table_path=str(Path(args.table)), budget=budget.to_dict(), n_trials=args.trials, seed=args.seed,
         storage=args.storage, study=args.study, radius=args.radius, prune=not args.no_prune,
+        granularity=args.granularity,
         evaluator=EvaluatorKind.MODEL if args.model else EvaluatorKind.TABLE, model=args.model,
         method=args.method, samples=args.samples, progress=True,
     )

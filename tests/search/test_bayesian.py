@@ -10,7 +10,8 @@ import pytest
 
 import solvers
 from allocator import Budget, CostTable, InvalidParameterError, SolveStatus, check_plan
-from solvers._bayesian import BayesianSolver, lower_hull
+from solvers._bayesian import BayesianSolver
+from solvers._search_space import lower_hull
 
 
 class Interacting:
@@ -94,8 +95,8 @@ def test_real_objective_beats_the_additive_optimum(table: CostTable) -> None:
 
 
 def test_fill_spends_the_slack_and_repair_restores_the_budget(table: CostTable) -> None:
-    from solvers._bayesian import build_search_space, fill, repair
     from solvers._problem import build_problem
+    from solvers._search_space import build_search_space, fill, repair
 
     problem = build_problem(table, Budget(bpw=4.0))
     warm = np.zeros(problem.n_items, dtype=np.int64)  # every unit at its smallest option
@@ -160,3 +161,27 @@ def test_infeasible_budget_is_a_status(table: CostTable) -> None:
 def test_bad_parameters(kw: dict[str, int]) -> None:
     with pytest.raises(InvalidParameterError):
         BayesianSolver(**kw)
+
+
+def test_block_granularity_moves_whole_blocks(table: CostTable) -> None:
+    from solvers._bayesian import search_space
+    from solvers._problem import build_problem
+
+    budget = Budget(bpw=3.5)
+    problem = build_problem(table, budget)
+    exact = solvers.solve(table, budget, solver="mckp")
+    assert exact.plan is not None
+    space = search_space(problem, exact.plan.choice, radius=1, granularity="block")
+    assert space.names == ["block.0", "block.1", "block.2", "block.3"]  # 8 units in 4 layers
+    assert space.decode([0, 0, 0, 0]).tolist() == space.space.warm.tolist()
+    up = space.decode([1, 0, 0, 0])
+    moved = np.flatnonzero(up != space.space.warm)
+    assert set(moved.tolist()) <= {0, 1} and moved.size >= 1  # only layer 0's two units move
+    r = BayesianSolver(n_trials=12, granularity="block").solve(table, budget, seed=0)
+    assert r.plan is not None and check_plan(r.plan, table, budget) == []
+    assert r.objective == pytest.approx(exact.objective)  # table cost: nothing beats the optimum
+
+
+def test_unknown_granularity_is_refused() -> None:
+    with pytest.raises(InvalidParameterError, match="granularity 'layer' is unknown"):
+        BayesianSolver(granularity="layer")
