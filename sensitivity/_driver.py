@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,18 @@ if TYPE_CHECKING:
 
     from allocator.data import CalibrationData
     from allocator.models import LoadedModel
+    from sensitivity._base import BaseEstimator, EstimateContext
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "load_data", "run_estimate"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_SAMPLES",
+    "DEFAULT_SEQ_LEN",
+    "PreparedEstimate",
+    "load_data",
+    "prepare_estimate",
+    "run_estimate",
+    "seeded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +114,7 @@ def _merge_single_last(cal: CalibrationData) -> CalibrationData:
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed torch's global RNG for the run and restore its state afterwards."""
     import torch
 
@@ -119,6 +130,72 @@ def _check(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidParameterError(f"{name} must be an int ≥ {low}, got {value!r}")
     return value
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PreparedEstimate:
+    """What :func:`prepare_estimate` builds: run ``estimator.estimate(loaded.model, ctx,
+    metadata=metadata)`` to get the table (or split ``ctx.units`` into shards first)."""
+
+    loaded: LoadedModel
+    estimator: BaseEstimator
+    ctx: EstimateContext
+    metadata: dict[str, Any]
+
+
+def prepare_estimate(
+    model: str | Path | LoadedModel | None = None,
+    *,
+    method: str,
+    data: str | Path | Sequence[str] | CalibrationData | None = None,
+    options: str | Sequence[str] | Sequence[QuantFormat] | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    include: str | None = None,
+    exclude: str | None = None,
+    groups: int | None = None,
+    kinds: Sequence[str] = ("linear",),
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    estimator_params: Mapping[str, Any] | None = None,
+) -> PreparedEstimate:
+    """Load the model and data, discover the units and build the context (see
+    :func:`run_estimate` for the arguments); nothing is estimated yet."""
+    from sensitivity import EstimateContext, get_estimator
+
+    _check("seed", seed, 0)
+    _check("samples", samples, 1)
+    _check("seq_len", seq_len, 2)
+    _check("batch_size", batch_size, 1)
+    if groups is not None:
+        _check("groups", groups, 1)
+    estimator = get_estimator(method, **dict(estimator_params or {}))
+    fmts = _options(options)
+    kind_list = [UnitKind(k) if k in {u.value for u in UnitKind} else _bad_kind(k) for k in kinds]
+    loaded = _load(model, device)
+    from allocator.units import discover_units
+
+    units = discover_units(loaded.model, include=include, exclude=exclude, kinds=kind_list,
+                           group_columns=groups)
+    kind = str(loaded.kind)
+    cal = None
+    if estimator.needs_data:
+        cal = load_data(data, loaded.tokenizer, kind=kind, samples=samples, seq_len=seq_len,
+                        batch_size=batch_size, seed=seed).to(device)
+    ctx = EstimateContext(batches=list(cal.batches) if cal is not None else [], units=units,
+                          options=fmts, seed=seed, device=device, model_kind=kind,
+                          progress=progress)
+    meta: dict[str, Any] = {
+        "method": method, "model": loaded.name, "model_path": loaded.path, "model_kind": kind,
+        "model_fingerprint": loaded.fingerprint, "units_count": len(units),
+        "filters": {"include": include, "exclude": exclude, "groups": groups,
+                    "kinds": [str(k) for k in kind_list]},
+        "data": cal.metadata() if cal is not None else None,
+        "data_fingerprint": cal.fingerprint if cal is not None else None,
+    }
+    return PreparedEstimate(loaded=loaded, estimator=estimator, ctx=ctx, metadata=meta)
 
 
 def run_estimate(
@@ -160,43 +237,16 @@ def run_estimate(
     Raises:
         UnknownNameError, InvalidParameterError, ModelError: with one-line messages.
     """
-    from sensitivity import EstimateContext, get_estimator
-
-    _check("seed", seed, 0)
-    _check("samples", samples, 1)
-    _check("seq_len", seq_len, 2)
-    _check("batch_size", batch_size, 1)
-    if groups is not None:
-        _check("groups", groups, 1)
-    estimator = get_estimator(method, **dict(estimator_params or {}))
-    fmts = _options(options)
-    kind_list = [UnitKind(k) if k in {u.value for u in UnitKind} else _bad_kind(k) for k in kinds]
-    loaded = _load(model, device)
-    from allocator.units import discover_units
-
-    units = discover_units(loaded.model, include=include, exclude=exclude, kinds=kind_list,
-                           group_columns=groups)
-    kind = str(loaded.kind)
-    cal = None
-    if estimator.needs_data:
-        cal = load_data(data, loaded.tokenizer, kind=kind, samples=samples, seq_len=seq_len,
-                        batch_size=batch_size, seed=seed).to(device)
-    ctx = EstimateContext(batches=list(cal.batches) if cal is not None else [], units=units,
-                          options=fmts, seed=seed, device=device, model_kind=kind,
-                          progress=progress)
-    meta: dict[str, Any] = {
-        "method": method, "model": loaded.name, "model_path": loaded.path, "model_kind": kind,
-        "model_fingerprint": loaded.fingerprint, "units_count": len(units),
-        "filters": {"include": include, "exclude": exclude, "groups": groups,
-                    "kinds": [str(k) for k in kind_list]},
-        "data": cal.metadata() if cal is not None else None,
-        "data_fingerprint": cal.fingerprint if cal is not None else None,
-    }
+    prep = prepare_estimate(model, method=method, data=data, options=options, samples=samples,
+                            seq_len=seq_len, batch_size=batch_size, include=include,
+                            exclude=exclude, groups=groups, kinds=kinds, seed=seed, device=device,
+                            progress=progress, estimator_params=estimator_params)
     start = time.perf_counter()
-    with _seeded(seed):
-        table = estimator.estimate(loaded.model, ctx, metadata=meta)
+    with seeded(seed):
+        table = prep.estimator.estimate(prep.loaded.model, prep.ctx, metadata=prep.metadata)
     seconds = time.perf_counter() - start
-    log.info("%s: %d units × %d options in %.1f s", method, len(units), len(fmts), seconds)
+    log.info("%s: %d units × %d options in %.1f s", method, len(prep.ctx.units),
+             len(prep.ctx.options), seconds)
     return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
 
 

@@ -34,6 +34,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-o", "--output", default="table.parquet",
                    help="output file (.parquet, .csv or .json; default table.parquet)")
+    g = p.add_argument_group("sharding (--method measured): units split over workers that share "
+                             "an Optuna storage; other machines join with the same command")
+    g.add_argument("--storage", help="Optuna storage URL: sqlite:///estimate.db or postgresql://... "
+                   "(default: in memory, this process only)")
+    g.add_argument("--study", help="study name, stored as estimate-NAME (default: from the model, "
+                   "data and options fingerprint); re-run to resume")
+    g.add_argument("--shards", type=int, help="shards in the queue (default: the study's, else 4 "
+                   "per local worker)")
+    g.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    g.add_argument("--stale-after", type=float, default=120.0, metavar="SECONDS",
+                   help="requeue a running shard with no heartbeat for this long (default 120)")
+    g.add_argument("--wait", action="store_true",
+                   help="wait until every shard is complete (taking over stale ones), then write")
+    g.add_argument("--max-shards", type=int, metavar="N",
+                   help="stop each local worker after N shards (bounded jobs; re-run to go on)")
+
+
+def sharded(args: argparse.Namespace) -> bool:
+    """Whether the sharding flags are in use (they need ``--method measured``)."""
+    from allocator.errors import InvalidParameterError
+
+    used = [f for f, on in (("--storage", args.storage is not None), ("--study", args.study is not None),
+                            ("--shards", args.shards is not None), ("--workers", args.workers != 1),
+                            ("--wait", args.wait), ("--max-shards", args.max_shards is not None))
+            if on]
+    if used and args.method != "measured":
+        raise InvalidParameterError(f"{used[0]} shards the 'measured' estimator only, not "
+                                    f"{args.method!r}; drop it or use --method measured")
+    return bool(used)
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -57,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from sensitivity import run_estimate
 
     params = parse_params(args.param)
+    if sharded(args):
+        return _run_sharded(args, params)
     try:
         table = run_estimate(
             args.model, method=args.method, data=args.data, options=args.options,
@@ -73,4 +104,34 @@ def run(args: argparse.Namespace) -> int:
     meta = table.metadata
     console().print(f"{args.method}: {table.n_units} units × {len(table.options)} options, "
                     f"{table.total_params:,} params, {meta.get('seconds', 0):.1f} s -> {path}")
+    return 0
+
+
+def _run_sharded(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    from allocator.shard_estimate import ShardedEstimateSpec, run_sharded
+
+    spec = ShardedEstimateSpec(
+        model=args.model, storage=args.storage, study=args.study, n_shards=args.shards,
+        data=args.data, options=args.options, samples=args.samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, include=args.include, exclude=args.exclude, groups=args.groups,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
+        device=args.device, progress=not args.no_progress, estimator_params=params,
+        stale_after_s=args.stale_after, wait=args.wait, max_shards=args.max_shards)
+    if not getattr(args, "verbose", False):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one summary line, not per trial
+    out = run_sharded(spec, workers=args.workers)
+    done = out.n_shards - len(out.pending)
+    if out.table is None:
+        console().print(f"{out.study}: {done}/{out.n_shards} shards complete ({out.measured} here); "
+                        f"shards {list(out.pending)} are running elsewhere. The command that "
+                        f"finishes the last one writes the table; re-run this one (or add --wait) "
+                        f"to write it to {args.output}")
+        return 0
+    path = out.table.save(args.output)
+    table = out.table
+    console().print(f"measured: {table.n_units} units × {len(table.options)} options, "
+                    f"{out.n_shards} shards in {out.study} ({out.measured} here), "
+                    f"{table.metadata.get('seconds', 0):.1f} s -> {path}")
     return 0

@@ -1,0 +1,323 @@
+"""Shard the ``measured`` estimator over worker processes that share an Optuna storage.
+
+A :class:`ShardedEstimateSpec` says everything a worker needs (model, data, options, filters,
+storage URL, study name), so a worker on another machine joins with the same spec:
+``bitalloc estimate tiny-llama --method measured --storage postgresql://... --study s1
+--workers 4``. Every worker loads the model and data, discovers the units and checks the
+study's fingerprint; the units are split by :func:`sensitivity._measured.shard_units` and the
+shards are claimed from the queue of :mod:`allocator.shard_queue`. Each claimed shard is
+measured with :func:`~sensitivity._measured.measure_units` and its rows stored in its trial.
+Once every shard is COMPLETE, :func:`~sensitivity._measured.merge_measured` assembles the one
+table a single-process ``measured`` run would give (same rows; costs equal to float round-off
+between machines and thread counts).
+
+Resuming: re-running the same command fails RUNNING shards whose heartbeat is older than
+``stale_after_s``, enqueues every shard without a waiting, running or complete trial and
+measures those; a finished shard is never measured again. In-memory storage cannot be shared,
+so ``workers > 1`` needs an RDB URL (SQLite file or PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from allocator import shard_queue as q
+from allocator.errors import AllocatorError, InvalidParameterError
+from allocator.table import CostTable
+
+if TYPE_CHECKING:
+    import optuna
+
+    from sensitivity._driver import PreparedEstimate
+    from sensitivity._measured import MeasuredEstimator
+
+__all__ = ["ShardOutcome", "ShardedEstimateSpec", "estimate_fingerprint", "run_shard_worker",
+           "run_sharded"]
+
+log = logging.getLogger(__name__)
+
+STUDY_PREFIX = "estimate-"
+SHARDS_PER_WORKER = 4  #: default shards per local worker: balance, and little lost to a crash
+_PARAMS = frozenset({"metric", "max_tokens", "workers"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardedEstimateSpec:
+    """Everything a shard worker needs; plain data so it crosses process boundaries.
+
+    ``study`` names the Optuna study ``estimate-<study>`` (default: the fingerprint's first 12
+    hex digits, so identical commands meet in one study). ``n_shards`` None takes the study's
+    count when joining, else ``SHARDS_PER_WORKER`` × local workers.
+    """
+
+    model: str
+    storage: str | None = None
+    study: str | None = None
+    n_shards: int | None = None
+    data: str | None = None
+    options: str | None = None
+    samples: int = 32
+    seq_len: int = 128
+    batch_size: int = 8
+    include: str | None = None
+    exclude: str | None = None
+    groups: int | None = None
+    kinds: tuple[str, ...] = ("linear",)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = False
+    estimator_params: Mapping[str, Any] = field(default_factory=dict)
+    stale_after_s: float = 120.0
+    wait: bool = False  #: poll until every shard is complete (taking over stale ones)
+    poll_s: float = 5.0
+    max_shards: int | None = None  #: stop each worker process after this many shards
+
+    def __post_init__(self) -> None:
+        n = self.n_shards
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise InvalidParameterError(f"shards must be an int ≥ 1, got {n!r}")
+        if not self.stale_after_s > 0:
+            raise InvalidParameterError(f"stale_after_s must be > 0, got {self.stale_after_s!r}")
+        if not self.poll_s > 0:
+            raise InvalidParameterError(f"poll_s must be > 0, got {self.poll_s!r}")
+        m = self.max_shards
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise InvalidParameterError(f"max_shards must be an int ≥ 1, got {m!r}")
+        unknown = sorted(set(self.estimator_params) - _PARAMS)
+        if unknown:
+            raise InvalidParameterError(f"measured has no parameter {unknown[0]!r}; use "
+                                        f"{', '.join(sorted(_PARAMS - {'workers'}))}")
+        if self.estimator_params.get("workers", 1) != 1:
+            raise InvalidParameterError("--param workers is the in-process pool; with --storage "
+                                        "use --workers W (processes sharing the queue)")
+        if self.study is not None and not self.study.strip():
+            raise InvalidParameterError("study name is empty; pass --study NAME or omit it")
+        q.storage_kind(self.storage)  # a malformed URL fails here, before any model is loaded
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardOutcome:
+    """What a sharded run left: the merged table once every shard is complete."""
+
+    study: str
+    n_shards: int
+    measured: int  #: shards measured by this run's processes
+    pending: tuple[int, ...]  #: shards not complete yet (running elsewhere, or failed)
+    table: CostTable | None
+
+
+def estimate_fingerprint(prep: PreparedEstimate) -> str:
+    """sha256 of what fixes the rows: model and data content, units, options, metric, seed."""
+    est: Any = prep.estimator
+    what = {"model": prep.loaded.fingerprint, "data": prep.metadata.get("data_fingerprint"),
+            "kind": prep.ctx.model_kind, "units": [[u.name, u.params] for u in prep.ctx.units],
+            "options": [o.name for o in prep.ctx.options], "metric": est.metric,
+            "max_tokens": est.max_tokens, "seed": prep.ctx.seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare(spec: ShardedEstimateSpec, progress: bool) -> PreparedEstimate:
+    from sensitivity._driver import prepare_estimate
+
+    params = {k: v for k, v in spec.estimator_params.items() if k != "workers"}
+    return prepare_estimate(spec.model, method="measured", data=spec.data, options=spec.options,
+                            samples=spec.samples, seq_len=spec.seq_len, batch_size=spec.batch_size,
+                            include=spec.include, exclude=spec.exclude, groups=spec.groups,
+                            kinds=spec.kinds, seed=spec.seed, device=spec.device,
+                            progress=progress, estimator_params=params)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _Queue:
+    """A worker's view of the queue: the study and the shards (unit indices) it holds."""
+
+    storage: optuna.storages.BaseStorage
+    study: optuna.Study
+    name: str
+    shards: list[list[int]]
+
+
+def _open(spec: ShardedEstimateSpec, prep: PreparedEstimate, storage: optuna.storages.BaseStorage,
+          default_shards: int) -> _Queue:
+    from sensitivity._measured import shard_units
+
+    fp = estimate_fingerprint(prep)
+    name = STUDY_PREFIX + (spec.study.strip() if spec.study else fp[:12])
+    summary = {"model": prep.loaded.name, "units": len(prep.ctx.units),
+               "options": ",".join(o.name for o in prep.ctx.options)}
+    study, n_shards = q.open_queue(storage, name, fingerprint=fp, n_shards=spec.n_shards,
+                                   default_shards=default_shards, summary=summary)
+    shards = shard_units(len(prep.ctx.units), n_shards)
+    biggest = max(len(s) for s in shards) * len(prep.ctx.options)
+    # refuse before measuring, not after: a float of 17 digits and an exponent per entry
+    q.check_payload_size(0, "cost", [-1.2345678901234567e-05] * biggest)
+    q.requeue_stale(storage, study, spec.stale_after_s)
+    q.ensure_queue(study, len(shards))
+    return _Queue(storage=storage, study=study, name=name, shards=shards)
+
+
+def _measure(prep: PreparedEstimate, units: list[int]) -> tuple[dict[str, Any], float]:
+    """The payload of one shard (unit names, cost and cost_std rows, info) and its seconds."""
+    from sensitivity._driver import seeded
+    from sensitivity._measured import measure_units
+
+    est: Any = prep.estimator
+    start = time.perf_counter()
+    with seeded(prep.ctx.seed):
+        rows = measure_units(prep.loaded.model, prep.ctx, units, metric=est.metric,
+                             max_tokens=est.max_tokens)
+    seconds = time.perf_counter() - start
+    info = {k: rows.info[k] for k in ("metric", "n_batches", "n_blocks") if k in rows.info}
+    payload = {"units": [prep.ctx.units[i].name for i in units], "cost": rows.cost.tolist(),
+               "cost_std": rows.cost_std.tolist(), "info": info, "seconds": round(seconds, 3),
+               "host": socket.gethostname(), "device": prep.ctx.device}
+    return payload, seconds
+
+
+def _work(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue, worker: int,
+          run_id: str) -> int:
+    """Claim and measure shards until none is waiting; returns how many this worker recorded."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{run_id}:{worker}"
+    beat = max(0.5, min(30.0, spec.stale_after_s / 4))
+    done, cap = 0, spec.max_shards
+    while (cap is None or done < cap) and (c := q.claim(queue.study, len(queue.shards), owner)):
+        log.info("%s: worker %d measures shard %d/%d", queue.name, worker, c.shard + 1,
+                 len(queue.shards))
+        try:
+            with q.heartbeat(c, beat):
+                payload, seconds = _measure(prep, queue.shards[c.shard])
+        except BaseException as exc:  # interrupted or crashed: hand the shard back at once
+            q.fail(queue.study, c, f"{type(exc).__name__}: {exc}")
+            raise
+        done += q.record(queue.study, c, payload, seconds)
+    return done
+
+
+def run_shard_worker(spec: ShardedEstimateSpec, worker: int = 0, *,
+                     default_shards: int = SHARDS_PER_WORKER, run_id: str | None = None) -> int:
+    """Join (or create) the queue and measure shards until none is waiting (a spawned local
+    process); returns the number of shards it recorded. Other machines use :func:`run_sharded`."""
+    prep = _prepare(spec, progress=False)
+    queue = _open(spec, prep, q.open_storage(spec.storage), default_shards)
+    return _work(spec, prep, queue, worker, run_id or uuid.uuid4().hex[:12])
+
+
+def _worker_entry(spec_dict: dict[str, Any], worker: int, threads: int, default_shards: int,
+                  run_id: str, verbosity: int) -> None:
+    import optuna
+    import torch
+
+    optuna.logging.set_verbosity(verbosity)  # spawned: the parent's setting is not inherited
+    torch.set_num_threads(threads)
+    run_shard_worker(ShardedEstimateSpec(**spec_dict), worker, default_shards=default_shards,
+                     run_id=run_id)
+
+
+def run_sharded(spec: ShardedEstimateSpec, *, workers: int = 1) -> ShardOutcome:
+    """Measure with ``workers`` processes on this machine (others may join); merge when done."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InvalidParameterError(f"workers must be an int ≥ 1, got {workers!r}")
+    if workers > 1 and spec.storage is None:
+        raise InvalidParameterError("several workers need shared storage: pass --storage "
+                                    "sqlite:///estimate.db or a PostgreSQL URL")
+    import optuna
+    import torch
+
+    prep = _prepare(spec, progress=spec.progress)
+    storage = q.open_storage(spec.storage)
+    default_shards = SHARDS_PER_WORKER * workers
+    queue = _open(spec, prep, storage, default_shards)  # before the children: one creator
+    threads = max(1, torch.get_num_threads() // workers)
+    run_id = uuid.uuid4().hex[:12]  # in every owner token of this run's processes
+    ctx = mp.get_context("spawn")  # torch and fork do not mix
+    procs = [ctx.Process(target=_worker_entry,
+                         args=(asdict(spec), w, threads, default_shards, run_id,
+                               optuna.logging.get_verbosity()))
+             for w in range(1, workers)]
+    for p in procs:
+        p.start()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _work(spec, prep, queue, 0, run_id)
+    finally:
+        torch.set_num_threads(before)
+        for p in procs:
+            p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if spec.wait:
+        _wait(spec, prep, queue, run_id)
+    outcome = _outcome(spec, prep, queue, run_id)
+    if failed and outcome.table is None:
+        raise AllocatorError(f"{len(failed)} estimate worker(s) failed (exit codes {failed}); shards "
+                             f"{list(outcome.pending)} are not measured: fix the error above and "
+                             f"re-run the same command")
+    return outcome
+
+
+def _wait(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue, run_id: str) -> None:
+    """Poll until every shard is complete, measuring any that go stale or fail meanwhile."""
+    while q.completed_payloads(queue.study, len(queue.shards))[1]:
+        time.sleep(spec.poll_s)
+        q.requeue_stale(queue.storage, queue.study, spec.stale_after_s)
+        q.ensure_queue(queue.study, len(queue.shards))
+        _work(spec, prep, queue, 0, run_id)
+
+
+def _outcome(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
+             run_id: str) -> ShardOutcome:
+    done, pending = q.completed_payloads(queue.study, len(queue.shards))
+    table = None if pending else _merge(spec, prep, queue, done)
+    mine = sum(1 for a in done.values() if f":{run_id}:" in str(a.get("owner", "")))
+    return ShardOutcome(study=queue.name, n_shards=len(queue.shards), measured=mine,
+                        pending=tuple(pending), table=table)
+
+
+def _merge(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
+           done: Mapping[int, Mapping[str, Any]]) -> CostTable:
+    """One table from every shard's rows, as the single-process estimator would write it."""
+    import numpy as np
+
+    from sensitivity import UnitCosts
+    from sensitivity._measured import MeasuredRows, merge_measured
+
+    parts = []
+    for k, units in enumerate(queue.shards):
+        attrs = done[k]
+        if attrs.get("units") != [prep.ctx.units[i].name for i in units]:
+            raise InvalidParameterError(f"shard {k} of study {queue.name!r} holds other units; "
+                                        "delete the study and estimate again")
+        cost, std = np.asarray(attrs["cost"], dtype=np.float64), np.asarray(attrs["cost_std"])
+        parts.append(MeasuredRows(unit_indices=tuple(units), cost=cost, cost_std=std,
+                                  batch_means=np.zeros((*cost.shape, 0)), info=attrs["info"]))
+    cost, std = merge_measured(parts, len(prep.ctx.units))
+    seconds = sum(float(done[k]["seconds"]) for k in done)
+    merged = _merged_estimator(prep.estimator, UnitCosts(cost=cost, cost_std=std,
+                                                         info=dict(done[0]["info"])))
+    sharded = {"n_shards": len(queue.shards), "storage": q.storage_kind(spec.storage),
+               "study": queue.name, "hosts": sorted({str(done[k]["host"]) for k in done}),
+               "shard_seconds": round(seconds, 3)}
+    table = merged.estimate(prep.loaded.model, prep.ctx, metadata={**prep.metadata, "sharded": sharded})
+    return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
+
+
+def _merged_estimator(base: Any, costs: Any) -> MeasuredEstimator:
+    """A ``measured`` estimator with the same parameters whose costs are the merged shards, so
+    the table and its metadata are built by the same code as a single-process run."""
+    from sensitivity._measured import MeasuredEstimator
+
+    class _Merged(MeasuredEstimator):
+        def _costs(self, model: Any, ctx: Any) -> Any:
+            return costs
+
+    return _Merged(metric=base.metric, max_tokens=base.max_tokens)
