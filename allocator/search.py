@@ -10,13 +10,14 @@ PostgreSQL). Interrupting and re-running the same command resumes the study.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
 from allocator.budget import Budget
-from allocator.errors import InfeasibleBudgetError, InvalidParameterError, PlanCheckError
+from allocator.errors import BackendError, InfeasibleBudgetError, InvalidParameterError, PlanCheckError
 from allocator.plan import BitPlan
 from allocator.result import SolveResult
 from allocator.table import CostTable
@@ -49,6 +50,7 @@ class SearchSpec:
     samples: int = 32
     seq_len: int = 128
     progress: bool = False  #: a progress bar in the first worker
+    threads: int | None = None  #: torch threads per worker (None: torch's default)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,10 +65,38 @@ def make_evaluator(spec: SearchSpec, table: CostTable) -> Any:
     """The evaluator a worker uses (``None`` = the table's cost)."""
     if spec.evaluator is EvaluatorKind.TABLE:
         return None
-    from allocator.search_eval import ModelEvaluator
+    return LazyModelEvaluator(spec, table)
 
-    return ModelEvaluator(model=str(spec.model), table=table, method=spec.method, samples=spec.samples,
-                          seq_len=spec.seq_len, seed=spec.seed)
+
+class LazyModelEvaluator:
+    """A :class:`~allocator.search_eval.ModelEvaluator` built on first use.
+
+    A worker that joins a finished study (or the final read of the best plan) then never loads
+    the model or computes reference outputs.
+    """
+
+    def __init__(self, spec: SearchSpec, table: CostTable) -> None:
+        self.spec, self.table = spec, table
+        self._ev: Any = None
+
+    def _get(self) -> Any:
+        if self._ev is None:
+            from allocator.search_eval import ModelEvaluator
+
+            s = self.spec
+            if s.threads:
+                import torch
+
+                torch.set_num_threads(s.threads)
+            self._ev = ModelEvaluator(model=str(s.model), table=self.table, method=s.method,
+                                      samples=s.samples, seq_len=s.seq_len, seed=s.seed)
+        return self._ev
+
+    def __call__(self, choice: Mapping[str, str]) -> float:
+        return float(self._get()(choice))
+
+    def evaluate_steps(self, choice: Mapping[str, str]) -> Iterator[float]:
+        return iter(self._get().evaluate_steps(choice))
 
 
 def run_worker(spec: SearchSpec, worker: int = 0) -> SolveResult:
@@ -95,6 +125,8 @@ def run_search(spec: SearchSpec, *, workers: int = 1) -> SolveResult:
         )
     if workers > 1 and spec.study is None:
         raise InvalidParameterError("several workers need one --study name to share")
+    if workers > 1 and spec.threads is None:  # N workers on one machine share its cores
+        spec = replace(spec, threads=max(1, (os.cpu_count() or 1) // workers))
     ctx = mp.get_context("spawn")  # torch and fork do not mix
     procs = [ctx.Process(target=_worker_entry, args=(asdict(spec), w), daemon=False)
              for w in range(1, workers)]
@@ -107,7 +139,8 @@ def run_search(spec: SearchSpec, *, workers: int = 1) -> SolveResult:
             p.join()
     failed = [p.exitcode for p in procs if p.exitcode]
     if failed:
-        raise RuntimeError(f"{len(failed)} search worker(s) failed (exit codes {failed})")
+        raise BackendError(f"{len(failed)} search worker(s) failed (exit codes {failed}); "
+                           "re-run the same command to resume the study")
     if workers > 1:  # other workers may have found a better plan after this one finished
         return run_worker(spec, 0)
     return result

@@ -117,8 +117,10 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=128, help="held-out sequences for the final report")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--tp-trials", type=int, default=24, help="trials per throughput run (0 = skip)")
+    ap.add_argument("--skip-refinement", action="store_true", help="only measure throughput")
     args = ap.parse_args()
-    refinement(args)
+    if not args.skip_refinement:
+        refinement(args)
     if args.tp_trials:
         throughput(args)
 
