@@ -108,3 +108,17 @@ def test_nan_cost_in_a_csv_is_rejected(tmp_path: Path) -> None:
 def test_from_unit_costs_checks_shapes() -> None:
     with pytest.raises(InvalidParameterError, match="expected \\(n_units, n_options\\)"):
         CostTable.from_unit_costs(units=["a"], params=[1], options=["fp16"], cost=np.zeros((2, 1)))
+
+
+def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import stat
+
+    from allocator.synth import synth_table
+
+    umask = os.umask(0o022)
+    try:
+        path = synth_table(n_units=3, n_options=3, seed=0).save(tmp_path / "t.parquet")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
