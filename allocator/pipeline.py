@@ -290,12 +290,11 @@ def _option_counts(plan: BitPlan) -> dict[str, int]:
 
 
 def _plot(run: RunResult, front: Any, path: Path) -> Path:
-    import matplotlib
+    # A bare Figure renders with Agg without touching pyplot's global backend (Jupyter keeps inline).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.subplots()
     ax.plot(front.bpw, front.cost, "-", lw=1.2, color="0.4", label="Pareto frontier (predicted)")
     for r, style in zip(run.rows, ("s", "*", "^"), strict=False):
         ax.plot([r.bpw], [max(r.plan.summary.predicted_cost, 1e-12)], style, ms=10 if style == "*" else 7,
@@ -310,7 +309,6 @@ def _plot(run: RunResult, front: Any, path: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -1,6 +1,6 @@
 """Drawing a frontier: the ±kσ band of its predicted cost and measured points on top.
 
-Static plots use matplotlib (Agg backend), interactive ones plotly with plotly.js embedded in
+Static plots use matplotlib (a bare Agg-rendered Figure), interactive ones plotly with plotly.js embedded in
 the HTML page (it opens offline). Both are imported inside the functions that draw, so
 ``import solvers`` stays free of them.
 
@@ -195,12 +195,11 @@ def plot_static(f: Frontier, path: str | Path, *, measured: Sequence[MeasuredLik
                 band_sigma: float = 2.0, log_cost: bool = True) -> Path:
     """Matplotlib figure of :meth:`Frontier.plot <solvers._frontier.Frontier.plot>`."""
     log_scale, k, points = _prepare(f, measured, band_sigma, log_cost)
-    import matplotlib
+    # A bare Figure renders with Agg without touching pyplot's global backend (Jupyter keeps inline).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.subplots()
     hull = f.kind == "hull"
     exact = ~hull
     ax.plot(f.bpw[hull], f.cost[hull], "-", color="C0", lw=1.2, label=_HULL_LABEL)
@@ -230,7 +229,6 @@ def plot_static(f: Frontier, path: str | Path, *, measured: Sequence[MeasuredLik
     fig.tight_layout()
     out = _out(path)
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
