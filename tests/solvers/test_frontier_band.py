@@ -252,7 +252,8 @@ def test_static_plot_leaves_the_pyplot_backend_alone(table: CostTable, tmp_path:
     # A notebook's inline backend must survive a plot written to a file.
     code = ("import matplotlib; matplotlib.use('svg'); import solvers; "
             "from allocator.synth import synth_table; "
-            f"solvers.frontier(synth_table(n_units=5, n_options=3, seed=0)).plot({str(tmp_path / 'f.png')!r}); "
+            "f = solvers.frontier(synth_table(n_units=5, n_options=3, seed=0)); "
+            f"f.plot({str(tmp_path / 'f.png')!r}); "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "svg"
