@@ -293,6 +293,8 @@ def pareto_front(
     done = _finished(study)
     if done < n_trials:
         study.optimize(run, n_trials=n_trials - done)
-    front = [(float(t.values[0]), float(t.values[1]), np.asarray(t.user_attrs["choice"], dtype=np.int64))
-             for t in study.best_trials]
-    return sorted(front, key=lambda p: p[0])
+    front: dict[bytes, tuple[float, float, np.ndarray]] = {}
+    for t in study.best_trials:  # two samples can repair to one plan: keep each plan once
+        choice = np.asarray(t.user_attrs["choice"], dtype=np.int64)
+        front.setdefault(choice.tobytes(), (float(t.values[0]), float(t.values[1]), choice))
+    return sorted(front.values(), key=lambda p: p[0])

@@ -211,7 +211,11 @@ class ParamSpace:
         return out
 
     def neighbours(self, problem: Problem, n: int) -> Iterator[dict[str, int]]:
-        """The warm start, then up to ``n`` one-parameter moves, most promising predicted trade first."""
+        """The warm start, then up to ``n`` one-parameter moves, most promising predicted trade first.
+
+        A move whose plan, once repaired and filled to the budget, is the warm start again (or
+        an earlier move's plan) is skipped: it would spend a trial on a plan already queued.
+        """
         base = self.warm_params()
         yield base
         cost0, size0, _ = problem.totals(self.decode(list(base.values())))
@@ -223,8 +227,20 @@ class ParamSpace:
                 cost, size, _ = problem.totals(self.decode(list({**base, name: v}.values())))
                 moves.append((abs((cost - cost0) / (size - size0)) if size != size0 else np.inf, name, v))
         moves.sort(key=lambda m: m[0])
-        for _, name, v in moves[:n]:
-            yield {**base, name: v}
+        seen = {self._budgeted(problem, base).tobytes()}
+        for _, name, v in moves:
+            if n <= 0:
+                return
+            params = {**base, name: v}
+            key = self._budgeted(problem, params).tobytes()
+            if key not in seen:
+                seen.add(key)
+                n -= 1
+                yield params
+
+    def _budgeted(self, problem: Problem, params: Mapping[str, int]) -> np.ndarray:
+        slots = self.decode([params[k] for k in self.names])
+        return fill(problem, self.space, repair(problem, self.space, slots))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.space.fingerprint().encode())

@@ -185,3 +185,17 @@ def test_block_granularity_moves_whole_blocks(table: CostTable) -> None:
 def test_unknown_granularity_is_refused() -> None:
     with pytest.raises(InvalidParameterError, match="granularity 'layer' is unknown"):
         BayesianSolver(granularity="layer")
+
+
+def test_warm_neighbours_are_distinct_plans_after_the_budget_repair(table: CostTable) -> None:
+    from solvers._bayesian import search_space
+    from solvers._problem import build_problem
+
+    budget = Budget(bpw=3.5)
+    problem = build_problem(table, budget)
+    exact = solvers.solve(table, budget, solver="mckp")
+    assert exact.plan is not None
+    space = search_space(problem, exact.plan.choice, radius=2)
+    queued = list(space.neighbours(problem, 6))
+    plans = {space._budgeted(problem, p).tobytes() for p in queued}
+    assert len(queued) >= 2 and len(plans) == len(queued)

@@ -98,4 +98,5 @@ def test_search_and_pareto_with_the_model_in_the_loop(tmp_path: Path, lm_table: 
     errors = [p.error for p in front]
     assert sizes == sorted(sizes)
     # a Pareto front: a larger plan on it must measure a smaller error
-    assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:], strict=False))
+    pairs = list(zip(sizes, errors, strict=True))
+    assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:], strict=False)), pairs
