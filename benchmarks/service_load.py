@@ -136,6 +136,7 @@ def main() -> int:
     proc = _start(db, port, args.workers, tmp / "server.log")
     try:
         tables, plans, blobs = _setup(url, args.tables, args.units)
+        unloaded = _unloaded(url)
         kinds = list(MIX)
         weights = [MIX[k] for k in kinds]
         lat: dict[str, list[float]] = defaultdict(list)
@@ -184,9 +185,23 @@ def main() -> int:
     solve50 = float(np.percentile(np.asarray(lat["solve_nostore"]) * 1e3, 50))
     print(f"baseline: in-process solve p50 {base:.2f} ms; HTTP solve (no store) p50 under load "
           f"{solve50:.2f} ms = {solve50 / base:.1f}x the baseline")
+    print("unloaded, one client, sequential: " + ", ".join(f"{k} {v:.2f} ms" for k, v in unloaded.items()))
     for e in errors[:10]:
         print("error:", e)
     return 1 if errors else 0
+
+
+def _unloaded(url: str, n: int = 200) -> dict[str, float]:
+    """Mean round trip of cheap routes from one client before the load (queueing-free cost)."""
+    out = {}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+        for path in ("/v1/health", "/v1/version", "/v1/tables"):
+            http.get(path)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                http.get(path).raise_for_status()
+            out[path] = (time.perf_counter() - t0) / n * 1e3
+    return out
 
 
 if __name__ == "__main__":
