@@ -174,7 +174,7 @@ def run_pareto(spec: SearchSpec, *, population_size: int = 20) -> list[ParetoPoi
         raise InfeasibleBudgetError(f"no plan fits the budget (status {start.status}): {start.message}")
     problem = build_problem(table, budget)
     space = search_space(problem, start.plan.choice, radius=spec.radius, granularity=spec.granularity)
-    evaluator = make_evaluator(spec, table) or _table_cost(table)
+    evaluator = make_evaluator(spec, table)
     front = pareto_front(problem, space, evaluator, n_trials=spec.n_trials, seed=spec.seed,
                          population_size=population_size, storage=spec.storage, study_name=spec.study)
     points = []
@@ -187,11 +187,6 @@ def run_pareto(spec: SearchSpec, *, population_size: int = 20) -> list[ParetoPoi
             raise PlanCheckError(problems)
         points.append(ParetoPoint(bpw=plan.summary.bpw, size_bits=size, error=error, plan=plan))
     return points
-
-
-def _table_cost(table: CostTable) -> Any:
-    cost = table.df.set_index(["unit", "option"])["cost"].to_dict()
-    return lambda choice: float(sum(cost[(u, o)] for u, o in choice.items()))
 
 
 def study_trials(storage: str, study: str) -> Iterator[Mapping[str, Any]]:

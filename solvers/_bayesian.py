@@ -265,10 +265,12 @@ def _warm_value(study: Any) -> float:
 
 
 def pareto_front(
-    problem: Problem, space: ParamSpace, evaluator: Evaluator, *, n_trials: int, seed: int | None,
+    problem: Problem, space: ParamSpace, evaluator: Evaluator | None, *, n_trials: int, seed: int | None,
     population_size: int = 20, storage: str | None = None, study_name: str | None = None,
 ) -> list[tuple[float, float, np.ndarray]]:
     """NSGA-II over (size_bits, measured error): the measured Pareto front, sorted by size.
+
+    ``evaluator=None`` uses the table's additive cost (a dry run without a model).
 
     Plans above the budget's cap are repaired to it, so every point is within the budget; plans
     below it are kept as sampled (not filled), since smaller plans are the point of a front.
@@ -284,8 +286,10 @@ def pareto_front(
 
     def run(trial: optuna.Trial) -> tuple[float, float]:
         choice = repair(problem, space.space, _sample(trial, space))
-        _, size, _ = problem.totals(choice)
+        cost, size, _ = problem.totals(choice)
         trial.set_user_attr("choice", choice.tolist())
+        if evaluator is None:  # the table's additive cost, as BayesianSolver without an evaluator
+            return size, cost
         units = problem.table.units
         mapping = {u: str(problem.labels[choice[problem.item_of_unit[k]]]) for k, u in enumerate(units)}
         return size, float(evaluator(mapping))

@@ -199,3 +199,17 @@ def test_warm_neighbours_are_distinct_plans_after_the_budget_repair(table: CostT
     queued = list(space.neighbours(problem, 6))
     plans = {space._budgeted(problem, p).tobytes() for p in queued}
     assert len(queued) >= 2 and len(plans) == len(queued)
+
+
+def test_pareto_front_without_a_model_uses_the_table_cost(tmp_path, table: CostTable) -> None:  # type: ignore[no-untyped-def]
+    from allocator.search import SearchSpec, run_pareto
+
+    path = tmp_path / "t.parquet"
+    table.save(path)
+    front = run_pareto(SearchSpec(table_path=str(path), budget={"bpw": 4.0}, n_trials=20, seed=0,
+                                  radius=2), population_size=6)
+    assert len(front) >= 2
+    for p in front:
+        assert check_plan(p.plan, table, Budget(bpw=4.0)) == []
+        assert p.error == pytest.approx(p.plan.summary.predicted_cost)
+    assert all(b.error < a.error for a, b in zip(front, front[1:], strict=False))
