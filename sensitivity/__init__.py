@@ -31,6 +31,7 @@ ESTIMATORS: dict[str, str] = {
     "hessian-trace": "sensitivity._hessian:HessianTraceEstimator",
     "hessian-eig": "sensitivity._hessian:HessianEigEstimator",
     "fisher": "sensitivity._fisher:FisherEstimator",
+    "gauss-newton": "sensitivity._gauss_newton:GaussNewtonEstimator",
     "salience": "sensitivity._salience:SalienceEstimator",
     "hessian-proxy": "sensitivity._salience:HessianProxyEstimator",
     "relevance": "sensitivity._relevance:RelevanceEstimator",

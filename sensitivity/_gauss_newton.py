@@ -1,0 +1,375 @@
+"""Output-consistent curvature: the Gauss–Newton form of the distortion plans are judged by.
+
+A plan is judged by an output distortion ``D(f_W(x), f_{W+δ}(x))`` against the full-precision
+model (:mod:`allocator.backend._evaluate`). At δ = 0 the distortion and its gradient vanish, and
+its second-order term is the Gauss–Newton (GN) quadratic form
+
+    D ≈ ½ δᵀ GN δ,   GN = (1/T) Σ_p J_pᵀ H_D,p J_p,
+
+over the T counted output positions p (J_p = ∂f_p/∂W, H_D,p the Hessian of the metric in the
+output at the reference). GN is positive semi-definite, and it needs no labels: an output
+cotangent ``v`` with ``E[v vᵀ] = H_D`` turns one backward into a sample ``g = Jᵀ v = ∇_W(vᵀ f)``
+with ``E[g gᵀ] = Jᵀ H_D J``.
+
+Per model kind (the metric of the evaluator; the output is :func:`forward_outputs`, i.e. exactly
+the tensor the evaluator compares):
+
+* ``causal_lm`` — token-mean ``KL(P_fp ‖ P_q)`` over the attention-mask positions. Per position
+  ``H_D = diag(p) − p pᵀ`` (softmax Fisher); ``v = p − onehot(y)``, ``y ~ P_fp`` (the *true*
+  Fisher: labels sampled from the model, not the data). One draw per token and one backward per
+  sequence stay unbiased: the cross terms between tokens have mean zero.
+* ``classifier`` (and ``generic``: the evaluator compares their outputs by KL as well) — the same
+  per example (per position for [B, T, C] logits, all positions counted). Batches may hold
+  ``pixel_values`` instead of ``input_ids``.
+* ``encoder`` — ``1 − cos(e_fp, e_q)`` of the mean-pooled, L2-normalised embedding.
+  ``H_D = (I − ê êᵀ)/‖e‖²`` (:func:`cosine_output_hessian`), ``v = (I − ê êᵀ) z / ‖e‖`` with
+  ``z ~ N(0, I)``.
+
+Every estimate is ``(1/T) Σ_s mean_k r(g_{s,k})`` over samples s and probes k, with a per-sample
+reduction r (squared inner product, diagonal, or squared norm); the per-sample probe means are
+accumulated as running sums, so no gradient outlives its reduction. ``cost_std`` is the standard
+error over samples (the probes of one sample are averaged first: they share the sample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from allocator.errors import InvalidParameterError
+from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves
+from sensitivity._progress import progress_bar
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "PER_SAMPLE_MODES",
+    "GaussNewtonEstimator",
+    "SampledCurvature",
+    "cosine_cotangent",
+    "cosine_output_hessian",
+    "gn_diagonal_terms",
+    "gn_quadratic_terms",
+    "gn_trace_terms",
+    "kl_cotangent",
+    "output_metric",
+    "quant_deltas",
+    "sampled_curvature",
+    "softmax_fisher",
+]
+
+PER_SAMPLE_MODES = ("auto", "loop", "vmap")
+#: Below this many unit weights, "auto" vmaps the per-(sample, probe) backward on CPU.
+_VMAP_BELOW = 2_000_000
+
+#: (grads of one (sample, probe), one tensor per leaf) → (units, width) float64 terms.
+Reduction = Callable[[Sequence["torch.Tensor"]], "torch.Tensor"]
+
+
+# ------------------------------------------------------------------ output metric Hessians
+def softmax_fisher(p: torch.Tensor) -> torch.Tensor:
+    """``H_KL = diag(p) − p pᵀ``: Hessian in the logits l of ``KL(p ‖ softmax(l))`` at
+    ``softmax(l) = p`` (over the last dim; returns [..., C, C])."""
+    import torch
+
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+
+def cosine_output_hessian(e: torch.Tensor) -> torch.Tensor:
+    """``H_cos = (I − ê êᵀ)/‖e‖²``: Hessian in x of ``1 − cos(e, x)`` at x = e.
+
+    With e = r ê, a = ê·δ/r and b = ‖δ‖²/r², cos(e, e + δ) = (1 + a)/√(1 + 2a + b)
+    = 1 − b/2 + a²/2 + O(δ³), so 1 − cos = ½ (‖δ‖² − (ê·δ)²)/r² = ½ δᵀ H_cos δ.
+    """
+    import torch
+
+    r2 = (e * e).sum(-1, keepdim=True).unsqueeze(-1)
+    e_hat = torch.nn.functional.normalize(e, dim=-1)
+    eye = torch.eye(e.shape[-1], dtype=e.dtype, device=e.device)
+    return (eye - e_hat.unsqueeze(-1) * e_hat.unsqueeze(-2)) / r2
+
+
+def kl_cotangent(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``v = ∇_l(−log p_y) = p − onehot(y)`` with ``y = F_p⁻¹(u)`` (u ~ U(0, 1) per position, so
+    y ~ p): ``E[v vᵀ] = diag(p) − p pᵀ`` (:func:`softmax_fisher`). Shape of ``logits``."""
+    import torch
+
+    p = torch.softmax(logits.detach().double(), dim=-1)
+    cdf = torch.cumsum(p, dim=-1)
+    y = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1).contiguous())
+    y = y.clamp_max(p.shape[-1] - 1)
+    return p - torch.zeros_like(p).scatter_(-1, y, 1.0)
+
+
+def cosine_cotangent(e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``v = (I − ê êᵀ) z / ‖e‖`` with z ~ N(0, I): ``E[v vᵀ] = (I − ê êᵀ)/‖e‖²``
+    (:func:`cosine_output_hessian`; the projector is idempotent)."""
+
+    e = e.detach().double()
+    r = e.norm(dim=-1, keepdim=True)
+    e_hat = e / r.clamp_min(1e-30)
+    z = z.double()
+    return (z - e_hat * (e_hat * z).sum(-1, keepdim=True)) / r.clamp_min(1e-30)
+
+
+def output_metric(kind: str) -> str:
+    """The evaluator's metric per model kind: ``cos`` for encoders, ``kl`` for the rest."""
+    return "cos" if kind == "encoder" else "kl"
+
+
+# ------------------------------------------------------------------ per-(sample, probe) terms
+def gn_quadratic_terms(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``½ ⟨ΔW_o, g⟩²`` per option o: ``g`` [out, cols], ``delta`` [options, out, cols].
+
+    With ``g = Jᵀ v`` and ``E[v vᵀ] = H_D``, ``E ½ ⟨ΔW, g⟩² = ½ ΔWᵀ Jᵀ H_D J ΔW`` (the exact GN
+    form of the unit block, within-unit correlations included)."""
+    inner = (delta * g.to(delta.dtype)).sum(dim=(1, 2))
+    return 0.5 * inner.double() ** 2
+
+
+def gn_diagonal_terms(g: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+    """``½ Σ_j g_j² ΔW_{o,j}²`` per option o: ``E[g_j²] = GN_jj`` (true-Fisher diagonal)."""
+    return 0.5 * (delta_sq * g.to(delta_sq.dtype) ** 2).sum(dim=(1, 2)).double()
+
+
+def gn_trace_terms(g: torch.Tensor) -> torch.Tensor:
+    """``‖g_u‖²`` (shape [1]): ``E‖g_u‖² = Tr(Jᵀ H_D J)_u = Tr(GN_u)``, never negative."""
+    return (g.double() ** 2).sum().reshape(1)
+
+
+def quant_deltas(model: torch.nn.Module, ctx: EstimateContext) -> list[torch.Tensor]:
+    """``ΔW = Q_o(W) − W`` per unit stacked over options, [options, out, cols] (float32, shared
+    RTN quantizer :func:`allocator.quant.fake_quantize`), on the weight's device."""
+    import torch
+
+    from allocator.quant import fake_quantize
+    from allocator.units import unit_weight
+
+    out = []
+    with torch.no_grad():
+        for unit in ctx.units:
+            w = unit_weight(model, unit).detach().float()
+            out.append(torch.stack([fake_quantize(w, f) - w for f in ctx.options]))
+    return out
+
+
+# ------------------------------------------------------------------ the sampling engine
+@dataclass(frozen=True, kw_only=True)
+class SampledCurvature:
+    """``mean`` = (1/T) Σ_s mean_k r(g_{s,k}) per (unit, column); ``sem`` its standard error."""
+
+    mean: np.ndarray
+    sem: np.ndarray
+    samples: int
+    positions: int
+    probes: int
+    metric: str
+
+    def info(self) -> dict[str, Any]:
+        return {"samples": self.samples, "positions": self.positions, "output_probes": self.probes,
+                "output_metric": self.metric}
+
+
+def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Reduction, *,
+                      probes: int = 2, chunk: int = 1, per_sample: str = "auto",
+                      label: str = "gauss-newton") -> SampledCurvature:
+    """Stream ``r(g_{s,k})`` over every calibration sample s and output probe k (module doc).
+
+    ``chunk`` rows share one forward; each (row, probe) gets its own backward on the retained
+    graph (``per_sample="loop"``) or one vmapped backward per forward (``"vmap"``). The draws
+    come from a CPU generator seeded with ``ctx.seed`` row by row, so results do not depend on
+    ``chunk``, ``per_sample`` or the device.
+    """
+    import torch
+
+    from sensitivity._activation_cache import forward_outputs
+
+    if per_sample not in PER_SAMPLE_MODES:
+        raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
+    metric = output_metric(ctx.model_kind)
+    leaves, _ = unit_leaves(model, ctx.units)
+    n_weights = sum(t.numel() for t in leaves)
+    batched = per_sample == "vmap" or (per_sample == "auto" and (
+        not ctx.device.startswith("cpu") or n_weights < _VMAP_BELOW))
+    gen = torch.Generator().manual_seed(ctx.seed)
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    n_samples = n_positions = 0
+    with gradient_mode(model, leaves), progress_bar(len(ctx.batches), f"{label} batches",
+                                                     ctx.progress) as bar:
+        for batch in ctx.batches:
+            for sub in _row_chunks(batch, chunk):
+                with differentiable_attention():
+                    out = forward_outputs(model, sub, ctx.model_kind)
+                cots, counts = _cotangents(out, sub, ctx.model_kind, metric, probes, gen)
+                for row, terms in _row_terms(out, leaves, cots, counts, probes, reduce, batched):
+                    s1 = terms if s1 is None else s1 + terms
+                    s2 = terms**2 if s2 is None else s2 + terms**2
+                    n_samples += 1
+                    n_positions += counts[row]
+            bar.update(1)
+    if s1 is None or s2 is None or n_positions == 0:
+        raise InvalidParameterError("no calibration sample has an output position to compare; "
+                                    "pass non-empty texts")
+    mean_s = (s1 / n_samples).cpu().numpy()
+    var_s = ((s2 / n_samples).cpu().numpy() - mean_s**2) * n_samples / max(n_samples - 1, 1)
+    scale = n_samples / n_positions  # per-sample sums → the metric's per-position mean
+    sem = scale * np.sqrt(np.maximum(var_s, 0.0) / n_samples) if n_samples > 1 else 0 * mean_s
+    return SampledCurvature(mean=scale * mean_s, sem=sem, samples=n_samples,
+                            positions=n_positions, probes=probes, metric=metric)
+
+
+def _row_chunks(batch: Mapping[str, Any], chunk: int) -> list[dict[str, Any]]:
+    """Sub-batches of ``chunk`` rows (tensors with the batch's leading size are sliced)."""
+    import torch
+
+    from sensitivity._loss import sample_count
+
+    rows = sample_count(batch)
+    out = []
+    for lo in range(0, rows, chunk):
+        hi = min(lo + chunk, rows)
+        out.append({k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows
+                    else v for k, v in batch.items()})
+    return out
+
+
+def _cotangents(out: torch.Tensor, batch: Mapping[str, Any], kind: str, metric: str, probes: int,
+                gen: torch.Generator) -> tuple[list[list[torch.Tensor]], list[int]]:
+    """Per row: ``probes`` output cotangents (shaped like ``out[row]``) and its counted positions.
+
+    KL counts the attention-mask positions for causal LMs (as the evaluator) and every position
+    otherwise; cos counts one per row."""
+    import torch
+
+    mask = None
+    if metric == "kl" and kind == "causal_lm" and out.dim() == 3:
+        am = batch.get("attention_mask")
+        if isinstance(am, torch.Tensor) and tuple(am.shape) == tuple(out.shape[:2]):
+            mask = am.to(out.device).bool()
+    cots: list[list[torch.Tensor]] = []
+    counts: list[int] = []
+    for row in range(out.shape[0]):
+        o = out[row].detach()
+        per_row = []
+        for _ in range(probes):
+            if metric == "kl":
+                u = torch.rand(tuple(o.shape[:-1]), generator=gen, dtype=torch.float64)
+                v = kl_cotangent(o, u.to(o.device))
+                if mask is not None:
+                    v = v * mask[row].unsqueeze(-1)
+            else:
+                z = torch.randn(tuple(o.shape), generator=gen, dtype=torch.float64)
+                v = cosine_cotangent(o, z.to(o.device))
+            per_row.append(v.to(out.dtype))
+        cots.append(per_row)
+        if metric == "cos":
+            counts.append(1)
+        elif mask is not None:
+            counts.append(int(mask[row].sum()))
+        else:
+            counts.append(int(math.prod(o.shape[:-1])))
+    return cots, counts
+
+
+def _row_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[list[torch.Tensor]],
+               counts: list[int], probes: int, reduce: Reduction,
+               batched: bool) -> list[tuple[int, torch.Tensor]]:
+    """``mean_k r(g_{row,k})`` for every row with a counted position."""
+    import torch
+
+    rows = [r for r in range(out.shape[0]) if counts[r] > 0]
+    pairs = [(r, k) for r in rows for k in range(probes)]
+    if not pairs:
+        return []
+
+    def full(r: int, k: int) -> torch.Tensor:
+        c = torch.zeros_like(out)
+        c[r] = cots[r][k]
+        return c
+
+    def grad_of(cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        res = torch.autograd.grad(out, list(leaves), grad_outputs=cot, retain_graph=True,
+                                  allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(res, leaves, strict=True))
+
+    acc: dict[int, torch.Tensor] = {}
+    if batched:
+        stacked = torch.func.vmap(grad_of)(torch.stack([full(r, k) for r, k in pairs]))
+        for i, (r, _) in enumerate(pairs):
+            t = reduce([g[i].detach() for g in stacked])
+            acc[r] = t if r not in acc else acc[r] + t
+        del stacked
+    else:
+        for r, k in pairs:
+            t = reduce([g.detach() for g in grad_of(full(r, k))])
+            acc[r] = t if r not in acc else acc[r] + t
+    return [(r, acc[r] / probes) for r in rows]
+
+
+def unit_reduction(units: Sequence[Any], index: Sequence[int],
+                   term: Callable[[torch.Tensor, int], torch.Tensor]) -> Reduction:
+    """Stack ``term(unit block of g, unit position)`` over units: (units, width) float64."""
+    import torch
+
+    def reduce(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([term(unit_block(grads[k], u), i)
+                            for i, (u, k) in enumerate(zip(units, index, strict=True))])
+
+    return reduce
+
+
+def check_probes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidParameterError(f"probes must be an int ≥ 1 (output probes per sample), got {value!r}")
+    return value
+
+
+def check_chunk(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidParameterError(f"chunk must be an int ≥ 1 (rows per forward), got {value!r}")
+    return value
+
+
+def check_per_sample(value: Any) -> str:
+    if value not in PER_SAMPLE_MODES:
+        raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {value!r}")
+    return str(value)
+
+
+class GaussNewtonEstimator(BaseEstimator):
+    """Sampled Gauss–Newton form of the output distortion (module doc):
+
+        cost(u, o) = ½ mean_{s,k} ⟨ΔW_{u,o}, g_{s,k,u}⟩²  →  ½ ΔWᵀ GN_u ΔW  (unbiased),
+
+    ``g_{s,k} = Jᵀ v_{s,k}`` with sampled output cotangents (``E[v vᵀ] = H_D``), weighted so the
+    cost predicts the evaluator's per-position mean distortion (token-mean KL for causal LMs,
+    per-example KL for classifiers, mean 1 − cos for encoders). Unlike diagonal or trace scores
+    it keeps the within-unit correlations of GN; it is never negative.
+
+    Args:
+        probes: output cotangents per sample (1–4 is enough: the samples already average).
+        chunk: rows per forward pass (each (row, probe) gets its own backward).
+        per_sample: ``auto`` (vmap on GPU and for small models), ``loop`` or ``vmap``.
+    """
+
+    name: ClassVar[str] = "gauss-newton"
+
+    def __init__(self, *, probes: int = 2, chunk: int = 1, per_sample: str = "auto") -> None:
+        self.probes = check_probes(probes)
+        self.chunk = check_chunk(chunk)
+        self.per_sample = check_per_sample(per_sample)
+
+    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+        _, index = unit_leaves(model, ctx.units)
+        deltas = quant_deltas(model, ctx)
+        reduce = unit_reduction(ctx.units, index, lambda g, i: gn_quadratic_terms(g, deltas[i]))
+        est = sampled_curvature(model, ctx, reduce, probes=self.probes, chunk=self.chunk,
+                                per_sample=self.per_sample, label="gauss-newton")
+        return UnitCosts(cost=est.mean, cost_std=est.sem, info=est.info())
