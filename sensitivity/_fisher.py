@@ -1,4 +1,18 @@
-"""Diagonal empirical Fisher / gradient Taylor costs (GWQ arXiv 2411.00850, modelopt style).
+"""Diagonal Fisher / gradient Taylor costs (GWQ arXiv 2411.00850, modelopt style).
+
+Two targets (``FisherEstimator(target=...)``):
+
+* ``"model"`` (default) — the *true* Fisher of the model's own output distribution, i.e. the
+  diagonal of the Gauss–Newton form of the distortion plans are judged by
+  (:mod:`sensitivity._gauss_newton`): ``cost(i, b) = ½ Σ_j GN_jj ΔW_j²`` with
+  ``GN_jj = E[g_j²]``, ``g = Jᵀ v`` for sampled output cotangents v (``E[v vᵀ] = H_D``). Per
+  model kind: causal LM — token-mean KL(P_fp ‖ P_q), labels y ~ P_fp per token; classifier —
+  per-example KL, y ~ P_fp; encoder — 1 − cos of the pooled embedding, v = (I − ê êᵀ) z/‖e‖. No
+  labels; one sample per sequence is enough (encoder batches of one text are fine).
+* ``"empirical"`` — the original empirical Fisher of the task loss below (next-token CE on the
+  data, self-labelled CE, or the encoder's InfoNCE, whose curvature is unrelated to 1 − cos).
+
+Empirical target:
 
 With per-sample losses ``ℓ_s`` (:mod:`sensitivity._loss`) and ``g_s = ∂ℓ_s/∂W``, the empirical
 Fisher of the mean loss is ``F = (1/N) Σ_s g_s g_sᵀ``; its diagonal ``F_jj = (1/N) Σ_s g_sj²``
@@ -28,6 +42,13 @@ import numpy as np
 
 from allocator.errors import InvalidParameterError
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._gauss_newton import (
+    check_probes,
+    gn_diagonal_terms,
+    quant_deltas,
+    sampled_curvature,
+    unit_reduction,
+)
 from sensitivity._loss import (
     differentiable_attention,
     gradient_mode,
@@ -40,9 +61,11 @@ from sensitivity._progress import progress_bar
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FisherEstimator", "fisher_sample_costs", "squared_quant_deltas"]
+__all__ = ["FISHER_TARGETS", "FisherEstimator", "fisher_sample_costs", "squared_quant_deltas"]
 
 PER_SAMPLE_MODES = ("auto", "loop", "vmap")
+#: "model": sampled-output true Fisher / GN diagonal (default); "empirical": task-loss gradients.
+FISHER_TARGETS = ("model", "empirical")
 #: Below this many unit weights, "auto" uses the vmapped backward (per-call overhead dominates).
 _VMAP_BELOW = 2_000_000
 
@@ -122,26 +145,45 @@ def _costs_of(grads: Sequence[torch.Tensor], units: Sequence[object], index: Seq
 
 
 class FisherEstimator(BaseEstimator):
-    """Diagonal empirical Fisher: cost(i, b) = ½ Σ_j F_jj (Q_b(W) − W)_j² (see module doc).
+    """Diagonal Fisher: cost(i, b) = ½ Σ_j F_jj (Q_b(W) − W)_j² (see module doc).
 
     Args:
+        target: ``model`` (true Fisher / GN diagonal of the output distortion, default) or
+            ``empirical`` (gradients of the task loss).
+        probes: output cotangents per sample (``model`` target).
         per_sample: ``auto``, ``loop`` (one backward per sample) or ``vmap`` (one vmapped
             backward per ``chunk`` samples).
-        chunk: samples per vmapped backward (memory: chunk × unit weights).
+        chunk: ``empirical``: samples per vmapped backward (memory: chunk × unit weights);
+            ``model``: rows per forward.
     """
 
     name: ClassVar[str] = "fisher"
 
-    def __init__(self, *, per_sample: str = "auto", chunk: int = 8) -> None:
+    def __init__(self, *, target: str = "model", probes: int = 2, per_sample: str = "auto",
+                 chunk: int = 8) -> None:
+        if target not in FISHER_TARGETS:
+            raise InvalidParameterError(f"target must be one of {FISHER_TARGETS}, got {target!r}")
         if per_sample not in PER_SAMPLE_MODES:
             raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InvalidParameterError(f"chunk must be an int ≥ 1, got {chunk!r}")
+        self.target = target
+        self.probes = check_probes(probes)
         self.per_sample = per_sample
         self.chunk = chunk
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+        if self.target == "model":
+            return self._model_costs(model, ctx)
         c = fisher_sample_costs(model, ctx, per_sample=self.per_sample, chunk=self.chunk)
         n = c.shape[0]
         std = c.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(c.shape[1:])
         return UnitCosts(cost=c.mean(axis=0), cost_std=std, info={"samples": int(n)})
+
+    def _model_costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+        _, index = unit_leaves(model, ctx.units)
+        d2 = [d**2 for d in quant_deltas(model, ctx)]
+        reduce = unit_reduction(ctx.units, index, lambda g, i: gn_diagonal_terms(g, d2[i]))
+        est = sampled_curvature(model, ctx, reduce, probes=self.probes, chunk=self.chunk,
+                                per_sample=self.per_sample, label="fisher")
+        return UnitCosts(cost=est.mean, cost_std=est.sem, info=est.info())

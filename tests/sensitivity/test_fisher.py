@@ -51,7 +51,7 @@ def test_fisher_matches_explicit_per_sample_gradients(mode: str) -> None:
     units = discover_units(model, group_columns=8)
     ctx = EstimateContext(batches=batches, units=units, options=OPTIONS, model_kind="causal_lm",
                           progress=False)
-    table = get_estimator("fisher", per_sample=mode, chunk=2).estimate(model, ctx)
+    table = get_estimator("fisher", target="empirical", per_sample=mode, chunk=2).estimate(model, ctx)
     cost = table.df["cost"].to_numpy().reshape(len(units), -1)
     np.testing.assert_allclose(cost, explicit_fisher_costs(model, batches, units), rtol=2e-4,
                                atol=1e-12)
@@ -69,7 +69,7 @@ def test_fisher_encoder_contrastive_gradients() -> None:
     units = discover_units(model, exclude="pooler")
     ctx = EstimateContext(batches=[batch], units=units, options=OPTIONS, model_kind="encoder",
                           progress=False)
-    cost = get_estimator("fisher").estimate(model, ctx).df
+    cost = get_estimator("fisher", target="empirical").estimate(model, ctx).df
     assert (cost[cost["option"] == "int2-g8-asym"]["cost"] > 0).all()
 
 
@@ -79,7 +79,10 @@ def test_encoder_batch_of_one_is_refused() -> None:
     ctx = EstimateContext(batches=[batch], units=discover_units(model), options=OPTIONS,
                           model_kind="encoder", progress=False)
     with pytest.raises(InvalidParameterError, match="≥ 2 texts"):
-        get_estimator("fisher").estimate(model, ctx)
+        get_estimator("fisher", target="empirical").estimate(model, ctx)
+    # the model target needs no negatives: one text is a valid sample
+    table = get_estimator("fisher").estimate(model, ctx)
+    assert table.metadata["samples"] == 1 and (table.df["cost"] > 0).any()
 
 
 def test_fisher_bad_parameters() -> None:
@@ -87,3 +90,7 @@ def test_fisher_bad_parameters() -> None:
         get_estimator("fisher", per_sample="all")
     with pytest.raises(InvalidParameterError, match="chunk"):
         get_estimator("fisher", chunk=0)
+    with pytest.raises(InvalidParameterError, match="target"):
+        get_estimator("fisher", target="labels")
+    with pytest.raises(InvalidParameterError, match="probes"):
+        get_estimator("fisher", probes=0)

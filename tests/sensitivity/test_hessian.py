@@ -14,7 +14,12 @@ from allocator.errors import InvalidParameterError  # noqa: E402
 from allocator.formats import parse_options  # noqa: E402
 from allocator.units import discover_units, unit_weight  # noqa: E402
 from sensitivity import EstimateContext, get_estimator, quant_errors  # noqa: E402
-from sensitivity._hessian import hutchinson_traces, power_iteration, running_mean_converged  # noqa: E402
+from sensitivity._hessian import (  # noqa: E402
+    hutchinson_traces,
+    power_iteration,
+    running_mean_converged,
+    trace_flags,
+)
 from sensitivity._loss import differentiable_attention, per_sample_losses  # noqa: E402
 
 
@@ -98,7 +103,7 @@ def test_running_mean_rule() -> None:
 def test_trace_estimator_table_costs_and_std(llama) -> None:
     model, batches = llama
     ctx = _ctx(model, batches)
-    table = get_estimator("hessian-trace", max_probes=8, tol=0.0).estimate(model, ctx)
+    table = get_estimator("hessian-trace", curvature="hessian", max_probes=8, tol=0.0).estimate(model, ctx)
     meta = table.metadata
     trace = np.asarray(meta["trace"])
     n = np.array([u.params for u in ctx.units])
@@ -152,6 +157,8 @@ def test_bad_parameters() -> None:
         get_estimator("hessian-trace", max_probes=1)
     with pytest.raises(InvalidParameterError, match="probe_mode"):
         get_estimator("hessian-trace", probe_mode="fast")
+    with pytest.raises(InvalidParameterError, match="curvature"):
+        get_estimator("hessian-trace", curvature="exact")
     with pytest.raises(InvalidParameterError, match="tol"):
         get_estimator("hessian-eig", tol=-1)
 
@@ -161,6 +168,35 @@ def test_weights_untouched(llama) -> None:
     ctx = _ctx(model, batches)
     before = [unit_weight(model, u).detach().clone() for u in ctx.units]
     get_estimator("hessian-trace", max_probes=2).estimate(model, ctx)
+    get_estimator("hessian-trace", curvature="hessian", max_probes=2).estimate(model, ctx)
     for u, w in zip(ctx.units, before, strict=True):
         assert torch.equal(unit_weight(model, u), w)
         assert model.get_submodule(u.module).weight.grad is None
+
+
+def test_trace_flags_record_negative_and_noisy_traces() -> None:
+    flags = trace_flags(["a", "b", "c"], np.array([-1.0, 0.5, 3.0]), np.array([0.1, 0.4, 0.1]))
+    assert flags["negative_traces"] == {"a": {"trace": -1.0, "sem": 0.1}}
+    assert flags["noisy_traces"] == {"b": {"trace": 0.5, "sem": 0.4}}
+
+
+def test_hessian_curvature_flags_negative_traces_in_metadata(caplog) -> None:
+    # InfoNCE on a tiny BERT: an indefinite Hessian, and two probes leave most signs unresolved
+    model = tiny_bert()
+    ids = torch.randint(1, 31, (4, 7), generator=torch.Generator().manual_seed(0))
+    ctx = _ctx(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], kind="encoder",
+               units=discover_units(model, exclude="pooler"))
+    with caplog.at_level("WARNING", logger="sensitivity._hessian"):
+        table = get_estimator("hessian-trace", curvature="hessian", max_probes=2).estimate(model, ctx)
+    meta = table.metadata
+    trace, sem = np.asarray(meta["trace"]), np.asarray(meta["trace_sem"])
+    names = [u.name for u in ctx.units]
+    assert set(meta["negative_traces"]) == {n for n, t in zip(names, trace, strict=True) if t < 0}
+    assert set(meta["noisy_traces"]) == {
+        n for n, t, s in zip(names, trace, sem, strict=True) if abs(t) < 2 * s}
+    assert meta["negative_traces"] or meta["noisy_traces"]
+    assert "hessian-trace:" in caplog.text and f"of {len(names)} task-loss" in caplog.text
+    cost = table.df.pivot(index="unit", columns="option", values="cost")
+    for name in meta["negative_traces"]:
+        assert (cost.loc[name] == 0).all()
+    assert (table.df["cost_std"] > 0).all()
