@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 import sys
@@ -129,6 +130,14 @@ def f8_arrays(html: str) -> list[np.ndarray]:
     return [np.frombuffer(base64.b64decode(b), dtype="<f8") for b in blocks]
 
 
+def trace_names(html: str) -> list[str]:
+    """Trace names of the figure embedded in the page, decoded as JSON whatever the escaping."""
+    call = html[html.index("Plotly.newPlot("):]
+    data_start = call.index("[")
+    data, _ = json.JSONDecoder().raw_decode(call[data_start:])
+    return [str(trace.get("name")) for trace in data]
+
+
 def test_html_is_self_contained_and_holds_the_data(table: CostTable, tmp_path: Path) -> None:
     f = solvers.frontier(table, budgets=[Budget(bpw=3.5)])
     assert f.cost_std is not None
@@ -218,8 +227,9 @@ def test_cli_round_trip(table: CostTable, tmp_path: Path,
     assert f.cost_std is not None
     np.testing.assert_allclose(frame["cost_std"], f.cost_std, rtol=1e-12)
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
-    html = out["html"].read_text(encoding="utf-8")
-    assert "run-2" in html and "±1.5σ (cost_std)" in html
+    names = trace_names(out["html"].read_text(encoding="utf-8"))
+    assert "±1.5σ (cost_std)" in names and "measured" in names
+    assert "run-2" in out["html"].read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("content", "extra", "match"), [
