@@ -10,10 +10,10 @@ from typing import Any
 
 import pandas as pd
 
-from allocator.errors import InvalidCostTableError, InvalidParameterError
+from allocator.errors import AllocatorError, InvalidCostTableError, InvalidParameterError
 from allocator.table import _META_KEY, TABLE_FORMAT, TABLE_VERSION, CostTable
 
-__all__ = ["load_table", "save_table", "sidecar_path"]
+__all__ = ["dump_json", "load_table", "parse_json", "save_table", "sidecar_path"]
 
 _SUFFIXES = (".parquet", ".csv", ".json")
 
@@ -48,9 +48,39 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_json(data: str | bytes, *, source: str, error: type[AllocatorError]) -> Any:
+    """``json.loads`` whose every failure is one ``error``: bad syntax, bytes that are not
+    UTF-8/16/32 text, and nesting too deep for the parser (a ``RecursionError``)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise error(f"{source} nests JSON too deeply to read; is it the right file?") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise error(f"{source} is not JSON: {exc}") from None
+
+
+def dump_json(doc: Any, *, what: str, error: type[AllocatorError], **kw: Any) -> str:
+    """``json.dumps`` that refuses NaN/inf (``Infinity`` is not JSON) with one ``error``."""
+    try:
+        return json.dumps(doc, default=str, allow_nan=False, **kw)
+    except ValueError:
+        raise error(
+            f"{what} holds a non-finite number (NaN or inf), which JSON cannot store; "
+            "replace it with a finite value or null"
+        ) from None
+    except RecursionError:
+        raise error(f"{what} nests too deeply to write as JSON") from None
+
+
 def save_table(table: CostTable, path: Path) -> Path:
     suffix = _suffix(path)
-    meta = json.dumps(table.metadata, default=str, sort_keys=True)
+    meta = dump_json(table.metadata, what="table metadata", error=InvalidCostTableError,
+                     sort_keys=True)
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -64,21 +94,43 @@ def save_table(table: CostTable, path: Path) -> Path:
     else:
         doc = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "metadata": table.metadata,
                "rows": table.df.to_dict(orient="records")}
-        _atomic_write(path, lambda p: p.write_text(json.dumps(doc, default=str)))
+        text = dump_json(doc, what="cost table", error=InvalidCostTableError)
+        _atomic_write(path, lambda p: p.write_text(text))
     return path
 
 
-def _check_meta(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+def _version(value: Any, path: Path) -> int:
+    """A whole number ≥ 1 (``1``, ``1.0`` and ``"1"`` all read as 1)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidCostTableError(
+            f"{str(path)!r} has cost-table version {_short(value)}; expected a whole number "
+            f"1..{TABLE_VERSION} (write the file with CostTable.save)"
+        )
+    return value
+
+
+def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise InvalidCostTableError(
+            f"{str(path)!r}: table metadata must be a JSON object, got {type(meta).__name__} "
+            f"{_short(meta)}; write the file with CostTable.save"
+        )
     fmt = meta.get("format", TABLE_FORMAT)
     if fmt != TABLE_FORMAT:
-        raise InvalidCostTableError(f"{str(path)!r} is a {fmt!r} file, not a {TABLE_FORMAT!r}")
-    version = int(meta.get("version", TABLE_VERSION))
+        raise InvalidCostTableError(
+            f"{str(path)!r} is a {_short(fmt)} file, not a {TABLE_FORMAT!r}"
+        )
+    version = _version(meta.get("version", TABLE_VERSION), path)
     if version > TABLE_VERSION:
         raise InvalidCostTableError(
             f"{str(path)!r} has cost-table version {version}; this bitalloc reads up to "
             f"{TABLE_VERSION} — upgrade bitalloc"
         )
-    return meta
+    return {**meta, "version": version}
 
 
 def load_table(path: Path) -> CostTable:
@@ -91,20 +143,35 @@ def load_table(path: Path) -> CostTable:
 
             arrow = pq.read_table(path)
             raw = (arrow.schema.metadata or {}).get(_META_KEY)
-            meta = json.loads(raw) if raw else {}
+            meta = parse_json(raw, source=f"metadata of {str(path)!r}",
+                              error=InvalidCostTableError) if raw else {}
             df = arrow.to_pandas()
         elif suffix == ".csv":
             df = pd.read_csv(path, dtype={"unit": str, "option": str, "tie": str}, keep_default_na=False,
                              na_values={"cost": ["nan", "NaN"], "cost_std": ["", "nan"]})
             side = sidecar_path(path)
-            meta = json.loads(side.read_text()) if side.is_file() else {}
+            meta = parse_json(side.read_bytes(), source=f"sidecar {str(side)!r}",
+                              error=InvalidCostTableError) if side.is_file() else {}
+            _check_meta(meta, side)
         else:
-            doc = json.loads(path.read_text())
+            doc = parse_json(path.read_bytes(), source=f"cost table {str(path)!r}",
+                             error=InvalidCostTableError)
             if not isinstance(doc, dict) or "rows" not in doc:
                 raise InvalidCostTableError(f"{str(path)!r} is not a bitalloc cost-table JSON (no 'rows')")
-            meta = {**doc.get("metadata", {}), "format": doc.get("format", TABLE_FORMAT),
+            given = doc.get("metadata", {})
+            if not isinstance(given, dict):
+                raise InvalidCostTableError(
+                    f"{str(path)!r}: 'metadata' must be a JSON object, got {_short(given)}"
+                )
+            rows = doc["rows"]
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise InvalidCostTableError(
+                    f"{str(path)!r}: 'rows' must be a list of objects (one per unit × option), "
+                    f"got {_short(rows)}"
+                )
+            meta = {**given, "format": doc.get("format", TABLE_FORMAT),
                     "version": doc.get("version", TABLE_VERSION)}
-            df = pd.DataFrame.from_records(doc["rows"])
+            df = pd.DataFrame.from_records(rows)
     except (OSError, ValueError) as exc:
         if isinstance(exc, InvalidCostTableError):
             raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -149,7 +148,10 @@ class BitPlan:
         }
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=str)
+        """The plan document; NaN/inf anywhere is refused (``Infinity`` is not JSON)."""
+        from allocator.io import dump_json
+
+        return dump_json(self.to_dict(), what="bit plan", error=InvalidPlanError, indent=indent)
 
     def save(self, path: str | Path) -> Path:
         from allocator.io import _atomic_write
@@ -164,39 +166,85 @@ class BitPlan:
         if not isinstance(doc, Mapping) or doc.get("format") != PLAN_FORMAT:
             raise InvalidPlanError(f"not a bit plan: expected format {PLAN_FORMAT!r}")
         version = doc.get("version")
-        if not isinstance(version, int) or version < 1 or version > PLAN_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= PLAN_VERSION:
             raise InvalidPlanError(
-                f"bit plan version {version!r} is not readable here (reads 1..{PLAN_VERSION}); "
+                f"bit plan version {_short(version)} is not readable here (reads 1..{PLAN_VERSION}); "
                 "upgrade bitalloc"
             )
         try:
-            assignments = {
-                str(u): Assignment(option=str(a["option"]), bits=float(a["bits"]),
-                                   group_size=a.get("group_size"), symmetric=a.get("symmetric"))
-                for u, a in doc["assignments"].items()
-            }
-            s = doc["summary"]
-            summary = PlanSummary(params=int(s["params"]), size_bits=float(s["size_bits"]),
-                                  bpw=float(s["bpw"]), predicted_cost=float(s["predicted_cost"]),
-                                  resources=dict(s.get("resources", {})))
-            sv = doc.get("solver", {"name": "manual", "status": "feasible"})
-            solver = SolverInfo(name=str(sv["name"]), status=str(sv["status"]), gap=sv.get("gap"),
-                                seconds=float(sv.get("seconds", 0.0)), params=dict(sv.get("params", {})))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InvalidPlanError(f"malformed bit plan: missing or bad field {exc}") from None
-        return cls(assignments=assignments, summary=summary, budget=dict(doc.get("budget", {})),
-                   solver=solver, provenance=dict(doc.get("provenance", {})))
+            assignments = {str(u): _assignment(str(u), a)
+                           for u, a in _mapping(doc["assignments"], "assignments").items()}
+            s = _mapping(doc["summary"], "summary")
+            summary = PlanSummary(
+                params=int(_finite(s["params"], "summary.params")),
+                size_bits=_finite(s["size_bits"], "summary.size_bits"),
+                bpw=_finite(s["bpw"], "summary.bpw"),
+                predicted_cost=_finite(s["predicted_cost"], "summary.predicted_cost"),
+                resources={str(k): _finite(v, f"summary.resources.{k}") for k, v in
+                           _mapping(s.get("resources", {}), "summary.resources").items()})
+            sv = _mapping(doc.get("solver", {"name": "manual", "status": "feasible"}), "solver")
+            gap = sv.get("gap")
+            solver = SolverInfo(name=str(sv["name"]), status=str(sv["status"]),
+                                gap=None if gap is None else _finite(gap, "solver.gap"),
+                                seconds=_finite(sv.get("seconds", 0.0), "solver.seconds"),
+                                params=dict(_mapping(sv.get("params", {}), "solver.params")))
+            budget = dict(_mapping(doc.get("budget", {}), "budget"))
+            provenance = dict(_mapping(doc.get("provenance", {}), "provenance"))
+        except KeyError as exc:
+            raise InvalidPlanError(f"malformed bit plan: missing field {exc}") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            if isinstance(exc, InvalidPlanError):
+                raise
+            raise InvalidPlanError(f"malformed bit plan: bad field ({exc})") from None
+        return cls(assignments=assignments, summary=summary, budget=budget, solver=solver,
+                   provenance=provenance)
 
     @classmethod
     def load(cls, path: str | Path) -> BitPlan:
+        from allocator.io import parse_json
+
         p = Path(path)
         if not p.is_file():
             raise InvalidPlanError(f"plan file {str(p)!r} does not exist")
         try:
-            doc = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise InvalidPlanError(f"plan file {str(p)!r} is not JSON: {exc}") from None
-        return cls.from_dict(doc)
+            data = p.read_bytes()
+        except OSError as exc:
+            raise InvalidPlanError(f"cannot read plan file {str(p)!r}: {exc}") from None
+        return cls.from_dict(parse_json(data, source=f"plan file {str(p)!r}", error=InvalidPlanError))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _mapping(value: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidPlanError(f"malformed bit plan: {name!r} must be a JSON object, got {_short(value)}")
+    return value
+
+
+def _finite(value: Any, name: str) -> float:
+    """A JSON number (not a bool, not NaN/inf: a plan from an overflowing table is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidPlanError(f"malformed bit plan: {name} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _assignment(unit: str, a: Any) -> Assignment:
+    a = _mapping(a, f"assignments.{unit}")
+    option, bits = a["option"], _finite(a["bits"], f"assignments.{unit}.bits")
+    group, sym = a.get("group_size"), a.get("symmetric")
+    if not isinstance(option, str) or bits <= 0:
+        raise InvalidPlanError(
+            f"malformed bit plan: unit {unit!r} needs an option label and bits > 0, "
+            f"got option={_short(option)}, bits={bits!r}"
+        )
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
+        raise InvalidPlanError(f"malformed bit plan: unit {unit!r} group_size {_short(group)} is not an int")
+    if sym is not None and not isinstance(sym, bool):
+        raise InvalidPlanError(f"malformed bit plan: unit {unit!r} symmetric {_short(sym)} is not true/false")
+    return Assignment(option=option, bits=bits, group_size=group, symmetric=sym)
 
 
 def _provenance(table: CostTable) -> dict[str, Any]:
@@ -276,9 +324,14 @@ def check_rows(table: CostTable, rows: np.ndarray, budget: Budget | None) -> lis
         n_opts = sel.groupby("tie")["option"].nunique()
         if (n_opts > 1).any():
             problems.append(f"tie group {n_opts.index[n_opts > 1][0]!r} mixes options")
-    for col in ("cost", "size_bits"):
-        if not np.all(np.isfinite(df[col].to_numpy()[idx])):
+    for col in ("cost", "size_bits", *table.resource_columns):
+        picked = df[col].to_numpy(np.float64)[idx]
+        if not np.all(np.isfinite(picked)):
             problems.append(f"plan has a non-finite {col}")
+        else:
+            with np.errstate(over="ignore"):
+                if not np.isfinite(picked.sum()):
+                    problems.append(f"plan total {col} overflows float64; rescale {col!r}")
     if budget is None:
         return problems
     ok = allowed_mask(table, budget)

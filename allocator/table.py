@@ -20,13 +20,27 @@ import pandas as pd
 from allocator.errors import InvalidCostTableError, InvalidParameterError
 from allocator.formats import QuantFormat
 
-__all__ = ["REQUIRED_COLUMNS", "TABLE_FORMAT", "TABLE_VERSION", "CostTable", "TableIndex"]
+__all__ = [
+    "MAX_TOTAL_PARAMS",
+    "REQUIRED_COLUMNS",
+    "SIZE_BITS_RTOL",
+    "TABLE_FORMAT",
+    "TABLE_VERSION",
+    "CostTable",
+    "TableIndex",
+]
 
 TABLE_FORMAT = "bitalloc.cost_table"
 TABLE_VERSION = 1
 REQUIRED_COLUMNS: tuple[str, ...] = ("unit", "params", "option", "bits", "size_bits", "cost")
 _RESERVED = (*REQUIRED_COLUMNS, "cost_std", "tie")
 _META_KEY = b"bitalloc"
+#: Largest Σ params over a table's units (2**53): totals stay exact in float64 and far from the
+#: int64 wrap-around, so bpw = Σ size_bits / Σ params is always meaningful.
+MAX_TOTAL_PARAMS = 2**53
+#: Relative slack allowed between a row's ``size_bits`` and params × the bits per weight that
+#: the format catalogue gives its option label (covers rounding and partial last groups).
+SIZE_BITS_RTOL = 0.05
 
 
 def _rows(df: pd.DataFrame, mask: Any, limit: int = 3) -> str:
@@ -117,6 +131,13 @@ class CostTable:
             raise InvalidCostTableError(
                 f"'params' must be whole numbers: {_rows(out, params != np.round(params))}"
             )
+        if np.any(params > MAX_TOTAL_PARAMS):
+            big = params > MAX_TOTAL_PARAMS
+            raise InvalidCostTableError(
+                f"'params' {params[big][0]:.6g} is too large ({_rows(out, big)}): bitalloc sums "
+                f"at most 2**53 = {MAX_TOTAL_PARAMS:.3g} weights; 'params' counts weights, "
+                "not bits or bytes"
+            )
         out["params"] = out["params"].astype(np.int64)
         index = _build_index(out)
         n_opts = len(index.options)
@@ -138,9 +159,77 @@ class CostTable:
                 f"inconsistent 'params' within a unit: {_rows(out, bad)}; "
                 "every row of a unit needs the same params"
             )
+        total = float(p0.astype(np.float64).sum())
+        if total > MAX_TOTAL_PARAMS:
+            raise InvalidCostTableError(
+                f"total params over {len(p0)} units is {total:.6g}, more than 2**53 = "
+                f"{MAX_TOTAL_PARAMS:.3g} that bitalloc sums exactly (int64 totals would wrap); "
+                "'params' counts weights, not bits or bytes"
+            )
+        CostTable._check_sums(out, index)
+        CostTable._check_sizes(out, index)
         if "tie" in out.columns:
             CostTable._check_ties(out)
         return out, index
+
+    @staticmethod
+    def _check_sums(out: pd.DataFrame, index: TableIndex) -> None:
+        """Every plan total (Σ over units) must be a finite float64, or solvers compare infs."""
+        for col in out.columns:
+            if col in ("unit", "option", "tie", "params", "bits"):
+                continue
+            v = out[col].to_numpy(np.float64)
+            with np.errstate(over="ignore"):
+                if np.isfinite(v.sum()):
+                    continue  # values are ≥ 0, so no plan sums to more than every row
+                worst = np.zeros(len(index.units))
+                np.maximum.at(worst, index.unit_codes, v)
+                total = worst.sum()
+            if not np.isfinite(total):
+                raise InvalidCostTableError(
+                    f"column {col!r} totals overflow: the largest plan sums to more than "
+                    f"{np.finfo(np.float64).max:.3g} (largest value {v.max():.6g}); rescale "
+                    f"{col!r} (divide every row by the same factor)"
+                )
+
+    @staticmethod
+    def _check_sizes(out: pd.DataFrame, index: TableIndex) -> None:
+        """``size_bits`` ≈ params × the label's bits per weight (:data:`SIZE_BITS_RTOL`).
+
+        Labels the catalogue parses are checked; per-channel labels (``-ch-``) only within
+        [b, b + overhead] bits per weight, since the table does not record input features.
+        Unknown (custom) labels cannot be checked and are taken as given.
+        """
+        from allocator.errors import UnknownNameError
+        from allocator.formats import parse_format
+
+        n = len(index.options)
+        lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
+        for code, label in enumerate(index.options):
+            try:
+                fmt = parse_format(str(label))
+            except UnknownNameError:
+                continue
+            if fmt.group_size == -1:  # per channel: overhead/in_features, in_features ≥ 1
+                lo[code], hi[code] = fmt.bits, fmt.bits + (16.0 if fmt.symmetric else 32.0)
+            else:
+                lo[code] = hi[code] = fmt.bits_per_weight()
+        if not np.isfinite(lo).any():
+            return
+        bpw = out["size_bits"].to_numpy() / out["params"].to_numpy(np.float64)
+        codes = index.option_codes
+        bad = (bpw < lo[codes] * (1 - SIZE_BITS_RTOL)) | (bpw > hi[codes] * (1 + SIZE_BITS_RTOL))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            a, b = lo[codes[r]], hi[codes[r]]
+            want = f"{a:.6g}" if a == b else f"{a:.6g}..{b:.6g}"
+            raise InvalidCostTableError(
+                f"'size_bits' does not match the option's storage: {_rows(out, bad)}; row {r} "
+                f"has {out['size_bits'].iat[r]:.6g} bits for {out['params'].iat[r]} params "
+                f"({bpw[r]:.6g} bits/weight) but {out['option'].iat[r]!r} stores {want} "
+                f"bits/weight (±{SIZE_BITS_RTOL:.0%}); set size_bits = params × bits per weight "
+                "(allocator.formats), overheads included"
+            )
 
     @staticmethod
     def _check_values(out: pd.DataFrame) -> None:
@@ -227,7 +316,12 @@ class CostTable:
         if len(params) != n:
             raise InvalidParameterError(f"params has {len(params)} entries for {n} units")
         feats = list(in_features) if in_features is not None else [None] * n
-        p = np.asarray(params, dtype=np.int64)
+        try:
+            p = np.asarray(params, dtype=np.int64)
+        except (OverflowError, TypeError, ValueError):
+            raise InvalidParameterError(
+                f"params must be whole numbers below 2**53, got {str(params)[:80]}"
+            ) from None
         bpw = np.empty((n, k))
         for j, f in enumerate(fmts):
             if f.group_size == -1:  # per channel: overhead depends on each unit's input features

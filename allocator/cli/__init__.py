@@ -77,14 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args._run(args)
         return code
     except AllocatorError as exc:
-        print(f"bitalloc {args.verb}: error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"bitalloc {args.verb}: error: {_one_line(exc)}", file=sys.stderr)  # noqa: T201
         return 2
     except KeyboardInterrupt:
         print(f"bitalloc {args.verb}: interrupted", file=sys.stderr)  # noqa: T201
         return 130
     except (OSError, MemoryError) as exc:
-        print(f"bitalloc {args.verb}: error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"bitalloc {args.verb}: error: {_one_line(exc)}", file=sys.stderr)  # noqa: T201
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: wrapped parser errors (pandas, pyarrow) may span several."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Any:
     """Settings from flags over ``BITALLOC_*`` variables; invalid ones fail before anything starts."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from allocator.errors import InvalidParameterError
     from allocator.service.core.config import Settings, ensure_token
@@ -49,6 +50,20 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "settings"
         raise InvalidParameterError(f"{where}: {first['msg']}") from None
+    except SettingsError as exc:  # a BITALLOC_* variable that is not even parseable
+        raise InvalidParameterError(_settings_error(str(exc))) from None
+
+
+def _settings_error(message: str) -> str:
+    """pydantic-settings says 'error parsing value for field "x" ...': name the variable."""
+    import re
+
+    m = re.search(r'field "(\w+)"', message)
+    if m is None:
+        return f"settings: {message}"
+    var = f"BITALLOC_{m[1].upper()}"
+    return (f"environment variable {var} cannot be parsed ({message}); list and object "
+            f"settings take JSON, e.g. {var}='[\"/models\"]', or unset it")
 
 
 def _start_workers(settings: Any, n: int) -> list[Any]:
