@@ -33,6 +33,7 @@ __all__ = ["Client", "ServiceClientError"]
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 _FINISHED = ("succeeded", "failed", "cancelled")
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
 class ServiceClientError(AllocatorError):
@@ -87,7 +88,16 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        r = self._http.request(method, self._prefix + path, **kw)
+        import httpx
+
+        try:
+            r = self._http.request(method, self._prefix + path, **kw)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            # A keep-alive connection the server (or a proxy) closed under us: the request may
+            # or may not have run, so only idempotent ones are sent again, once, on a new one.
+            if method.upper() not in _IDEMPOTENT:
+                raise
+            r = self._http.request(method, self._prefix + path, **kw)
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]

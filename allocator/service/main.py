@@ -9,10 +9,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from allocator.errors import AllocatorError
+from allocator.service.core.auth import host_error, needs_token, token_error
 from allocator.service.core.config import Settings, ensure_token
 from allocator.service.core.errors import ServiceError, domain_error, error_body
 from allocator.service.deps import Db
@@ -78,12 +80,74 @@ class BodyLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(error_body("request_too_large",
-                                     f"request body exceeds {self.limit} bytes (BITALLOC_MAX_BODY_BYTES)"))
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body.encode()})
+        await _send_error(send, ServiceError(
+            413, "request_too_large", f"request body exceeds {self.limit} bytes (BITALLOC_MAX_BODY_BYTES)"))
+
+
+async def _send_error(send: Send, err: ServiceError) -> None:
+    """An error response from ASGI middleware (the same JSON body as the exception handlers)."""
+    body = json.dumps(error_body(err.code, err.message, err.detail)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """Host allow-list and token check on the headers alone, before the body is read.
+
+    A tokenless upload is refused without reading a byte of it, and a DNS-rebinding page (a
+    foreign ``Host``) never reaches the tokenless loopback reads. Off loopback this also covers
+    ``/docs`` and ``/openapi.json``, which have no route dependencies.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        err = host_error(self.settings, headers.get("host"))
+        if err is None and needs_token(self.settings, scope.get("method", "GET")):
+            err = token_error(self.settings, headers)
+        if err is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await _send_error(send, err)
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+
+
+class CatchAll:
+    """Turn any exception that escaped the handlers into the JSON 500 and *return*.
+
+    Starlette's ServerErrorMiddleware re-raises after answering, and uvicorn then closes the
+    keep-alive connection, so a client's next request on it fails with a read error.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(msg: Message) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:  # half a response is out: only closing the connection can end it
+                raise
+            await _send_error(send, domain_error(exc))  # logs the traceback, sends no detail
 
 
 def _json_error(err: ServiceError) -> JSONResponse:
@@ -142,5 +206,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app.state.db = Db(engine, TableCache(settings.table_cache))
     _install_handlers(app)
     app.include_router(api_router, prefix="/v1")
+    # Outermost last: CatchAll → Guard (host, token) → BodyLimit → routes.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Guard, settings=settings)
+    app.add_middleware(CatchAll)
     return app

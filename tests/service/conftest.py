@@ -24,6 +24,8 @@ PLUGINS = Path(__file__).resolve().parent / "plugins"
 sys.path.insert(0, str(PLUGINS))  # the test job kinds, importable here and in subprocesses
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: a Host the default allow-list takes (TestClient's own "testserver" is refused, as it should)
+BASE = "http://localhost"
 PG_URL_FILE = Path(os.environ.get("BITALLOC_PG_URL_FILE", "/tmp/bitalloc_pg_url"))
 
 
@@ -103,12 +105,12 @@ def app(settings: Settings):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def client(app) -> TestClient:  # type: ignore[no-untyped-def]
     """Authenticated client (every write needs the token)."""
-    return TestClient(app, headers=AUTH)
+    return TestClient(app, headers=AUTH, base_url=BASE)
 
 
 @pytest.fixture
 def anon(app) -> TestClient:  # type: ignore[no-untyped-def]
-    return TestClient(app)
+    return TestClient(app, base_url=BASE)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from allocator.service.core.config import Settings, ensure_token, token_file
-from tests.service.conftest import AUTH, TOKEN
+from tests.service.conftest import AUTH, BASE, TOKEN
 
 
 def test_health_and_version(anon):  # type: ignore[no-untyped-def]
@@ -29,11 +29,13 @@ def test_openapi_and_docs(anon):  # type: ignore[no-untyped-def]
     assert anon.get("/docs").status_code == 200
 
 
-def test_unknown_route_and_method_are_json(anon):  # type: ignore[no-untyped-def]
+def test_unknown_route_and_method_are_json(anon, client):  # type: ignore[no-untyped-def]
     r = anon.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = anon.put("/v1/tables")
+    r = client.put("/v1/tables")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    # any method but GET/HEAD/OPTIONS is a write: the token is checked before routing
+    assert anon.put("/v1/tables").json()["error"]["code"] == "unauthorized"
 
 
 def test_internal_errors_have_no_traceback(app, monkeypatch):  # type: ignore[no-untyped-def]
@@ -43,7 +45,7 @@ def test_internal_errors_have_no_traceback(app, monkeypatch):  # type: ignore[no
         raise RuntimeError("secret detail /home/user/.ssh")
 
     monkeypatch.setattr(meta, "_solvers", explode)
-    r = TestClient(app, raise_server_exceptions=False).get("/v1/solvers")
+    r = TestClient(app, raise_server_exceptions=False, base_url=BASE).get("/v1/solvers")
     assert r.status_code == 500
     assert r.json() == {"error": {"code": "internal_error",
                                   "message": "internal server error; see the server log"}}

@@ -19,7 +19,8 @@ def _app(tmp: Path):  # type: ignore[no-untyped-def]
     root = tmp / "models"
     root.mkdir(parents=True, exist_ok=True)
     return create_app(Settings(db_url=f"sqlite:///{tmp / 'fuzz.db'}", token=TOKEN, model_roots=[root],
-                               job_modules=["bitalloc_test_jobkinds"]))
+                               job_modules=["bitalloc_test_jobkinds"],
+                               trusted_hosts=["testserver"]))  # schemathesis's ASGI Host
 
 
 _TMP = Path(__import__("tempfile").mkdtemp(prefix="bitalloc-fuzz-"))

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["LOOPBACK", "Settings", "default_db_url"]
 
 LOOPBACK = "127.0.0.1"
+_WILDCARD_BINDS = ("0.0.0.0", "::", "")
 
 
 def default_db_url() -> str:
@@ -59,6 +60,12 @@ class Settings(BaseSettings):
     #: modules imported at startup that register extra job kinds (plug-ins, tests)
     job_modules: list[str] = Field(default_factory=list)
     table_cache: int = Field(default=64, ge=0)
+    #: Host-header values the app answers (``*`` any, ``*.example.com`` subdomains); ``None``:
+    #: localhost, 127.0.0.1, ::1 and the bound host (any host when bound to 0.0.0.0 / ::, where
+    #: every request needs the token anyway). Stops DNS rebinding of the tokenless loopback reads.
+    trusted_hosts: list[str] | None = None
+    #: decoded size (Arrow bytes) an uploaded or stored parquet table may reach
+    max_table_bytes: int = Field(default=2**30, gt=0)
 
     @field_validator("db_url")
     @classmethod
@@ -78,6 +85,19 @@ class Settings(BaseSettings):
             if not p.is_dir():
                 raise ValueError(f"model root {str(p)!r} is not a directory; create it or drop it")
             out.append(p.resolve())
+        return out
+
+    @field_validator("trusted_hosts")
+    @classmethod
+    def _hosts_valid(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        out = [h.strip().lower().rstrip(".") for h in hosts]
+        for h in out:
+            if not h or any(c in h for c in "/ @") or (h.startswith("*") and h != "*"
+                                                      and not h.startswith("*.")):
+                raise ValueError(f"trusted host {h!r} is not a host name; use e.g. 'gpu-box', "
+                                 "'*.example.com' or '*'")
         return out
 
     @model_validator(mode="after")
@@ -100,6 +120,15 @@ class Settings(BaseSettings):
     @property
     def loopback_only(self) -> bool:
         return _is_loopback(self.host)
+
+    @property
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """Host names requests may address (lower case, no port); ``None`` allows any."""
+        if self.trusted_hosts is None:
+            if self.host in _WILDCARD_BINDS:
+                return None
+            return frozenset({"localhost", "127.0.0.1", "::1", self.host.lower().strip("[]")})
+        return None if "*" in self.trusted_hosts else frozenset(self.trusted_hosts)
 
 
 def token_file(settings: Settings) -> Path:
