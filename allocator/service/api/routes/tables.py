@@ -14,6 +14,7 @@ from allocator.errors import InvalidCostTableError
 from allocator.service.api.routes import errors
 from allocator.service.core.errors import ServiceError
 from allocator.service.deps import DbDep, ReadAuth, SettingsDep, WriteAuth
+from allocator.service.parquet import ParquetTooLarge, check_parquet_size
 from allocator.service.schemas import TablePublic, TablesPublic
 from allocator.service.store import repo
 from allocator.table import CostTable
@@ -73,7 +74,14 @@ def upload_table(
     data = file.file.read()
     if not data:
         raise ServiceError(422, "invalid_cost_table", "the uploaded file is empty")
-    table = parse_table(data, format or _sniff(data, file.filename), metadata)
+    fmt = format or _sniff(data, file.filename)
+    if fmt == "parquet":  # the footer says how big it decodes: refuse before decoding
+        try:
+            check_parquet_size(data, max_rows=settings.max_table_rows,
+                               max_bytes=settings.max_table_bytes)
+        except ParquetTooLarge as exc:
+            raise ServiceError(413, "table_too_large", str(exc)) from None
+    table = parse_table(data, fmt, metadata)
     if len(table) > settings.max_table_rows:
         raise ServiceError(413, "table_too_large",
                            f"table has {len(table)} rows; this server takes at most "
