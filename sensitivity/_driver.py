@@ -182,8 +182,11 @@ def prepare_estimate(
     kind = str(loaded.kind)
     cal = None
     if estimator.needs_data:
-        cal = load_data(data, loaded.tokenizer, kind=kind, samples=samples, seq_len=seq_len,
-                        batch_size=batch_size, seed=seed).to(device)
+        cal = _image_data(data, loaded, samples=samples, batch_size=batch_size, seed=seed)
+        if cal is None:
+            cal = load_data(data, loaded.tokenizer, kind=kind, samples=samples, seq_len=seq_len,
+                            batch_size=batch_size, seed=seed)
+        cal = cal.to(device)
     ctx = EstimateContext(batches=list(cal.batches) if cal is not None else [], units=units,
                           options=fmts, seed=seed, device=device, model_kind=kind,
                           progress=progress)
@@ -248,6 +251,21 @@ def run_estimate(
     log.info("%s: %d units × %d options in %.1f s", method, len(prep.ctx.units),
              len(prep.ctx.options), seconds)
     return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
+
+
+def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int,
+                seed: int) -> Any:
+    """Digits images for the bundled ViT classifier (given, or its calibration split when
+    ``data`` is None); None for every other model / data (text batches)."""
+    from allocator.data import DigitsData
+    from allocator.data.images import uses_digits
+
+    if isinstance(data, DigitsData):
+        return data
+    if data is None and uses_digits(loaded):
+        return DigitsData.from_split("calibration", n_samples=samples, batch_size=batch_size,
+                                     seed=seed)
+    return None
 
 
 def _bad_kind(k: str) -> UnitKind:

@@ -1,4 +1,5 @@
-"""Text data for calibration and evaluation: the built-in corpus and token batches.
+"""Data for calibration and evaluation: the built-in corpus and token batches, and the digits
+images of the bundled ViT classifier (``DigitsData``; ``data_for`` picks the right one).
 
 ``import allocator.data`` does not import torch; building batches does.
 """
@@ -13,15 +14,18 @@ from allocator.data.corpus import (
     split_of,
     texts_fingerprint,
 )
+from allocator.data.images import DigitsData, data_for
 
 __all__ = [
     "CORPUS_MODULES",
     "SPLITS",
     "CalibrationData",
+    "DigitsData",
     "batches_fingerprint",
     "corpus_documents",
     "corpus_fingerprint",
     "corpus_texts",
+    "data_for",
     "load_texts",
     "read_text_file",
     "split_of",
