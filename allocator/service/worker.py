@@ -80,6 +80,9 @@ class Worker:
         """Poll until ``stop`` is set or, with ``parent_pid``, until that parent process dies
         (workers started by ``bitalloc serve`` must not outlive it, even after a kill -9)."""
         logger.info("worker %s polling %s", self.ident, self.engine.url.render_as_string())
+        if parent_pid is not None:
+            threading.Thread(target=_exit_with_parent, args=(parent_pid, self.ident, stop),
+                             name="parent-watchdog", daemon=True).start()
         while not stop.is_set():
             if parent_pid is not None and os.getppid() != parent_pid:
                 logger.warning("worker %s: parent %d is gone; exiting", self.ident, parent_pid)
@@ -183,6 +186,25 @@ class Worker:
             if not owned:
                 run.lost = True
                 run.cancel.set()
+
+
+#: how often a worker started by ``serve`` checks that the server is still its parent
+PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent_pid: int, ident: str, stop: threading.Event) -> None:
+    """Exit the process within ``PARENT_POLL_S`` of the parent's death, even mid-job.
+
+    A kill -9 of the server gives the worker no signal; it is re-parented, which ``getppid``
+    shows. The job's own thread may not look at its cancel flag for minutes (an estimation
+    step), so the process ends here; the job's heartbeat stops and the next worker's reaper
+    requeues it (or fails it ``worker_lost``), exactly as if the worker had died too.
+    """
+    while not stop.wait(PARENT_POLL_S):
+        if os.getppid() != parent_pid:
+            logger.warning("worker %s: parent %d is gone; exiting", ident, parent_pid)
+            logging.shutdown()
+            os._exit(3)
 
 
 def run_worker_process(settings_json: str, parent_pid: int | None = None) -> None:
