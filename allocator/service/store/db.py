@@ -45,12 +45,30 @@ def _sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database 0600 in a 0700 folder (it holds every table and plan); SQLite gives
+    its -wal/-shm files the database's mode. An existing readable one is only warned about."""
+    import logging
+    import os
+
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            logging.getLogger("bitalloc.service").warning(
+                "database %s is readable by others (mode %o); run chmod 600 on it and its "
+                "-wal/-shm files", path, mode)
+
+
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
     """An engine for ``url`` with the settings above; creates the SQLite file's folder."""
     if url.startswith("sqlite"):
         path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if path and path != ":memory:" and not path.startswith("file:"):
+            _private_sqlite_file(Path(path.split("?", 1)[0]).expanduser())
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=pool_size, max_overflow=2 * pool_size)
         _sqlite_events(engine)
@@ -63,12 +81,14 @@ def _schema_lock(engine: Engine) -> Iterator[None]:
     """Serialise migrations between the server and workers starting at the same time."""
     if is_sqlite(engine):
         import fcntl
+        import os
 
         db = engine.url.database or ""
         if not db or db == ":memory:":
             yield
             return
-        with open(Path(db).expanduser().with_suffix(".migrate.lock"), "w") as fh:
+        lock = Path(db).expanduser().with_suffix(".migrate.lock")
+        with open(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
