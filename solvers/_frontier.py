@@ -134,9 +134,11 @@ class Frontier:
         return pd.DataFrame(cols)
 
     def save_csv(self, path: str | Path) -> Path:
+        from allocator._atomic import atomic_path
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        self.to_frame().to_csv(p, index=False)
+        with atomic_path(p) as tmp:  # a failed write never leaves a truncated CSV
+            self.to_frame().to_csv(tmp, index=False)
         return p
 
     def plot(self, path: str | Path, *, measured: Sequence[MeasuredLike] | None = None,

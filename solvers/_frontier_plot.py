@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from allocator._atomic import atomic_path
 from allocator.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -185,10 +186,6 @@ def _prepare(f: Frontier, measured: Sequence[MeasuredLike] | None, band_sigma: f
     return log_scale, k, _shown(measured_points(measured), log_scale)
 
 
-def _out(path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def plot_static(f: Frontier, path: str | Path, *, measured: Sequence[MeasuredLike] | None = None,
@@ -227,8 +224,9 @@ def plot_static(f: Frontier, path: str | Path, *, measured: Sequence[MeasuredLik
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = _out(path)
-    fig.savefig(out)
+    out = Path(path)
+    with atomic_path(out) as tmp:  # the temp name keeps the suffix savefig reads the format from
+        fig.savefig(tmp)
     return out
 
 
@@ -286,6 +284,7 @@ def plot_html(f: Frontier, path: str | Path, *, measured: Sequence[MeasuredLike]
               band_sigma: float = 2.0, log_cost: bool = True) -> Path:
     """Write :func:`frontier_figure` as one self-contained HTML page (plotly.js embedded)."""
     fig = frontier_figure(f, measured=measured, band_sigma=band_sigma, log_cost=log_cost)
-    out = _out(path)
-    fig.write_html(out, include_plotlyjs=True, full_html=True)  # embedded: works offline
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.write_html(tmp, include_plotlyjs=True, full_html=True)  # embedded: works offline
     return out

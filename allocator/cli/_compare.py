@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from allocator._atomic import atomic_path
 from allocator.cli._common import console
 
 HELP = "rank agreement (Spearman / Kendall) of unit costs between cost tables"
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     out = console()
     out.print(shown)
     if args.csv:
-        frame.to_csv(args.csv, index=False)
+        with atomic_path(args.csv) as tmp:
+            frame.to_csv(tmp, index=False)
         out.print(f"pairs -> {args.csv}")
     return 0

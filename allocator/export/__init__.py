@@ -112,16 +112,15 @@ def export_plan(
 def write_result(result: ExportResult, path: str | Path) -> list[Path]:
     """Write ``result.text`` to ``path`` and each companion file next to it (``plan.py`` →
     ``plan.json``); returns every path written."""
+    from allocator._atomic import atomic_write_text
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(result.text)
-    written = [p]
+    written = [atomic_write_text(p, result.text)]  # a failed write never leaves half a config
     for suffix, text in result.files.items():
         q = p.with_suffix(suffix)
         if q == p:
             q = p.with_name(p.name + suffix)
-        q.write_text(text)
-        written.append(q)
+        written.append(atomic_write_text(q, text))
     return written
 
 
