@@ -2,6 +2,9 @@
 
 Schema (``design.md``): required ``unit, params, option, bits, size_bits, cost``; optional
 ``cost_std``, ``tie`` and any numeric resource column a :class:`~allocator.budget.Budget` may cap.
+Beyond the schema, construction refuses tables whose plan totals would overflow (Σ params over
+2**53, a column whose largest plan sums past float64) and rows whose ``size_bits`` disagree with
+the format catalogue's accounting of their option label (see ``docs/input-validation.md``).
 """
 
 from __future__ import annotations
