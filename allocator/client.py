@@ -9,7 +9,9 @@ Example (against a running ``bitalloc serve``)::
     plan = c.bitplan(p)                            # allocator.plan.BitPlan
     job = c.wait(c.search(t["id"], bpw=3.0, n_trials=200)["id"])
 
-Errors come back as :class:`ServiceClientError` with the server's stable ``code``.
+Errors come back as :class:`ServiceClientError` with the server's stable ``code``. Idempotent
+requests (GET, HEAD, PUT, DELETE) are sent once more when a keep-alive connection was dropped
+under them; a POST never is (it may have run).
 """
 
 from __future__ import annotations
