@@ -153,19 +153,20 @@ class FisherEstimator(BaseEstimator):
         probes: output cotangents per sample (``model`` target).
         per_sample: ``auto``, ``loop`` (one backward per sample) or ``vmap`` (one vmapped
             backward per ``chunk`` samples).
-        chunk: ``empirical``: samples per vmapped backward (memory: chunk × unit weights);
-            ``model``: rows per forward.
+        chunk: ``empirical``: samples per vmapped backward (memory: chunk × unit weights),
+            default 8; ``model``: rows per forward, default 1 (every (row, probe) backward
+            runs through the whole forward's rows, so more rows only pay on a GPU).
     """
 
     name: ClassVar[str] = "fisher"
 
     def __init__(self, *, target: str = "model", probes: int = 2, per_sample: str = "auto",
-                 chunk: int = 8) -> None:
+                 chunk: int | None = None) -> None:
         if target not in FISHER_TARGETS:
             raise InvalidParameterError(f"target must be one of {FISHER_TARGETS}, got {target!r}")
         if per_sample not in PER_SAMPLE_MODES:
             raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise InvalidParameterError(f"chunk must be an int ≥ 1, got {chunk!r}")
         self.target = target
         self.probes = check_probes(probes)
@@ -175,7 +176,7 @@ class FisherEstimator(BaseEstimator):
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         if self.target == "model":
             return self._model_costs(model, ctx)
-        c = fisher_sample_costs(model, ctx, per_sample=self.per_sample, chunk=self.chunk)
+        c = fisher_sample_costs(model, ctx, per_sample=self.per_sample, chunk=self.chunk or 8)
         n = c.shape[0]
         std = c.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(c.shape[1:])
         return UnitCosts(cost=c.mean(axis=0), cost_std=std, info={"samples": int(n)})
@@ -184,6 +185,6 @@ class FisherEstimator(BaseEstimator):
         _, index = unit_leaves(model, ctx.units)
         d2 = [d**2 for d in quant_deltas(model, ctx)]
         reduce = unit_reduction(ctx.units, index, lambda g, i: gn_diagonal_terms(g, d2[i]))
-        est = sampled_curvature(model, ctx, reduce, probes=self.probes, chunk=self.chunk,
+        est = sampled_curvature(model, ctx, reduce, probes=self.probes, chunk=self.chunk or 1,
                                 per_sample=self.per_sample, label="fisher")
         return UnitCosts(cost=est.mean, cost_std=est.sem, info=est.info())

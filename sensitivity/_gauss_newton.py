@@ -129,13 +129,14 @@ def gn_quadratic_terms(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
     With ``g = Jᵀ v`` and ``E[v vᵀ] = H_D``, ``E ½ ⟨ΔW, g⟩² = ½ ΔWᵀ Jᵀ H_D J ΔW`` (the exact GN
     form of the unit block, within-unit correlations included)."""
-    inner = (delta * g.to(delta.dtype)).sum(dim=(1, 2))
+    inner = delta.reshape(delta.shape[0], -1) @ g.to(delta.dtype).reshape(-1)  # gemv: no temporaries
     return 0.5 * inner.double() ** 2
 
 
 def gn_diagonal_terms(g: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
     """``½ Σ_j g_j² ΔW_{o,j}²`` per option o: ``E[g_j²] = GN_jj`` (true-Fisher diagonal)."""
-    return 0.5 * (delta_sq * g.to(delta_sq.dtype) ** 2).sum(dim=(1, 2)).double()
+    g2 = g.to(delta_sq.dtype).reshape(-1) ** 2
+    return 0.5 * (delta_sq.reshape(delta_sq.shape[0], -1) @ g2).double()
 
 
 def gn_trace_terms(g: torch.Tensor) -> torch.Tensor:
