@@ -105,13 +105,13 @@ def test_kill_dash_nine_then_restart(db_url: str, tmp_path: Path) -> None:
         assert f["status"] == "failed" and f["error"]["code"] == "worker_lost", f
         assert api.wait(queued["id"], timeout=60, poll=0.1)["status"] == "succeeded"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
             try:
-                p.wait(timeout=15)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                p.kill()
-        if any(p.returncode not in (0, -15, -9) for p in procs):
+                proc.kill()
+        if any(proc.returncode not in (0, -15, -9) for proc in procs):
             print(log.read_text()[-4000:])

@@ -104,7 +104,7 @@ def test_tokenless_upload_gets_401_before_its_body(live):  # type: ignore[no-unt
         assert time.monotonic() - t0 < 4
 
 
-def _flaky(fail: type[Exception], calls: list[str]) -> httpx.Client:
+def _flaky(fail: type[httpx.TransportError], calls: list[str]) -> httpx.Client:
     """A transport that drops the first request's connection, then answers."""
 
     def handler(request: httpx.Request) -> httpx.Response:
