@@ -104,6 +104,15 @@ def test_tokenless_upload_gets_401_before_its_body(live):  # type: ignore[no-unt
         assert time.monotonic() - t0 < 4
 
 
+def test_a_client_uploading_without_token_reads_the_401(live):  # type: ignore[no-untyped-def]
+    # the server answers while the client is still sending; httpx then reads the 401
+    with httpx.Client(base_url=f"http://127.0.0.1:{live}") as http:
+        for _ in range(3):
+            r = http.post("/v1/tables", files={"file": ("t.csv", b"x" * 1_900_000)})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            assert http.get("/v1/health").status_code == 200
+
+
 def _flaky(fail: type[httpx.TransportError], calls: list[str]) -> httpx.Client:
     """A transport that drops the first request's connection, then answers."""
 
