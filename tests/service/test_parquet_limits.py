@@ -20,15 +20,18 @@ from allocator.service.parquet import (
 from allocator.table import _META_KEY
 
 
+def _arrow(rows: int, unit_len: int = 40) -> pa.Table:
+    unit = pa.array(["u" * unit_len] * rows).dictionary_encode()
+    return pa.table({"unit": unit, "params": pa.array([1] * rows, pa.int64()),
+                     "option": pa.array(["int4"] * rows).dictionary_encode(),
+                     "bits": pa.array([4.0] * rows), "size_bits": pa.array([4.0] * rows),
+                     "cost": pa.array([0.0] * rows)})
+
+
 def _compressible(rows: int, unit_len: int = 40) -> bytes:
     """A parquet blob that is tiny on the wire and large once decoded (dictionary + RLE)."""
-    unit = pa.array(["u" * unit_len] * rows).dictionary_encode()
-    arrow = pa.table({"unit": unit, "params": pa.array([1] * rows, pa.int64()),
-                      "option": pa.array(["int4"] * rows).dictionary_encode(),
-                      "bits": pa.array([4.0] * rows), "size_bits": pa.array([4.0] * rows),
-                      "cost": pa.array([0.0] * rows)})
     buf = io.BytesIO()
-    pq.write_table(arrow, buf, compression="zstd")
+    pq.write_table(_arrow(rows, unit_len), buf, compression="zstd")
     return buf.getvalue()
 
 
@@ -52,6 +55,25 @@ def test_row_count_comes_from_the_footer(app, client, no_decode):  # type: ignor
     assert r.status_code == 413, r.text
     err = r.json()["error"]
     assert err["code"] == "table_too_large" and "300000 rows" in err["message"]
+
+
+def test_the_reported_12m_row_upload(client, no_decode):  # type: ignore[no-untyped-def]
+    """The issue's case at the default limit (2M rows): 12M rows in a few hundred KB."""
+    import resource
+
+    one = _arrow(1_000_000)
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, one.schema, compression="zstd") as writer:
+        for _ in range(12):
+            writer.write_table(one)
+    blob = buf.getvalue()
+    del one
+    assert len(blob) < 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    r = client.post("/v1/tables", files={"file": ("big.parquet", blob)})
+    assert r.status_code == 413 and "12000000 rows" in r.json()["error"]["message"], r.text
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    assert grown_mib < 200, grown_mib
 
 
 def test_decoded_bytes_are_bounded(app, client, no_decode):  # type: ignore[no-untyped-def]
