@@ -52,7 +52,7 @@ def test_the_bound_host_and_configured_hosts(tmp_path):  # type: ignore[no-untyp
     assert TestClient(star, base_url="http://whatever").get("/v1/tables").status_code == 200
 
 
-@pytest.mark.parametrize("hosts", [["a/b"], [""], ["*foo.com"], ["user@host"]])
+@pytest.mark.parametrize("hosts", [["a/b"], [""], ["*foo.com"], ["user@host"], ["gpu-box:8765"]])
 def test_bad_trusted_hosts_fail_fast(tmp_path, hosts):  # type: ignore[no-untyped-def]
     with pytest.raises(ValidationError, match="trusted host"):
         Settings(db_url=f"sqlite:///{tmp_path}/x.db", trusted_hosts=hosts)
@@ -62,6 +62,8 @@ def test_trusted_hosts_from_environment(monkeypatch, tmp_path):  # type: ignore[
     monkeypatch.setenv("BITALLOC_TRUSTED_HOSTS", '["Box.Example", "localhost"]')
     s = Settings(db_url=f"sqlite:///{tmp_path}/x.db")
     assert s.allowed_hosts == frozenset({"box.example", "localhost"})
+    v6 = Settings(db_url=f"sqlite:///{tmp_path}/x.db", trusted_hosts=["[::1]", "fe80::2"])
+    assert v6.allowed_hosts == frozenset({"::1", "fe80::2"})
 
 
 def test_off_loopback_docs_and_spec_need_the_token(tmp_path):  # type: ignore[no-untyped-def]

@@ -92,10 +92,12 @@ class Settings(BaseSettings):
     def _hosts_valid(cls, hosts: list[str] | None) -> list[str] | None:
         if hosts is None:
             return None
-        out = [h.strip().lower().rstrip(".") for h in hosts]
+        out = [h.strip().lower().rstrip(".").removeprefix("[").removesuffix("]") for h in hosts]
         for h in out:
-            if not h or any(c in h for c in "/ @") or (h.startswith("*") and h != "*"
-                                                      and not h.startswith("*.")):
+            if h.count(":") == 1:  # name:port (IPv6 addresses have several colons)
+                raise ValueError(f"trusted host {h!r} has a port; list the host name alone")
+            if not h or any(c in h for c in "/ @[]") or (h.startswith("*") and h != "*"
+                                                        and not h.startswith("*.")):
                 raise ValueError(f"trusted host {h!r} is not a host name; use e.g. 'gpu-box', "
                                  "'*.example.com' or '*'")
         return out
