@@ -22,6 +22,7 @@ from allocator.budget import Budget
 from allocator.errors import InfeasibleBudgetError, InvalidParameterError
 from allocator.formats import FormatKind, parse_format
 from allocator.plan import BitPlan
+from allocator.refine import RefineConfig, RefineResult
 from allocator.table import CostTable
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ class RunConfig:
     seq_len: int = 128
     batch_size: int = 16
     seed: int = 0
+    #: operating-point refinement rounds on calibration data (0: only pick the best candidate)
+    refine_rounds: int = 2
+    refine_neighbours: int = 1
     out: Path | None = Path("bitalloc-demo")
     progress: bool = True
 
@@ -58,6 +62,7 @@ class RunConfig:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
         if self.method not in ("rtn", "gptq"):
             raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours)  # validates
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (2 if name == "eval_samples" else 1):
@@ -94,17 +99,32 @@ class RunResult:
     seconds: Mapping[str, float]
     files: Mapping[str, Path] = field(default_factory=dict)
     fp_metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the plan handed out: the best measured candidate on calibration data, refined
+    chosen: PlanResult | None = None
+    selection: RefineResult | None = None
+
+    @property
+    def result(self) -> PlanResult:
+        """The plan handed out (``plan.json``)."""
+        return self.chosen or self.mixed
 
     @property
     def rows(self) -> list[PlanResult]:
-        return [r for r in (self.uniform_below, self.mixed, self.uniform_above) if r is not None]
+        rows = (self.uniform_below, self.mixed, self.chosen, self.uniform_above)
+        return [r for r in rows if r is not None]
 
     @property
     def error_ratio(self) -> float | None:
-        """Mixed error / uniform-at-equal-size error (< 1: the mixed plan is better)."""
+        """Handed-out plan's held-out error / uniform-at-equal-size error (< 1: better)."""
         if self.uniform_below is None or self.uniform_below.report.error == 0:
             return None
-        return self.mixed.report.error / self.uniform_below.report.error
+        return self.result.report.error / self.uniform_below.report.error
+
+    @property
+    def worse_than_uniform(self) -> bool:
+        """The handed-out plan measured worse than the uniform plan that fits, on held-out data."""
+        below = self.uniform_below
+        return below is not None and self.result.report.error > below.report.error
 
 
 def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None, BitPlan | None]:
@@ -143,15 +163,11 @@ def _load(spec: str) -> Any:
 
 
 def _data(loaded: Any, cfg: RunConfig) -> tuple[Any, Any]:
-    from allocator.data import CalibrationData
+    from allocator.data import data_for
 
-    pack = loaded.kind == "causal_lm"
-    common = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed, "pack": pack}
-    calib = CalibrationData.from_corpus(loaded.tokenizer, split="calibration",
-                                        n_samples=cfg.calib_samples, **common)
-    evaluation = CalibrationData.from_corpus(loaded.tokenizer, split="evaluation",
-                                             n_samples=cfg.eval_samples, **common)
-    return calib, evaluation
+    common = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    return (data_for(loaded, "calibration", cfg.calib_samples, **common),
+            data_for(loaded, "evaluation", cfg.eval_samples, **common))
 
 
 def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]) -> CostTable:
@@ -219,6 +235,11 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     front = solvers.frontier(table, budgets=[budget])
     lap("solve")
     below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
+    cands = {"table optimum": result.plan, **({"uniform ≤": below} if below is not None else {})}
+    say(f"choosing among {len(cands)} measured candidates and refining at the plan "
+        f"({cfg.refine_rounds} rounds, calibration data)")
+    selection = _select(loaded, cfg, cands, table, budget, calib, units)
+    lap("select+refine")
     state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
                             model_fingerprint=loaded.fingerprint)
@@ -228,12 +249,39 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     mixed = _evaluate_plan("mixed", result.plan, *args)
     ub = _evaluate_plan("uniform ≤", below, *args) if below is not None else None
     ua = _evaluate_plan("uniform >", above, *args) if above is not None else None
+    chosen = _chosen(selection, mixed, ub, args)
     lap("apply+evaluate")
     run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
-                    uniform_below=ub, uniform_above=ua, seconds=secs, fp_metrics=fp_metrics)
+                    uniform_below=ub, uniform_above=ua, seconds=secs, fp_metrics=fp_metrics,
+                    chosen=chosen, selection=selection)
+    if run.worse_than_uniform:
+        log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
+                    _short(run.uniform_below.plan) if run.uniform_below else "",
+                    run.result.report.error, run.uniform_below.report.error if run.uniform_below else 0)
     if cfg.out is not None:
         run = write_outputs(run, front, cfg.out)
     return run
+
+
+def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: CostTable,
+            budget: Budget, calib: Any, units: Sequence[Any]) -> RefineResult:
+    from allocator.refine import refine_plan
+
+    conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours)
+    return refine_plan(loaded.model, cands, table, budget, list(calib), units, kind=loaded.kind,
+                       config=conf)
+
+
+def _chosen(selection: RefineResult, mixed: PlanResult, below: PlanResult | None,
+            args: tuple[Any, ...]) -> PlanResult:
+    """The held-out result of the selected plan (re-using an evaluation already done)."""
+    choice = selection.plan.choice
+    for done in (mixed, below):
+        if done is not None and done.plan.choice == choice:
+            label = f"chosen = {done.label}"
+            return PlanResult(label=label, plan=done.plan, report=done.report,
+                              verified=done.verified, mismatches=done.mismatches)
+    return _evaluate_plan(f"chosen (refined from {selection.start_label})", selection.plan, *args)
 
 
 def _min_bpw(table: CostTable) -> float:
@@ -262,23 +310,27 @@ def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
     import json
     from dataclasses import replace
 
+    from allocator._atomic import atomic_write_text
+
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    files = {"plan": run.mixed.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
+    files = {"plan": run.result.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
              "frontier": _plot(run, front, d / "frontier.png")}
     config: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()}
     config["estimator_params"] = dict(run.config.estimator_params)
     doc = {"config": config,
            "model_kind": run.model_kind, "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
-           "error_ratio": run.error_ratio,
+           "error_ratio": run.error_ratio, "chosen": run.result.label,
+           "worse_than_uniform": run.worse_than_uniform,
+           "selection": run.selection.to_dict() if run.selection is not None else None,
            "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
                      "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
                      "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
                      "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
     files["results"] = d / "results.json"
-    files["results"].write_text(json.dumps(doc, indent=1, default=str))
+    atomic_write_text(files["results"], json.dumps(doc, indent=1, default=str))
     files["report"] = d / "report.md"
-    files["report"].write_text(report_markdown(run))
+    atomic_write_text(files["report"], report_markdown(run))
     return replace(run, files=files)
 
 
@@ -325,12 +377,14 @@ def report_markdown(run: RunResult) -> str:
         f"# bitalloc run: {c.model} at {c.bpw:g} bpw", "",
         f"- model kind: {run.model_kind}; units: {run.table.n_units}; "
         f"params quantized: {run.table.total_params:,}",
-        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples (built-in corpus, "
-        f"calibration split); solver: `{c.solver}`; apply: `{c.method}`",
+        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples (calibration "
+        f"split); solver: `{c.solver}`; apply: `{c.method}`",
         f"- evaluation: {m.n_samples} held-out samples (evaluation split, disjoint from calibration);"
         f" error = `{m.error_metric}` vs the full-precision model",
         "- uniform ≤: the uniform int option with the most bits whose size fits the budget "
-        "(equal-size baseline); uniform >: the next uniform option above the budget (context)", "",
+        "(equal-size baseline); uniform >: the next uniform option above the budget (context)",
+        "- mixed: the cost table's optimum; chosen: the plan in `plan.json` — the best of the "
+        "measured candidates on calibration data, refined at its own operating point", "",
         "| plan | bpw | size (KiB) | predicted cost | " + " | ".join(m.metrics) + " | verified |",
         "|---|---|---|---|" + "---|" * len(m.metrics) + "---|",
     ]
@@ -340,13 +394,35 @@ def report_markdown(run: RunResult) -> str:
                      f"{r.plan.summary.predicted_cost:.4g} | {vals} | {'yes' if r.verified else 'NO'} |")
     ratio = run.error_ratio
     if ratio is not None:
-        lines += ["", f"Mixed / uniform-at-equal-size error ratio: **{ratio:.3f}**"
+        lines += ["", f"Chosen / uniform-at-equal-size held-out error ratio: **{ratio:.3f}**"
                   f" ({'better' if ratio < 1 else 'not better'})."]
+    if run.worse_than_uniform:
+        lines += ["", "**Warning: the chosen plan measured worse than the uniform plan that fits on "
+                  "held-out data** (it was better on calibration data); consider more calibration "
+                  "samples or the uniform plan."]
+    lines += selection_lines(run.selection)
     if run.fp_metrics:
         lines += ["", "Full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.fp_metrics.items())]
     lines += ["", "Mixed plan, units per option: " + ", ".join(
-        f"`{k}` × {v}" for k, v in _option_counts(run.mixed.plan).items()), "",
+        f"`{k}` × {v}" for k, v in _option_counts(run.mixed.plan).items()),
+        "Chosen plan, units per option: " + ", ".join(
+        f"`{k}` × {v}" for k, v in _option_counts(run.result.plan).items()), "",
         "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.seconds.items()), "",
-        "Files: `plan.json` (the mixed plan), `table.parquet` (cost table), `frontier.png`, "
+        "Files: `plan.json` (the chosen plan), `table.parquet` (cost table), `frontier.png`, "
         "`results.json`.", ""]
     return "\n".join(lines)
+
+
+def selection_lines(sel: RefineResult | None) -> list[str]:
+    """How the handed-out plan was chosen: candidates' calibration errors and refinement rounds."""
+    if sel is None:
+        return []
+    lines = ["", "Selection on calibration data: " + ", ".join(
+        f"{k} {v:.4g}" for k, v in sel.candidates.items()) + f"; started from **{sel.start_label}**."]
+    for r in sel.rounds:
+        lines.append(f"- refine round {r.index}: {r.error_before:.4g} → {r.error_trial:.4g} "
+                     f"({'accepted' if r.accepted else 'rejected'}, {r.moved} units moved, "
+                     f"trust {r.trust})")
+    lines.append(f"Refinement {sel.status}: calibration error {sel.start_error:.4g} → {sel.error:.4g} "
+                 f"({100 * sel.improvement:.1f} % lower).")
+    return lines

@@ -10,12 +10,21 @@ import importlib
 from typing import Any
 
 from allocator.errors import UnknownNameError
+from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
+from sensitivity._distortion import Metric, distortion, per_sample_sums
 from sensitivity._driver import run_estimate
+from sensitivity._measured import default_metric
 
 __all__ = [
     "ESTIMATORS",
     "BaseEstimator",
+    "BlockCache",
+    "Metric",
+    "default_metric",
+    "distortion",
+    "make_chunks",
+    "per_sample_sums",
     "EstimateContext",
     "UnitCosts",
     "estimate",

@@ -24,12 +24,18 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
                    help=f"held-out evaluation samples (default {evals})")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--refine-rounds", type=int, default=2,
+                   help="operating-point refinement rounds on calibration data; 0 only picks the "
+                        "best measured candidate (table optimum or uniform) (default 2)")
+    p.add_argument("--refine-neighbours", type=int, default=1,
+                   help="options measured on each side of a unit's current one per round (default 1)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama)")
+    p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama / "
+                                 "vit-digits)")
     add_common(p, out="bitalloc-run", estimator="hessian-proxy", calib=32, evals=64)
 
 
@@ -39,6 +45,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> Any:
     return RunConfig(model=model, bpw=args.bpw, estimator=args.estimator, solver=args.solver,
                      method=args.method, options=args.options, calib_samples=args.samples,
                      eval_samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed,
+                     refine_rounds=args.refine_rounds, refine_neighbours=args.refine_neighbours,
                      out=Path(args.out), progress=not args.no_progress)
 
 
@@ -56,26 +63,35 @@ def execute(cfg: Any) -> int:
             status.update(msg)
             out.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/dim] {msg}")
         run = run_pipeline(cfg, on_stage=stage)
-    metrics = list(run.mixed.report.metrics)
-    table = Table(title=f"{cfg.model}: mixed vs uniform at {cfg.bpw:g} bpw "
+    metrics = list(run.result.report.metrics)
+    table = Table(title=f"{cfg.model}: plans vs uniform at {cfg.bpw:g} bpw "
                   f"(error = {run.mixed.report.error_metric} vs full precision, held-out data)")
     for col in ("plan", "bpw", "size KiB", "predicted", *metrics, "verified"):
         table.add_column(col, justify="left" if col == "plan" else "right")
     for r in run.rows:
         opts = {a.option for a in r.plan.assignments.values()}
         name = f"{r.label} {next(iter(opts))}" if len(opts) == 1 else f"{r.label} ({len(opts)} options)"
-        style = "bold green" if r.label == "mixed" else None
+        style = "bold green" if r is run.result else None
         table.add_row(name, f"{r.bpw:.4f}", f"{r.size_bytes / 1024:,.1f}",
                       f"{r.plan.summary.predicted_cost:.4g}",
                       *(f"{r.report.metrics[m]:.4g}" for m in metrics),
                       "yes" if r.verified else "[red]NO[/red]", style=style)
     out.print(table)
+    sel = run.selection
+    if sel is not None:
+        out.print("calibration error of the candidates: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in sel.candidates.items()) + f"; refined from {sel.start_label}: "
+            f"{sel.start_error:.4g} → {sel.error:.4g} in {len(sel.rounds)} rounds ({sel.status})")
     if run.error_ratio is not None:
-        out.print(f"mixed / uniform-at-equal-size error: [bold]{run.error_ratio:.3f}[/bold]")
+        out.print(f"chosen ({run.result.label}) / uniform-at-equal-size held-out error: "
+                  f"[bold]{run.error_ratio:.3f}[/bold]")
+    if run.worse_than_uniform:
+        out.print("[bold red]warning:[/bold red] the chosen plan measured worse than the uniform plan "
+                  "that fits on held-out data; see report.md")
     for name, path in run.files.items():
         out.print(f"{name:9s} -> {path}")
     out.print(f"done in {time.perf_counter() - t0:.1f}s")
-    return 0 if run.mixed.verified else 1
+    return 0 if run.result.verified else 1
 
 
 def run(args: argparse.Namespace) -> int:

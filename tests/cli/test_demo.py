@@ -31,11 +31,23 @@ def test_demo_writes_plan_report_and_frontier(demo_dir: Path, capsys: pytest.Cap
     assert len(plan.assignments) == 37 and plan.summary.bpw <= 3.0 + 1e-9
     doc = json.loads((demo_dir / "results.json").read_text())
     labels = [r["label"] for r in doc["rows"]]
-    assert labels == ["uniform ≤", "mixed", "uniform >"]
+    assert labels[:2] == ["uniform ≤", "mixed"] and labels[-1] == "uniform >"
+    assert labels[2].startswith("chosen") and doc["chosen"] == labels[2]
     rows = {r["label"]: r for r in doc["rows"]}
     assert rows["uniform ≤"]["bpw"] <= 3.0 < rows["uniform >"]["bpw"]
     assert all(r["verified"] for r in doc["rows"]) and all(r["error"] > 0 for r in doc["rows"])
-    assert "Mixed / uniform-at-equal-size error ratio" in (demo_dir / "report.md").read_text()
+    # The handed-out plan is the chosen one, and it measured no worse than uniform on calibration.
+    assert plan.choice == BitPlan.from_dict(
+        {**json.loads((demo_dir / "plan.json").read_text())}).choice
+    sel = doc["selection"]
+    assert set(sel["candidates"]) == {"table optimum", "uniform ≤"}
+    assert sel["error"] <= min(sel["candidates"].values()) + 1e-12
+    assert rows[doc["chosen"]]["options"] == {o: sum(1 for a in plan.assignments.values()
+                                                      if a.option == o)
+                                              for o in {a.option for a in plan.assignments.values()}}
+    report = (demo_dir / "report.md").read_text()
+    assert "Chosen / uniform-at-equal-size held-out error ratio" in report
+    assert "Selection on calibration data" in report
 
 
 def test_apply_and_evaluate_verbs(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,223 @@
+"""Plan-quality benchmark: does the default path beat uniform quantization at equal size?
+
+For each model (encoder ``minilm``, causal LM ``tiny-llama``, classifier ``vit-digits``) and each
+budget — the sizes of the uniform options (3.25 = int3-g128, 4.25 = int4-g128) and between them
+(2.5, 3.0, 3.75) — it measures on held-out data (disjoint from calibration), RTN:
+
+* ``default``: what ``bitalloc run`` hands out — the better, on calibration data, of the cost
+  table's optimum and the uniform plan that fits, refined at its own operating point
+  (:mod:`allocator.refine`);
+* ``table``: the cost table's exact optimum (mckp) alone;
+* ``rule``: the llama.cpp-style rule mix (``benchmarks/quality.py``);
+* ``greedy-measured``: the greedy solver on a ``measured`` cost table (``--measured-greedy``);
+* the uniform int-g128-asym plans on both sides of the budget (``u≤``, ``u>``).
+
+Ratios are against ``u≤`` (the best uniform plan that fits) and, at 3.25 / 4.25, against the
+uniform plan of exactly that size. The calibration-data ratio of ``default`` to ``u≤`` checks the
+safeguard (never above 1.0 by construction).
+
+Spearman: predicted cost vs held-out error over the exact-MCKP plans of a 0.125-bpw grid, restricted
+to the plans within ±0.5 bpw of each budget (≥ 8 plans), not over int2 → fp16.
+
+    PYTHONPATH=. python benchmarks/plan_quality.py --models vit-digits tiny-llama minilm \\
+        --estimators hessian-proxy gauss-newton --json plan_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BUDGETS = (2.5, 3.0, 3.25, 3.75, 4.25)
+UNIFORM = {b: f"int{b}-g128-asym" for b in range(2, 9)}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+class Bench:
+    """One model: data, units, fp state, held-out reference, and plan evaluation."""
+
+    def __init__(self, name: str, calib: int, evals: int, seed: int) -> None:
+        from allocator.backend import reference_outputs
+        from allocator.data import data_for
+        from allocator.models import load_model
+        from allocator.units import discover_units
+
+        self.loaded = load_model(name)
+        self.model = self.loaded.model.eval()
+        self.kind = str(self.loaded.kind)
+        self.calib = list(data_for(self.loaded, "calibration", calib, seed=seed))
+        self.held = list(data_for(self.loaded, "evaluation", evals, seed=seed))
+        self.units = discover_units(self.model)
+        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.ref = reference_outputs(self.model, self.held, kind=self.kind)
+        self.cache: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def held_out(self, plan: Any) -> float:
+        from allocator.backend import apply_plan, evaluate
+
+        key = tuple(sorted(plan.choice.items()))
+        if key not in self.cache:
+            self.model.load_state_dict(self.state)
+            apply_plan(self.model, plan, method="rtn", units=self.units)
+            self.cache[key] = float(evaluate(self.model, self.held, self.ref).error)
+            self.model.load_state_dict(self.state)
+        return self.cache[key]
+
+    def table(self, estimator: str, options: str | None, seed: int) -> Any:
+        from allocator.formats import parse_options
+        from sensitivity import EstimateContext, get_estimator
+
+        ctx = EstimateContext(batches=self.calib, units=self.units, options=parse_options(options),
+                              seed=seed, model_kind=self.kind, progress=False)
+        return get_estimator(estimator).estimate(self.model, ctx)
+
+
+def uniform(table: Any, option: str) -> Any:
+    from allocator.plan import BitPlan
+
+    if option not in table.options:
+        return None
+    return BitPlan.from_choice(table, dict.fromkeys(table.units, option))
+
+
+def uniform_sides(table: Any, bpw: float) -> tuple[Any, Any]:
+    plans = [p for p in (uniform(table, o) for o in UNIFORM.values()) if p is not None]
+    below = [p for p in plans if p.summary.bpw <= bpw + 1e-9]
+    above = [p for p in plans if p.summary.bpw > bpw + 1e-9]
+    return (max(below, key=lambda p: p.summary.bpw, default=None),
+            min(above, key=lambda p: p.summary.bpw, default=None))
+
+
+def run_budget(bench: Bench, table: Any, bpw: float, args: argparse.Namespace,
+               measured_table: Any) -> dict[str, Any]:
+    from quality import rule_mix
+
+    import solvers
+    from allocator.budget import Budget
+    from allocator.plan import BitPlan
+    from allocator.refine import RefineConfig, refine_plan
+
+    budget = Budget(bpw=bpw)
+    cap = budget.size_cap_bits(table.total_params)
+    opt = solvers.solve(table, budget).plan
+    below, above = uniform_sides(table, bpw)
+    cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
+    t0 = time.perf_counter()
+    sel = refine_plan(bench.model, cands, table, budget, bench.calib, bench.units, kind=bench.kind,
+                      config=RefineConfig(rounds=args.rounds))
+    secs = time.perf_counter() - t0
+    row: dict[str, Any] = {"bpw": bpw, "refine_seconds": secs, "selection": sel.to_dict(),
+                           "default": bench.held_out(sel.plan), "default_bpw": sel.plan.summary.bpw,
+                           "table": bench.held_out(opt), "table_bpw": opt.summary.bpw}
+    row["default_calib_vs_uniform"] = (sel.error / sel.candidates["uniform ≤"]
+                                       if "uniform ≤" in sel.candidates else None)
+    rule = rule_mix(table, cap)
+    if rule is not None:
+        row["rule"] = bench.held_out(BitPlan.from_choice(table, rule))
+    if measured_table is not None:
+        greedy = solvers.solve(measured_table, budget, solver="greedy").plan
+        row["greedy_measured"] = bench.held_out(greedy) if greedy is not None else None
+    for name, p in (("u_below", below), ("u_above", above)):
+        row[name] = bench.held_out(p) if p is not None else None
+        row[name + "_bpw"] = p.summary.bpw if p is not None else None
+    return row
+
+
+def near_budget_spearman(bench: Bench, table: Any, budgets: tuple[float, ...]) -> dict[float, Any]:
+    import solvers
+    from allocator.budget import Budget
+
+    grid = np.arange(2.25, 4.751, 0.125)
+    plans = {}
+    for b in grid:
+        res = solvers.solve(table, Budget(bpw=float(b)))
+        if res.plan is not None:
+            plans[tuple(sorted(res.plan.choice.items()))] = res.plan
+    points = [(p.summary.bpw, p.summary.predicted_cost, bench.held_out(p)) for p in plans.values()]
+    out = {}
+    for b in budgets:
+        near = [(c, e) for bpw, c, e in points if abs(bpw - b) <= 0.5]
+        out[b] = {"n": len(near), "spearman": spearman([c for c, _ in near], [e for _, e in near])}
+    out_all = {"n": len(points), "spearman": spearman([c for _, c, _ in points], [e for *_, e in points])}
+    return {"near": out, "all": out_all}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit-digits", "tiny-llama", "minilm"])
+    ap.add_argument("--estimators", nargs="+", default=["hessian-proxy"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    ap.add_argument("--options", default=None, help="candidate options (default palette)")
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--evals", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="refinement rounds of the default path")
+    ap.add_argument("--measured-greedy", action="store_true", help="also the measured-greedy baseline")
+    ap.add_argument("--no-spearman", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    results: list[dict[str, Any]] = []
+    for name in args.models:
+        t0 = time.perf_counter()
+        bench = Bench(name, args.calib, args.evals, args.seed)
+        measured = bench.table("measured", args.options, args.seed) if args.measured_greedy else None
+        for est in args.estimators:
+            t1 = time.perf_counter()
+            table = bench.table(est, args.options, args.seed)
+            est_secs = time.perf_counter() - t1
+            rows = [run_budget(bench, table, b, args, measured) for b in args.budgets]
+            rho = None if args.no_spearman else near_budget_spearman(bench, table, tuple(args.budgets))
+            results.append({"model": name, "kind": bench.kind, "estimator": est, "options": args.options,
+                            "estimate_seconds": est_secs, "rows": rows, "spearman": rho})
+            print_model(results[-1])
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1, default=str))
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}×"
+
+
+def print_model(res: dict[str, Any]) -> None:
+    print(f"\n### {res['model']} ({res['kind']}), estimator {res['estimator']}, options "
+          f"{res['options'] or 'default'} (estimate {res['estimate_seconds']:.0f} s)\n")
+    print("| bpw | u≤ (bpw) | u> (bpw) | table | rule | greedy-measured | default | default / u≤ | "
+          "default / u> | calib default / u≤ | ρ near (n) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        rho = res["spearman"]["near"][r["bpw"]] if res["spearman"] else None
+        g = r.get("greedy_measured")
+        cal = r["default_calib_vs_uniform"]
+        print(f"| {r['bpw']:g} | {r['u_below']:.4g} ({r['u_below_bpw']}) | "
+              + (f"{r['u_above']:.4g} ({r['u_above_bpw']}) | " if r["u_above"] is not None else "– | ")
+              + f"{r['table']:.4g} | {r.get('rule', float('nan')):.4g} | "
+              + (f"{g:.4g} | " if g is not None else "– | ")
+              + f"**{r['default']:.4g}** | {_ratio(r['default'], r['u_below'])} | "
+              f"{_ratio(r['default'], r['u_above'])} | "
+              + (f"{cal:.2f} | " if cal is not None else "– | ")
+              + (f"{rho['spearman']:.2f} ({rho['n']}) |" if rho else "– |"))
+    if res["spearman"]:
+        a = res["spearman"]["all"]
+        print(f"\nSpearman over all {a['n']} grid plans (2.25–4.75 bpw): {a['spearman']:.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

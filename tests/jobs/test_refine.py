@@ -1,0 +1,128 @@
+"""Operating-point refinement (allocator.refine): pure pieces and a real model round."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import solvers
+from allocator import Budget, CostTable
+from allocator.errors import InvalidParameterError
+from allocator.plan import BitPlan, check_plan
+from allocator.refine import (
+    RefineConfig,
+    RefineStatus,
+    neighbour_options,
+    refine_plan,
+    tie_groups,
+    trust_region_choice,
+)
+
+
+def _table(costs: np.ndarray, ties: list[str] | None = None) -> CostTable:
+    opts = [("int2-g128-asym", 2, 2.25), ("int3-g128-asym", 3, 3.25), ("int4-g128-asym", 4, 4.25)]
+    rows = []
+    for i, row in enumerate(costs):
+        for (label, bits, bpw), c in zip(opts, row, strict=True):
+            rows.append({"unit": f"u{i}", "params": 1024, "option": label, "bits": bits,
+                         "size_bits": 1024 * bpw, "cost": float(c),
+                         **({"tie": ties[i]} if ties else {})})
+    return CostTable(pd.DataFrame(rows))
+
+
+def test_neighbour_options_by_size() -> None:
+    sizes = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    assert neighbour_options(sizes, "b", 1) == ["a", "c"]
+    assert neighbour_options(sizes, "a", 2) == ["b", "c"]
+    assert neighbour_options(sizes, "d", 1) == ["c"]
+
+
+def test_trust_region_caps_moves_and_keeps_budget() -> None:
+    rng = np.random.default_rng(0)
+    costs = np.sort(rng.uniform(0, 10, (12, 3)), axis=1)[:, ::-1]  # more bits, lower cost
+    table = _table(costs)
+    budget = Budget(bpw=3.25)
+    current = dict.fromkeys(table.units, "int3-g128-asym")
+    free = solvers.solve(table, budget).plan
+    assert free is not None
+    free_moves = sum(free.choice[u] != current[u] for u in current)
+    assert free_moves > 2
+    for cap in (0, 1, 2, free_moves):
+        choice, change = trust_region_choice(table, budget, current, cap)
+        assert sum(choice[u] != current[u] for u in current) <= cap
+        plan = BitPlan.from_choice(table, choice)
+        assert not check_plan(plan, table, budget)
+        assert change <= 1e-12  # never predicted worse than staying
+    full, change = trust_region_choice(table, budget, current, free_moves)
+    assert change == pytest.approx(free.summary.predicted_cost - BitPlan.from_choice(
+        table, current).summary.predicted_cost)
+
+
+def test_tie_groups_move_together() -> None:
+    table = _table(np.ones((4, 3)), ties=["qkv", "qkv", "", ""])
+    assert tie_groups(table) == {"tie:qkv": ["u0", "u1"], "u2": ["u2"], "u3": ["u3"]}
+
+
+@pytest.mark.parametrize("bad", [{"rounds": -1}, {"neighbours": 0}, {"trust": 0.0},
+                                 {"trust": 1.5}, {"rounds": True}])
+def test_config_validation(bad: dict[str, object]) -> None:
+    with pytest.raises(InvalidParameterError, match="refine"):
+        RefineConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def vit() -> dict[str, object]:
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from allocator.data import data_for
+    from allocator.formats import parse_options
+    from allocator.models import load_model
+    from allocator.units import discover_units
+    from sensitivity import EstimateContext, get_estimator
+
+    loaded = load_model("vit-digits")
+    model = loaded.model.eval()
+    calib = list(data_for(loaded, "calibration", 32, batch_size=16))
+    units = discover_units(model)
+    ctx = EstimateContext(batches=calib, units=units, options=parse_options(None), seed=0,
+                          model_kind=str(loaded.kind), progress=False)
+    table = get_estimator("hessian-proxy").estimate(model, ctx)
+    return {"model": model, "calib": calib, "units": units, "table": table, "kind": str(loaded.kind)}
+
+
+def test_refine_never_worse_than_candidates_and_restores_weights(vit: dict[str, object]) -> None:
+    import torch
+
+    model, table = vit["model"], vit["table"]
+    assert isinstance(model, torch.nn.Module) and isinstance(table, CostTable)
+    budget = Budget(bpw=3.0)
+    opt = solvers.solve(table, budget).plan
+    uni = BitPlan.from_choice(table, dict.fromkeys(table.units, "int2-g128-asym"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = refine_plan(model, {"table optimum": opt, "uniform ≤": uni}, table, budget,
+                      vit["calib"], vit["units"], kind=vit["kind"],  # type: ignore[arg-type]
+                      config=RefineConfig(rounds=2))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert set(res.candidates) == {"table optimum", "uniform ≤"}
+    assert res.start_label == min(res.candidates, key=lambda k: res.candidates[k])
+    assert res.error <= min(res.candidates.values()) + 1e-12
+    assert res.start_error == pytest.approx(res.candidates[res.start_label], rel=1e-9)
+    assert not check_plan(res.plan, table, budget)
+    assert res.status in (RefineStatus.CONVERGED, RefineStatus.ROUND_LIMIT)
+    errors = [res.start_error] + [r.error_trial for r in res.rounds if r.accepted]
+    assert errors == sorted(errors, reverse=True) and errors[-1] == res.error
+    assert all(r.moved <= max(1, round(0.25 * table.n_units)) for r in res.rounds)
+
+
+def test_refine_zero_rounds_only_selects(vit: dict[str, object]) -> None:
+    table = vit["table"]
+    assert isinstance(table, CostTable)
+    budget = Budget(bpw=3.25)
+    uni = BitPlan.from_choice(table, dict.fromkeys(table.units, "int3-g128-asym"))
+    low = BitPlan.from_choice(table, dict.fromkeys(table.units, "int2-g128-asym"))
+    res = refine_plan(vit["model"], {"int3": uni, "int2": low}, table, budget,  # type: ignore[arg-type]
+                      vit["calib"], vit["units"], kind=vit["kind"],  # type: ignore[arg-type]
+                      config=RefineConfig(rounds=0))
+    assert res.start_label == "int3" and res.plan is uni and not res.rounds
+    assert res.candidates["int3"] < res.candidates["int2"]
