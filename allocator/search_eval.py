@@ -59,7 +59,7 @@ class ModelEvaluator:
         split: str = "calibration",
     ) -> None:
         from allocator.backend import reference_outputs
-        from allocator.data import CalibrationData
+        from allocator.data import data_for
         from allocator.models import load_model
         from allocator.units import discover_units
 
@@ -69,13 +69,11 @@ class ModelEvaluator:
         self.loaded.model.eval()
         self.table = table
         self.method = method
-        pack = self.loaded.kind == "causal_lm"
-        common: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed, "pack": pack}
-        self.data = CalibrationData.from_corpus(self.loaded.tokenizer, split=split, n_samples=samples,
-                                                **common)
+        common: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed}
+        self.data = data_for(self.loaded, split, samples, **common)
         self.batches = list(self.data)
-        self.calibration = (self.batches if split == "calibration" else list(CalibrationData.from_corpus(
-            self.loaded.tokenizer, split="calibration", n_samples=samples, **common)))
+        self.calibration = (self.batches if split == "calibration"
+                            else list(data_for(self.loaded, "calibration", samples, **common)))
         self.units = discover_units(self.loaded.model)
         self.reference = reference_outputs(self.loaded.model, self.batches, kind=self.loaded.kind,
                                            model_fingerprint=self.loaded.fingerprint)

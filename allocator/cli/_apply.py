@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.backend import apply_plan, verify
-    from allocator.data import CalibrationData
+    from allocator.data import data_for
     from allocator.models import load_model
     from allocator.plan import BitPlan
     from allocator.units import discover_units
@@ -32,9 +32,7 @@ def run(args: argparse.Namespace) -> int:
     units = discover_units(loaded.model, group_columns=args.group_columns) if args.group_columns else None
     calib = None
     if args.method == "gptq":
-        calib = list(CalibrationData.from_corpus(
-            loaded.tokenizer, split="calibration", n_samples=args.samples, seq_len=args.seq_len,
-            pack=loaded.kind == "causal_lm"))
+        calib = list(data_for(loaded, "calibration", args.samples, seq_len=args.seq_len, batch_size=8))
     out = console()
     report = apply_plan(loaded.model, plan, method=args.method, calibration=calib, units=units,
                         progress=True)

@@ -23,20 +23,18 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from allocator.backend import apply_plan, evaluate, reference_outputs
-    from allocator.data import CalibrationData
+    from allocator.data import data_for
     from allocator.models import load_model
     from allocator.plan import BitPlan
 
     plans = [(p, BitPlan.load(p)) for p in args.plans]
     loaded = load_model(args.model)
-    pack = loaded.kind == "causal_lm"
-    held = list(CalibrationData.from_corpus(loaded.tokenizer, split="evaluation", n_samples=args.samples,
-                                            seq_len=args.seq_len, pack=pack))
+    held = list(data_for(loaded, "evaluation", args.samples, seq_len=args.seq_len,
+                         batch_size=8))
     calib = None
     if args.method == "gptq":
-        calib = list(CalibrationData.from_corpus(loaded.tokenizer, split="calibration",
-                                                 n_samples=args.calib_samples, seq_len=args.seq_len,
-                                                 pack=pack))
+        calib = list(data_for(loaded, "calibration", args.calib_samples, seq_len=args.seq_len,
+                              batch_size=8))
     ref = reference_outputs(loaded.model, held, kind=loaded.kind, model_fingerprint=loaded.fingerprint,
                             cache_dir=args.cache_dir)
     state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
