@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
     from allocator.backend import EvalReport
 
-__all__ = ["PlanResult", "RunConfig", "RunResult", "run_pipeline", "uniform_plans"]
+__all__ = ["PlanResult", "RunConfig", "RunResult", "frontier_title", "run_pipeline",
+           "uniform_plans"]
 
 log = logging.getLogger("allocator.pipeline")
 
@@ -356,12 +357,22 @@ def _plot(run: RunResult, front: Any, path: Path) -> Path:
         ax.set_yscale("log")
     ax.set_xlabel("bits per weight (overhead included)")
     ax.set_ylabel(f"predicted cost ({run.table.metadata.get('estimator')})")
-    ax.set_title(f"{run.config.model}: frontier and plans at {run.config.bpw:g} bpw")
+    ax.set_title(frontier_title(run.config.model, run.config.bpw), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def frontier_title(model: str, bpw: float, *, width: int = 60) -> str:
+    """The frontier plot's title: the model's base name (not its whole path, which ran off the
+    figure), wrapped to lines of at most ``width`` characters."""
+    import textwrap
+
+    name = Path(model.rstrip("/\\")).name or model
+    return "\n".join(textwrap.wrap(f"{name}: frontier and plans at {bpw:g} bpw", width=width,
+                                    break_long_words=True, break_on_hyphens=False))
 
 
 def _short(plan: BitPlan) -> str:

@@ -47,7 +47,8 @@ def _verb_module(verb: str) -> ModuleType | None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse's own convention)
-        self.exit(2, f"bitalloc {self.prog.split()[-1]}: error: {message}\n"
+        # prog is "bitalloc" or "bitalloc VERB": print it as is (not "bitalloc bitalloc")
+        self.exit(2, f"{self.prog}: error: {message}\n"
                      f"(see '{self.prog} --help')\n")
 
 

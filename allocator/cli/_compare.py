@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         shown.add_row(r.a, r.b, str(r.units), _fmt(r.spearman), f"{r.spearman_p:.2g}",
                       _fmt(r.kendall), f"{r.kendall_p:.2g}")
     out = console()
+    if not out.is_terminal:  # logs and pipes: full estimator names instead of 80 columns
+        out.width = max(130, 2 * max(len(lab) for lab in labels) + 70)
     out.print(shown)
     if args.csv:
         with atomic_path(args.csv) as tmp:
