@@ -201,10 +201,11 @@ class CostTable:
 
         Labels the catalogue parses are checked; per-channel labels (``-ch-``) only within
         [b, b + overhead] bits per weight, since the table does not record input features.
+        GPTQ-convention labels (``-gptq``) may add up to 32 bits per weight for the ``g_idx``.
         Unknown (custom) labels cannot be checked and are taken as given.
         """
         from allocator.errors import UnknownNameError
-        from allocator.formats import parse_format
+        from allocator.formats import StorageConvention, parse_format
 
         n = len(index.options)
         lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
@@ -217,6 +218,10 @@ class CostTable:
                 lo[code], hi[code] = fmt.bits, fmt.bits + (16.0 if fmt.symmetric else 32.0)
             else:
                 lo[code] = hi[code] = fmt.bits_per_weight()
+            if fmt.convention is StorageConvention.GPTQ:
+                # a GPTQ checkpoint may also count its int32 g_idx (32·in bits, 32/out per
+                # weight: GPTQModel's accounting, allocator.palettes); out is not recorded
+                hi[code] += 32.0
         if not np.isfinite(lo).any():
             return
         bpw = out["size_bits"].to_numpy() / out["params"].to_numpy(np.float64)
