@@ -10,10 +10,12 @@ from typing import Any
 
 import pandas as pd
 
+from allocator._atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from allocator.errors import AllocatorError, InvalidCostTableError, InvalidParameterError
 from allocator.table import _META_KEY, TABLE_FORMAT, TABLE_VERSION, CostTable
 
-__all__ = ["dump_json", "load_table", "parse_json", "save_table", "sidecar_path"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "dump_json", "load_table",
+           "parse_json", "save_table", "sidecar_path"]
 
 _SUFFIXES = (".parquet", ".csv", ".json")
 

@@ -47,7 +47,6 @@ __all__ = [
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 TINY_LM_NAMES = ("tiny-llama", "tiny_llama", "tinyllama")
 VIT_DIGITS_NAMES = ("vit-digits", "vit_digits")
-_NON_INPUT_KEYS = frozenset({"labels", "label", "idx", "text"})
 
 
 class ModelKind(StrEnum):
@@ -229,47 +228,13 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *, device: st
                        fingerprint=model_fingerprint(model))
 
 
-def _inputs(batch: Any, kind: ModelKind) -> dict[str, Any]:
-    inputs = {k: v for k, v in dict(batch).items() if k not in _NON_INPUT_KEYS}
-    if kind == ModelKind.CAUSAL_LM:
-        inputs.setdefault("use_cache", False)
-    return inputs
-
-
-def mean_pool_normalize(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Sentence embedding as sentence-transformers computes it:
-    e = normalize(Σ_t m_t h_t / max(Σ_t m_t, 1e-9))."""
-    import torch
-
-    if hidden.dim() == 2:
-        return torch.nn.functional.normalize(hidden, dim=-1)
-    m = (torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if mask is None
-         else mask.to(hidden.dtype))
-    pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def model_forward_outputs(loaded: LoadedModel, batch: Any) -> torch.Tensor:
-    """The tensor quality is measured on: logits for causal LMs / classifiers (and generic
-    models that return them), mean-pooled L2-normalised embeddings for encoders.
+    """The tensor quality is measured on (:func:`allocator.outputs.forward_outputs` for the
+    model's kind): logits for causal LMs / classifiers (and generic models that return them),
+    mean-pooled L2-normalised embeddings for encoders.
 
     Gradients are not disabled: wrap the call in ``torch.inference_mode()`` when not needed.
     """
-    import torch
+    from allocator.outputs import forward_outputs
 
-    kind = loaded.kind
-    out = loaded.model(**_inputs(batch, kind))
-    logits = getattr(out, "logits", None)
-    if kind in (ModelKind.CAUSAL_LM, ModelKind.CLASSIFIER) or (
-            kind == ModelKind.GENERIC and logits is not None):
-        if logits is None:
-            logits = out[0] if isinstance(out, tuple | list) else out
-        if not isinstance(logits, torch.Tensor):
-            raise ModelError(f"model {loaded.name!r} of kind {kind} returned no logits tensor")
-        return logits
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0] if isinstance(out, tuple | list) else out
-    if not isinstance(hidden, torch.Tensor):
-        raise ModelError(f"model {loaded.name!r} returned no last_hidden_state tensor")
-    return mean_pool_normalize(hidden, dict(batch).get("attention_mask"))
+    return forward_outputs(loaded.model, dict(batch), loaded.kind)

@@ -101,7 +101,7 @@ class LazyModelEvaluator:
 
 def run_worker(spec: SearchSpec, worker: int = 0) -> SolveResult:
     """Join (or create) the study and run trials until the study has ``n_trials``."""
-    from solvers._bayesian import BayesianSolver
+    from solvers import BayesianSolver
 
     table = CostTable.load(spec.table_path)
     solver = BayesianSolver(evaluator=make_evaluator(spec, table), n_trials=spec.n_trials, radius=spec.radius,
@@ -164,8 +164,7 @@ def run_pareto(spec: SearchSpec, *, population_size: int = 20) -> list[ParetoPoi
     """
     import solvers
     from allocator.plan import check_plan
-    from solvers._bayesian import pareto_front, search_space
-    from solvers._problem import build_problem
+    from solvers import build_problem, pareto_front, search_space
 
     table = CostTable.load(spec.table_path)
     budget = Budget.from_dict(spec.budget)

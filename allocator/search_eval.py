@@ -129,8 +129,7 @@ class _Applied:
         self.ev, self.plan = ev, plan
 
     def __enter__(self) -> None:
-        from allocator.backend import apply_plan
-        from allocator.backend._resolve import module_weight
+        from allocator.backend import apply_plan, module_weight
 
         model = self.ev.loaded.model
         modules = {u.split("[", 1)[0] for u in self.plan.assignments}
@@ -143,7 +142,7 @@ class _Applied:
     def __exit__(self, *exc: object) -> None:
         import torch
 
-        from allocator.backend._resolve import module_weight
+        from allocator.backend import module_weight
 
         with torch.no_grad():
             for m in self.modules:

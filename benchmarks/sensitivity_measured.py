@@ -74,12 +74,12 @@ def main() -> int:
     import torch
     import transformers
 
+    from allocator.distortion import distortion
     from allocator.formats import parse_options
+    from allocator.outputs import forward_outputs
     from allocator.quant import fake_quantize
     from allocator.units import discover_units, unit_weight
     from sensitivity import EstimateContext, get_estimator
-    from sensitivity._activation_cache import forward_outputs
-    from sensitivity._distortion import distortion
 
     torch.manual_seed(0)
     path = gt.get_model_path()

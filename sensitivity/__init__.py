@@ -9,12 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from allocator.distortion import Metric, distortion, per_sample_sums
 from allocator.errors import UnknownNameError
 from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
-from sensitivity._distortion import Metric, distortion, per_sample_sums
 from sensitivity._driver import run_estimate
 from sensitivity._measured import default_metric
+from sensitivity._sharded import (
+    ShardedEstimateSpec,
+    ShardOutcome,
+    estimate_fingerprint,
+    run_shard_worker,
+    run_sharded,
+)
 
 __all__ = [
     "ESTIMATORS",
@@ -32,7 +39,12 @@ __all__ = [
     "get_estimator",
     "quant_errors",
     "run_estimate",
+    "run_shard_worker",
+    "run_sharded",
     "score_times_error",
+    "ShardOutcome",
+    "ShardedEstimateSpec",
+    "estimate_fingerprint",
 ]
 
 #: name → "module:Class" (documented in each class's docstring with its paper).

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InvalidParameterError, ModelError
+from allocator.errors import InvalidParameterError
+from allocator.outputs import forward_outputs
 from allocator.units import Unit
 
 if TYPE_CHECKING:
@@ -41,9 +42,6 @@ __all__ = [
 #: Last attribute name of a transformer block list (``model.layers``, ``encoder.layer``,
 #: ``transformer.h``, ``blocks``); the one with the most parameters wins.
 BLOCK_LIST_NAMES: tuple[str, ...] = ("layers", "layer", "h", "blocks", "block")
-
-#: Keys that are targets, not model inputs.
-_NON_INPUT_KEYS = ("labels", "label")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,43 +67,6 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | Non
         if best is None or n > best[0]:
             best = (n, name, mod)
     return None if best is None else (best[1], best[2])
-
-
-def _model_inputs(batch: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    inputs = {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
-    if kind == "causal_lm":
-        inputs.setdefault("use_cache", False)
-    return inputs
-
-
-def forward_outputs(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
-    """The output a distortion is measured on.
-
-    Logits for ``causal_lm`` / ``classifier`` (and ``generic`` models that have them); for
-    encoders the attention-mask mean-pooled last hidden state, L2-normalised (sentence
-    embedding as sentence-transformers computes it).
-    """
-    import torch
-
-    out = model(**_model_inputs(batch, kind))
-    logits = getattr(out, "logits", None)
-    if kind in ("causal_lm", "classifier") or (kind == "generic" and logits is not None):
-        if logits is None:
-            logits = out[0] if isinstance(out, tuple | list) else out
-        if not isinstance(logits, torch.Tensor):
-            raise ModelError(f"model of kind {kind!r} returned no logits tensor")
-        return logits
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0] if isinstance(out, tuple | list) else out
-    if not isinstance(hidden, torch.Tensor):
-        raise ModelError("encoder model returned no last_hidden_state tensor")
-    if hidden.dim() == 2:
-        return torch.nn.functional.normalize(hidden, dim=-1)
-    am = batch.get("attention_mask")
-    m = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if am is None else am.to(hidden.dtype)
-    pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 def _output_mask(chunk_batch: Mapping[str, Any], out: torch.Tensor) -> torch.Tensor | None:

@@ -179,7 +179,8 @@ def lim_scores(model: torch.nn.Module, ctx: EstimateContext) -> tuple[np.ndarray
     import torch
 
     from allocator.errors import ModelError
-    from sensitivity._activation_cache import _model_inputs, find_blocks
+    from allocator.outputs import model_inputs
+    from sensitivity._activation_cache import find_blocks
 
     if not ctx.batches:
         raise InvalidParameterError(
@@ -213,7 +214,7 @@ def lim_scores(model: torch.nn.Module, ctx: EstimateContext) -> tuple[np.ndarray
             for batch in ctx.batches:
                 am = batch.get("attention_mask")
                 mask[0] = am if isinstance(am, torch.Tensor) else None
-                model(**_model_inputs(batch, ctx.model_kind))
+                model(**model_inputs(batch, ctx.model_kind))
     finally:
         for h in handles:
             h.remove()

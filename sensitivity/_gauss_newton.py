@@ -189,7 +189,7 @@ def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Redu
     """
     import torch
 
-    from sensitivity._activation_cache import forward_outputs
+    from allocator.outputs import forward_outputs
 
     if per_sample not in PER_SAMPLE_MODES:
         raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")

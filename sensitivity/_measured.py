@@ -6,7 +6,7 @@ full precision. The cost is
 
     cost(i, b) = (1/N_B) Σ_batches  mean_{tokens or samples of the batch} D(f(x), f_{i,b}(x))
 
-with D the metric of :mod:`sensitivity._distortion` (KL of logits for LMs and classifiers, 1 − cos
+with D the metric of :mod:`allocator.distortion` (KL of logits for LMs and classifiers, 1 − cos
 or MSE of the sentence embedding for encoders) and ``cost_std`` = std over batches (ddof 1) of the
 per-batch means / √N_B (with a single batch: std over samples / √n_samples).
 
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from allocator.distortion import Metric, distortion, per_sample_sums
 from allocator.errors import InvalidParameterError
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
-from sensitivity._distortion import Metric, distortion, per_sample_sums
 
 if TYPE_CHECKING:
     import torch

@@ -168,9 +168,9 @@ def _explained(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> t
     """The scalar f whose relevance is propagated (see module doc)."""
     import torch
 
-    from sensitivity._activation_cache import _model_inputs
+    from allocator.outputs import model_inputs
 
-    out = model(**_model_inputs(batch, kind))
+    out = model(**model_inputs(batch, kind))
     logits = getattr(out, "logits", None)
     if logits is None and kind in ("causal_lm", "classifier"):
         logits = out[0] if isinstance(out, tuple | list) else out

@@ -16,21 +16,21 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from allocator.budget import Budget
 from allocator.errors import UnknownNameError
 from allocator.result import SolveResult
 from allocator.table import CostTable
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
+from solvers._bayesian import BayesianSolver, pareto_front, search_space
+from solvers._frontier import Frontier, load_measured
 from solvers._problem import Problem, build_problem
-
-if TYPE_CHECKING:
-    from solvers._frontier import Frontier
 
 __all__ = [
     "SOLVERS",
     "BaseSolver",
+    "BayesianSolver",
+    "Frontier",
     "Problem",
     "RawSolution",
     "SolverCapabilities",
@@ -38,6 +38,9 @@ __all__ = [
     "build_problem",
     "frontier",
     "get_solver",
+    "load_measured",
+    "pareto_front",
+    "search_space",
     "solve",
     "solver_class",
 ]

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from allocator._atomic import atomic_path
 from allocator.errors import InvalidParameterError
+from allocator.io import atomic_path
 
 if TYPE_CHECKING:
     from solvers._frontier import Frontier

@@ -21,7 +21,7 @@ from allocator.backend._evaluate import (
     reference_outputs,
     retrieval_agreement,
 )
-from allocator.backend._resolve import ResolvedUnit, resolve_plan
+from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.backend._verify import Mismatch, PlanMismatchError, UnitCheck, VerifyReport, verify
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "clear_reference_cache",
     "data_fingerprint",
     "evaluate",
+    "module_weight",
     "next_token_nll",
     "reference_outputs",
     "resolve_plan",

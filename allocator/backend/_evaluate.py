@@ -132,7 +132,7 @@ def clear_reference_cache() -> None:
 
 
 def _forward(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
-    from sensitivity._activation_cache import forward_outputs
+    from allocator.outputs import forward_outputs
 
     return forward_outputs(model, batch, kind).detach().float()
 
@@ -227,7 +227,7 @@ def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], 
                     n_queries: int | None) -> EvalReport:
     import torch
 
-    from sensitivity._distortion import cosine_distance
+    from allocator.distortion import cosine_distance
 
     ref, emb = torch.cat(list(refs)), torch.cat(list(outs))
     cos_d = cosine_distance(ref, emb)
@@ -239,7 +239,7 @@ def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], 
 
 def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
                    outs: Sequence[torch.Tensor]) -> EvalReport:
-    from sensitivity._distortion import kl_divergence
+    from allocator.distortion import kl_divergence
 
     nll = nll_fp = kl_sum = 0.0
     n_tgt = n_tok = n = 0
@@ -260,7 +260,7 @@ def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Te
 
 def _classifier_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
                        outs: Sequence[torch.Tensor]) -> EvalReport:
-    from sensitivity._distortion import kl_divergence
+    from allocator.distortion import kl_divergence
 
     correct = agree = kl_sum = 0.0
     n = 0

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_sharded(args: argparse.Namespace, params: dict[str, Any]) -> int:
-    from allocator.shard_estimate import ShardedEstimateSpec, run_sharded
+    from sensitivity import ShardedEstimateSpec, run_sharded
 
     spec = ShardedEstimateSpec(
         model=args.model, storage=args.storage, study=args.study, n_shards=args.shards,

@@ -26,15 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.cli._common import console
-    from allocator.export import export_plan, get_exporter, write_result
-    from allocator.export._common import module_of
+    from allocator.export import export_plan, get_exporter, model_info, module_of, write_result
     from allocator.plan import BitPlan
 
     plan = BitPlan.load(args.plan)
     names = shapes = arch = None
     if args.model:
-        from allocator.export._model import model_info
-
         info = model_info(args.model, {module_of(u)[0] for u in plan.assignments})
         names, shapes, arch = info.names, info.shapes, info.arch
     out = Path(args.output) if args.output else Path(args.plan).with_suffix(get_exporter(args.to).SUFFIX)

@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.budget import Budget
     from allocator.errors import InvalidParameterError
     from allocator.table import CostTable
-    from solvers import frontier
-    from solvers._frontier import load_measured
+    from solvers import frontier, load_measured
 
     if args.measured and not (args.plot or args.html):
         raise InvalidParameterError("--measured is drawn on a plot; add --plot PNG or --html HTML")

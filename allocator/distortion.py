@@ -1,7 +1,8 @@
 """Output-distortion metrics between a reference output and a perturbed one (pure tensor maths).
 
-Used by the ``measured`` estimator (CalibTIP-style ΔL) and reusable by any evaluation code: every
-function takes plain tensors, works on any leading shape and never touches a model.
+Shared by the ``measured`` / ``gauss-newton`` estimators (``sensitivity``) and the backend's
+evaluation (``allocator.backend``), which must not depend on each other: every function takes
+plain tensors, works on any leading shape and never touches a model.
 
 * ``kl``  — KL(P_ref ‖ P) of the softmax distributions of logits (LMs, classifiers).
 * ``cos`` — 1 − cos(e_ref, e) of embeddings (encoders).
