@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from allocator.export._common import Setting
     from allocator.table import CostTable
 
-__all__ = ["PALETTES", "Palette", "apply_palette", "palette_for", "table_for"]
+__all__ = ["PALETTES", "Palette", "apply_palette", "palette_for", "palette_options", "table_for",
+           "table_for_model"]
 
 #: (out_features, in_features) of a unit's weight
 Shape = tuple[int, int]
@@ -317,3 +318,32 @@ def table_for(table: CostTable, name: str | None) -> CostTable:
     if name is None or table.metadata.get("consumer") == name:
         return table
     return apply_palette(table, name)
+
+
+def palette_options(name: str | None, options: str | None, groups: int | None = None) -> str | None:
+    """The option spec an estimate uses: ``options``, or consumer ``name``'s palette.
+
+    Raises:
+        InvalidParameterError: ``--for`` with ``--options`` or ``--groups`` (the consumer fixes
+            the options and sets one setting per module).
+    """
+    if name is None:
+        return options
+    palette = palette_for(name)
+    if options is not None:
+        raise InvalidParameterError(f"--for {name} sets the options ({', '.join(palette.options[:3])}"
+                                    ", ...); drop --options")
+    if groups is not None:
+        raise InvalidParameterError(f"--for {name}: {name} sets one setting per module; drop --groups")
+    return ",".join(palette.options)
+
+
+def table_for_model(table: CostTable, name: str | None, model: str) -> CostTable:
+    """:func:`apply_palette` with the shapes of ``model`` (a local HF dir, ``minilm``,
+    ``tiny-llama``), built on the meta device; ``table`` unchanged when ``name`` is None."""
+    if name is None:
+        return table
+    from allocator.export._model import model_info
+
+    info = model_info(model, table.units)
+    return apply_palette(table, name, shapes=info.shapes)

@@ -8,7 +8,7 @@ from typing import Any
 from allocator.budget import Budget
 from allocator.errors import InvalidParameterError
 
-__all__ = ["add_budget_arguments", "budget_from_args", "console", "parse_caps"]
+__all__ = ["add_budget_arguments", "add_for_argument", "budget_from_args", "console", "parse_caps"]
 
 
 def console() -> Any:
@@ -45,3 +45,12 @@ def add_budget_arguments(p: argparse.ArgumentParser, *, required: bool = True) -
 def budget_from_args(args: argparse.Namespace) -> Budget:
     return Budget(bpw=args.bpw, size_bytes=args.size_bytes, max=parse_caps(args.max),
                   min_bits=args.min_bits, max_bits=args.max_bits)
+
+
+def add_for_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """``--for CONSUMER``: the options and ties that consumer stores (``allocator.palettes``)."""
+    from allocator.palettes import PALETTES
+
+    p.add_argument("--for", dest="consumer", choices=tuple(PALETTES), metavar="CONSUMER",
+                   help=f"{what} exactly what CONSUMER stores ({', '.join(PALETTES)}), so "
+                        "`export --to CONSUMER` needs no --lossy (docs/exports.md)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from allocator.cli._common import console
+from allocator.cli._common import add_for_argument, console
 
 HELP = "estimate a cost table (unit × option sensitivities) for a model"
 
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="calibration texts: .txt (one text per paragraph, blank-line "
                    "separated) or .jsonl with a 'text' field (default: the built-in corpus)")
     p.add_argument("--options", help="option spec, e.g. 'int2..8-g128-asym,fp16' (default)")
+    add_for_argument(p, "estimate")
     p.add_argument("--samples", type=int, default=32, help="calibration texts (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="texts per batch (default 8)")
@@ -83,14 +84,17 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import InvalidParameterError
+    from allocator.palettes import palette_options, table_for_model
     from sensitivity import run_estimate
 
     params = parse_params(args.param)
+    consumer = getattr(args, "consumer", None)
+    options = palette_options(consumer, args.options, args.groups)
     if sharded(args):
-        return _run_sharded(args, params)
+        return _run_sharded(args, params, options)
     try:
         table = run_estimate(
-            args.model, method=args.method, data=args.data, options=args.options,
+            args.model, method=args.method, data=args.data, options=options,
             samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
             include=args.include, exclude=args.exclude, groups=args.groups,
             kinds=[k.strip() for k in args.kinds.split(",") if k.strip()], seed=args.seed,
@@ -100,19 +104,34 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidParameterError(f"--param: {exc}; see the estimator's parameters in "
                                         "docs/sensitivity.md") from None
         raise
+    table = table_for_model(table, consumer, args.model)
     path = table.save(args.output)
     meta = table.metadata
     console().print(f"{args.method}: {table.n_units} units × {len(table.options)} options, "
                     f"{table.total_params:,} params, {meta.get('seconds', 0):.1f} s -> {path}")
+    _say_consumer(table)
     return 0
 
 
-def _run_sharded(args: argparse.Namespace, params: dict[str, Any]) -> int:
+def _say_consumer(table: Any) -> None:
+    """What ``--for`` changed: the consumer, its tie groups and the units it leaves out."""
+    consumer = table.metadata.get("consumer")
+    if consumer is None:
+        return
+    ties = table.df["tie"][table.df["tie"] != ""].nunique() if "tie" in table.df else 0
+    dropped = table.metadata.get("consumer_dropped") or {}
+    left = "".join(f"; left out {u} ({why})" for u, why in list(dropped.items())[:3])
+    more = f" (+{len(dropped) - 3} more)" if len(dropped) > 3 else ""
+    console().print(f"for {consumer}: {len(table.options)} options, {ties} tie group(s){left}{more}",
+                    markup=False)
+
+
+def _run_sharded(args: argparse.Namespace, params: dict[str, Any], options: str | None) -> int:
     from sensitivity import ShardedEstimateSpec, run_sharded
 
     spec = ShardedEstimateSpec(
         model=args.model, storage=args.storage, study=args.study, n_shards=args.shards,
-        data=args.data, options=args.options, samples=args.samples, seq_len=args.seq_len,
+        data=args.data, options=options, samples=args.samples, seq_len=args.seq_len,
         batch_size=args.batch_size, include=args.include, exclude=args.exclude, groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
         device=args.device, progress=not args.no_progress, estimator_params=params,
@@ -129,8 +148,10 @@ def _run_sharded(args: argparse.Namespace, params: dict[str, Any]) -> int:
                         f"finishes the last one writes the table; re-run this one (or add --wait) "
                         f"to write it to {args.output}")
         return 0
-    path = out.table.save(args.output)
-    table = out.table
+    from allocator.palettes import table_for_model
+
+    table = table_for_model(out.table, getattr(args, "consumer", None), args.model)
+    path = table.save(args.output)
     console().print(f"measured: {table.n_units} units × {len(table.options)} options, "
                     f"{out.n_shards} shards in {out.study} ({out.measured} here), "
                     f"{table.metadata.get('seconds', 0):.1f} s -> {path}")

@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from allocator.cli._common import console
+from allocator.cli._common import add_for_argument, console
 
 HELP = "compute the size-vs-cost Pareto frontier (convex hull sweep + exact points)"
 
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bpw", type=float, nargs="+", default=[],
                    help="also solve the exact MCKP at these bits per weight")
     p.add_argument("--rows", type=int, default=12, help="rows to print (default 12)")
+    add_for_argument(p, "sweep")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if not (np.isfinite(args.band_sigma) and args.band_sigma >= 0):
         raise InvalidParameterError(
             f"--band-sigma must be finite and ≥ 0, got {args.band_sigma}; 0 draws no band")
-    table = CostTable.load(args.table)
+    from allocator.palettes import table_for
+
+    table = table_for(CostTable.load(args.table), getattr(args, "consumer", None))
     f = frontier(table, budgets=[Budget(bpw=b) for b in args.bpw])
     out = console()
     shown = Table(title=f"Pareto frontier: {len(f)} points "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from allocator.cli._common import add_budget_arguments, budget_from_args, console
+from allocator.cli._common import add_budget_arguments, add_for_argument, budget_from_args, console
 
 HELP = "solve a cost table under a budget and write the bit plan (JSON)"
 
@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default=None,
                    help="solver name (default: mckp); see solvers.SOLVERS")
     p.add_argument("--seed", type=int, default=None, help="seed for solvers that draw randomly")
+    add_for_argument(p, "solve over")
     p.add_argument("-o", "--output", required=True, help="write the plan here (.json)")
 
 
@@ -30,10 +31,11 @@ def _fmt(x: float | None, spec: str = ".6g") -> str:
 
 def run(args: argparse.Namespace) -> int:
     import solvers
+    from allocator.palettes import table_for
     from allocator.result import SolveStatus
     from allocator.table import CostTable
 
-    table = CostTable.load(args.table)
+    table = table_for(CostTable.load(args.table), getattr(args, "consumer", None))
     budget = budget_from_args(args)
     solver = solvers.get_solver(args.solver)
     result = solver.solve(table, budget, seed=args.seed)
@@ -59,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     say(f"gap:       {_fmt(result.gap, '.3g')}")
     say(f"bpw:       {s.bpw:.4f}  ({s.size_bits / 8 / 2**20:,.2f} MiB, {s.params:,} weights)")
     say(f"time:      {result.seconds:.3f} s")
+    if table.metadata.get("consumer"):
+        say(f"for:       {table.metadata['consumer']} (export --to {table.metadata['consumer']} "
+            "needs no --lossy)")
     if result.status is SolveStatus.TIME_LIMIT:
         say(f"warning:   stopped by the time limit; the plan is not certified "
             f"({result.message})")
