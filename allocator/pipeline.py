@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.budget import Budget
 from allocator.errors import InfeasibleBudgetError, InvalidParameterError
-from allocator.formats import FormatKind, parse_format
+from allocator.formats import parse_format
 from allocator.plan import BitPlan
 from allocator.refine import RefineConfig, RefineResult
 from allocator.table import CostTable
@@ -47,6 +47,9 @@ class RunConfig:
     solver: str = "mckp"
     method: str = "rtn"
     options: str | None = None
+    #: export target whose options and ties the table takes (``allocator.palettes``); the
+    #: plan then exports to it without --lossy, within the budget of its own accounting
+    consumer: str | None = None
     calib_samples: int = 32
     eval_samples: int = 128
     seq_len: int = 128
@@ -63,6 +66,10 @@ class RunConfig:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
         if self.method not in ("rtn", "gptq"):
             raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        if self.consumer is not None:
+            from allocator.palettes import palette_options
+
+            palette_options(self.consumer, self.options)  # validates: a consumer, no options
         RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours)  # validates
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):
             v = getattr(self, name)
@@ -131,7 +138,8 @@ class RunResult:
 def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None, BitPlan | None]:
     """(largest-bits uniform int plan with size ≤ budget, smallest uniform int plan above it).
 
-    Only int options offered to every unit count (fp16 is not a quantized baseline).
+    Only quantized options (int, GGUF) offered to every unit count (fp16 is not a quantized
+    baseline).
     """
     df = table.df
     size: dict[str, float] = {}
@@ -141,7 +149,7 @@ def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None,
         o = str(opt)
         size[o], bits[o], units[o] = float(sub["size_bits"].sum()), float(sub["bits"].iloc[0]), \
             int(sub["unit"].nunique())
-    cands = [o for o in size if units[o] == table.n_units and parse_format(o).kind is FormatKind.INT]
+    cands = [o for o in size if units[o] == table.n_units and parse_format(o).is_quantized]
     fits = budget_bits * (1 + 1e-9)
     below = [o for o in cands if size[o] <= fits]
     above = [o for o in cands if size[o] > fits]
@@ -173,13 +181,18 @@ def _data(loaded: Any, cfg: RunConfig) -> tuple[Any, Any]:
 
 def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]) -> CostTable:
     from allocator.formats import parse_options
+    from allocator.palettes import apply_palette, palette_options
     from sensitivity import EstimateContext, get_estimator
 
     est = get_estimator(cfg.estimator, **dict(cfg.estimator_params))
-    ctx = EstimateContext(batches=list(calib), units=list(units), options=parse_options(cfg.options),
+    options = parse_options(palette_options(cfg.consumer, cfg.options))
+    ctx = EstimateContext(batches=list(calib), units=list(units), options=options,
                           seed=cfg.seed, model_kind=loaded.kind, progress=cfg.progress)
     meta = {"model": loaded.fingerprint, "data": calib.fingerprint, "data_info": calib.metadata()}
-    return est.estimate(loaded.model, ctx, metadata=meta)
+    table = est.estimate(loaded.model, ctx, metadata=meta)
+    if cfg.consumer is None:
+        return table
+    return apply_palette(table, cfg.consumer, shapes={u.name: u.shape for u in units})
 
 
 def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: dict[str, Any],

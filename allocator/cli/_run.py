@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from allocator.cli._common import console
+from allocator.cli._common import add_for_argument, console
 
 HELP = "end-to-end: estimate, solve at a bpw, apply, evaluate vs uniform at equal size"
 
@@ -19,6 +19,7 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="how the plan is applied (default rtn, the quantizer the costs assume)")
     p.add_argument("--options", help="candidate options (default int2..8-g128-asym + fp16)")
+    add_for_argument(p, "estimate and solve over")
     p.add_argument("--samples", type=int, default=calib, help=f"calibration samples (default {calib})")
     p.add_argument("--eval-samples", type=int, default=evals,
                    help=f"held-out evaluation samples (default {evals})")
@@ -43,7 +44,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> Any:
     from allocator.pipeline import RunConfig
 
     return RunConfig(model=model, bpw=args.bpw, estimator=args.estimator, solver=args.solver,
-                     method=args.method, options=args.options, calib_samples=args.samples,
+                     method=args.method, options=args.options, consumer=args.consumer,
+                     calib_samples=args.samples,
                      eval_samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed,
                      refine_rounds=args.refine_rounds, refine_neighbours=args.refine_neighbours,
                      out=Path(args.out), progress=not args.no_progress)
