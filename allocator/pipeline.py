@@ -1,8 +1,10 @@
 """The end-to-end job behind ``bitalloc run`` and ``bitalloc demo``.
 
-model → calibration batches (built-in corpus, ``calibration`` split) → cost table (estimator)
-→ frontier + exact solve at the target bpw → apply (RTN or GPTQ) → verify → evaluate on the
-``evaluation`` split (disjoint from calibration) against the full-precision outputs.
+model → calibration batches (built-in corpus, ``calibration`` split, or the user's ``data``
+file) → units (``include``/``exclude`` globs; units that cannot affect the output left out) →
+cost table (estimator) → frontier + exact solve at the target bpw → apply (RTN or GPTQ) → verify
+→ evaluate on held-out data (the ``evaluation`` split, ``eval_data``, or the held-out share of
+``data``; see :mod:`allocator.data.user`) against the full-precision outputs.
 
 The mixed plan is compared with uniform quantization at equal size: the uniform int option with
 the most bits whose size fits the mixed plan's budget (``uniform ≤``), and the uniform option
@@ -60,6 +62,16 @@ class RunConfig:
     refine_neighbours: int = 1
     out: Path | None = Path("bitalloc-demo")
     progress: bool = True
+    #: the user's calibration / held-out text files (None: the built-in corpus); --data alone is
+    #: split by text hash into calibration and held-out shares (allocator.data.user)
+    data: str | None = None
+    eval_data: str | None = None
+    #: glob patterns on unit names: units matching one of ``include`` (all when empty) and none
+    #: of ``exclude`` go into the budget
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    #: leave units whose output cannot reach the measured output out of the budget
+    drop_inert: bool = True
 
     def __post_init__(self) -> None:
         if not self.bpw > 0:
@@ -75,6 +87,14 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < (2 if name == "eval_samples" else 1):
                 raise InvalidParameterError(f"{name} must be a positive int, got {v!r}")
+        for name in ("data", "eval_data"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidParameterError(f"{name} must be a file path, got {getattr(self, name)!r}")
+        for name in ("include", "exclude"):
+            pats = getattr(self, name)
+            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
+                raise InvalidParameterError(f"{name} must be a tuple of glob patterns, got {pats!r}")
+            object.__setattr__(self, name, tuple(pats))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +130,10 @@ class RunResult:
     #: the plan handed out: the best measured candidate on calibration data, refined
     chosen: PlanResult | None = None
     selection: RefineResult | None = None
+    #: units left out of the budget → why (--include/--exclude, cannot affect the output)
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    #: where calibration / held-out data came from, in words, and their batches' provenance
+    data_info: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def result(self) -> PlanResult:
@@ -172,24 +196,42 @@ def _load(spec: str) -> Any:
 
 
 def _data(loaded: Any, cfg: RunConfig) -> tuple[Any, Any]:
-    from allocator.data import data_for
+    from allocator.data import user_data_for
 
-    common = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed}
-    return (data_for(loaded, "calibration", cfg.calib_samples, **common),
-            data_for(loaded, "evaluation", cfg.eval_samples, **common))
+    common: dict[str, Any] = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+                              "seed": cfg.seed, "data": cfg.data, "eval_data": cfg.eval_data}
+    return (user_data_for(loaded, "calibration", cfg.calib_samples, **common),
+            user_data_for(loaded, "evaluation", cfg.eval_samples, **common))
+
+
+def _units(loaded: Any, cfg: RunConfig, calib: Any) -> Any:
+    """The units in the budget (``UnitSelection``): the globs, then inert units left out."""
+    from allocator.unit_select import select_units
+    from allocator.units import discover_units
+
+    batch = next(iter(calib)) if cfg.drop_inert else None
+    return select_units(loaded, discover_units(loaded.model), include=cfg.include,
+                        exclude=cfg.exclude, batch=batch)
+
+
+def _data_info(cfg: RunConfig, calib: Any, evaluation: Any) -> dict[str, Any]:
+    from allocator.data import data_description
+
+    words = data_description(cfg.data, cfg.eval_data)
+    return {"calibration": words["calibration"], "evaluation": words["evaluation"],
+            "calibration_batches": calib.metadata(), "evaluation_batches": evaluation.metadata()}
 
 
 def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]) -> CostTable:
-    from allocator.formats import parse_options
     from allocator.palettes import apply_palette, palette_options
-    from sensitivity import EstimateContext, get_estimator
+    from sensitivity import EstimateSpec, estimate_loaded
 
-    est = get_estimator(cfg.estimator, **dict(cfg.estimator_params))
-    options = parse_options(palette_options(cfg.consumer, cfg.options))
-    ctx = EstimateContext(batches=list(calib), units=list(units), options=options,
-                          seed=cfg.seed, model_kind=loaded.kind, progress=cfg.progress)
-    meta = {"model": loaded.fingerprint, "data": calib.fingerprint, "data_info": calib.metadata()}
-    table = est.estimate(loaded.model, ctx, metadata=meta)
+    # The one estimate driver (as `bitalloc estimate`): seeded, same provenance keys.
+    spec = EstimateSpec(method=cfg.estimator, params=cfg.estimator_params,
+                        options=palette_options(cfg.consumer, cfg.options),
+                        samples=cfg.calib_samples, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                        seed=cfg.seed, progress=cfg.progress)
+    table = estimate_loaded(loaded, spec, units=list(units), calibration=calib)
     if cfg.consumer is None:
         return table
     return apply_palette(table, cfg.consumer, shapes={u.name: u.shape for u in units})
@@ -218,7 +260,6 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     """
     import solvers
     from allocator.backend import reference_outputs
-    from allocator.units import discover_units
 
     say = on_stage or (lambda msg: log.info("%s", msg))
     secs: dict[str, float] = {}
@@ -234,7 +275,12 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     loaded = _load(cfg.model)
     loaded.model.eval()
     calib, evaluation = _data(loaded, cfg)
-    units = discover_units(loaded.model)
+    selection_units = _units(loaded, cfg, calib)
+    units = list(selection_units.units)
+    if selection_units.excluded:
+        say(f"{len(selection_units.excluded)} unit(s) left out of the budget: " + ", ".join(
+            f"{u} ({why})" for u, why in list(selection_units.excluded.items())[:5])
+            + (" …" if len(selection_units.excluded) > 5 else ""))
     lap("load")
     say(f"estimating costs ({cfg.estimator}, {len(units)} units, {calib.n_samples} samples)")
     table = estimate_table(loaded, calib, cfg, units)
@@ -267,7 +313,8 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     lap("apply+evaluate")
     run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
                     uniform_below=ub, uniform_above=ua, seconds=secs, fp_metrics=fp_metrics,
-                    chosen=chosen, selection=selection)
+                    chosen=chosen, selection=selection, excluded=dict(selection_units.excluded),
+                    data_info=_data_info(cfg, calib, evaluation))
     if run.worse_than_uniform:
         log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
                     _short(run.uniform_below.plan) if run.uniform_below else "",
@@ -337,6 +384,7 @@ def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
            "error_ratio": run.error_ratio, "chosen": run.result.label,
            "worse_than_uniform": run.worse_than_uniform,
            "selection": run.selection.to_dict() if run.selection is not None else None,
+           "excluded_units": dict(run.excluded), "data": dict(run.data_info),
            "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
                      "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
                      "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
@@ -401,10 +449,13 @@ def report_markdown(run: RunResult) -> str:
         f"# bitalloc run: {c.model} at {c.bpw:g} bpw", "",
         f"- model kind: {run.model_kind}; units: {run.table.n_units}; "
         f"params quantized: {run.table.total_params:,}",
-        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples (calibration "
-        f"split); solver: `{c.solver}`; apply: `{c.method}`",
-        f"- evaluation: {m.n_samples} held-out samples (evaluation split, disjoint from calibration);"
+        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples "
+        f"({run.data_info.get('calibration', 'built-in corpus, calibration split')}); "
+        f"solver: `{c.solver}`; apply: `{c.method}`",
+        f"- evaluation: {m.n_samples} held-out samples ("
+        f"{run.data_info.get('evaluation', 'built-in corpus, evaluation split')});"
         f" error = `{m.error_metric}` vs the full-precision model",
+        *excluded_lines(run.excluded),
         "- uniform ≤: the uniform int option with the most bits whose size fits the budget "
         "(equal-size baseline); uniform >: the next uniform option above the budget (context)",
         "- mixed: the cost table's optimum; chosen: the plan in `plan.json` — the best of the "
@@ -435,6 +486,15 @@ def report_markdown(run: RunResult) -> str:
         "Files: `plan.json` (the chosen plan), `table.parquet` (cost table), `frontier.png`, "
         "`results.json`.", ""]
     return "\n".join(lines)
+
+
+def excluded_lines(excluded: Mapping[str, str]) -> list[str]:
+    """Report lines for the units left out of the budget, grouped by reason."""
+    by: dict[str, list[str]] = {}
+    for unit, why in excluded.items():
+        by.setdefault(why, []).append(unit)
+    return [f"- left out of the budget, {why}: " + ", ".join(f"`{u}`" for u in units[:8])
+            + (f" … ({len(units)} in all)" if len(units) > 8 else "") for why, units in by.items()]
 
 
 def selection_lines(sel: RefineResult | None) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from allocator.cli._common import console
+from allocator.cli._run import add_data_arguments
 
 HELP = "apply a bit plan to a model (RTN or GPTQ fake quantization), verify, save"
 
@@ -17,23 +18,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--group-columns", type=int,
                    help="column-group width of [g=i] units (default: inferred from the plan)")
+    add_data_arguments(p, calibration_only=True)
     p.add_argument("-o", "--output", help="save the fake-quantized model (save_pretrained) here")
 
 
 def run(args: argparse.Namespace) -> int:
     from allocator.backend import apply_plan, verify
-    from allocator.data import data_for
+    from allocator.data import user_data_for
+    from allocator.errors import InvalidParameterError
     from allocator.models import load_model
     from allocator.plan import BitPlan
     from allocator.units import discover_units
 
+    if args.data is not None and args.method != "gptq":
+        raise InvalidParameterError("--data calibrates GPTQ only; add --method gptq or drop --data "
+                                    "(RTN needs no data)")
     plan = BitPlan.load(args.plan)
     loaded = load_model(args.model)
     units = discover_units(loaded.model, group_columns=args.group_columns) if args.group_columns else None
     calib = None
     if args.method == "gptq":
-        calib = list(data_for(loaded, "calibration", args.samples, seq_len=args.seq_len, batch_size=8))
+        calib_data = user_data_for(loaded, "calibration", args.samples, data=args.data,
+                                   holdout=False, seq_len=args.seq_len, batch_size=8)
+        calib = list(calib_data)
     out = console()
+    if calib is not None:
+        out.print(f"calibration: {calib_data.metadata()['source']} ({len(calib)} batches)")
     report = apply_plan(loaded.model, plan, method=args.method, calibration=calib, units=units,
                         progress=True)
     check = verify(loaded.model, plan, units=units)

@@ -1,4 +1,4 @@
-"""``bitalloc demo``: the whole pipeline on the bundled MiniLM with the built-in corpus."""
+"""``bitalloc demo``: the whole pipeline on the bundled MiniLM (built-in corpus, or --data)."""
 
 from __future__ import annotations
 

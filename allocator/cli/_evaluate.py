@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from allocator.cli._common import console
+from allocator.cli._run import add_data_arguments
 
 HELP = "evaluate a plan (or plans) on held-out data: perplexity/KL, embedding cosine, retrieval"
 
@@ -17,28 +18,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration samples")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--cache-dir", help="keep full-precision reference outputs here")
+    add_data_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from allocator.backend import apply_plan, evaluate, reference_outputs
-    from allocator.data import data_for
+    from allocator.data import user_data_for
     from allocator.models import load_model
     from allocator.plan import BitPlan
 
     plans = [(p, BitPlan.load(p)) for p in args.plans]
     loaded = load_model(args.model)
-    held = list(data_for(loaded, "evaluation", args.samples, seq_len=args.seq_len,
-                         batch_size=8))
+    files = {"data": args.data, "eval_data": args.eval_data, "seq_len": args.seq_len,
+             "batch_size": 8}
+    held_data = user_data_for(loaded, "evaluation", args.samples, **files)
+    held = list(held_data)
     calib = None
     if args.method == "gptq":
-        calib = list(data_for(loaded, "calibration", args.calib_samples, seq_len=args.seq_len,
-                              batch_size=8))
+        calib_data = user_data_for(loaded, "calibration", args.calib_samples, **files)
+        calib = list(calib_data)
+        console().print(f"calibration: {calib_data.metadata()['source']}")
     ref = reference_outputs(loaded.model, held, kind=loaded.kind, model_fingerprint=loaded.fingerprint,
                             cache_dir=args.cache_dir)
     state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-    table = Table(title=f"{loaded.name}: held-out evaluation ({len(held)} batches, {args.method})")
+    table = Table(title=f"{loaded.name}: held-out evaluation ({len(held)} batches of "
+                  f"{held_data.metadata()['source']}, {args.method})")
     rows = []
     for path, plan in plans:
         loaded.model.load_state_dict(state)

@@ -24,6 +24,17 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--eval-samples", type=int, default=evals,
                    help=f"held-out evaluation samples (default {evals})")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    add_data_arguments(p)
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only units whose name matches this glob, e.g. '*.attention.*' "
+                        "(repeatable; '*' matches dots too)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave units whose name matches this glob out of the budget, e.g. "
+                        "'pooler.*' (repeatable)")
+    p.add_argument("--keep-inert", action="store_true",
+                   help="keep units whose output cannot reach the measured output (e.g. a BERT "
+                        "pooler under mean pooling) in the budget; by default they are left out "
+                        "at full precision and listed in the report")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--refine-rounds", type=int, default=2,
                    help="operating-point refinement rounds on calibration data; 0 only picks the "
@@ -32,6 +43,22 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
                    help="options measured on each side of a unit's current one per round (default 1)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_data_arguments(p: argparse.ArgumentParser, *, calibration_only: bool = False) -> None:
+    """``--data`` (and ``--eval-data``): the user's text, in the formats of ``estimate --data``."""
+    fmt = ".txt (one text per blank-line-separated paragraph) or .jsonl with a 'text' field"
+    if calibration_only:
+        p.add_argument("--data", metavar="FILE",
+                       help=f"calibration texts, used whole: {fmt} (default: the built-in corpus)")
+        return
+    p.add_argument("--data", metavar="FILE",
+                   help=f"calibration texts: {fmt} (default: the built-in corpus); without "
+                        "--eval-data, 25 %% of its texts (chosen by text hash) are held out for "
+                        "evaluation")
+    p.add_argument("--eval-data", metavar="FILE",
+                   help="held-out evaluation texts, same formats (default: the held-out share of "
+                        "--data, else the built-in corpus' evaluation split)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +75,9 @@ def config_from_args(args: argparse.Namespace, model: str) -> Any:
                      calib_samples=args.samples,
                      eval_samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed,
                      refine_rounds=args.refine_rounds, refine_neighbours=args.refine_neighbours,
-                     out=Path(args.out), progress=not args.no_progress)
+                     out=Path(args.out), progress=not args.no_progress, data=args.data,
+                     eval_data=args.eval_data, include=tuple(args.include),
+                     exclude=tuple(args.exclude), drop_inert=not args.keep_inert)
 
 
 def execute(cfg: Any) -> int:
@@ -90,6 +119,9 @@ def execute(cfg: Any) -> int:
     if run.worse_than_uniform:
         out.print("[bold red]warning:[/bold red] the chosen plan measured worse than the uniform plan "
                   "that fits on held-out data; see report.md")
+    if run.excluded:
+        out.print(f"left out of the budget: {len(run.excluded)} unit(s), see report.md "
+                  f"(e.g. {next(iter(run.excluded))}: {next(iter(run.excluded.values()))})")
     for name, path in run.files.items():
         out.print(f"{name:9s} -> {path}")
     out.print(f"done in {time.perf_counter() - t0:.1f}s")

@@ -1,5 +1,6 @@
 """Data for calibration and evaluation: the built-in corpus and token batches, and the digits
-images of the bundled ViT classifier (``DigitsData``; ``data_for`` picks the right one).
+images of the bundled ViT classifier (``DigitsData``; ``data_for`` picks the right one), and the
+user's own files (``user_data_for``: ``--data`` / ``--eval-data``, see ``allocator.data.user``).
 
 ``import allocator.data`` does not import torch; building batches does.
 """
@@ -15,6 +16,7 @@ from allocator.data.corpus import (
     texts_fingerprint,
 )
 from allocator.data.images import DigitsData, data_for
+from allocator.data.user import data_description, user_data_for
 
 __all__ = [
     "CORPUS_MODULES",
@@ -25,9 +27,11 @@ __all__ = [
     "corpus_documents",
     "corpus_fingerprint",
     "corpus_texts",
+    "data_description",
     "data_for",
     "load_texts",
     "read_text_file",
     "split_of",
     "texts_fingerprint",
+    "user_data_for",
 ]

@@ -28,8 +28,12 @@ def test_demo_writes_plan_report_and_frontier(demo_dir: Path, capsys: pytest.Cap
     for name in ("plan.json", "frontier.png", "report.md", "results.json", "table.parquet"):
         assert (demo_dir / name).stat().st_size > 0, name
     plan = BitPlan.load(demo_dir / "plan.json")
-    assert len(plan.assignments) == 37 and plan.summary.bpw <= 3.0 + 1e-9
+    # 37 linear units; pooler.dense never reaches the mean-pooled embedding: out of the budget
+    assert len(plan.assignments) == 36 and plan.summary.bpw <= 3.0 + 1e-9
+    assert "pooler.dense" not in plan.assignments
     doc = json.loads((demo_dir / "results.json").read_text())
+    assert list(doc["excluded_units"]) == ["pooler.dense"]
+    assert "built-in corpus" in doc["data"]["evaluation"]
     labels = [r["label"] for r in doc["rows"]]
     assert labels[:2] == ["uniform ≤", "mixed"] and labels[-1] == "uniform >"
     assert labels[2].startswith("chosen") and doc["chosen"] == labels[2]
@@ -48,6 +52,7 @@ def test_demo_writes_plan_report_and_frontier(demo_dir: Path, capsys: pytest.Cap
     report = (demo_dir / "report.md").read_text()
     assert "Chosen / uniform-at-equal-size held-out error ratio" in report
     assert "Selection on calibration data" in report
+    assert "left out of the budget, cannot affect the output" in report and "`pooler.dense`" in report
 
 
 def test_apply_and_evaluate_verbs(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
