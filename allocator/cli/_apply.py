@@ -19,7 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-columns", type=int,
                    help="column-group width of [g=i] units (default: inferred from the plan)")
     add_data_arguments(p, calibration_only=True)
-    p.add_argument("-o", "--output", help="save the fake-quantized model (save_pretrained) here")
+    p.add_argument("-o", "--output",
+                   help="save the fake-quantized model here in its own format: a "
+                        "sentence-transformers folder stays one (modules.json, pooling, normalize, "
+                        "configs), any other model is saved with save_pretrained")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         for m in check.mismatches[:20]:
             out.print(f"  {m}")
     if args.output:
-        loaded.model.save_pretrained(args.output)  # type: ignore[operator]
-        loaded.tokenizer.save_pretrained(args.output)
-        out.print(f"model -> {args.output}")
+        from allocator.save_model import is_sentence_transformers, save_model
+
+        where = save_model(loaded, args.output)
+        kind = "sentence-transformers" if is_sentence_transformers(loaded.path) else "transformers"
+        out.print(f"model ({kind} folder) -> {where}")
     return 0 if check.ok else 1
