@@ -11,6 +11,8 @@ from allocator.budget import Budget
 from allocator.errors import (
     AllocatorError,
     BackendError,
+    DependencyUnavailableError,
+    EstimatorUnavailableError,
     ExportError,
     InfeasibleBudgetError,
     InvalidBudgetError,
@@ -35,6 +37,8 @@ __all__ = [
     "BitPlan",
     "Budget",
     "CostTable",
+    "DependencyUnavailableError",
+    "EstimatorUnavailableError",
     "ExportError",
     "FormatKind",
     "InfeasibleBudgetError",

@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "AllocatorError",
     "BackendError",
+    "DependencyUnavailableError",
+    "EstimatorUnavailableError",
     "ExportError",
     "InfeasibleBudgetError",
     "InvalidBudgetError",
@@ -63,8 +65,16 @@ class UnknownNameError(InvalidParameterError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class SolverUnavailableError(AllocatorError, ImportError):
-    """An optional backend (PuLP, HiGHS, cvxpy, Optuna) is not installed."""
+class DependencyUnavailableError(AllocatorError, ImportError):
+    """An optional package a solver or an estimator needs is not installed."""
+
+
+class SolverUnavailableError(DependencyUnavailableError):
+    """An optional solver backend (PuLP, HiGHS, cvxpy, Optuna) is not installed."""
+
+
+class EstimatorUnavailableError(DependencyUnavailableError):
+    """A package a sensitivity estimator needs (torch, transformers) is not installed."""
 
 
 class ModelError(AllocatorError, ValueError):

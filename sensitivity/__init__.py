@@ -13,7 +13,17 @@ from allocator.distortion import Metric, distortion, per_sample_sums
 from allocator.errors import UnknownNameError
 from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
-from sensitivity._driver import run_estimate
+from sensitivity._driver import (
+    PreparedEstimate,
+    build_estimate,
+    estimate_loaded,
+    estimate_spec,
+    prepare,
+    prepare_estimate,
+    run_estimate,
+    run_prepared,
+    seeded,
+)
 from sensitivity._measured import default_metric
 from sensitivity._sharded import (
     ShardedEstimateSpec,
@@ -22,9 +32,21 @@ from sensitivity._sharded import (
     run_shard_worker,
     run_sharded,
 )
+from sensitivity._spec import EstimateSpec, check_estimator_params, estimator_parameters
 
 __all__ = [
     "ESTIMATORS",
+    "EstimateSpec",
+    "PreparedEstimate",
+    "build_estimate",
+    "check_estimator_params",
+    "estimate_loaded",
+    "estimate_spec",
+    "estimator_parameters",
+    "prepare",
+    "prepare_estimate",
+    "run_prepared",
+    "seeded",
     "BaseEstimator",
     "BlockCache",
     "Metric",

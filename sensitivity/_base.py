@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError, SolverUnavailableError
+from allocator.errors import EstimatorUnavailableError, InvalidParameterError
 from allocator.formats import QuantFormat
 from allocator.table import CostTable
 from allocator.units import Unit
@@ -83,7 +83,7 @@ class BaseEstimator(abc.ABC):
         """Score every unit × option and return a validated :class:`CostTable`."""
         if not self.is_available():
             missing = [m for m in self.REQUIRED_MODULES if importlib.util.find_spec(m) is None]
-            raise SolverUnavailableError(f"estimator {self.name!r} needs {', '.join(missing)}")
+            raise EstimatorUnavailableError(f"estimator {self.name!r} needs {', '.join(missing)}")
         if self.needs_data and not ctx.batches:
             raise InvalidParameterError(
                 f"estimator {self.name!r} needs calibration data; pass --data or use the built-in corpus"

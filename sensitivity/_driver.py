@@ -1,4 +1,4 @@
-"""The high-level driver: (model, data, options, filters, method) → validated CostTable.
+"""The high-level driver: (model, :class:`~sensitivity.EstimateSpec`) → validated CostTable.
 
 :func:`run_estimate` loads the model (:func:`allocator.models.load_model`) and calibration
 batches (:class:`allocator.data.CalibrationData`: the built-in corpus, a text file or a list of
@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.errors import InvalidParameterError
-from allocator.formats import QuantFormat, parse_options
+from allocator.formats import QuantFormat
 from allocator.table import CostTable
 from allocator.units import UnitKind
+from sensitivity._spec import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, EstimateSpec
 
 if TYPE_CHECKING:
     import torch
 
     from allocator.data import CalibrationData
     from allocator.models import LoadedModel
+    from allocator.units import Unit
     from sensitivity._base import BaseEstimator, EstimateContext
 
 __all__ = [
@@ -37,28 +39,18 @@ __all__ = [
     "DEFAULT_SAMPLES",
     "DEFAULT_SEQ_LEN",
     "PreparedEstimate",
+    "build_estimate",
+    "estimate_loaded",
+    "estimate_spec",
     "load_data",
+    "prepare",
     "prepare_estimate",
     "run_estimate",
+    "run_prepared",
     "seeded",
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SAMPLES = 32
-DEFAULT_SEQ_LEN = 128
-DEFAULT_BATCH_SIZE = 8
-
-
-def _options(options: str | Sequence[str] | Sequence[QuantFormat] | None) -> tuple[QuantFormat, ...]:
-    if options is None or isinstance(options, str):
-        return parse_options(options)
-    items = list(options)
-    if not items:
-        raise InvalidParameterError("options is empty; pass at least one option label")
-    if all(isinstance(o, QuantFormat) for o in items):
-        return tuple(o for o in items if isinstance(o, QuantFormat))
-    return parse_options(",".join(str(o) for o in items))
 
 
 def load_data(
@@ -126,21 +118,87 @@ def seeded(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
-def _check(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidParameterError(f"{name} must be an int ≥ {low}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PreparedEstimate:
-    """What :func:`prepare_estimate` builds: run ``estimator.estimate(loaded.model, ctx,
-    metadata=metadata)`` to get the table (or split ``ctx.units`` into shards first)."""
+    """What :func:`prepare_estimate` builds: :func:`run_prepared` runs it (or the sharded runner
+    splits ``ctx.units`` into shards first)."""
 
     loaded: LoadedModel
     estimator: BaseEstimator
     ctx: EstimateContext
     metadata: dict[str, Any]
+    spec: EstimateSpec
+
+
+def build_estimate(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
+                   calibration: Any) -> PreparedEstimate:
+    """The context and the provenance of one estimate of ``loaded`` on ``calibration`` (ready
+    batches with ``fingerprint`` / ``metadata()``, or None for a data-free run), as given.
+
+    Every estimate path ends here (CLI, Python API, sharding, ``run`` / ``demo``, the service),
+    so tables record the same provenance keys whichever command built them.
+    """
+    from sensitivity import EstimateContext
+
+    estimator = spec.estimator()
+    kind = str(loaded.kind)
+    ctx = EstimateContext(batches=list(calibration) if calibration is not None else [],
+                          units=list(units), options=spec.formats(), seed=spec.seed,
+                          device=spec.device, model_kind=kind, progress=spec.progress)
+    meta: dict[str, Any] = {
+        "method": spec.method, "model": loaded.name, "model_path": loaded.path, "model_kind": kind,
+        "model_fingerprint": loaded.fingerprint, "units_count": len(ctx.units),
+        "filters": spec.filters(),
+        "data": calibration.metadata() if calibration is not None else None,
+        "data_fingerprint": calibration.fingerprint if calibration is not None else None,
+    }
+    return PreparedEstimate(loaded=loaded, estimator=estimator, ctx=ctx, metadata=meta, spec=spec)
+
+
+def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> PreparedEstimate:
+    """Load the model and data of ``spec``, discover the units and build the context; nothing
+    is estimated yet."""
+    from allocator.units import discover_units
+    from sensitivity import estimator_class
+
+    needs_data = estimator_class(spec.method).needs_data
+    loaded = _load(model, spec.device)
+    units = discover_units(loaded.model, include=spec.include, exclude=spec.exclude,
+                           kinds=[UnitKind(k) for k in spec.kinds], group_columns=spec.groups)
+    cal = None
+    if needs_data:
+        cal = _image_data(spec.data, loaded, samples=spec.samples, batch_size=spec.batch_size,
+                          seed=spec.seed)
+        if cal is None:
+            cal = load_data(spec.data, loaded.tokenizer, kind=str(loaded.kind),
+                            samples=spec.samples, seq_len=spec.seq_len,
+                            batch_size=spec.batch_size, seed=spec.seed)
+        cal = cal.to(spec.device)
+    return build_estimate(loaded, spec, units=units, calibration=cal)
+
+
+def run_prepared(prep: PreparedEstimate) -> CostTable:
+    """Run a prepared estimate under its seed (torch's RNG restored afterwards); the table's
+    metadata gains ``seconds``."""
+    start = time.perf_counter()
+    with seeded(prep.spec.seed):
+        table = prep.estimator.estimate(prep.loaded.model, prep.ctx, metadata=prep.metadata)
+    seconds = time.perf_counter() - start
+    log.info("%s: %d units × %d options in %.1f s", prep.spec.method, len(prep.ctx.units),
+             len(prep.ctx.options), seconds)
+    return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
+
+
+def estimate_spec(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> CostTable:
+    """Estimate a cost table for ``model`` as ``spec`` says (see :class:`EstimateSpec`)."""
+    return run_prepared(prepare(model, spec))
+
+
+def estimate_loaded(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
+                    calibration: Any) -> CostTable:
+    """Estimate on a model, units and calibration batches the caller already has (``run`` /
+    ``demo``), with the same seeding and provenance as :func:`estimate_spec`."""
+    return run_prepared(build_estimate(loaded, spec, units=units, calibration=calibration))
 
 
 def prepare_estimate(
@@ -161,44 +219,13 @@ def prepare_estimate(
     progress: bool = True,
     estimator_params: Mapping[str, Any] | None = None,
 ) -> PreparedEstimate:
-    """Load the model and data, discover the units and build the context (see
-    :func:`run_estimate` for the arguments); nothing is estimated yet."""
-    from sensitivity import EstimateContext, get_estimator
-
-    _check("seed", seed, 0)
-    _check("samples", samples, 1)
-    _check("seq_len", seq_len, 2)
-    _check("batch_size", batch_size, 1)
-    if groups is not None:
-        _check("groups", groups, 1)
-    estimator = get_estimator(method, **dict(estimator_params or {}))
-    fmts = _options(options)
-    kind_list = [UnitKind(k) if k in {u.value for u in UnitKind} else _bad_kind(k) for k in kinds]
-    loaded = _load(model, device)
-    from allocator.units import discover_units
-
-    units = discover_units(loaded.model, include=include, exclude=exclude, kinds=kind_list,
-                           group_columns=groups)
-    kind = str(loaded.kind)
-    cal = None
-    if estimator.needs_data:
-        cal = _image_data(data, loaded, samples=samples, batch_size=batch_size, seed=seed)
-        if cal is None:
-            cal = load_data(data, loaded.tokenizer, kind=kind, samples=samples, seq_len=seq_len,
-                            batch_size=batch_size, seed=seed)
-        cal = cal.to(device)
-    ctx = EstimateContext(batches=list(cal.batches) if cal is not None else [], units=units,
-                          options=fmts, seed=seed, device=device, model_kind=kind,
-                          progress=progress)
-    meta: dict[str, Any] = {
-        "method": method, "model": loaded.name, "model_path": loaded.path, "model_kind": kind,
-        "model_fingerprint": loaded.fingerprint, "units_count": len(units),
-        "filters": {"include": include, "exclude": exclude, "groups": groups,
-                    "kinds": [str(k) for k in kind_list]},
-        "data": cal.metadata() if cal is not None else None,
-        "data_fingerprint": cal.fingerprint if cal is not None else None,
-    }
-    return PreparedEstimate(loaded=loaded, estimator=estimator, ctx=ctx, metadata=meta)
+    """:func:`prepare` with the :class:`EstimateSpec` spelled out as keyword arguments (see
+    :func:`run_estimate`)."""
+    spec = EstimateSpec(method=method, params=dict(estimator_params or {}), data=data,
+                        options=options, samples=samples, seq_len=seq_len, batch_size=batch_size,
+                        include=include, exclude=exclude, groups=groups, kinds=tuple(kinds),
+                        seed=seed, device=device, progress=progress)
+    return prepare(model, spec)
 
 
 def run_estimate(
@@ -221,6 +248,9 @@ def run_estimate(
 ) -> CostTable:
     """Estimate a cost table for ``model`` with the estimator named ``method``.
 
+    The keyword arguments are the fields of :class:`EstimateSpec` (``estimator_params`` is its
+    ``params``); :func:`estimate_spec` takes a ready spec.
+
     Args:
         model: a local Hugging Face model directory, ``"minilm"`` / ``"tiny-llama"`` (bundled),
             a :class:`~allocator.models.LoadedModel`, or None (MiniLM).
@@ -235,22 +265,15 @@ def run_estimate(
         seed: seeds data order, probes and torch's RNG (restored afterwards).
         device: where the model and batches run (``cpu``, ``cuda``, ``cuda:1``).
         progress: show progress bars (stderr).
-        estimator_params: keyword arguments of the estimator's constructor.
+        estimator_params: keyword arguments of the estimator's constructor (checked by name).
 
     Raises:
         UnknownNameError, InvalidParameterError, ModelError: with one-line messages.
     """
-    prep = prepare_estimate(model, method=method, data=data, options=options, samples=samples,
-                            seq_len=seq_len, batch_size=batch_size, include=include,
-                            exclude=exclude, groups=groups, kinds=kinds, seed=seed, device=device,
-                            progress=progress, estimator_params=estimator_params)
-    start = time.perf_counter()
-    with seeded(seed):
-        table = prep.estimator.estimate(prep.loaded.model, prep.ctx, metadata=prep.metadata)
-    seconds = time.perf_counter() - start
-    log.info("%s: %d units × %d options in %.1f s", method, len(prep.ctx.units),
-             len(prep.ctx.options), seconds)
-    return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
+    return run_prepared(prepare_estimate(
+        model, method=method, data=data, options=options, samples=samples, seq_len=seq_len,
+        batch_size=batch_size, include=include, exclude=exclude, groups=groups, kinds=kinds,
+        seed=seed, device=device, progress=progress, estimator_params=estimator_params))
 
 
 def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int,
@@ -266,10 +289,6 @@ def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int
         return DigitsData.from_split("calibration", n_samples=samples, batch_size=batch_size,
                                      seed=seed)
     return None
-
-
-def _bad_kind(k: str) -> UnitKind:
-    raise InvalidParameterError(f"unknown unit kind {k!r}; use one of {[u.value for u in UnitKind]}")
 
 
 def _load(model: str | Path | LoadedModel | None, device: str) -> LoadedModel:

@@ -19,6 +19,7 @@ so ``workers > 1`` needs an RDB URL (SQLite file or PostgreSQL).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,12 +29,13 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from allocator.errors import AllocatorError, InvalidParameterError
 from allocator.table import CostTable
 from sensitivity import _shard_queue as q
+from sensitivity._spec import EstimateSpec
 
 if TYPE_CHECKING:
     import optuna
@@ -48,12 +50,13 @@ log = logging.getLogger(__name__)
 
 STUDY_PREFIX = "estimate-"
 SHARDS_PER_WORKER = 4  #: default shards per local worker: balance, and little lost to a crash
-_PARAMS = frozenset({"metric", "max_tokens", "workers"})
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShardedEstimateSpec:
-    """Everything a shard worker needs; plain data so it crosses process boundaries.
+    """Everything a shard worker needs: the model, the :class:`~sensitivity.EstimateSpec`
+    (``method`` must be ``measured``) and the queue; plain data so it crosses process
+    boundaries.
 
     ``study`` names the Optuna study ``estimate-<study>`` (default: the fingerprint's first 12
     hex digits, so identical commands meet in one study). ``n_shards`` None takes the study's
@@ -61,22 +64,11 @@ class ShardedEstimateSpec:
     """
 
     model: str
+    estimate: EstimateSpec = field(
+        default_factory=lambda: EstimateSpec(method="measured", progress=False))
     storage: str | None = None
     study: str | None = None
     n_shards: int | None = None
-    data: str | None = None
-    options: str | None = None
-    samples: int = 32
-    seq_len: int = 128
-    batch_size: int = 8
-    include: str | None = None
-    exclude: str | None = None
-    groups: int | None = None
-    kinds: tuple[str, ...] = ("linear",)
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = False
-    estimator_params: Mapping[str, Any] = field(default_factory=dict)
     stale_after_s: float = 120.0
     wait: bool = False  #: poll until every shard is complete (taking over stale ones)
     poll_s: float = 5.0
@@ -93,11 +85,11 @@ class ShardedEstimateSpec:
         m = self.max_shards
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise InvalidParameterError(f"max_shards must be an int ≥ 1, got {m!r}")
-        unknown = sorted(set(self.estimator_params) - _PARAMS)
-        if unknown:
-            raise InvalidParameterError(f"measured has no parameter {unknown[0]!r}; use "
-                                        f"{', '.join(sorted(_PARAMS - {'workers'}))}")
-        if self.estimator_params.get("workers", 1) != 1:
+        if not isinstance(self.estimate, EstimateSpec) or self.estimate.method != "measured":
+            got = getattr(self.estimate, "method", self.estimate)
+            raise InvalidParameterError(f"sharding runs the 'measured' estimator only, not "
+                                        f"{got!r}; use method='measured'")
+        if self.estimate.params.get("workers", 1) != 1:
             raise InvalidParameterError("--param workers is the in-process pool; with --storage "
                                         "use --workers W (processes sharing the queue)")
         if self.study is not None and not self.study.strip():
@@ -127,14 +119,11 @@ def estimate_fingerprint(prep: PreparedEstimate) -> str:
 
 
 def _prepare(spec: ShardedEstimateSpec, progress: bool) -> PreparedEstimate:
-    from sensitivity._driver import prepare_estimate
+    from sensitivity._driver import prepare
 
-    params = {k: v for k, v in spec.estimator_params.items() if k != "workers"}
-    return prepare_estimate(spec.model, method="measured", data=spec.data, options=spec.options,
-                            samples=spec.samples, seq_len=spec.seq_len, batch_size=spec.batch_size,
-                            include=spec.include, exclude=spec.exclude, groups=spec.groups,
-                            kinds=spec.kinds, seed=spec.seed, device=spec.device,
-                            progress=progress, estimator_params=params)
+    params = {k: v for k, v in spec.estimate.params.items() if k != "workers"}
+    return prepare(spec.model, dataclasses.replace(spec.estimate, params=params,
+                                                   progress=progress))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -212,14 +201,14 @@ def run_shard_worker(spec: ShardedEstimateSpec, worker: int = 0, *,
     return _work(spec, prep, queue, worker, run_id or uuid.uuid4().hex[:12])
 
 
-def _worker_entry(spec_dict: dict[str, Any], worker: int, threads: int, default_shards: int,
+def _worker_entry(spec: ShardedEstimateSpec, worker: int, threads: int, default_shards: int,
                   run_id: str, verbosity: int) -> None:
     import optuna
     import torch
 
     optuna.logging.set_verbosity(verbosity)  # spawned: the parent's setting is not inherited
     torch.set_num_threads(threads)
-    run_shard_worker(ShardedEstimateSpec(**spec_dict), worker, default_shards=default_shards,
+    run_shard_worker(spec, worker, default_shards=default_shards,
                      run_id=run_id)
 
 
@@ -233,7 +222,7 @@ def run_sharded(spec: ShardedEstimateSpec, *, workers: int = 1) -> ShardOutcome:
     import optuna
     import torch
 
-    prep = _prepare(spec, progress=spec.progress)
+    prep = _prepare(spec, progress=spec.estimate.progress)
     storage = q.open_storage(spec.storage)
     default_shards = SHARDS_PER_WORKER * workers
     queue = _open(spec, prep, storage, default_shards)  # before the children: one creator
@@ -241,7 +230,7 @@ def run_sharded(spec: ShardedEstimateSpec, *, workers: int = 1) -> ShardOutcome:
     run_id = uuid.uuid4().hex[:12]  # in every owner token of this run's processes
     ctx = mp.get_context("spawn")  # torch and fork do not mix
     procs = [ctx.Process(target=_worker_entry,
-                         args=(asdict(spec), w, threads, default_shards, run_id,
+                         args=(spec, w, threads, default_shards, run_id,
                                optuna.logging.get_verbosity()))
              for w in range(1, workers)]
     for p in procs:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from allocator.cli._common import add_for_argument, console
+
+if TYPE_CHECKING:
+    from sensitivity import EstimateSpec
 
 HELP = "estimate a cost table (unit × option sensitivities) for a model"
 
@@ -82,28 +85,37 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec:
+    """The one :class:`~sensitivity.EstimateSpec` of the command line (``--param`` names are
+    checked against the estimator's declared parameters here, before any model loads)."""
     from allocator.errors import InvalidParameterError
-    from allocator.palettes import palette_options, table_for_model
-    from sensitivity import run_estimate
+    from sensitivity import ESTIMATORS, EstimateSpec, check_estimator_params
 
     params = parse_params(args.param)
+    if params and args.method in ESTIMATORS:
+        try:
+            check_estimator_params(args.method, params)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"--param: {exc}") from None
+    return EstimateSpec(
+        method=args.method, params=params, data=args.data, options=options,
+        samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+        include=args.include, exclude=args.exclude, groups=args.groups,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
+        device=args.device, progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    from allocator.palettes import palette_options, table_for_model
+    from sensitivity import estimate_spec as run_spec
+
     consumer = getattr(args, "consumer", None)
     options = palette_options(consumer, args.options, args.groups)
-    if sharded(args):
-        return _run_sharded(args, params, options)
-    try:
-        table = run_estimate(
-            args.model, method=args.method, data=args.data, options=options,
-            samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-            include=args.include, exclude=args.exclude, groups=args.groups,
-            kinds=[k.strip() for k in args.kinds.split(",") if k.strip()], seed=args.seed,
-            device=args.device, progress=not args.no_progress, estimator_params=params)
-    except TypeError as exc:  # an unknown --param reaches the estimator's constructor
-        if "unexpected keyword" in str(exc):
-            raise InvalidParameterError(f"--param: {exc}; see the estimator's parameters in "
-                                        "docs/sensitivity.md") from None
-        raise
+    is_sharded = sharded(args)
+    spec = estimate_spec(args, options)
+    if is_sharded:
+        return _run_sharded(args, spec)
+    table = run_spec(args.model, spec)
     table = table_for_model(table, consumer, args.model)
     path = table.save(args.output)
     meta = table.metadata
@@ -126,16 +138,13 @@ def _say_consumer(table: Any) -> None:
                     markup=False)
 
 
-def _run_sharded(args: argparse.Namespace, params: dict[str, Any], options: str | None) -> int:
+def _run_sharded(args: argparse.Namespace, estimate: EstimateSpec) -> int:
     from sensitivity import ShardedEstimateSpec, run_sharded
 
     spec = ShardedEstimateSpec(
-        model=args.model, storage=args.storage, study=args.study, n_shards=args.shards,
-        data=args.data, options=options, samples=args.samples, seq_len=args.seq_len,
-        batch_size=args.batch_size, include=args.include, exclude=args.exclude, groups=args.groups,
-        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
-        device=args.device, progress=not args.no_progress, estimator_params=params,
-        stale_after_s=args.stale_after, wait=args.wait, max_shards=args.max_shards)
+        model=args.model, estimate=estimate, storage=args.storage, study=args.study,
+        n_shards=args.shards, stale_after_s=args.stale_after, wait=args.wait,
+        max_shards=args.max_shards)
     if not getattr(args, "verbose", False):
         import optuna
 

@@ -132,6 +132,31 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
     return out
 
 
+def estimate_spec_of(params: Mapping[str, Any]) -> Any:
+    """The :class:`sensitivity.EstimateSpec` of an ``estimate`` job.
+
+    ``options``, ``seed``, ``samples``, ``seq_len`` and ``device`` are top-level job parameters;
+    ``params`` holds the estimator's parameters (checked by name against its constructor) and,
+    as before, may also set any other field of the spec (``batch_size``, ``include``, ...) or
+    give the estimator's parameters as ``estimator_params``.
+    """
+    from sensitivity import EstimateSpec
+
+    inner = params.get("params", {})
+    if not isinstance(inner, Mapping):
+        raise InvalidParameterError(f"params.params must be an object, got {inner!r}")
+    fields = EstimateSpec.field_names() - {"method", "params"}
+    spec: dict[str, Any] = {k: params[k] for k in ("options", "seed", "samples", "seq_len", "device")
+                            if k in params}
+    est: dict[str, Any] = dict(inner.get("estimator_params") or {})
+    for key, value in inner.items():
+        if key in fields:
+            spec[key] = tuple(value) if key == "kinds" and isinstance(value, list) else value
+        elif key != "estimator_params":
+            est[key] = value
+    return EstimateSpec(method=str(params.get("method", "datafree")), params=est, **spec)
+
+
 def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threading.Event) -> dict[str, Any]:
     try:
         import sensitivity
@@ -142,19 +167,17 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
     method = str(params.get("method", "datafree"))
     if method not in ESTIMATORS:
         raise JobFailure("unknown_name", f"unknown estimator {method!r}; choose one of {sorted(ESTIMATORS)}")
-    kwargs: dict[str, Any] = {k: params[k] for k in ("options", "seed", "samples", "seq_len", "device")
-                              if k in params}
-    kwargs.update(dict(params.get("params", {})))
+    try:
+        spec = estimate_spec_of(params)
+    except InvalidParameterError as exc:
+        raise JobFailure("invalid_parameter", f"bad estimate parameters: {exc}") from None
     progress(0.0, f"estimating {method} costs of {Path(str(params['model'])).name}")
     if cancel.is_set():
         raise JobCancelled
     try:
-        table = sensitivity.estimate(str(params["model"]), method=method, **kwargs)
+        table = sensitivity.estimate_spec(str(params["model"]), spec)
     except ModuleNotFoundError as exc:  # e.g. the driver or torch not installed
         raise JobFailure("estimator_unavailable", f"estimation needs a missing module: {exc.name}") from None
-    except TypeError as exc:
-        raise JobFailure("invalid_parameter",
-                         f"sensitivity.estimate rejected the parameters: {exc}") from None
     if cancel.is_set():
         raise JobCancelled
     return {"table": table, "method": method, "name": params.get("name") or Path(str(params["model"])).name}

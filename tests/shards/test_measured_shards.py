@@ -16,7 +16,7 @@ pytest.importorskip("optuna")
 from allocator import CostTable  # noqa: E402
 from allocator.cli import main  # noqa: E402
 from allocator.errors import InvalidParameterError  # noqa: E402
-from sensitivity import ShardedEstimateSpec, run_sharded  # noqa: E402
+from sensitivity import EstimateSpec, ShardedEstimateSpec, run_sharded  # noqa: E402
 from sensitivity import _shard_queue as q  # noqa: E402
 
 # Block 0 of the tiny Llama (7 units) × 2 options on 4 short texts: seconds, not minutes.
@@ -37,8 +37,9 @@ def reference() -> CostTable:
 
 
 def _spec(storage: str | None, study: str | None = "t", **kw: object) -> ShardedEstimateSpec:
-    return ShardedEstimateSpec(model="tiny-llama", storage=storage, study=study,
-                               n_shards=kw.pop("n_shards", N_SHARDS), **KW, **kw)  # type: ignore[arg-type]
+    estimate = EstimateSpec(method="measured", progress=False, **KW)  # type: ignore[arg-type]
+    return ShardedEstimateSpec(model="tiny-llama", estimate=estimate, storage=storage, study=study,
+                               n_shards=kw.pop("n_shards", N_SHARDS), **kw)  # type: ignore[arg-type]
 
 
 def assert_same_table(got: CostTable, ref: CostTable) -> None:
@@ -173,6 +174,9 @@ def test_bad_specs() -> None:
     with pytest.raises(InvalidParameterError, match="not a database URL"):
         ShardedEstimateSpec(model="tiny-llama", storage="nonsense")
     with pytest.raises(InvalidParameterError, match="no parameter 'max_probes'"):
-        ShardedEstimateSpec(model="tiny-llama", estimator_params={"max_probes": 3})
+        ShardedEstimateSpec(model="tiny-llama",
+                            estimate=EstimateSpec(method="measured", params={"max_probes": 3}))
+    with pytest.raises(InvalidParameterError, match="'measured' estimator only, not 'fisher'"):
+        ShardedEstimateSpec(model="tiny-llama", estimate=EstimateSpec(method="fisher"))
     with pytest.raises(InvalidParameterError, match="workers must be an int ≥ 1"):
         run_sharded(ShardedEstimateSpec(model="tiny-llama"), workers=0)

@@ -11,6 +11,7 @@ from typing import Any
 
 from allocator.errors import (
     AllocatorError,
+    EstimatorUnavailableError,
     ExportError,
     InvalidBudgetError,
     InvalidCostTableError,
@@ -56,6 +57,7 @@ _DOMAIN: tuple[tuple[type[BaseException], int, str], ...] = (
     (ExportError, 422, "export_failed"),
     (InvalidParameterError, 422, "invalid_parameter"),
     (SolverUnavailableError, 501, "solver_unavailable"),
+    (EstimatorUnavailableError, 501, "estimator_unavailable"),
 )
 
 
