@@ -1,7 +1,9 @@
-"""Test helpers shipped with bitalloc: the solver conformance suite (needs pytest + hypothesis).
+"""Test helpers shipped with bitalloc: the solver conformance suite (needs pytest + hypothesis)
+and the estimator conformance suite (needs pytest, torch and transformers).
 
-Import :mod:`allocator.testing.solver_conformance` from a test module; nothing here is imported
-by :mod:`allocator` itself.
+Import :mod:`allocator.testing.solver_conformance` or
+:mod:`allocator.testing.estimator_conformance` from a test module; nothing here is imported by
+:mod:`allocator` itself.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ from allocator.errors import InvalidParameterError, ModelError, UnknownNameError
 from allocator.models import LoadedModel, ModelKind, load_model, model_fingerprint  # noqa: E402
 from sensitivity import estimate, run_estimate  # noqa: E402
 
+# The contract (columns, finite costs, seeds, needs-data, parameters) of every registered
+# estimator is tests/sensitivity/test_conformance.py; here the driver runs the curvature family
+# end to end on real models, where more bits must cost less for every unit.
 METHODS = ["hessian-trace", "hessian-eig", "fisher", "salience", "hessian-proxy"]
 # Cheap settings: a few probes / iterations are enough to check the plumbing.
 PARAMS = {"hessian-trace": {"max_probes": 2}, "hessian-eig": {"max_iter": 2}}

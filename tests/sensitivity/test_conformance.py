@@ -1,0 +1,55 @@
+"""Run the shipped estimator conformance suite over every registered estimator, on a tiny causal
+LM and a tiny encoder (cheap settings: the contract is the same)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import sensitivity  # noqa: E402
+from allocator.testing.estimator_conformance import (  # noqa: E402
+    EstimatorCase,
+    EstimatorConformance,
+    tiny_case,
+)
+
+#: A few probes / iterations are enough to check the contract.
+FAST: dict[str, dict[str, Any]] = {"hessian-trace": {"max_probes": 2},
+                                   "hessian-eig": {"max_iter": 2}}
+
+
+class TestAllEstimators(EstimatorConformance):
+    @pytest.fixture(params=list(sensitivity.ESTIMATORS), scope="class")
+    def estimator(self, request: pytest.FixtureRequest) -> sensitivity.BaseEstimator:
+        return sensitivity.get_estimator(request.param, **FAST.get(request.param, {}))
+
+    @pytest.fixture(params=["causal_lm", "encoder"], scope="class")
+    def case(self, request: pytest.FixtureRequest) -> EstimatorCase:
+        return tiny_case(request.param)
+
+
+def test_every_registered_estimator_is_covered() -> None:
+    # the suite parametrises over ESTIMATORS itself; this guards the registry's shape
+    assert len(sensitivity.ESTIMATORS) >= 11
+    for name in sensitivity.ESTIMATORS:
+        assert sensitivity.estimator_class(name).name == name
+
+
+def test_spec_rejects_bad_fields_by_name() -> None:
+    from allocator.errors import InvalidParameterError, UnknownNameError
+    from sensitivity import EstimateSpec
+
+    with pytest.raises(UnknownNameError, match="unknown estimator 'nope'"):
+        EstimateSpec(method="nope")
+    with pytest.raises(InvalidParameterError, match="estimator 'lim' has no parameter 'probes'"):
+        EstimateSpec(method="lim", params={"probes": 2})
+    with pytest.raises(InvalidParameterError, match="samples must be an int ≥ 1, got 0"):
+        EstimateSpec(method="fisher", samples=0)
+    with pytest.raises(InvalidParameterError, match="unknown unit kind 'lstm'"):
+        EstimateSpec(method="fisher", kinds=("lstm",))
+    spec = EstimateSpec(method="fisher", params={"probes": 3}, kinds=["linear"])  # type: ignore[arg-type]
+    assert spec.kinds == ("linear",) and spec.estimator().params()["probes"] == 3
