@@ -49,6 +49,9 @@ class SearchSpec:
     method: str = "rtn"
     samples: int = 32
     seq_len: int = 128
+    #: the user's calibration (trials are scored on it) / held-out text files; None: built-in
+    data: str | None = None
+    eval_data: str | None = None
     progress: bool = False  #: a progress bar in the first worker
     threads: int | None = None  #: torch threads per worker (None: torch's default)
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -59,6 +62,9 @@ class SearchSpec:
         object.__setattr__(self, "evaluator", EvaluatorKind(self.evaluator))
         if self.evaluator is EvaluatorKind.MODEL and self.model is None:
             raise InvalidParameterError("a model evaluator needs --model (a local model dir or 'minilm')")
+        if self.evaluator is EvaluatorKind.TABLE and (self.data or self.eval_data):
+            raise InvalidParameterError("--data/--eval-data need --model: the table's own cost "
+                                        "uses no data")
 
 
 def make_evaluator(spec: SearchSpec, table: CostTable) -> Any:
@@ -89,7 +95,8 @@ class LazyModelEvaluator:
 
                 torch.set_num_threads(s.threads)
             self._ev = ModelEvaluator(model=str(s.model), table=self.table, method=s.method,
-                                      samples=s.samples, seq_len=s.seq_len, seed=s.seed)
+                                      samples=s.samples, seq_len=s.seq_len, seed=s.seed,
+                                      data=s.data, eval_data=s.eval_data)
         return self._ev
 
     def __call__(self, choice: Mapping[str, str]) -> float:

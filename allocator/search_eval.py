@@ -51,15 +51,17 @@ class ModelEvaluator:
         samples, seq_len, batch_size, seed: the scoring data.
         split: corpus split the trials are scored on (``calibration`` keeps ``evaluation``
             held out for reporting).
+        data, eval_data: the user's text files instead of the built-in corpus (calibration /
+            held-out, as :func:`allocator.data.user_data_for` reads them).
     """
 
     def __init__(
         self, *, model: str | LoadedModel, table: CostTable, method: str = "rtn",
         samples: int = 32, seq_len: int = 128, batch_size: int = 8, seed: int = 0,
-        split: str = "calibration",
+        split: str = "calibration", data: str | None = None, eval_data: str | None = None,
     ) -> None:
         from allocator.backend import reference_outputs
-        from allocator.data import data_for
+        from allocator.data import user_data_for
         from allocator.models import load_model
         from allocator.units import discover_units
 
@@ -69,11 +71,12 @@ class ModelEvaluator:
         self.loaded.model.eval()
         self.table = table
         self.method = method
-        common: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed}
-        self.data = data_for(self.loaded, split, samples, **common)
+        common: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+                                  "data": data, "eval_data": eval_data}
+        self.data = user_data_for(self.loaded, split, samples, **common)
         self.batches = list(self.data)
         self.calibration = (self.batches if split == "calibration"
-                            else list(data_for(self.loaded, "calibration", samples, **common)))
+                            else list(user_data_for(self.loaded, "calibration", samples, **common)))
         self.units = discover_units(self.loaded.model)
         self.reference = reference_outputs(self.loaded.model, self.batches, kind=self.loaded.kind,
                                            model_fingerprint=self.loaded.fingerprint)

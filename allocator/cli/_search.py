@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from allocator.cli._common import add_budget_arguments, budget_from_args, console
+from allocator.cli._run import add_data_arguments
 
 if TYPE_CHECKING:
+    from allocator.plan import BitPlan
     from allocator.search import SearchSpec
 
 HELP = "refine a plan by Bayesian search (Optuna TPE) with a real evaluator in the loop"
@@ -26,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(large models)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="how plans are applied")
     p.add_argument("--samples", type=int, default=32, help="evaluation sequences (default 32)")
+    add_data_arguments(p)
     p.add_argument("--storage", help="Optuna storage URL: sqlite:///search.db or postgresql://...")
     p.add_argument("--study", help="study name (shared by workers; re-run to resume)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         storage=args.storage, study=args.study, radius=args.radius, prune=not args.no_prune,
         granularity=args.granularity,
         evaluator=EvaluatorKind.MODEL if args.model else EvaluatorKind.TABLE, model=args.model,
-        method=args.method, samples=args.samples, progress=True,
+        method=args.method, samples=args.samples, progress=True, data=args.data,
+        eval_data=args.eval_data,
     )
     if args.pareto:
         return _pareto(spec, Path(args.pareto))
@@ -59,7 +63,29 @@ def run(args: argparse.Namespace) -> int:
     s = result.plan.summary
     out.print(f"bpw {s.bpw:.4f}  predicted cost {s.predicted_cost:.6g}  "
               f"measured {result.stats.get('measured_error', float('nan')):.6g}  -> {args.output}")
+    if spec.data or spec.eval_data:
+        _held_out(spec, result.plan)
     return 0
+
+
+def _held_out(spec: SearchSpec, plan: BitPlan) -> None:
+    """The best plan on the held-out data (--eval-data, or the held-out share of --data)."""
+    from allocator.backend import apply_plan, evaluate, reference_outputs
+    from allocator.data import user_data_for
+    from allocator.models import load_model
+
+    loaded = load_model(str(spec.model))
+    files: dict[str, Any] = {"data": spec.data, "eval_data": spec.eval_data,
+                             "seq_len": spec.seq_len, "batch_size": 8, "seed": spec.seed}
+    held = user_data_for(loaded, "evaluation", spec.samples, **files)
+    ref = reference_outputs(loaded.model, list(held), kind=loaded.kind,
+                            model_fingerprint=loaded.fingerprint)
+    calib = (list(user_data_for(loaded, "calibration", spec.samples, **files))
+             if spec.method == "gptq" else None)
+    apply_plan(loaded.model, plan, method=spec.method, calibration=calib)
+    rep = evaluate(loaded.model, list(held), ref)
+    console().print(f"held-out ({held.metadata()['source']}, {held.n_samples} samples): "
+                    f"{rep.error_metric} {rep.error:.6g}")
 
 
 def _pareto(spec: SearchSpec, path: Path) -> int:

@@ -84,3 +84,26 @@ def test_data_errors_are_one_line(files: tuple[Path, Path], tmp_path: Path,
         assert main([*argv, "--out", str(tmp_path / "o")] if argv[0] == "run" else argv) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("bitalloc") and needle in last, last
+
+
+def test_search_scores_on_data_and_reports_held_out(files: tuple[Path, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from allocator.search_eval import ModelEvaluator
+    from allocator.table import CostTable
+
+    data, held = files
+    table = tmp_path / "t.parquet"
+    assert main(["estimate", "tiny-llama", "--method", "datafree", "--options",
+                 "int2..4-g128-asym", "--no-progress", "-o", str(table)]) == 0
+    ev = ModelEvaluator(model="tiny-llama", table=CostTable.load(table), samples=4, seq_len=32,
+                        data=str(data))
+    assert ev.data.source == "file:mine.txt#calibration"
+    capsys.readouterr()
+    plan = tmp_path / "p.json"
+    assert main(["search", str(table), "--bpw", "3", "--model", "tiny-llama", "--trials", "3",
+                 "--samples", "4", "--data", str(data), "--eval-data", str(held),
+                 "-o", str(plan)]) == 0
+    shown = capsys.readouterr().out
+    assert "held-out (file:held.jsonl, 4 samples): kl" in shown and plan.is_file()
+    assert main(["search", str(table), "--bpw", "3", "--data", str(data)]) == 2
+    assert "need --model" in capsys.readouterr().err
