@@ -116,7 +116,7 @@ def resolve_model_path(model: Any, roots: list[Path]) -> Path:
 
 # ----------------------------------------------------------------- estimate
 _ESTIMATE_KEYS = {"model", "method", "options", "seed", "samples", "seq_len", "device", "params",
-                  "name"}
+                  "name", "consumer"}
 
 
 def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any]:
@@ -129,6 +129,14 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
     out["model"] = str(resolve_model_path(params.get("model"), roots))
     if not isinstance(out.get("method", "datafree"), str):
         raise ServiceError(422, "invalid_parameter", "params.method must be an estimator name")
+    if out.get("consumer") is not None:
+        from allocator.errors import UnknownNameError
+        from allocator.palettes import palette_options
+
+        try:  # the palette fixes the options: a consumer plus options is refused
+            palette_options(str(out["consumer"]), out.get("options"))
+        except (UnknownNameError, InvalidParameterError) as exc:
+            raise ServiceError(422, "invalid_parameter", f"params.consumer: {exc}") from None
     return out
 
 
@@ -167,7 +175,12 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
     method = str(params.get("method", "datafree"))
     if method not in ESTIMATORS:
         raise JobFailure("unknown_name", f"unknown estimator {method!r}; choose one of {sorted(ESTIMATORS)}")
+    consumer = params.get("consumer")
     try:
+        if consumer is not None:  # the consumer's palette (allocator.palettes) as the options
+            from allocator.palettes import palette_options
+
+            params = {**params, "options": palette_options(str(consumer), params.get("options"))}
         spec = estimate_spec_of(params)
     except InvalidParameterError as exc:
         raise JobFailure("invalid_parameter", f"bad estimate parameters: {exc}") from None
@@ -178,6 +191,13 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
         table = sensitivity.estimate_spec(str(params["model"]), spec)
     except ModuleNotFoundError as exc:  # e.g. the driver or torch not installed
         raise JobFailure("estimator_unavailable", f"estimation needs a missing module: {exc.name}") from None
+    if consumer is not None:  # the consumer's ties, accounting and left-out units
+        from allocator.palettes import table_for_model
+
+        try:
+            table = table_for_model(table, str(consumer), str(params["model"]))
+        except InvalidParameterError as exc:
+            raise JobFailure("invalid_parameter", f"consumer {consumer!r}: {exc}") from None
     if cancel.is_set():
         raise JobCancelled
     return {"table": table, "method": method, "name": params.get("name") or Path(str(params["model"])).name}

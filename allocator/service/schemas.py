@@ -92,6 +92,11 @@ class PlanRequest(BaseModel):
     solver: str = Field(default="mckp", min_length=1, max_length=64)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     store: bool = Field(default=True, description="keep the plan (false: solve only)")
+    consumer: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="export target the plan is for (gptqmodel, llmcompressor, autoround, hqq, "
+                    "llamacpp, torchao): the table must have been estimated for it "
+                    "(estimate job param 'consumer')")
 
 
 class PlanPublic(BaseModel):

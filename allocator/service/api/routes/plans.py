@@ -47,6 +47,15 @@ def create_plan(db: DbDep, req: PlanRequest, response: Response) -> PlanPublic:
     budget = Budget.from_dict(req.budget.to_domain_dict())
     with db.read() as s:
         table = repo.load_table(s, req.table_id, db.cache)
+    made_for = table.metadata.get("consumer")
+    if req.consumer is not None and made_for != req.consumer:
+        from allocator.palettes import palette_for
+
+        palette_for(req.consumer)  # an unknown consumer is named as such
+        what = f"for {made_for}" if made_for else "without a consumer"
+        raise ServiceError(422, "table_not_for_consumer",
+                           f"table {req.table_id!r} was estimated {what}; submit an estimate job "
+                           f"with params.consumer = {req.consumer!r}")
     result = _solve(table, budget, req.solver, req.seed)
     if not req.store:
         response.status_code = status.HTTP_200_OK
