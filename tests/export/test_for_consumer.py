@@ -248,3 +248,29 @@ def test_cli_estimate_solve_export_for_hqq(tmp_path: Path, capsys: pytest.Captur
     # --for fixes the options
     assert main(["estimate", "minilm", "--method", "datafree", "--for", "hqq", "--options",
                  "int4-g128-asym", "-o", str(tmp_path / "y.parquet")]) == 2
+
+
+@pytest.mark.parametrize("consumer", ["hqq", "llamacpp"])
+def test_run_pipeline_for_consumer(consumer: str) -> None:
+    """run/demo --for: the handed-out plan (after selection and a refinement round) exports to
+    the consumer without --lossy, within the budget in its accounting."""
+    from allocator.pipeline import run_pipeline
+
+    bpw = 5.0
+    run = run_pipeline(RunConfig(model="tiny-llama", estimator="datafree", consumer=consumer, bpw=bpw,
+                                 calib_samples=4, eval_samples=4, seq_len=32, batch_size=4,
+                                 refine_rounds=1, out=None, progress=False))
+    assert run.table.metadata["consumer"] == consumer
+    assert run.uniform_below is not None  # GGUF / HQQ options give a uniform baseline too
+    info = model_info("tiny-llama")
+    out = export_plan(run.result.plan, consumer, model_names=info.names, shapes=info.shapes,
+                      arch=info.arch)
+    assert not out.changed and consumer_bpw(out.notes) <= bpw + 1e-4
+
+
+def test_cli_frontier_for(tmp_path: Path) -> None:
+    info = model_info("tiny-llama")
+    path = apply_palette(synthetic_table(info, palette_for("torchao").options), "torchao",
+                         shapes=info.shapes).save(tmp_path / "t.parquet")
+    assert main(["frontier", str(path), "--for", "torchao", "--rows", "3"]) == 0
+    assert main(["frontier", str(path), "--for", "autoround"]) == 2
