@@ -1,4 +1,11 @@
-"""Cost-table files: parquet (metadata in the schema), CSV + ``.meta.json`` sidecar, JSON."""
+"""Cost-table serialization, all of it: parquet (metadata in the schema), CSV + ``.meta.json``
+sidecar, JSON, and parquet bytes (the service's blobs and the client's uploads).
+
+Every reader ends in :func:`_check_meta` (format name and a version this bitalloc reads) and
+:class:`CostTable` validation; every writer takes the metadata through :func:`dump_json`. Plans
+(``bitalloc.plan`` JSON) are read and written by :class:`allocator.plan.BitPlan` through
+:func:`parse_json` / :func:`dump_json` / :func:`atomic_path` from here.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ from allocator.errors import AllocatorError, InvalidCostTableError, InvalidParam
 from allocator.table import _META_KEY, TABLE_FORMAT, TABLE_VERSION, CostTable
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "dump_json", "load_table",
-           "parse_json", "save_table", "sidecar_path"]
+           "parse_json", "save_table", "sidecar_path", "table_document", "table_from_parquet_bytes",
+           "table_to_parquet_bytes"]
 
 _SUFFIXES = (".parquet", ".csv", ".json")
 
@@ -79,24 +87,72 @@ def dump_json(doc: Any, *, what: str, error: type[AllocatorError], **kw: Any) ->
         raise error(f"{what} nests too deeply to write as JSON") from None
 
 
+def _meta_json(table: CostTable) -> str:
+    return dump_json(table.metadata, what="table metadata", error=InvalidCostTableError,
+                     sort_keys=True)
+
+
+def _arrow(table: CostTable) -> Any:
+    """The table as an Arrow table with the metadata JSON under ``_META_KEY`` in its schema."""
+    import pyarrow as pa
+
+    arrow = pa.Table.from_pandas(table.df, preserve_index=False)
+    return arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
+                                          _META_KEY: _meta_json(table)})
+
+
+def table_document(table: CostTable) -> dict[str, Any]:
+    """The JSON cost-table document: format, version, metadata and one object per row."""
+    return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "metadata": table.metadata,
+            "rows": table.df.to_dict(orient="records")}
+
+
+def table_to_parquet_bytes(table: CostTable) -> bytes:
+    """The bytes :func:`save_table` writes to a ``.parquet`` file."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(_arrow(table), buf)
+    return buf.getvalue()
+
+
+def table_from_parquet_bytes(blob: bytes, *, source: str = "parquet table") -> CostTable:
+    """Decode parquet bytes with the same checks as :func:`load_table` (format, version, rules)."""
+    import pyarrow as pa
+
+    try:
+        df, meta = _read_parquet(pa.BufferReader(blob), source)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        if isinstance(exc, InvalidCostTableError):
+            raise
+        raise InvalidCostTableError(f"cannot read {source}: {exc}") from None
+    return CostTable(df, _check_meta(meta, Path(source)))
+
+
+def _read_parquet(where: Any, source: str) -> tuple[pd.DataFrame, Any]:
+    import pyarrow.parquet as pq
+
+    arrow = pq.read_table(where)
+    raw = (arrow.schema.metadata or {}).get(_META_KEY)
+    meta = parse_json(raw, source=f"metadata of {source}", error=InvalidCostTableError) if raw else {}
+    return arrow.to_pandas(), meta
+
+
 def save_table(table: CostTable, path: Path) -> Path:
     suffix = _suffix(path)
-    meta = dump_json(table.metadata, what="table metadata", error=InvalidCostTableError,
-                     sort_keys=True)
+    meta = _meta_json(table)  # fails first, with the same message, whatever the format
     if suffix == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        arrow = pa.Table.from_pandas(table.df, preserve_index=False)
-        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _META_KEY: meta})
+        arrow = _arrow(table)
         _atomic_write(path, lambda p: pq.write_table(arrow, p))
     elif suffix == ".csv":
         _atomic_write(path, lambda p: table.df.to_csv(p, index=False))
         _atomic_write(sidecar_path(path), lambda p: p.write_text(meta))
     else:
-        doc = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "metadata": table.metadata,
-               "rows": table.df.to_dict(orient="records")}
-        text = dump_json(doc, what="cost table", error=InvalidCostTableError)
+        text = dump_json(table_document(table), what="cost table", error=InvalidCostTableError)
         _atomic_write(path, lambda p: p.write_text(text))
     return path
 
@@ -141,13 +197,7 @@ def load_table(path: Path) -> CostTable:
         raise InvalidParameterError(f"cost table file {str(path)!r} does not exist")
     try:
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            arrow = pq.read_table(path)
-            raw = (arrow.schema.metadata or {}).get(_META_KEY)
-            meta = parse_json(raw, source=f"metadata of {str(path)!r}",
-                              error=InvalidCostTableError) if raw else {}
-            df = arrow.to_pandas()
+            df, meta = _read_parquet(path, repr(str(path)))
         elif suffix == ".csv":
             df = pd.read_csv(path, dtype={"unit": str, "option": str, "tie": str}, keep_default_na=False,
                              na_values={"cost": ["nan", "NaN"], "cost_std": ["", "nan"]})

@@ -1,8 +1,9 @@
 """Cost tables as parquet bytes (the blob format of the store and of uploads/downloads).
 
-Kept free of SQLAlchemy and FastAPI so :mod:`allocator.client` can use it alone. Decoding goes
-through the library loader (:func:`allocator.io.load_table`), so a blob gets the same checks as
-a file — format name, a version this bitalloc reads, the table rules. :func:`check_parquet_size`
+Kept free of SQLAlchemy and FastAPI so :mod:`allocator.client` can use it alone. Encoding and
+decoding are the library's own (:mod:`allocator.io`, the one home of table serialization), so a
+blob gets the same checks as a file — format name, a version this bitalloc reads, the table
+rules. :func:`check_parquet_size`
 bounds what decoding an *untrusted* blob can cost before anything is decoded in full: parquet
 compresses well enough that 276 KB can hold 12 million rows.
 """
@@ -10,12 +11,11 @@ compresses well enough that 276 KB can hold 12 million rows.
 from __future__ import annotations
 
 import io
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from allocator.errors import InvalidCostTableError
-from allocator.table import _META_KEY, CostTable
+from allocator.io import table_from_parquet_bytes, table_to_parquet_bytes
+from allocator.table import CostTable
 
 __all__ = ["ParquetTooLarge", "check_parquet_size", "table_from_parquet", "table_to_parquet"]
 
@@ -29,27 +29,12 @@ class ParquetTooLarge(InvalidCostTableError):
 
 def table_to_parquet(table: CostTable) -> bytes:
     """The same bytes :meth:`CostTable.save` writes to a ``.parquet`` file."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    arrow = pa.Table.from_pandas(table.df, preserve_index=False)
-    meta = json.dumps(table.metadata, default=str, sort_keys=True)
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _META_KEY: meta})
-    buf = io.BytesIO()
-    pq.write_table(arrow, buf)
-    return buf.getvalue()
+    return table_to_parquet_bytes(table)
 
 
 def table_from_parquet(blob: bytes) -> CostTable:
-    """Decode with the library's own loader (format/version check and table validation)."""
-    from allocator.io import load_table
-
-    with tempfile.TemporaryDirectory(prefix="bitalloc-blob-") as tmp:
-        path = Path(tmp) / "table.parquet"
-        path.write_bytes(blob)
-        return load_table(path)
+    """Decode with the library's own reader (format/version check and table validation)."""
+    return table_from_parquet_bytes(blob, source="the parquet table")
 
 
 def _plain_bytes(column: Any) -> int:

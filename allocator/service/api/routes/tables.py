@@ -120,10 +120,9 @@ def download_table(db: DbDep, table_id: str, format: TableFormat = "parquet") ->
     elif format == "csv":
         body = table.df.to_csv(index=False).encode()
     else:
-        from allocator.table import TABLE_FORMAT, TABLE_VERSION
+        from allocator.io import table_document
 
-        body = json.dumps({"format": TABLE_FORMAT, "version": TABLE_VERSION, "metadata": table.metadata,
-                           "rows": table.df.to_dict(orient="records")}, default=str).encode()
+        body = json.dumps(table_document(table), default=str).encode()
     return Response(body, media_type=_MEDIA[format],
                     headers={"Content-Disposition": f'attachment; filename="{table_id}.{format}"'})
 
