@@ -1,0 +1,249 @@
+"""The layer rules of docs/architecture.md, checked on every module's imports (parsed with ast,
+lazy imports inside functions included; ``if TYPE_CHECKING:`` imports excluded).
+
+* each module imports only its own layer and the layers its layer may use (``ALLOWED``): core
+  types import nothing above them, ``sensitivity`` and ``solvers`` never import each other, the
+  backend imports neither;
+* ``solvers`` (and the core) never import torch / transformers at module level, and importing
+  ``allocator``, ``solvers`` or ``sensitivity`` loads no torch at all;
+* nothing outside a package imports its private ``_modules`` (or private names).
+
+A new module must be placed in a layer (``layer_of``); a violation that cannot be fixed yet goes
+in ``KNOWN_EXCEPTIONS`` with the reason, never silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("allocator", "sensitivity", "solvers")
+
+#: (layer, module-name prefixes), most specific prefix wins (see ``layer_of``).
+LAYERS: dict[str, tuple[str, ...]] = {
+    # core types: formats, units, tables, budgets, plans, results, their files and table tools
+    "core": ("allocator", "allocator._atomic", "allocator.errors", "allocator.formats",
+             "allocator.units", "allocator.table", "allocator.io", "allocator.budget",
+             "allocator.plan", "allocator.result", "allocator.compare", "allocator.synth"),
+    # the model side: loading, outputs, data, the quantizer, unit selection
+    "model": ("allocator.models", "allocator.outputs", "allocator.distortion", "allocator.data",
+              "allocator.quant", "allocator.unit_select", "allocator.save_model"),
+    "estimators": ("sensitivity",),
+    "solvers": ("solvers",),
+    # apply / verify / evaluate a plan on a model, the search evaluator, exporters, palettes
+    "backend": ("allocator.backend", "allocator.search_eval", "allocator.export",
+                "allocator.palettes"),
+    # orchestration: run / demo, refinement, the Bayesian search job
+    "jobs": ("allocator.pipeline", "allocator.refine", "allocator.search"),
+    # entry points: CLI, HTTP service and its client; shipped test helpers
+    "top": ("allocator.cli", "allocator.service", "allocator.client", "allocator.testing"),
+}
+
+ALLOWED: dict[str, frozenset[str]] = {
+    "core": frozenset({"core"}),
+    "model": frozenset({"core", "model"}),
+    "estimators": frozenset({"core", "model", "estimators"}),
+    "solvers": frozenset({"core", "solvers"}),
+    "backend": frozenset({"core", "model", "backend"}),
+    "jobs": frozenset({"core", "model", "estimators", "solvers", "backend", "jobs"}),
+    "top": frozenset(LAYERS),
+}
+
+#: Layers that must not import heavy packages at module level (a solver runs on a table alone,
+#: e.g. inside the service; ``import allocator`` stays light).
+NO_HEAVY_AT_IMPORT = frozenset({"core", "solvers"})
+HEAVY = ("torch", "transformers")
+
+#: (importer, imported) pairs allowed for now, each with why; keep this list short.
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
+    # palettes (issue 12, in flight) reads exporter internals; the names it needs should become
+    # public in allocator.export (module_of / model_info already are) and be imported from there
+    ("allocator.palettes", "allocator.export._common"): "palettes uses exporter helpers",
+    ("allocator.palettes", "allocator.export._model"): "palettes uses exporter helpers",
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    target: str  #: the dotted name as written (module, or module.name for ``from m import name``)
+    line: int
+    top_level: bool  #: executed when the importer is imported (not in a function / TYPE_CHECKING)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            if "migrations" in path.parts:  # alembic scripts, run by alembic only
+                continue
+            out[_module_name(path)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(name: str, path: Path) -> list[Import]:
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: list[Import] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for sub in child.orelse:
+                    visit(sub, top)
+                continue  # annotations only: never executed
+            inner = top and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef |
+                                           ast.Lambda)
+            if isinstance(child, ast.Import):
+                found.extend(Import(name, a.name, child.lineno, top) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (child.level - 1)]
+                    module = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    module = child.module or ""
+                found.append(Import(name, module, child.lineno, top))
+                found.extend(Import(name, f"{module}.{a.name}", child.lineno, top)
+                             for a in child.names)
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), True)
+    return found
+
+
+IMPORTS = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer whose longest prefix matches ``module`` (None: not one of ours)."""
+    best: tuple[int, str] | None = None
+    for layer, prefixes in LAYERS.items():
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[0]):
+                best = (len(p), layer)
+    return None if best is None else best[1]
+
+
+def _known_module(target: str) -> str | None:
+    """The longest prefix of ``target`` that is one of our modules."""
+    parts = target.split(".")
+    while parts:
+        if ".".join(parts) in MODULES:
+            return ".".join(parts)
+        parts = parts[:-1]
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = [m for m in MODULES if layer_of(m) is None]
+    assert not missing, f"put these modules in a layer of tests/test_layers.py: {missing}"
+
+
+def test_imports_respect_the_layers() -> None:
+    bad = []
+    for name, imports in IMPORTS.items():
+        mine = layer_of(name)
+        assert mine is not None
+        for imp in imports:
+            target = _known_module(imp.target)
+            if target is None:
+                continue
+            theirs = layer_of(target)
+            if theirs is not None and theirs not in ALLOWED[mine]:
+                bad.append(f"{MODULES[name].relative_to(ROOT)}:{imp.line}: {name} ({mine}) "
+                           f"imports {target} ({theirs})")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_sensitivity_and_solvers_never_import_each_other() -> None:
+    # implied by ALLOWED; spelled out because the design contract says it in so many words
+    for name, imports in IMPORTS.items():
+        for imp in imports:
+            if name.split(".")[0] == "sensitivity":
+                assert not imp.target.startswith("solvers"), (name, imp)
+            if name.split(".")[0] == "solvers":
+                assert not imp.target.startswith("sensitivity"), (name, imp)
+            if name.startswith("allocator.backend"):
+                assert not imp.target.startswith(("solvers", "sensitivity")), (name, imp)
+
+
+def test_no_heavy_imports_at_module_level() -> None:
+    bad = [f"{name}:{imp.line} imports {imp.target}"
+           for name, imports in IMPORTS.items() if layer_of(name) in NO_HEAVY_AT_IMPORT
+           for imp in imports
+           if imp.top_level and imp.target.split(".")[0] in HEAVY]
+    assert not bad, bad
+
+
+def _owner(target: str) -> str | None:
+    """The package a private name in ``target`` belongs to (None when nothing is private)."""
+    parts = target.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            owner = ".".join(parts[:i])
+            if owner in MODULES and MODULES[owner].name != "__init__.py":
+                owner = owner.rsplit(".", 1)[0]  # a private name of a module: its package's
+            return owner
+    return None
+
+
+def test_private_modules_stay_inside_their_package() -> None:
+    bad = []
+    for name, imports in IMPORTS.items():
+        for imp in imports:
+            owner = _owner(imp.target)
+            if owner is None or name == owner or name.startswith(owner + "."):
+                continue
+            if (name, _known_module(imp.target) or imp.target) in KNOWN_EXCEPTIONS:
+                continue
+            bad.append(f"{MODULES[name].relative_to(ROOT)}:{imp.line}: {name} imports "
+                       f"{imp.target} (private to {owner}); export it from {owner}")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
+    # the checker itself: a solver importing an estimator module and torch, and a private name
+    path = tmp_path / "bad.py"
+    path.write_text("import torch\nfrom sensitivity._base import BaseEstimator\n"
+                    "def f():\n    from allocator.backend._apply import apply_plan\n")
+    found = _imports("solvers._bad", path)
+    assert [(i.target, i.top_level) for i in found] == [
+        ("torch", True), ("sensitivity._base", True), ("sensitivity._base.BaseEstimator", True),
+        ("allocator.backend._apply", False), ("allocator.backend._apply.apply_plan", False)]
+    assert layer_of("sensitivity._base") not in ALLOWED["solvers"]
+    assert _owner("sensitivity._base.BaseEstimator") == "sensitivity"
+    assert _owner("allocator.backend._apply") == "allocator.backend"
+    assert _owner("allocator.table._META_KEY") == "allocator"
+    assert _owner("allocator.backend.apply_plan") is None
+
+
+@pytest.mark.parametrize("module", ["allocator", "solvers", "sensitivity", "allocator.io",
+                                    "allocator.backend", "allocator.export"])
+def test_importing_loads_no_torch(module: str) -> None:
+    code = (f"import sys, {module}; bad = [m for m in {HEAVY!r} if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"import {module} loads {r.stdout.strip()} {r.stderr[-300:]}"
