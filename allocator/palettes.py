@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -242,12 +242,29 @@ def _ties(palette: Palette, units: list[str]) -> dict[str, str]:
     return {u: group_key[root(u)] for u in units if len(members_of[root(u)]) > 1}
 
 
+def _outside_groups(palette: Palette, kept: list[str], others: frozenset[str]) -> dict[str, str]:
+    """Units whose tie group (consumer rule or fusion) also holds a module outside the table: the
+    consumer would need that module at the unit's setting, which no plan of the table sets."""
+    if not others:
+        return {}
+    ties = _ties(palette, kept + sorted(others))
+    outside: dict[str, str] = {}
+    for m in sorted(others):
+        if m in ties:
+            outside.setdefault(ties[m], m)
+    return {u: f"shares one {palette.name} setting with {outside[ties[u]]!r}, which is not in the "
+               "table" for u in kept if u in ties and ties[u] in outside}
+
+
 def apply_palette(table: CostTable, name: str, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
-                  ) -> CostTable:
+                  model_names: Iterable[str] | None = None) -> CostTable:
     """``table`` as consumer ``name`` stores it (see the module docstring).
 
     ``shapes`` maps units to weight shapes (out, in, ...): with them, sizes follow the
     consumer's accounting exactly and per-unit constraints (block/group divisibility) apply.
+    ``model_names`` (the model's weight modules): units whose tie group also holds a module
+    left out of the table (``--include``/``--exclude``) are left out too, since the consumer
+    would need that module at their setting.
 
     Raises:
         UnknownNameError: unknown consumer.
@@ -270,6 +287,9 @@ def apply_palette(table: CostTable, name: str, *, shapes: Mapping[str, tuple[int
                                     f"shape; build the table with estimate --for {name}")
     units = frozenset(table.units)
     dropped = {u: why for u in table.units if (why := palette.drop(u, units)) is not None}
+    if model_names is not None:
+        dropped.update(_outside_groups(palette, [u for u in table.units if u not in dropped],
+                                       frozenset(model_names) - units))
     if len(dropped) == len(units):
         first = next(iter(dropped.items()))
         raise InvalidParameterError(f"{name} can hold none of the table's units ({first[0]!r}: "
@@ -346,4 +366,4 @@ def table_for_model(table: CostTable, name: str | None, model: str) -> CostTable
     from allocator.export._model import model_info
 
     info = model_info(model, table.units)
-    return apply_palette(table, name, shapes=info.shapes)
+    return apply_palette(table, name, shapes=info.shapes, model_names=info.names)

@@ -234,7 +234,12 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
     table = estimate_loaded(loaded, spec, units=list(units), calibration=calib)
     if cfg.consumer is None:
         return table
-    return apply_palette(table, cfg.consumer, shapes={u.name: u.shape for u in units})
+    from allocator.units import discover_units
+
+    # units tied (by the consumer) to a module left out of the budget are left out as well
+    everything = [u.name for u in discover_units(loaded.model, fusion=None)]
+    return apply_palette(table, cfg.consumer, shapes={u.name: u.shape for u in units},
+                         model_names=everything)
 
 
 def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: dict[str, Any],

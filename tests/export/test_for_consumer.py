@@ -74,7 +74,8 @@ def budget_between(table: CostTable, frac: float) -> float:
 def test_plan_for_consumer_exports_exactly_within_budget(info: ModelInfo, consumer: str,
                                                          frac: float) -> None:
     palette = palette_for(consumer)
-    table = apply_palette(synthetic_table(info, palette.options), consumer, shapes=info.shapes)
+    table = apply_palette(synthetic_table(info, palette.options), consumer, shapes=info.shapes,
+                          model_names=info.names)
     assert table.metadata["consumer"] == consumer
     assert set(table.options) <= set(palette.options)
     bpw = budget_between(table, frac)
@@ -274,3 +275,27 @@ def test_cli_frontier_for(tmp_path: Path) -> None:
                          shapes=info.shapes).save(tmp_path / "t.parquet")
     assert main(["frontier", str(path), "--for", "torchao", "--rows", "3"]) == 0
     assert main(["frontier", str(path), "--for", "autoround"]) == 2
+
+
+@pytest.mark.parametrize(("consumer", "left_out"), [
+    ("hqq", {f"model.layers.{i}.self_attn.q_proj" for i in range(1, 4)}),  # one tag
+    ("gptqmodel", {"model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"}),  # fused
+    ("llamacpp", set()),  # separate GGUF tensors: nothing else is affected
+])
+def test_units_sharing_a_setting_with_a_module_outside_the_table(consumer: str,
+                                                                 left_out: set[str]) -> None:
+    """--include/--exclude: a unit tied to a module outside the table is left out as well,
+    so the export against the whole model (which sees that module unquantized) stays exact."""
+    info = model_info("tiny-llama")
+    full = synthetic_table(info, palette_for(consumer).options)
+    outside = "model.layers.0.self_attn.q_proj"
+    table = apply_palette(full.subset(u for u in full.units if u != outside), consumer,
+                          shapes=info.shapes, model_names=info.names)
+    dropped = set(table.metadata.get("consumer_dropped", {})) - {"lm_head"}
+    assert dropped == left_out
+    assert all(outside in why for u, why in table.metadata.get("consumer_dropped", {}).items()
+               if u in left_out)
+    plan = solvers.solve(table, Budget(bpw=budget_between(table, 0.3))).plan
+    assert plan is not None
+    out = export_plan(plan, consumer, model_names=info.names, shapes=info.shapes, arch=info.arch)
+    assert not out.changed
