@@ -116,7 +116,7 @@ def resolve_model_path(model: Any, roots: list[Path]) -> Path:
 
 # ----------------------------------------------------------------- estimate
 _ESTIMATE_KEYS = {"model", "method", "options", "seed", "samples", "seq_len", "device", "params",
-                  "name", "consumer"}
+                  "name", "consumer", "data"}
 
 
 def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any]:
@@ -127,6 +127,11 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
                            f"known: {sorted(_ESTIMATE_KEYS)}")
     out = dict(params)
     out["model"] = str(resolve_model_path(params.get("model"), roots))
+    from allocator.service.data_param import refuse_nested_data, service_data
+
+    refuse_nested_data(params)  # the calibration text: inline, or a file under a model root
+    if "data" in params:
+        out["data"] = service_data(params["data"], roots)
     if not isinstance(out.get("method", "datafree"), str):
         raise ServiceError(422, "invalid_parameter", "params.method must be an estimator name")
     if out.get("consumer") is not None:
@@ -143,7 +148,8 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
 def estimate_spec_of(params: Mapping[str, Any]) -> Any:
     """The :class:`sensitivity.EstimateSpec` of an ``estimate`` job.
 
-    ``options``, ``seed``, ``samples``, ``seq_len`` and ``device`` are top-level job parameters;
+    ``options``, ``seed``, ``samples``, ``seq_len``, ``device`` and ``data`` (checked by
+    :func:`allocator.service.data_param.service_data`) are top-level job parameters;
     ``params`` holds the estimator's parameters (checked by name against its constructor) and,
     as before, may also set any other field of the spec (``batch_size``, ``include``, ...) or
     give the estimator's parameters as ``estimator_params``.
@@ -154,8 +160,8 @@ def estimate_spec_of(params: Mapping[str, Any]) -> Any:
     if not isinstance(inner, Mapping):
         raise InvalidParameterError(f"params.params must be an object, got {inner!r}")
     fields = EstimateSpec.field_names() - {"method", "params"}
-    spec: dict[str, Any] = {k: params[k] for k in ("options", "seed", "samples", "seq_len", "device")
-                            if k in params}
+    spec: dict[str, Any] = {k: params[k] for k in ("options", "seed", "samples", "seq_len", "device",
+                                                   "data") if k in params}
     est: dict[str, Any] = dict(inner.get("estimator_params") or {})
     for key, value in inner.items():
         if key in fields:
