@@ -122,6 +122,11 @@ def execute(cfg: Any) -> int:
     if run.excluded:
         out.print(f"left out of the budget: {len(run.excluded)} unit(s), see report.md "
                   f"(e.g. {next(iter(run.excluded))}: {next(iter(run.excluded.values()))})")
+    dropped = run.table.metadata.get("consumer_dropped") or {}
+    if dropped:
+        unit, why = next(iter(dropped.items()))
+        out.print(f"for {cfg.consumer}: {len(dropped)} unit(s) left out of the plan at full "
+                  f"precision (e.g. {unit}: {why})", markup=False)
     for name, path in run.files.items():
         out.print(f"{name:9s} -> {path}")
     out.print(f"done in {time.perf_counter() - t0:.1f}s")
