@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -54,7 +54,6 @@ class SearchSpec:
     eval_data: str | None = None
     progress: bool = False  #: a progress bar in the first worker
     threads: int | None = None  #: torch threads per worker (None: torch's default)
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:

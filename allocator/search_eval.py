@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from allocator.errors import InvalidParameterError, InvalidPlanError
+from allocator.models import ModelKind
 from allocator.plan import BitPlan
 from allocator.table import CostTable
 
@@ -153,4 +154,4 @@ class _Applied:
 
 
 def _weight(report: EvalReport) -> int:
-    return report.n_tokens if report.kind == "causal_lm" else report.n_samples
+    return report.n_tokens if report.kind == ModelKind.CAUSAL_LM else report.n_samples

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.errors import InvalidParameterError
+from allocator.models import ModelKind
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves
 from sensitivity._progress import progress_bar
@@ -250,7 +251,7 @@ def _cotangents(out: torch.Tensor, batch: Mapping[str, Any], kind: str, metric: 
     import torch
 
     mask = None
-    if metric == "kl" and kind == "causal_lm" and out.dim() == 3:
+    if metric == "kl" and kind == ModelKind.CAUSAL_LM and out.dim() == 3:
         am = batch.get("attention_mask")
         if isinstance(am, torch.Tensor) and tuple(am.shape) == tuple(out.shape[:2]):
             mask = am.to(out.device).bool()

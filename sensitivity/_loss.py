@@ -36,6 +36,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from allocator.errors import InvalidParameterError, ModelError
+from allocator.models import ModelKind
+from allocator.outputs import model_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -49,10 +51,9 @@ __all__ = [
     "task_loss",
 ]
 
-MODEL_KINDS: tuple[str, ...] = ("causal_lm", "encoder", "classifier", "generic")
+MODEL_KINDS: tuple[str, ...] = tuple(k.value for k in ModelKind)
 #: InfoNCE temperature τ for encoders (SimCSE, arXiv 2104.08821, uses 0.05).
 INFONCE_TEMPERATURE = 0.05
-_NON_INPUT_KEYS = ("labels", "label")
 
 
 @contextmanager
@@ -62,13 +63,6 @@ def differentiable_attention() -> Iterator[None]:
 
     with sdpa_kernel(SDPBackend.MATH):
         yield
-
-
-def _inputs(batch: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    out = {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
-    if kind == "causal_lm":
-        out.setdefault("use_cache", False)
-    return out
 
 
 def _tensor(out: Any, attr: str) -> torch.Tensor | None:
@@ -147,7 +141,7 @@ def half_view_masks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _encoder_losses(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
     import torch
 
-    inputs = _inputs(batch, kind)
+    inputs = model_inputs(batch, kind)
     ids = inputs.get("input_ids")
     mask = inputs.get("attention_mask")
     if mask is None:
@@ -175,8 +169,8 @@ def per_sample_losses(model: torch.nn.Module, batch: Mapping[str, Any], kind: st
     mask = batch.get("attention_mask")
     if kind == "encoder":
         return _encoder_losses(model, batch, kind)
-    out = model(**_inputs(batch, kind))
-    if kind == "causal_lm":
+    out = model(**model_inputs(batch, kind))
+    if kind == ModelKind.CAUSAL_LM:
         logits = _tensor(out, "logits")
         ids = batch.get("input_ids")
         if logits is None or ids is None or logits.dim() != 3:

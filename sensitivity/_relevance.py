@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.errors import InvalidParameterError, ModelError
+from allocator.models import ModelKind
 from allocator.units import Unit
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
@@ -172,7 +173,7 @@ def _explained(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> t
 
     out = model(**model_inputs(batch, kind))
     logits = getattr(out, "logits", None)
-    if logits is None and kind in ("causal_lm", "classifier"):
+    if logits is None and kind in (ModelKind.CAUSAL_LM, ModelKind.CLASSIFIER):
         logits = out[0] if isinstance(out, tuple | list) else out
     am = batch.get("attention_mask")
     if isinstance(logits, torch.Tensor) and kind != "encoder":

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.errors import InvalidParameterError, ModelError
+from allocator.models import ModelKind
 from allocator.units import Unit, UnitKind
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 from sensitivity._progress import progress_bar
@@ -133,7 +134,7 @@ def collect_input_hessians(model: torch.nn.Module, ctx: EstimateContext, *,
             for batch in ctx.batches:
                 mask_ref[0] = _token_mask(batch)
                 inputs = {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
-                if ctx.model_kind == "causal_lm":
+                if ctx.model_kind == ModelKind.CAUSAL_LM:
                     inputs.setdefault("use_cache", False)
                 model(**inputs)
                 bar.update(1)

@@ -45,7 +45,7 @@ from solvers._search_space import (
 
 __all__ = ["BayesianSolver", "Evaluator", "LocalMoves", "StepEvaluator", "pareto_front", "search_space"]
 
-logger = logging.getLogger("bitalloc.search")
+logger = logging.getLogger(__name__)
 
 #: unit → option label; returns the measured error (lower is better).
 Evaluator = Callable[[Mapping[str, str]], float]

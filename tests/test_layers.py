@@ -6,7 +6,10 @@ lazy imports inside functions included; ``if TYPE_CHECKING:`` imports excluded).
   backend imports neither;
 * ``solvers`` (and the core) never import torch / transformers at module level, and importing
   ``allocator``, ``solvers`` or ``sensitivity`` loads no torch at all;
-* nothing outside a package imports its private ``_modules`` (or private names).
+* nothing outside a package imports its private ``_modules`` (or private names);
+* loggers are named after their module (``logging.getLogger(__name__)``: ``allocator.*``,
+  ``sensitivity.*``, ``solvers.*``), except the HTTP service's operator-facing
+  ``bitalloc.service*`` loggers.
 
 A new module must be placed in a layer (``layer_of``); a violation that cannot be fixed yet goes
 in ``KNOWN_EXCEPTIONS`` with the reason, never silently.
@@ -237,6 +240,25 @@ def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
     assert _owner("allocator.backend._apply") == "allocator.backend"
     assert _owner("allocator.table._META_KEY") == "allocator"
     assert _owner("allocator.backend.apply_plan") is None
+
+
+def test_loggers_are_named_after_their_module() -> None:
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "getLogger" and node.args):
+                continue
+            arg = node.args[0]
+            if (isinstance(arg, ast.Name) and arg.id == "__name__") or (
+                    isinstance(arg, ast.Constant) and arg.value == name):
+                continue
+            service = name.startswith(("allocator.service", "allocator.cli._serve"))
+            if (service and isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+                    and arg.value.startswith("bitalloc.service")):
+                continue
+            bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: getLogger({ast.unparse(arg)})")
+    assert not bad, "use logging.getLogger(__name__): " + "; ".join(bad)
 
 
 @pytest.mark.parametrize("module", ["allocator", "solvers", "sensitivity", "allocator.io",

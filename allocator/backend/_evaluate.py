@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.errors import InvalidParameterError
+from allocator.models import ModelKind
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +42,7 @@ __all__ = [
     "retrieval_agreement",
 ]
 
-_KINDS = ("causal_lm", "encoder", "classifier", "generic")
+_KINDS = tuple(k.value for k in ModelKind)
 _CACHE: dict[str, ReferenceOutputs] = {}
 _CACHE_MAX = 8
 
@@ -218,7 +219,7 @@ def evaluate(
         model.train(was_training)
     if kind == "encoder":
         return _encoder_report(reference.outputs, outs, k=k, n_queries=n_queries)
-    if kind == "causal_lm":
+    if kind == ModelKind.CAUSAL_LM:
         return _causal_report(batches, reference.outputs, outs)
     return _classifier_report(batches, reference.outputs, outs)
 
@@ -255,7 +256,8 @@ def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Te
         n += int(o.shape[0])
     metrics = {"perplexity": math.exp(nll / max(n_tgt, 1)),
                "perplexity_fp": math.exp(nll_fp / max(n_tgt, 1)), "kl": kl_sum / max(n_tok, 1)}
-    return EvalReport(kind="causal_lm", metrics=metrics, error_metric="kl", n_samples=n, n_tokens=n_tok)
+    return EvalReport(kind=ModelKind.CAUSAL_LM.value, metrics=metrics, error_metric="kl",
+                      n_samples=n, n_tokens=n_tok)
 
 
 def _classifier_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],

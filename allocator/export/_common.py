@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from allocator.errors import ExportError, UnknownNameError
-from allocator.formats import GGUF_TYPES, FormatKind, QuantFormat, StorageConvention, parse_format
+from allocator.formats import GGUF_TYPES, FormatKind, QuantFormat, parse_format
 from allocator.plan import BitPlan
 from allocator.units import DEFAULT_FUSION
 
@@ -345,7 +345,3 @@ def plan_header(ctx: ExportContext, target_line: str) -> list[str]:
         first = ", ".join(f"{u}: {a}->{b}" for u, (a, b) in list(ctx.changed.items())[:3])
         lines.append(f"LOSSY: {len(ctx.changed)} unit(s) changed from the plan, e.g. {first}")
     return lines
-
-
-def gptq_convention(fmt: QuantFormat) -> bool:
-    return fmt.convention is StorageConvention.GPTQ
