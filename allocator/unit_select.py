@@ -121,10 +121,13 @@ def inert_units(loaded: LoadedModel, batch: Mapping[str, Any],
             return out + leaf
         return swap
 
+    # reachability is structural: two samples tell as much as the whole batch, for less memory
+    small = {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+             for k, v in dict(batch).items()}
     handles = [get_module(model, m).register_forward_hook(hook(m)) for m in modules]
     try:
         with torch.enable_grad():
-            out = model_forward_outputs(loaded, batch)
+            out = model_forward_outputs(loaded, small)
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 raise ModelError(f"model {loaded.name!r}: its measured output does not depend on "
                                  f"any unit; cannot tell inert units apart")
