@@ -53,6 +53,9 @@ __all__ = [
     "PER_SAMPLE_MODES",
     "GaussNewtonEstimator",
     "SampledCurvature",
+    "check_chunk",
+    "check_per_sample",
+    "check_probes",
     "cosine_cotangent",
     "cosine_output_hessian",
     "gn_diagonal_terms",
@@ -63,6 +66,7 @@ __all__ = [
     "quant_deltas",
     "sampled_curvature",
     "softmax_fisher",
+    "unit_reduction",
 ]
 
 PER_SAMPLE_MODES = ("auto", "loop", "vmap")
