@@ -363,7 +363,7 @@ def table_for_model(table: CostTable, name: str | None, model: str) -> CostTable
     ``tiny-llama``), built on the meta device; ``table`` unchanged when ``name`` is None."""
     if name is None:
         return table
-    from allocator.export._model import model_info
+    from allocator.export import model_info
 
     info = model_info(model, table.units)
     return apply_palette(table, name, shapes=info.shapes, model_names=info.names)

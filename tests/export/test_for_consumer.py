@@ -15,8 +15,7 @@ import solvers
 from allocator.budget import Budget
 from allocator.cli import main
 from allocator.errors import ExportError, InvalidParameterError, UnknownNameError
-from allocator.export import export_plan
-from allocator.export._model import ModelInfo, model_info
+from allocator.export import ModelInfo, export_plan, model_info
 from allocator.formats import DEFAULT_OPTIONS, parse_format
 from allocator.palettes import PALETTES, apply_palette, palette_for, table_for
 from allocator.pipeline import RunConfig
