@@ -29,7 +29,7 @@ from allocator.errors import InvalidParameterError, UnknownNameError
 from allocator.formats import GGUF_TYPES, FormatKind, QuantFormat, parse_format
 
 if TYPE_CHECKING:
-    from allocator.export._common import Setting
+    from allocator.export import Setting
     from allocator.table import CostTable
 
 __all__ = ["PALETTES", "Palette", "apply_palette", "palette_for", "palette_options", "table_for",
@@ -75,7 +75,7 @@ _BPW = {"gptqmodel": "gptq_bpw", "autoround": "autoround_bpw", "hqq": "hqq_bpw",
 
 
 def _setting(fmt: QuantFormat) -> Setting:
-    from allocator.export._common import gguf_setting, int_setting, skip_setting
+    from allocator.export import gguf_setting, int_setting, skip_setting
 
     if fmt.kind is FormatKind.FLOAT:
         return skip_setting(fmt.name)
@@ -209,7 +209,7 @@ def palette_for(name: str) -> Palette:
 
 def _ties(palette: Palette, units: list[str]) -> dict[str, str]:
     """unit → tie id: the consumer's groups joined with runtime fusion where it applies."""
-    from allocator.export._common import fused_name
+    from allocator.export import fused_name
 
     present = frozenset(units)
     keys: dict[str, list[str]] = defaultdict(list)

@@ -21,12 +21,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from allocator.errors import ExportError, UnknownNameError
-from allocator.export._common import ExportContext, module_of
+from allocator.export._common import (
+    ExportContext,
+    Setting,
+    fused_name,
+    gguf_setting,
+    int_setting,
+    module_of,
+    skip_setting,
+)
 from allocator.export._model import ModelInfo, model_info
 from allocator.plan import BitPlan
 
-__all__ = ["EXPORTERS", "ExportResult", "Exporter", "ModelInfo", "export_plan", "get_exporter",
-           "model_info", "module_of", "write_export", "write_result"]
+__all__ = ["EXPORTERS", "ExportResult", "Exporter", "ModelInfo", "Setting", "export_plan",
+           "fused_name", "get_exporter", "gguf_setting", "int_setting", "model_info", "module_of",
+           "skip_setting", "write_export", "write_result"]
 
 
 @dataclass(frozen=True, kw_only=True)
