@@ -144,6 +144,7 @@ class EstimateSpec:
             raise InvalidParameterError("data path is empty; pass a text file or omit it")
         self.formats()  # a malformed option spec fails here, before any model is loaded
         check_estimator_params(self.method, self.params)
+        self.estimator()  # and so does a bad parameter value (constructors only check and store)
 
     def formats(self) -> tuple[QuantFormat, ...]:
         """The candidate options, parsed."""
