@@ -62,7 +62,11 @@ class Bench:
         self.kind = str(self.loaded.kind)
         self.calib = list(data_for(self.loaded, "calibration", calib, seed=seed))
         self.held = list(data_for(self.loaded, "evaluation", evals, seed=seed))
-        self.units = discover_units(self.model)
+        # Units that cannot reach the output (MiniLM's pooler) stay out of the budget, as in `run`.
+        from allocator.unit_select import select_units
+
+        self.units = list(select_units(self.loaded, discover_units(self.model),
+                                       batch=self.calib[0]).units)
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.ref = reference_outputs(self.model, self.held, kind=self.kind)
         self.cache: dict[tuple[tuple[str, str], ...], float] = {}
