@@ -54,7 +54,7 @@ def refinement(args: argparse.Namespace) -> None:
     import solvers
     from allocator import Budget
     from allocator.search_eval import ModelEvaluator
-    from solvers._bayesian import BayesianSolver
+    from solvers import BayesianSolver
 
     t0 = time.perf_counter()
     loaded, table = build_table(args.model, args.estimator, args.samples, args.seq_len)
