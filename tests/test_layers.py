@@ -64,12 +64,9 @@ NO_HEAVY_AT_IMPORT = frozenset({"core", "solvers"})
 HEAVY = ("torch", "transformers")
 
 #: (importer, imported) pairs allowed for now, each with why; keep this list short.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # palettes (issue 12, in flight) reads exporter internals; the names it needs should become
-    # public in allocator.export (module_of / model_info already are) and be imported from there
-    ("allocator.palettes", "allocator.export._common"): "palettes uses exporter helpers",
-    ("allocator.palettes", "allocator.export._model"): "palettes uses exporter helpers",
-}
+#: None today: add ("importer module", "imported module") with a comment saying why and how it
+#: will be removed.
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
