@@ -5,7 +5,7 @@ storage URL, study name), so a worker on another machine joins with the same spe
 ``bitalloc estimate tiny-llama --method measured --storage postgresql://... --study s1
 --workers 4``. Every worker loads the model and data, discovers the units and checks the
 study's fingerprint; the units are split by :func:`sensitivity._measured.shard_units` and the
-shards are claimed from the queue of :mod:`sensitivity._shard_queue`. Each claimed shard is
+shards are claimed from the queue of :mod:`sensitivity.shard_queue`. Each claimed shard is
 measured with :func:`~sensitivity._measured.measure_units` and its rows stored in its trial.
 Once every shard is COMPLETE, :func:`~sensitivity._measured.merge_measured` assembles the one
 table a single-process ``measured`` run would give (same rows; costs equal to float round-off
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.errors import AllocatorError, InvalidParameterError
 from allocator.table import CostTable
-from sensitivity import _shard_queue as q
+from sensitivity import shard_queue as q
 from sensitivity._spec import EstimateSpec
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from allocator import CostTable  # noqa: E402
 from allocator.cli import main  # noqa: E402
 from allocator.errors import InvalidParameterError  # noqa: E402
 from sensitivity import EstimateSpec, ShardedEstimateSpec, run_sharded  # noqa: E402
-from sensitivity import _shard_queue as q  # noqa: E402
+from sensitivity import shard_queue as q  # noqa: E402
 
 # Block 0 of the tiny Llama (7 units) × 2 options on 4 short texts: seconds, not minutes.
 KW = {"samples": 4, "seq_len": 16, "batch_size": 2, "include": r"layers\.0\.",

@@ -10,7 +10,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from allocator.errors import InvalidParameterError  # noqa: E402
-from sensitivity import _shard_queue as q  # noqa: E402
+from sensitivity import shard_queue as q  # noqa: E402
 
 FP = "f" * 64
 SUMMARY = {"model": "m", "units": 5, "options": "int4-g128-asym"}
