@@ -53,3 +53,16 @@ def test_spec_rejects_bad_fields_by_name() -> None:
         EstimateSpec(method="fisher", kinds=("lstm",))
     spec = EstimateSpec(method="fisher", params={"probes": 3}, kinds=["linear"])  # type: ignore[arg-type]
     assert spec.kinds == ("linear",) and spec.estimator().params()["probes"] == 3
+
+
+def test_keyword_api_spells_out_exactly_the_spec() -> None:
+    # run_estimate / prepare_estimate are EstimateSpec as keyword arguments: they cannot drift
+    import inspect
+
+    from sensitivity import EstimateSpec, prepare_estimate, run_estimate
+
+    fields = (EstimateSpec.field_names() - {"params"}) | {"estimator_params"}
+    for fn in (run_estimate, prepare_estimate):
+        kw = {n for n, p in inspect.signature(fn).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert kw == fields, (fn.__name__, sorted(kw ^ fields))
