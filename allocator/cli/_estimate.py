@@ -17,8 +17,8 @@ HELP = "estimate a cost table (unit × option sensitivities) for a model"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face model directory, 'minilm' or 'tiny-llama'")
     p.add_argument("--method", required=True,
-                   help="estimator: hessian-trace, hessian-eig, fisher, salience, hessian-proxy, "
-                   "measured, relevance, datafree, lim, zd")
+                   help="estimator: hessian-trace, hessian-eig, fisher, gauss-newton, salience, "
+                   "hessian-proxy, measured, relevance, datafree, lim, zd")
     p.add_argument("--data", help="calibration texts: .txt (one text per paragraph, blank-line "
                    "separated) or .jsonl with a 'text' field (default: the built-in corpus)")
     p.add_argument("--options", help="option spec, e.g. 'int2..8-g128-asym,fp16' (default)")

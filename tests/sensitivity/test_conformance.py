@@ -66,3 +66,15 @@ def test_keyword_api_spells_out_exactly_the_spec() -> None:
         kw = {n for n, p in inspect.signature(fn).parameters.items()
               if p.kind is inspect.Parameter.KEYWORD_ONLY}
         assert kw == fields, (fn.__name__, sorted(kw ^ fields))
+
+
+def test_cli_help_names_every_estimator() -> None:
+    import argparse
+
+    from allocator.cli import _estimate
+
+    parser = argparse.ArgumentParser()
+    _estimate.add_arguments(parser)
+    help_text = next(a.help for a in parser._actions if a.dest == "method") or ""
+    listed = {n.strip() for n in help_text.split(":", 1)[1].split(",")}
+    assert listed == set(sensitivity.ESTIMATORS)
