@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from allocator.data.batches import batches_fingerprint
+from allocator.data.batches import _check_int, batches_fingerprint
 from allocator.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -95,12 +95,6 @@ def normalize_pixels(images: np.ndarray) -> torch.Tensor:
 
     x = torch.as_tensor(images, dtype=torch.float64) / 16.0
     return ((x - PIXEL_MEAN) / PIXEL_STD).to(torch.float32).unsqueeze(1)
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidParameterError(f"{name} must be an int >= {low}; got {value!r}")
-    return value
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
