@@ -44,7 +44,7 @@ class RunConfig:
 
     model: str = "minilm"
     bpw: float = 3.0
-    estimator: str = "hessian-proxy"
+    estimator: str = "gauss-newton"
     estimator_params: Mapping[str, Any] = field(default_factory=dict)
     solver: str = "mckp"
     method: str = "rtn"

@@ -10,7 +10,7 @@ HELP = "run the whole pipeline on the bundled MiniLM (estimate, frontier, solve,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p, out="bitalloc-demo", estimator="hessian-proxy", calib=16, evals=64)
+    add_common(p, out="bitalloc-demo", estimator="gauss-newton", calib=16, evals=64)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ def add_data_arguments(p: argparse.ArgumentParser, *, calibration_only: bool = F
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama / "
                                  "vit-digits)")
-    add_common(p, out="bitalloc-run", estimator="hessian-proxy", calib=32, evals=64)
+    add_common(p, out="bitalloc-run", estimator="gauss-newton", calib=32, evals=64)
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Any:
