@@ -60,6 +60,8 @@ class RunConfig:
     #: operating-point refinement rounds on calibration data (0: only pick the best candidate)
     refine_rounds: int = 2
     refine_neighbours: int = 1
+    #: seconds for the refinement rounds; the best measured plan so far is handed out (None: no limit)
+    refine_time_limit: float | None = 300.0
     out: Path | None = Path("bitalloc-demo")
     progress: bool = True
     #: the user's calibration / held-out text files (None: the built-in corpus); --data alone is
@@ -82,7 +84,8 @@ class RunConfig:
             from allocator.palettes import palette_options
 
             palette_options(self.consumer, self.options)  # validates: a consumer, no options
-        RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours)  # validates
+        RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours,  # validates
+                     time_limit=self.refine_time_limit)
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (2 if name == "eval_samples" else 1):
@@ -333,7 +336,8 @@ def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: Co
             budget: Budget, calib: Any, units: Sequence[Any]) -> RefineResult:
     from allocator.refine import refine_plan
 
-    conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours)
+    conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours,
+                        time_limit=cfg.refine_time_limit)
     return refine_plan(loaded.model, cands, table, budget, list(calib), units, kind=loaded.kind,
                        config=conf)
 

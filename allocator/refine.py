@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
     from allocator.units import Unit
 
-__all__ = ["RefineConfig", "RefineResult", "RefineRound", "RefineStatus", "refine_plan",
-           "tie_groups", "trust_region_choice"]
+__all__ = ["RefineConfig", "RefineResult", "RefineRound", "RefineStatus", "move_priority",
+           "refine_plan", "tie_groups", "trust_region_choice"]
 
 log = logging.getLogger("allocator.refine")
 
@@ -55,6 +55,7 @@ log = logging.getLogger("allocator.refine")
 class RefineStatus(StrEnum):
     CONVERGED = "converged"  #: no move is predicted to help, or the trust region shrank to 0
     ROUND_LIMIT = "round_limit"  #: stopped after ``rounds`` rounds while still improving
+    TIME_LIMIT = "time_limit"  #: stopped by ``time_limit`` (the best plan so far is returned)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,14 +67,22 @@ class RefineConfig:
         neighbours: options measured on each side of a unit's current option (by size).
         trust: initial trust region as a fraction of the units that may change per round.
         max_tokens: tokens per forward chunk of the block cache.
+        time_limit: seconds for the refinement rounds (None: no limit). When it runs out, the
+            groups not yet measured keep their option this round (the most promising groups,
+            by the table's cost of a one-step move, are measured first) and no further round
+            starts; the result is still the best measured plan.
     """
 
     rounds: int = 3
     neighbours: int = 1
     trust: float = 0.25
     max_tokens: int = 8192
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
+        t = self.time_limit
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
+            raise InvalidParameterError(f"refine time_limit must be > 0 seconds or None, got {t!r}")
         for name in ("rounds", "neighbours", "max_tokens"):
             v = getattr(self, name)
             low = 0 if name == "rounds" else 1
@@ -296,15 +305,20 @@ def refine_plan(
         weights.set_plan(current)
         error = start_error = meter.rebuild()
         trust = max(1, int(round(cfg.trust * table.n_units)))
+        deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit
         for r in range(cfg.rounds):
+            if deadline is not None and time.perf_counter() > deadline:
+                status = RefineStatus.TIME_LIMIT
+                break
             step, choice = _round(r, meter, weights, table, budget, groups, current, sizes, starts,
-                                  error, trust, cfg.neighbours)
+                                  error, trust, cfg.neighbours, deadline)
             trust = step.trust
             rounds.append(step)
             if on_round is not None:
                 on_round(step)
             if not step.accepted:
-                status = RefineStatus.CONVERGED
+                late = deadline is not None and time.perf_counter() > deadline
+                status = RefineStatus.TIME_LIMIT if late else RefineStatus.CONVERGED
                 break
             current, error = choice, step.error_trial
     finally:
@@ -322,11 +336,13 @@ def refine_plan(
 def _round(r: int, meter: _Meter, weights: _Weights, table: CostTable, budget: Budget,
            groups: Mapping[str, Sequence[str]], current: dict[str, str],
            sizes: Mapping[str, Mapping[str, float]], starts: Mapping[str, int], error: float,
-           trust: int, neighbours: int) -> tuple[RefineRound, dict[str, str]]:
+           trust: int, neighbours: int, deadline: float | None) -> tuple[RefineRound, dict[str, str]]:
     """One re-linearise / re-solve / accept-or-shrink round (module docstring, steps 2–4)."""
     t0 = time.perf_counter()
     f0 = meter.forwards
-    deltas = _measure_moves(meter, weights, groups, current, sizes, starts, error, neighbours)
+    order = move_priority(table, groups, current, sizes, neighbours)
+    deltas = _measure_moves(meter, weights, groups, current, sizes, starts, error, neighbours,
+                            order, deadline)
     local = _local_table(table, groups, deltas)
     trials: list[tuple[float, float, int]] = []  # (error, predicted change, units moved)
     choice = current
@@ -362,14 +378,36 @@ def tie_groups(table: CostTable) -> dict[str, list[str]]:
     return groups
 
 
+def move_priority(table: CostTable, groups: Mapping[str, Sequence[str]], current: Mapping[str, str],
+                  sizes: Mapping[str, Mapping[str, float]], k: int) -> list[str]:
+    """Move groups ordered by the table's largest |cost change| of a neighbour move, largest first.
+
+    Under a time limit the groups whose moves the table deems most consequential are measured first.
+    """
+    cost = table.df.set_index(["unit", "option"])["cost"]
+
+    def swing(g: str) -> float:
+        cur = current[groups[g][0]]
+        return max((abs(sum(float(cost[(u, o)]) - float(cost[(u, cur)]) for u in groups[g]))
+                    for o in neighbour_options(sizes[g], cur, k)), default=0.0)
+    return sorted(groups, key=lambda g: (-swing(g), g))
+
+
 def _measure_moves(meter: _Meter, weights: _Weights, groups: Mapping[str, Sequence[str]],
                    current: Mapping[str, str], sizes: Mapping[str, Mapping[str, float]],
-                   starts: Mapping[str, int], error: float, k: int) -> dict[str, dict[str, float]]:
-    """Δ_g(o) = D(P with group g → o) − D(P) for the neighbour options of every move group."""
+                   starts: Mapping[str, int], error: float, k: int, order: Sequence[str],
+                   deadline: float | None) -> dict[str, dict[str, float]]:
+    """Δ_g(o) = D(P with group g → o) − D(P) for the neighbour options of every move group.
+
+    Groups are measured in ``order``; past ``deadline`` the rest keep only their current option.
+    """
     deltas: dict[str, dict[str, float]] = {}
-    for g, members in groups.items():
+    for g in order:
+        members = groups[g]
         cur = current[members[0]]
         deltas[g] = {cur: 0.0}
+        if deadline is not None and time.perf_counter() > deadline:
+            continue
         for o in neighbour_options(sizes[g], cur, k):
             for u in members:
                 weights.set(u, o)

@@ -41,6 +41,8 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
                         "best measured candidate (table optimum or uniform) (default 2)")
     p.add_argument("--refine-neighbours", type=int, default=1,
                    help="options measured on each side of a unit's current one per round (default 1)")
+    p.add_argument("--refine-time", type=float, default=300.0,
+                   help="seconds for refinement; the best measured plan so far is kept (default 300)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> Any:
                      calib_samples=args.samples,
                      eval_samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed,
                      refine_rounds=args.refine_rounds, refine_neighbours=args.refine_neighbours,
+                     refine_time_limit=args.refine_time,
                      out=Path(args.out), progress=not args.no_progress, data=args.data,
                      eval_data=args.eval_data, include=tuple(args.include),
                      exclude=tuple(args.exclude), drop_inert=not args.keep_inert)

@@ -13,6 +13,7 @@ from allocator.plan import BitPlan, check_plan
 from allocator.refine import (
     RefineConfig,
     RefineStatus,
+    move_priority,
     neighbour_options,
     refine_plan,
     tie_groups,
@@ -126,3 +127,27 @@ def test_refine_zero_rounds_only_selects(vit: dict[str, object]) -> None:
                       config=RefineConfig(rounds=0))
     assert res.start_label == "int3" and res.plan is uni and not res.rounds
     assert res.candidates["int3"] < res.candidates["int2"]
+
+
+def test_move_priority_orders_by_table_swing() -> None:
+    costs = np.array([[1.0, 0.9, 0.8], [9.0, 3.0, 1.0], [4.0, 2.0, 1.5]])
+    table = _table(costs)
+    groups = tie_groups(table)
+    sizes = {g: dict(zip(sub["option"], sub["size_bits"], strict=True))
+             for g, sub in table.df.groupby("unit")}
+    current = dict.fromkeys(table.units, "int3-g128-asym")
+    assert move_priority(table, groups, current, sizes, 1) == ["u1", "u2", "u0"]
+
+
+def test_time_limit_stops_with_the_best_measured_plan(vit: dict[str, object]) -> None:
+    table = vit["table"]
+    assert isinstance(table, CostTable)
+    budget = Budget(bpw=3.0)
+    opt = solvers.solve(table, budget).plan
+    res = refine_plan(vit["model"], {"table optimum": opt}, table, budget,  # type: ignore[arg-type]
+                      vit["calib"], vit["units"], kind=vit["kind"],  # type: ignore[arg-type]
+                      config=RefineConfig(rounds=5, time_limit=1e-9))
+    assert res.status is RefineStatus.TIME_LIMIT and not res.rounds
+    assert res.plan is opt and res.error == res.start_error
+    with pytest.raises(InvalidParameterError, match="time_limit"):
+        RefineConfig(time_limit=0)
