@@ -16,7 +16,7 @@ from allocator.models import LoadedModel, ModelKind, load_model, model_fingerpri
 from sensitivity import estimate, run_estimate  # noqa: E402
 
 # The contract (columns, finite costs, seeds, needs-data, parameters) of every registered
-# estimator is tests/sensitivity/test_conformance.py; here the driver runs the curvature family
+# estimator is tests/sensitivity/test_estimator_conformance.py; here the driver runs the curvature family
 # end to end on real models, where more bits must cost less for every unit.
 METHODS = ["hessian-trace", "hessian-eig", "fisher", "salience", "hessian-proxy"]
 # Cheap settings: a few probes / iterations are enough to check the plumbing.
