@@ -231,7 +231,13 @@ class _Model:
         kw: dict[str, Any] = {"msg": cfg.msg, "timeLimit": time_limit, "gapRel": cfg.mip_gap}
         if cfg.threads is not None:
             kw["threads"] = cfg.threads
-        solver = pulp.HiGHS(**kw) if cfg.backend is IlpBackend.HIGHS else pulp.PULP_CBC_CMD(**kw)
+        if cfg.backend is IlpBackend.HIGHS:
+            solver = pulp.HiGHS(**kw)
+        else:
+            # CBC 2.10.3's preprocessing (the binary PuLP bundles) can fix variables wrongly and
+            # report a suboptimal plan as optimal: 2.0 for a 1.0 optimum on a 3-item problem
+            # (tests/solvers/test_ilp.py::test_cbc_preprocessing_bug). Off, CBC is exact.
+            solver = pulp.PULP_CBC_CMD(**kw, options=["preprocess off"])
         try:
             self.lp.solve(solver)
         except pulp.PulpSolverError as exc:

@@ -173,3 +173,22 @@ def test_registered_with_capabilities() -> None:
     cls = solvers.solver_class("ilp")
     assert cls is IlpSolver and cls.capabilities.exact and cls.capabilities.multi_resource
     assert cls.REQUIRED_MODULES == ("pulp",)
+
+
+def test_cbc_preprocessing_bug() -> None:
+    """Found by the conformance oracle: CBC's preprocessing returned 2.0 as 'optimal' here."""
+    import pandas as pd
+
+    from allocator import CostTable
+
+    rows = []
+    for unit, params, tie, costs in [("u0", 512, "", (0, 2, 0)), ("u1", 512, "", (0, 0, 0)),
+                                     ("u2", 256, "t1", (0, 1, 0)), ("u3", 1024, "t1", (0, 0, 0))]:
+        for (option, bits), cost in zip([("int4-g128-asym", 4), ("int3-g128-asym", 3),
+                                         ("int8-g128-asym", 8)], costs, strict=True):
+            rows.append({"unit": unit, "params": params, "option": option, "bits": bits,
+                         "size_bits": params * (bits + 0.25), "cost": float(cost), "tie": tie})
+    table = CostTable(pd.DataFrame(rows))
+    for backend in ("cbc", "highs"):
+        res = solvers.solve(table, Budget(bpw=4.0), solver=IlpSolver(backend=backend))
+        assert res.objective == pytest.approx(1.0), backend
