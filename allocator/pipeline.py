@@ -58,7 +58,7 @@ class RunConfig:
     batch_size: int = 16
     seed: int = 0
     #: operating-point refinement rounds on calibration data (0: only pick the best candidate)
-    refine_rounds: int = 2
+    refine_rounds: int = 4
     refine_neighbours: int = 1
     #: seconds for the refinement rounds; the best measured plan so far is handed out (None: no limit)
     refine_time_limit: float | None = 300.0

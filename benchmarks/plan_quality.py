@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default=None, help="candidate options (default palette)")
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--evals", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=2, help="refinement rounds of the default path")
+    ap.add_argument("--rounds", type=int, default=4, help="refinement rounds of the default path")
     ap.add_argument("--measured-greedy", action="store_true", help="also the measured-greedy baseline")
     ap.add_argument("--no-spearman", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

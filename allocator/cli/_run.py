@@ -36,9 +36,9 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
                         "pooler under mean pooling) in the budget; by default they are left out "
                         "at full precision and listed in the report")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--refine-rounds", type=int, default=2,
+    p.add_argument("--refine-rounds", type=int, default=4,
                    help="operating-point refinement rounds on calibration data; 0 only picks the "
-                        "best measured candidate (table optimum or uniform) (default 2)")
+                        "best measured candidate (table optimum or uniform) (default 4)")
     p.add_argument("--refine-neighbours", type=int, default=1,
                    help="options measured on each side of a unit's current one per round (default 1)")
     p.add_argument("--refine-time", type=float, default=300.0,
