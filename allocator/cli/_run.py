@@ -117,7 +117,7 @@ def execute(cfg: Any) -> int:
             f"{k} {v:.4g}" for k, v in sel.candidates.items()) + f"; refined from {sel.start_label}: "
             f"{sel.start_error:.4g} → {sel.error:.4g} in {len(sel.rounds)} rounds ({sel.status})")
     if run.error_ratio is not None:
-        out.print(f"chosen ({run.result.label}) / uniform-at-equal-size held-out error: "
+        out.print(f"{run.result.label} / uniform-at-equal-size held-out error: "
                   f"[bold]{run.error_ratio:.3f}[/bold]")
     if run.worse_than_uniform:
         out.print("[bold red]warning:[/bold red] the chosen plan measured worse than the uniform plan "
