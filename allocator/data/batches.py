@@ -114,8 +114,23 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
+class BatchSequence:
+    """Iteration, length and indexing over ``self.batches`` (shared by the data classes)."""
+
+    batches: tuple[dict[str, torch.Tensor], ...]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.batches[i]
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
-class CalibrationData:
+class CalibrationData(BatchSequence):
     """Token batches plus their provenance; iterate it to get ``dict[str, Tensor]`` batches."""
 
     batches: tuple[dict[str, torch.Tensor], ...]
@@ -242,15 +257,6 @@ class CalibrationData:
                               source=f"file:{Path(path).name}")
 
     # --- use ----------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.batches[i]
-
     @property
     def n_tokens(self) -> int:
         """Real (unpadded) tokens over all batches."""

@@ -23,11 +23,10 @@ import functools
 import hashlib
 import logging
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from allocator.data.batches import _check_int, batches_fingerprint
+from allocator.data.batches import BatchSequence, _check_int, batches_fingerprint
 from allocator.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ def normalize_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class DigitsData:
+class DigitsData(BatchSequence):
     """Labelled digit-image batches plus their provenance; iterate it to get batch dicts."""
 
     batches: tuple[dict[str, torch.Tensor], ...]
@@ -147,15 +146,6 @@ class DigitsData:
                    split=split, indices=tuple(chosen))
 
     # --- use ----------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.batches[i]
-
     @property
     def n_tokens(self) -> int:
         """Images over all batches (one prediction per image; kept for CalibrationData parity)."""

@@ -65,7 +65,7 @@ class EstimatorCase:
     options: Sequence[QuantFormat]
 
 
-def _batches(vocab: int, *, rows: int = 3, width: int = 6, n: int = 2,
+def padded_token_batches(vocab: int, *, rows: int = 3, width: int = 6, n: int = 2,
              seed: int = 1) -> list[dict[str, torch.Tensor]]:
     """Right-padded token batches (row 0 full, every row ≥ 2 tokens)."""
     import torch
@@ -111,7 +111,7 @@ def tiny_case(kind: str = "causal_lm", *, seed: int = 0) -> EstimatorCase:
         raise InvalidParameterError(f"no tiny conformance model of kind {kind!r}; use "
                                     "'causal_lm' or 'encoder'")
     return EstimatorCase(name=f"tiny-{kind}", model=model, kind=kind,
-                         batches=_batches(vocab, seed=seed + 1), units=discover_units(model),
+                         batches=padded_token_batches(vocab, seed=seed + 1), units=discover_units(model),
                          options=parse_options(CASE_OPTIONS))
 
 

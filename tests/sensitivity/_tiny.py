@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from allocator.testing.estimator_conformance import padded_token_batches
+
 
 def tiny_llama(hidden: int = 8, layers: int = 1, vocab: int = 13, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -24,15 +26,7 @@ def tiny_llama(hidden: int = 8, layers: int = 1, vocab: int = 13, seed: int = 0)
 def llama_batches(vocab: int = 13, rows: int = 3, width: int = 6, n: int = 2,
                   seed: int = 1) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches (row r of batch k has a length ≥ 2)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, vocab, (rows, width), generator=g)
-        lengths = torch.randint(2, width + 1, (rows,), generator=g)
-        lengths[0] = width
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        out.append({"input_ids": ids * mask, "attention_mask": mask})
-    return out
+    return padded_token_batches(vocab, rows=rows, width=width, n=n, seed=seed)
 
 
 def tiny_bert(seed: int = 0) -> torch.nn.Module:
