@@ -7,8 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from allocator.budget import Budget
-from allocator.errors import (
+from allocator.core.budget import Budget
+from allocator.core.errors import (
     AllocatorError,
     BackendError,
     DependencyUnavailableError,
@@ -24,10 +24,10 @@ from allocator.errors import (
     SolverUnavailableError,
     UnknownNameError,
 )
-from allocator.formats import DEFAULT_OPTIONS, FormatKind, QuantFormat, parse_format, parse_options
-from allocator.plan import Assignment, BitPlan, check_plan
-from allocator.result import SolveResult, SolveStatus
-from allocator.table import CostTable
+from allocator.core.formats import DEFAULT_OPTIONS, FormatKind, QuantFormat, parse_format, parse_options
+from allocator.core.plan import Assignment, BitPlan, check_plan
+from allocator.core.result import SolveResult, SolveStatus
+from allocator.core.table import CostTable
 
 __all__ = [
     "DEFAULT_OPTIONS",

@@ -42,10 +42,10 @@ RUNS = [
 def main() -> None:
     from scipy.stats import spearmanr
 
-    from allocator.data import CalibrationData
-    from allocator.formats import parse_options
-    from allocator.models import load_model
-    from allocator.units import discover_units
+    from allocator.core.formats import parse_options
+    from allocator.core.units import discover_units
+    from allocator.model.data import CalibrationData
+    from allocator.model.loading import load_model
     from sensitivity import EstimateContext, get_estimator
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -6,7 +6,7 @@ budget — the sizes of the uniform options (3.25 = int3-g128, 4.25 = int4-g128)
 
 * ``default``: what ``bitalloc run`` hands out — the better, on calibration data, of the cost
   table's optimum and the uniform plan that fits, refined at its own operating point
-  (:mod:`allocator.refine`);
+  (:mod:`allocator.jobs.refine`);
 * ``table``: the cost table's exact optimum (mckp) alone;
 * ``rule``: the llama.cpp-style rule mix (``benchmarks/quality.py``);
 * ``greedy-measured``: the greedy solver on a ``measured`` cost table (``--measured-greedy``);
@@ -53,9 +53,9 @@ class Bench:
 
     def __init__(self, name: str, calib: int, evals: int, seed: int) -> None:
         from allocator.backend import reference_outputs
-        from allocator.data import data_for
-        from allocator.models import load_model
-        from allocator.units import discover_units
+        from allocator.core.units import discover_units
+        from allocator.model.data import data_for
+        from allocator.model.loading import load_model
 
         self.loaded = load_model(name)
         self.model = self.loaded.model.eval()
@@ -63,7 +63,7 @@ class Bench:
         self.calib = list(data_for(self.loaded, "calibration", calib, seed=seed))
         self.held = list(data_for(self.loaded, "evaluation", evals, seed=seed))
         # Units that cannot reach the output (MiniLM's pooler) stay out of the budget, as in `run`.
-        from allocator.unit_select import select_units
+        from allocator.model.unit_select import select_units
 
         self.units = list(select_units(self.loaded, discover_units(self.model),
                                        batch=self.calib[0]).units)
@@ -83,7 +83,7 @@ class Bench:
         return self.cache[key]
 
     def table(self, estimator: str, options: str | None, seed: int) -> Any:
-        from allocator.formats import parse_options
+        from allocator.core.formats import parse_options
         from sensitivity import EstimateContext, get_estimator
 
         ctx = EstimateContext(batches=self.calib, units=self.units, options=parse_options(options),
@@ -92,7 +92,7 @@ class Bench:
 
 
 def uniform(table: Any, option: str) -> Any:
-    from allocator.plan import BitPlan
+    from allocator.core.plan import BitPlan
 
     if option not in table.options:
         return None
@@ -112,9 +112,9 @@ def run_budget(bench: Bench, table: Any, bpw: float, args: argparse.Namespace,
     from quality import rule_mix
 
     import solvers
-    from allocator.budget import Budget
-    from allocator.plan import BitPlan
-    from allocator.refine import RefineConfig, refine_plan
+    from allocator.core.budget import Budget
+    from allocator.core.plan import BitPlan
+    from allocator.jobs.refine import RefineConfig, refine_plan
 
     budget = Budget(bpw=bpw)
     cap = budget.size_cap_bits(table.total_params)
@@ -144,7 +144,7 @@ def run_budget(bench: Bench, table: Any, bpw: float, args: argparse.Namespace,
 
 def near_budget_spearman(bench: Bench, table: Any, budgets: tuple[float, ...]) -> dict[float, Any]:
     import solvers
-    from allocator.budget import Budget
+    from allocator.core.budget import Budget
 
     grid = np.arange(min(budgets) - 0.5, max(budgets) + 0.5001, 0.0625)
     plans = {}

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def rule_mix(table: Any, budget_bits: float) -> dict[str, str] | None:
     """llama.cpp-style rule plan (see the module docstring) within ``budget_bits``."""
-    from allocator.formats import FormatKind, parse_format
+    from allocator.core.formats import FormatKind, parse_format
 
     df = table.df
     ints = sorted({o for o in table.options if parse_format(o).kind is FormatKind.INT},
@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     import sensitivity
     import solvers
     from allocator.backend import reference_outputs
-    from allocator.budget import Budget
-    from allocator.pipeline import RunConfig, _data, _load, estimate_table, uniform_plans
-    from allocator.plan import BitPlan
-    from allocator.units import discover_units
+    from allocator.core.budget import Budget
+    from allocator.core.plan import BitPlan
+    from allocator.core.units import discover_units
+    from allocator.jobs.pipeline import RunConfig, _data, _load, estimate_table, uniform_plans
 
     models = args.models or (["minilm"] if args.quick else ["minilm", "tiny-llama"])
     estimators = args.estimators or (["hessian-proxy", "salience", "datafree"] if args.quick

@@ -27,10 +27,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
 def build_table(model: str, estimator: str, samples: int, seq_len: int):  # noqa: ANN201
-    from allocator.data import CalibrationData
-    from allocator.formats import parse_options
-    from allocator.models import load_model
-    from allocator.units import discover_units
+    from allocator.core.formats import parse_options
+    from allocator.core.units import discover_units
+    from allocator.model.data import CalibrationData
+    from allocator.model.loading import load_model
     from sensitivity import EstimateContext, get_estimator
 
     loaded = load_model(model)
@@ -43,7 +43,7 @@ def build_table(model: str, estimator: str, samples: int, seq_len: int):  # noqa
 
 
 def held_out(loaded, samples: int, seq_len: int):  # noqa: ANN001, ANN201
-    from allocator.data import CalibrationData
+    from allocator.model.data import CalibrationData
 
     return list(CalibrationData.from_corpus(loaded.tokenizer, split="evaluation", n_samples=samples,
                                             seq_len=seq_len, batch_size=8, seed=0,
@@ -53,7 +53,7 @@ def held_out(loaded, samples: int, seq_len: int):  # noqa: ANN001, ANN201
 def refinement(args: argparse.Namespace) -> None:
     import solvers
     from allocator import Budget
-    from allocator.search_eval import ModelEvaluator
+    from allocator.backend.search_eval import ModelEvaluator
     from solvers import BayesianSolver
 
     t0 = time.perf_counter()
@@ -87,7 +87,7 @@ def refinement(args: argparse.Namespace) -> None:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    from allocator.search import EvaluatorKind, SearchSpec, run_search
+    from allocator.jobs.search import EvaluatorKind, SearchSpec, run_search
 
     _, table = build_table(args.model, args.estimator, args.samples, args.seq_len)
     rates = {}

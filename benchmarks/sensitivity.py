@@ -36,9 +36,9 @@ def setup(n_texts: int, batch_size: int, seq_len: int, device: str,  # noqa: ANN
           config_dir: str | None = None):
     import transformers
 
-    from allocator.data.corpus import corpus_texts
-    from allocator.formats import parse_options
-    from allocator.units import discover_units
+    from allocator.core.formats import parse_options
+    from allocator.core.units import discover_units
+    from allocator.model.data.corpus import corpus_texts
     from sensitivity import EstimateContext
 
     if config_dir:  # same architecture, seeded random weights (throughput does not need the real ones)

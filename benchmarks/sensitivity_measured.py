@@ -24,17 +24,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def corpus(n: int) -> tuple[list[str], str]:
-    """``n`` texts: the built-in corpus when ``allocator.data`` provides one, else English prose
+    """``n`` texts: the built-in corpus when ``allocator.model.data`` provides one, else English prose
     from the docstrings of the standard library (deterministic for a Python version)."""
     try:
-        import allocator.data as data
+        import allocator.model.data as data
 
         for name in ("builtin_texts", "load_texts", "corpus_texts", "texts"):
             fn = getattr(data, name, None)
             if callable(fn):
                 texts = list(fn())[:n]
                 if len(texts) == n:
-                    return texts, f"allocator.data.{name}()"
+                    return texts, f"allocator.model.data.{name}()"
     except ImportError:
         pass
     import collections
@@ -59,7 +59,7 @@ def corpus(n: int) -> tuple[list[str], str]:
     if len(sents) < n:
         raise SystemExit(f"only {len(sents)} fallback sentences; ask for fewer --sequences")
     step = len(sents) // n
-    return sents[::step][:n], "stdlib docstrings (allocator.data not available)"
+    return sents[::step][:n], "stdlib docstrings (allocator.model.data not available)"
 
 
 def main() -> int:
@@ -74,11 +74,11 @@ def main() -> int:
     import torch
     import transformers
 
-    from allocator.distortion import distortion
-    from allocator.formats import parse_options
-    from allocator.outputs import forward_outputs
-    from allocator.quant import fake_quantize
-    from allocator.units import discover_units, unit_weight
+    from allocator.core.formats import parse_options
+    from allocator.core.units import discover_units, unit_weight
+    from allocator.model.distortion import distortion
+    from allocator.model.outputs import forward_outputs
+    from allocator.model.quant import fake_quantize
     from sensitivity import EstimateContext, get_estimator
 
     torch.manual_seed(0)

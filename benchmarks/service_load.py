@@ -60,8 +60,8 @@ def _start(db: str, port: int, workers: int, log: Path) -> subprocess.Popen[byte
 
 
 def _setup(url: str, n_tables: int, n_units: int) -> tuple[list[str], list[str], list[bytes]]:
+    from allocator.core.synth import synth_table
     from allocator.service.parquet import table_to_parquet
-    from allocator.synth import synth_table
 
     h = {"Authorization": f"Bearer {TOKEN}"}
     tables, plans, blobs = [], [], []
@@ -107,8 +107,8 @@ def _one(http: httpx.Client, kind: str, rng: random.Random, tables: list[str], p
 def _baseline(n_units: int, reps: int = 200) -> float:
     """p50 seconds of the same solve called in-process (no HTTP, no database)."""
     import solvers
-    from allocator.budget import Budget
-    from allocator.synth import synth_table
+    from allocator.core.budget import Budget
+    from allocator.core.synth import synth_table
 
     table = synth_table(n_units=n_units, n_options=5, seed=0)
     rng = random.Random(0)

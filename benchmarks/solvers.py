@@ -2,7 +2,7 @@
 
 Run:  PYTHONPATH=. python benchmarks/solvers.py [--max-units 1000000] [--cbc-limit 120]
 
-Tables come from :func:`allocator.synth.synth_table` (Llama-7B layer shapes, cost ∝ s·n·4^-b);
+Tables come from :func:`allocator.core.synth.synth_table` (Llama-7B layer shapes, cost ∝ s·n·4^-b);
 the budget is 4.1 bits per weight. CBC is asked for a relative gap of 1e-9; where it stops at
 its limit first, the time ratio is a lower bound and its (worse) objective is shown. For each
 size every registered solver that is installed (mckp, ilp, closed_form, greedy; missing
@@ -92,7 +92,7 @@ def main() -> None:
 
     import solvers
     from allocator import Budget
-    from allocator.synth import synth_table
+    from allocator.core.synth import synth_table
 
     names = [n for n in SOLVERS if installed(n)]
     skipped = [n for n in SOLVERS if n not in names]

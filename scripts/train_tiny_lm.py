@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
-from allocator.data.corpus import corpus_fingerprint, corpus_texts  # noqa: E402
+from allocator.model.data.corpus import corpus_fingerprint, corpus_texts  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "allocator" / "assets" / "tiny-llama"
 SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
@@ -114,7 +114,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--documents", type=Path, default=None,
                     help="JSON list of corpus documents (what `python -I -S "
-                         "allocator/data/_stdlib_docs.py` prints) instead of this Python's")
+                         "allocator/model/data/_stdlib_docs.py` prints) instead of this Python's")
     ap.add_argument("--save-dtype", choices=("float16", "float32"), default="float16")
     args = ap.parse_args()
 
@@ -224,7 +224,7 @@ def model_card(r: dict, cmd: str) -> str:
 
 A {r["params"]:,}-parameter Llama-architecture causal LM trained from scratch by
 `scripts/train_tiny_lm.py` on the `train` split of bitalloc's built-in corpus (docstrings of
-Python standard-library modules, see `allocator/data/corpus.py`). It exists so the pipeline
+Python standard-library modules, see `allocator/model/data/corpus.py`). It exists so the pipeline
 (estimate → solve → apply → evaluate) has a real causal LM that ships with the package and runs
 on a CPU in seconds. It is not a useful language model.
 
@@ -253,7 +253,7 @@ train `{r["corpus_sha256"]["train"]}`, evaluation `{r["corpus_sha256"]["evaluati
 {cmd}
 ```
 `--documents FILE` trains on a corpus collected elsewhere (`python3.11 -I -S
-allocator/data/_stdlib_docs.py > FILE`); on the Python that made it the default corpus is the same
+allocator/model/data/_stdlib_docs.py > FILE`); on the Python that made it the default corpus is the same
 (compare the fingerprints above). Bit-exact reproduction also needs the same torch build and
 thread count.
 """

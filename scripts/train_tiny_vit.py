@@ -4,7 +4,7 @@
 
 Steps (all seeded; same result for the same torch build and thread count):
 1. the digits images (``sklearn.datasets.load_digits``, 1,797 grey 8×8 images) split by index
-   hash (``allocator.data.images.digits_split_of``) into train / calibration / evaluation; only
+   hash (``allocator.model.data.images.digits_split_of``) into train / calibration / evaluation; only
    ``train`` is used here, pixels scaled to [0, 1] and normalised with the fixed
    ``PIXEL_MEAN`` / ``PIXEL_STD``;
 2. a ``ViTForImageClassification`` (patch 4 → 4 patches + CLS, module names of the ViT family:
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from allocator.data.images import (  # noqa: E402
+from allocator.model.data.images import (  # noqa: E402
     PIXEL_MEAN,
     PIXEL_STD,
     digits_split_indices,
@@ -109,7 +109,7 @@ def main() -> int:
         attention_probs_dropout_prob=args.dropout,
         id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)},
         qkv_bias=True, initializer_range=0.02)
-    # Saved in config.json and read by allocator.data.data_for: this model's data set.
+    # Saved in config.json and read by allocator.model.data.data_for: this model's data set.
     setattr(config, "bitalloc_data", "sklearn-digits")  # noqa: B010 (not a declared field)
     model = transformers.ViTForImageClassification(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -210,8 +210,8 @@ case), small enough to estimate, quantize and evaluate on a CPU in seconds.
 
 Rebuild with `python scripts/train_tiny_vit.py` (rewrites this directory); the exact settings
 and environment are in `training.json`. Load it with
-`allocator.models.load_model("vit-digits")` and its data with
-`allocator.data.DigitsData.from_split("calibration" | "evaluation")`.
+`allocator.model.loading.load_model("vit-digits")` and its data with
+`allocator.model.data.DigitsData.from_split("calibration" | "evaluation")`.
 """
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from allocator.distortion import Metric, distortion, per_sample_sums
-from allocator.errors import UnknownNameError
+from allocator.core.errors import UnknownNameError
+from allocator.model.distortion import Metric, distortion, per_sample_sums
 from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
 from sensitivity._driver import (

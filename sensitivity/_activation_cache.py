@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InvalidParameterError
-from allocator.outputs import forward_outputs
-from allocator.units import Unit
+from allocator.core.errors import InvalidParameterError
+from allocator.core.units import Unit
+from allocator.model.outputs import forward_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -310,7 +310,7 @@ def _modules_sharing_weight(model: torch.nn.Module, module: str) -> list[str]:
     """``module`` plus every module that owns a parameter stored in the same memory."""
     import torch
 
-    from allocator.units import get_module
+    from allocator.core.units import get_module
 
     w = get_module(model, module).weight
     if not isinstance(w, torch.Tensor):

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.errors import EstimatorUnavailableError, InvalidParameterError
-from allocator.formats import QuantFormat
-from allocator.table import CostTable
-from allocator.units import Unit
+from allocator.core.errors import EstimatorUnavailableError, InvalidParameterError
+from allocator.core.formats import QuantFormat
+from allocator.core.table import CostTable
+from allocator.core.units import Unit
 
 if TYPE_CHECKING:
     import torch
@@ -114,8 +114,8 @@ class BaseEstimator(abc.ABC):
 
 def quant_errors(model: torch.nn.Module, units: Sequence[Unit], options: Iterable[QuantFormat]) -> np.ndarray:
     """‖Q_b(W_i) − W_i‖²_F for every unit i and option b, with the shared RTN quantizer."""
-    from allocator.quant import quant_error
-    from allocator.units import unit_weight
+    from allocator.core.units import unit_weight
+    from allocator.model.quant import quant_error
 
     opts = list(options)
     out = np.empty((len(units), len(opts)))

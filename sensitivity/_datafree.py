@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError
-from allocator.units import Unit
+from allocator.core.errors import InvalidParameterError
+from allocator.core.units import Unit
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def zd_share(w: torch.Tensor, *, threshold: float = 1.0) -> float:
 
 def relative_errors(model: torch.nn.Module, units: Sequence[Unit], options: Sequence[Any]) -> np.ndarray:
     """‖Q_b(W_i) − W_i‖² / ‖W_i‖² for every unit i and option b (0 for an all-zero weight)."""
-    from allocator.units import unit_weight
+    from allocator.core.units import unit_weight
 
     err = quant_errors(model, units, options)
     norms = np.array([float(unit_weight(model, u).detach().double().pow(2).sum()) for u in units])
@@ -116,8 +116,8 @@ class DataFreeEstimator(BaseEstimator):
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         import torch
 
-        from allocator.quant import fake_quantize
-        from allocator.units import unit_weight
+        from allocator.core.units import unit_weight
+        from allocator.model.quant import fake_quantize
 
         if self.score == "mse":
             return UnitCosts(cost=relative_errors(model, ctx.units, ctx.options))
@@ -152,7 +152,7 @@ class ZdEstimator(BaseEstimator):
     def scores(self, model: torch.nn.Module, units: Sequence[Unit]) -> np.ndarray:
         import torch
 
-        from allocator.units import unit_weight
+        from allocator.core.units import unit_weight
         from sensitivity._activation_cache import find_blocks
 
         found = find_blocks(model) if self.per == "block" else None
@@ -178,8 +178,8 @@ def lim_scores(model: torch.nn.Module, ctx: EstimateContext) -> tuple[np.ndarray
     """(LIM per block, LIM per unit): LIM_k = −mean_tokens cos(x_in, x_out) of block k."""
     import torch
 
-    from allocator.errors import ModelError
-    from allocator.outputs import model_inputs
+    from allocator.core.errors import ModelError
+    from allocator.model.outputs import model_inputs
     from sensitivity._activation_cache import find_blocks
 
     if not ctx.batches:

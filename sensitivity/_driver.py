@@ -1,7 +1,7 @@
 """The high-level driver: (model, :class:`~sensitivity.EstimateSpec`) → validated CostTable.
 
-:func:`run_estimate` loads the model (:func:`allocator.models.load_model`) and calibration
-batches (:class:`allocator.data.CalibrationData`: the built-in corpus, a text file or a list of
+:func:`run_estimate` loads the model (:func:`allocator.model.loading.load_model`) and calibration
+batches (:class:`allocator.model.data.CalibrationData`: the built-in corpus, a text file or a list of
 texts), discovers the units, builds the :class:`~sensitivity.EstimateContext`, runs the named
 estimator and records the provenance in the table metadata.
 
@@ -20,18 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InvalidParameterError
-from allocator.formats import QuantFormat
-from allocator.table import CostTable
-from allocator.units import UnitKind
+from allocator.core.errors import InvalidParameterError
+from allocator.core.formats import QuantFormat
+from allocator.core.table import CostTable
+from allocator.core.units import UnitKind
 from sensitivity._spec import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, EstimateSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from allocator.data import CalibrationData
-    from allocator.models import LoadedModel
-    from allocator.units import Unit
+    from allocator.core.units import Unit
+    from allocator.model.data import CalibrationData
+    from allocator.model.loading import LoadedModel
     from sensitivity._base import BaseEstimator, EstimateContext
 
 __all__ = [
@@ -62,7 +62,7 @@ def load_data(
     Encoders need ≥ 2 texts per batch (in-batch negatives of the contrastive loss): a last batch
     of one text is merged into the batch before it.
     """
-    from allocator.data import CalibrationData
+    from allocator.model.data import CalibrationData
 
     if isinstance(data, CalibrationData):
         cal = data
@@ -158,7 +158,7 @@ def build_estimate(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[U
 def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> PreparedEstimate:
     """Load the model and data of ``spec``, discover the units and build the context; nothing
     is estimated yet."""
-    from allocator.units import discover_units
+    from allocator.core.units import discover_units
     from sensitivity import estimator_class
 
     needs_data = estimator_class(spec.method).needs_data
@@ -253,11 +253,11 @@ def run_estimate(
 
     Args:
         model: a local Hugging Face model directory, ``"minilm"`` / ``"tiny-llama"`` (bundled),
-            a :class:`~allocator.models.LoadedModel`, or None (MiniLM).
+            a :class:`~allocator.model.loading.LoadedModel`, or None (MiniLM).
         method: estimator name (``sensitivity.ESTIMATORS``).
         data: None (built-in corpus, calibration split), a text file (.txt: one text per
             blank-line-separated paragraph; .jsonl: a "text" field per line), a
-            list of texts, or ready :class:`~allocator.data.CalibrationData`.
+            list of texts, or ready :class:`~allocator.model.data.CalibrationData`.
         options: option spec (``"int2..8-g128-asym,fp16"``), labels or formats; None = default.
         samples, seq_len, batch_size: calibration size (texts, tokens per text, texts per batch).
         include, exclude: regexes on module names; groups: split weights into groups of this
@@ -280,8 +280,8 @@ def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int
                 seed: int) -> Any:
     """Digits images for the bundled ViT classifier (given, or its calibration split when
     ``data`` is None); None for every other model / data (text batches)."""
-    from allocator.data import DigitsData
-    from allocator.data.images import uses_digits
+    from allocator.model.data import DigitsData
+    from allocator.model.data.images import uses_digits
 
     if isinstance(data, DigitsData):
         return data
@@ -292,7 +292,7 @@ def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int
 
 
 def _load(model: str | Path | LoadedModel | None, device: str) -> LoadedModel:
-    from allocator.models import LoadedModel, load_model
+    from allocator.model.loading import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
         model.model.to(device)  # a no-op when it is already there

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError
+from allocator.core.errors import InvalidParameterError
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 from sensitivity._gauss_newton import (
     check_probes,
@@ -74,8 +74,8 @@ def squared_quant_deltas(model: torch.nn.Module, ctx: EstimateContext) -> list[t
     """``ΔW²`` per unit, stacked over options: [n_options, out, cols] (float32)."""
     import torch
 
-    from allocator.quant import fake_quantize
-    from allocator.units import unit_weight
+    from allocator.core.units import unit_weight
+    from allocator.model.quant import fake_quantize
 
     out = []
     with torch.no_grad():

@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError
-from allocator.models import ModelKind
+from allocator.core.errors import InvalidParameterError
+from allocator.model.loading import ModelKind
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves
 from sensitivity._progress import progress_bar
@@ -151,11 +151,11 @@ def gn_trace_terms(g: torch.Tensor) -> torch.Tensor:
 
 def quant_deltas(model: torch.nn.Module, ctx: EstimateContext) -> list[torch.Tensor]:
     """``ΔW = Q_o(W) − W`` per unit stacked over options, [options, out, cols] (float32, shared
-    RTN quantizer :func:`allocator.quant.fake_quantize`), on the weight's device."""
+    RTN quantizer :func:`allocator.model.quant.fake_quantize`), on the weight's device."""
     import torch
 
-    from allocator.quant import fake_quantize
-    from allocator.units import unit_weight
+    from allocator.core.units import unit_weight
+    from allocator.model.quant import fake_quantize
 
     out = []
     with torch.no_grad():
@@ -194,7 +194,7 @@ def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Redu
     """
     import torch
 
-    from allocator.outputs import forward_outputs
+    from allocator.model.outputs import forward_outputs
 
     if per_sample not in PER_SAMPLE_MODES:
         raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError
+from allocator.core.errors import InvalidParameterError
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
 from sensitivity._gauss_newton import (
     check_per_sample,

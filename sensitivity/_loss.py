@@ -35,9 +35,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InvalidParameterError, ModelError
-from allocator.models import ModelKind
-from allocator.outputs import model_inputs
+from allocator.core.errors import InvalidParameterError, ModelError
+from allocator.model.loading import ModelKind
+from allocator.model.outputs import model_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -209,7 +209,7 @@ def unit_leaves(model: torch.nn.Module, units: Any) -> tuple[list[torch.Tensor],
     """
     import torch
 
-    from allocator.units import get_module
+    from allocator.core.units import get_module
 
     leaves: list[torch.Tensor] = []
     where: dict[int, int] = {}

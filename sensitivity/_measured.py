@@ -6,7 +6,7 @@ full precision. The cost is
 
     cost(i, b) = (1/N_B) Σ_batches  mean_{tokens or samples of the batch} D(f(x), f_{i,b}(x))
 
-with D the metric of :mod:`allocator.distortion` (KL of logits for LMs and classifiers, 1 − cos
+with D the metric of :mod:`allocator.model.distortion` (KL of logits for LMs and classifiers, 1 − cos
 or MSE of the sentence embedding for encoders) and ``cost_std`` = std over batches (ddof 1) of the
 per-batch means / √N_B (with a single batch: std over samples / √n_samples).
 
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.distortion import Metric, distortion, per_sample_sums
-from allocator.errors import InvalidParameterError
+from allocator.core.errors import InvalidParameterError
+from allocator.model.distortion import Metric, distortion, per_sample_sums
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
@@ -119,8 +119,8 @@ def measure_units(
     import torch
     from tqdm.auto import tqdm
 
-    from allocator.quant import fake_quantize
-    from allocator.units import unit_weight
+    from allocator.core.units import unit_weight
+    from allocator.model.quant import fake_quantize
     from sensitivity._activation_cache import BlockCache, make_chunks
 
     if not ctx.batches:

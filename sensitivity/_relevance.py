@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError, ModelError
-from allocator.models import ModelKind
-from allocator.units import Unit
+from allocator.core.errors import InvalidParameterError, ModelError
+from allocator.core.units import Unit
+from allocator.model.loading import ModelKind
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def _explained(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> t
     """The scalar f whose relevance is propagated (see module doc)."""
     import torch
 
-    from allocator.outputs import model_inputs
+    from allocator.model.outputs import model_inputs
 
     out = model(**model_inputs(batch, kind))
     logits = getattr(out, "logits", None)

@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError, ModelError
-from allocator.models import ModelKind
-from allocator.units import Unit, UnitKind
+from allocator.core.errors import InvalidParameterError, ModelError
+from allocator.core.units import Unit, UnitKind
+from allocator.model.loading import ModelKind
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 from sensitivity._progress import progress_bar
 
@@ -112,7 +112,7 @@ def collect_input_hessians(model: torch.nn.Module, ctx: EstimateContext, *,
     """H (or its diagonal) of every unit module's input over the calibration batches."""
     import torch
 
-    from allocator.units import get_module
+    from allocator.core.units import get_module
 
     stats: dict[str, InputHessian] = {}
     for unit in ctx.units:
@@ -172,8 +172,8 @@ def _deltas(model: torch.nn.Module, unit: Unit, options: Sequence[Any]) -> tuple
     """(W block, ΔW² stacked over options) in float64 with the shared RTN quantizer."""
     import torch
 
-    from allocator.quant import fake_quantize
-    from allocator.units import unit_weight
+    from allocator.core.units import unit_weight
+    from allocator.model.quant import fake_quantize
 
     w = unit_weight(model, unit).detach().float()
     d2 = torch.stack([(fake_quantize(w, f) - w) ** 2 for f in options]).double()

@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import AllocatorError, InvalidParameterError
-from allocator.table import CostTable
+from allocator.core.errors import AllocatorError, InvalidParameterError
+from allocator.core.table import CostTable
 from sensitivity import shard_queue as q
 from sensitivity._spec import EstimateSpec
 

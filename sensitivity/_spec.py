@@ -2,13 +2,13 @@
 
 The CLI (``bitalloc estimate``), the Python API (:func:`sensitivity.run_estimate`,
 :func:`sensitivity.prepare_estimate`), the sharded runner (:class:`sensitivity.ShardedEstimateSpec`),
-``run`` / ``demo`` (:func:`allocator.pipeline.estimate_table`) and the service's ``estimate`` job
+``run`` / ``demo`` (:func:`allocator.jobs.pipeline.estimate_table`) and the service's ``estimate`` job
 all describe what to estimate with this one frozen object, so a parameter means the same thing
 (and is checked the same way) wherever it comes from.
 
 Estimator parameters are checked by name against the keyword parameters the estimator's
 constructor declares (:func:`estimator_parameters`), before any model is loaded: an unknown one
-is an :class:`~allocator.errors.InvalidParameterError` naming it and listing the valid ones.
+is an :class:`~allocator.core.errors.InvalidParameterError` naming it and listing the valid ones.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InvalidParameterError
-from allocator.formats import QuantFormat, parse_options
-from allocator.units import UnitKind
+from allocator.core.errors import InvalidParameterError
+from allocator.core.formats import QuantFormat, parse_options
+from allocator.core.units import UnitKind
 
 if TYPE_CHECKING:
     from sensitivity._base import BaseEstimator

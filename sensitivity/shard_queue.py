@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InvalidParameterError
+from allocator.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     import optuna

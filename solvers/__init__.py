@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import importlib
 
-from allocator.budget import Budget
-from allocator.errors import UnknownNameError
-from allocator.result import SolveResult
-from allocator.table import CostTable
+from allocator.core.budget import Budget
+from allocator.core.errors import UnknownNameError
+from allocator.core.result import SolveResult
+from allocator.core.table import CostTable
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._bayesian import BayesianSolver, pareto_front, search_space
 from solvers._frontier import Frontier, load_measured

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from allocator.budget import SIZE_RTOL, Budget
-from allocator.errors import AllocatorError, SolverUnavailableError
-from allocator.plan import BitPlan, SolverInfo, check_rows
-from allocator.result import SolveResult, SolveStatus
-from allocator.table import CostTable
+from allocator.core.budget import SIZE_RTOL, Budget
+from allocator.core.errors import AllocatorError, SolverUnavailableError
+from allocator.core.plan import BitPlan, SolverInfo, check_rows
+from allocator.core.result import SolveResult, SolveStatus
+from allocator.core.table import CostTable
 from solvers._problem import Problem, build_problem
 
 __all__ = ["BaseSolver", "RawSolution", "SolverCapabilities", "relative_gap"]
@@ -52,7 +52,7 @@ def relative_gap(objective: float, bound: float | None) -> float | None:
 
 
 class BaseSolver(abc.ABC):
-    """Turns a :class:`~allocator.table.CostTable` and a :class:`~allocator.budget.Budget` into a plan.
+    """Turns a :class:`~allocator.CostTable` and a :class:`~allocator.Budget` into a plan.
 
     Subclasses implement :meth:`_solve` on the dense :class:`~solvers._problem.Problem` (ties
     already collapsed, disallowed slots ``inf``). :meth:`solve` does the rest for everyone:

@@ -29,8 +29,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError
-from allocator.result import SolveStatus
+from allocator.core.errors import InvalidParameterError
+from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._problem import Problem
 from solvers._search_space import (

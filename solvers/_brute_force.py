@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from allocator.budget import SIZE_RTOL
-from allocator.errors import InvalidParameterError
-from allocator.result import SolveStatus
+from allocator.core.budget import SIZE_RTOL
+from allocator.core.errors import InvalidParameterError
+from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._problem import Problem
 
@@ -65,7 +65,7 @@ class BruteForceSolver(BaseSolver):
         rows = np.arange(problem.n_items)[:, None]
         mats = [problem.cost, problem.size, *(problem.resources[k] for k in sorted(problem.caps))]
         caps = [math.inf, problem.cap, *(problem.caps[k] for k in sorted(problem.caps))]
-        # the central check's tolerances (allocator.plan.check_rows): relative, plus an
+        # the central check's tolerances (allocator.core.plan.check_rows): relative, plus an
         # absolute 1e-12 on resource caps (which may be 0)
         slack = [0.0, 0.0, *([1e-12] * len(problem.caps))]
         tables = [m[rows, pad] for m in mats]

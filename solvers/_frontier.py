@@ -12,7 +12,7 @@ deviation of its predicted cost (:func:`prefix_variances`), and the plots draw a
 around the frontier with measured points on top (:mod:`solvers._frontier_plot`).
 
 Example:
-    >>> from allocator.synth import synth_table
+    >>> from allocator.core.synth import synth_table
     >>> f = compute_frontier(synth_table(n_units=7, n_options=3, seed=0))
     >>> len(f) == 1 + 7 * 2 and f.plan(0).summary.bpw < f.plan(len(f) - 1).summary.bpw
     True
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from allocator.budget import Budget
-from allocator.errors import InvalidParameterError
-from allocator.plan import BitPlan, SolverInfo, plan_rows
-from allocator.table import CostTable
+from allocator.core.budget import Budget
+from allocator.core.errors import InvalidParameterError
+from allocator.core.plan import BitPlan, SolverInfo, plan_rows
+from allocator.core.table import CostTable
 from solvers._frontier_plot import MeasuredLike, MeasuredPoint, load_measured
 from solvers._hull import lower_hulls
 from solvers._problem import Problem, build_problem
@@ -134,7 +134,7 @@ class Frontier:
         return pd.DataFrame(cols)
 
     def save_csv(self, path: str | Path) -> Path:
-        from allocator.io import atomic_path
+        from allocator.core.io import atomic_path
 
         p = Path(path)
         with atomic_path(p) as tmp:  # a failed write never leaves a truncated CSV
@@ -236,7 +236,7 @@ def compute_frontier(table: CostTable, *, budgets: Sequence[Budget] | None = Non
     Ties are respected (the sweep runs on tie groups, via :func:`build_problem` with a budget
     that allows everything). Exact points whose budget is infeasible are left out.
     """
-    from allocator.result import SolveStatus
+    from allocator.core.result import SolveStatus
     from solvers._mckp import MckpSolver
 
     loose = Budget(bpw=1e12)

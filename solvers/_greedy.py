@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from allocator.result import SolveStatus
+from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._problem import Problem
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from allocator.budget import SIZE_RTOL
-from allocator.errors import InvalidParameterError, SolverUnavailableError
-from allocator.result import SolveStatus
+from allocator.core.budget import SIZE_RTOL
+from allocator.core.errors import InvalidParameterError, SolverUnavailableError
+from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._greedy import ZERO_CAP
 from solvers._problem import Problem

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from allocator.result import SolveStatus
+from allocator.core.result import SolveStatus
 from solvers._base import RawSolution
 from solvers._hull import lagrangian_value
 from solvers._problem import Problem

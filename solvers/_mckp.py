@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError
-from allocator.result import SolveStatus
+from allocator.core.errors import InvalidParameterError
+from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._hull import lagrangian_value, lower_hulls, lp_greedy
 from solvers._problem import Problem

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from allocator.budget import Budget
-from allocator.errors import InvalidBudgetError
-from allocator.plan import allowed_mask
-from allocator.table import CostTable
+from allocator.core.budget import Budget
+from allocator.core.errors import InvalidBudgetError
+from allocator.core.plan import allowed_mask
+from allocator.core.table import CostTable
 
 __all__ = ["Problem", "build_problem"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from allocator.errors import InvalidParameterError
+from allocator.core.errors import InvalidParameterError
 from solvers._problem import Problem
 
 __all__ = ["Granularity", "ParamSpace", "SearchSpace", "build_param_space", "build_search_space", "fill",

@@ -1,4 +1,4 @@
-"""Atomic writes (allocator._atomic) and the writers that use them: exports, frontier CSV and
+"""Atomic writes (allocator.core.atomic) and the writers that use them: exports, frontier CSV and
 plots, compare CSV. A write that fails half-way must leave the previous file intact."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from allocator._atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from allocator.synth import synth_table
+from allocator.core.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from allocator.core.synth import synth_table
 
 OLD = "previous complete content\n"
 

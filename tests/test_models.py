@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from allocator.data import CalibrationData  # noqa: E402
-from allocator.errors import InvalidParameterError, ModelError  # noqa: E402
-from allocator.models import (  # noqa: E402
+from allocator.core.errors import InvalidParameterError, ModelError  # noqa: E402
+from allocator.model.data import CalibrationData  # noqa: E402
+from allocator.model.loading import (  # noqa: E402
     LoadedModel,
     ModelKind,
     default_model_path,

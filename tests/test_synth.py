@@ -7,9 +7,9 @@ import pytest
 
 from allocator import CostTable
 from allocator.cli import main
-from allocator.errors import InvalidParameterError
-from allocator.formats import parse_options
-from allocator.synth import MODEL_SHAPES, synth_options, synth_table
+from allocator.core.errors import InvalidParameterError
+from allocator.core.formats import parse_options
+from allocator.core.synth import MODEL_SHAPES, synth_options, synth_table
 
 
 def test_shapes_sizes_and_costs() -> None:

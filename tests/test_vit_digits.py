@@ -14,17 +14,20 @@ pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 
 from allocator.backend import apply_plan, evaluate, reference_outputs, verify  # noqa: E402
-from allocator.data import CalibrationData, DigitsData, data_for  # noqa: E402
-from allocator.data.images import (  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.plan import BitPlan  # noqa: E402
+from allocator.core.table import CostTable  # noqa: E402
+from allocator.core.units import discover_units  # noqa: E402
+from allocator.model.data import CalibrationData, DigitsData, data_for  # noqa: E402
+from allocator.model.data.images import (  # noqa: E402
     DIGITS_SPLITS,
     PIXEL_MEAN,
     PIXEL_STD,
     digits_split_indices,
     load_digits_arrays,
 )
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.models import (  # noqa: E402
+from allocator.model.loading import (  # noqa: E402
     LoadedModel,
     ModelKind,
     detect_kind,
@@ -32,9 +35,6 @@ from allocator.models import (  # noqa: E402
     model_fingerprint,
     vit_digits_path,
 )
-from allocator.plan import BitPlan  # noqa: E402
-from allocator.table import CostTable  # noqa: E402
-from allocator.units import discover_units  # noqa: E402
 from sensitivity import ESTIMATORS, EstimateContext, get_estimator, run_estimate  # noqa: E402
 
 OPTIONS = "int2-g32-asym,int4-g32-asym,int8-g32-asym"

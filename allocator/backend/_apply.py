@@ -2,7 +2,7 @@
 
 Every unit's weight columns are replaced by their dequantized values (``Q(W)`` in the model's
 dtype), so the model runs as usual and shows the quantization error of the plan. RTN uses the
-shared quantizer (:func:`allocator.quant.fake_quantize`); GPTQ (:mod:`allocator.backend._gptq`)
+shared quantizer (:func:`allocator.model.quant.fake_quantize`); GPTQ (:mod:`allocator.backend._gptq`)
 uses the same grids with error feedback from calibration activations.
 """
 
@@ -15,14 +15,14 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
-from allocator.errors import BackendError, InvalidParameterError, InvalidPlanError
-from allocator.plan import BitPlan, check_plan
+from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
+from allocator.core.plan import BitPlan, check_plan
 
 if TYPE_CHECKING:
     import torch
 
-    from allocator.table import CostTable
-    from allocator.units import Unit
+    from allocator.core.table import CostTable
+    from allocator.core.units import Unit
 
 __all__ = ["ApplyMethod", "ApplyReport", "UnitApplied", "apply_plan", "model_inputs"]
 
@@ -91,7 +91,7 @@ def apply_plan(
     Args:
         method: ``rtn`` or ``gptq`` (needs ``calibration`` batches of model inputs).
         units: the discovered units (gives the column range of group units ``m[g=i]``).
-        table: when given, the plan must pass :func:`allocator.plan.check_plan` against it.
+        table: when given, the plan must pass :func:`allocator.core.plan.check_plan` against it.
         blocksize, percdamp, static_groups: GPTQ settings (:class:`~._gptq.GptqConfig`).
         forward: how to run a batch (default ``model(**batch)``), for GPTQ's activations.
 
@@ -137,7 +137,7 @@ def _weight2d(model: torch.nn.Module, module: str) -> torch.Tensor:
 
 
 def _apply_rtn(model: torch.nn.Module, resolved: Sequence[ResolvedUnit]) -> None:
-    from allocator.quant import fake_quantize
+    from allocator.model.quant import fake_quantize
 
     for u in resolved:
         view = _weight2d(model, u.module)[:, u.lo:u.hi]

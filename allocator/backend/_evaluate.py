@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import InvalidParameterError
-from allocator.models import ModelKind
+from allocator.core.errors import InvalidParameterError
+from allocator.model.loading import ModelKind
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +133,7 @@ def clear_reference_cache() -> None:
 
 
 def _forward(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
-    from allocator.outputs import forward_outputs
+    from allocator.model.outputs import forward_outputs
 
     return forward_outputs(model, batch, kind).detach().float()
 
@@ -228,7 +228,7 @@ def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], 
                     n_queries: int | None) -> EvalReport:
     import torch
 
-    from allocator.distortion import cosine_distance
+    from allocator.model.distortion import cosine_distance
 
     ref, emb = torch.cat(list(refs)), torch.cat(list(outs))
     cos_d = cosine_distance(ref, emb)
@@ -240,7 +240,7 @@ def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], 
 
 def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
                    outs: Sequence[torch.Tensor]) -> EvalReport:
-    from allocator.distortion import kl_divergence
+    from allocator.model.distortion import kl_divergence
 
     nll = nll_fp = kl_sum = 0.0
     n_tgt = n_tok = n = 0
@@ -262,7 +262,7 @@ def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Te
 
 def _classifier_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
                        outs: Sequence[torch.Tensor]) -> EvalReport:
-    from allocator.distortion import kl_divergence
+    from allocator.model.distortion import kl_divergence
 
     correct = agree = kl_sum = 0.0
     n = 0

@@ -14,7 +14,7 @@ Per-unit formats: every column knows the format of the plan unit that covers it 
 covers all columns, a column-group unit ``m[g=i]`` its slice), so one pass over a module mixes
 bit widths and group sizes. Quantization groups start at each unit's first column.
 
-Group grids: by default *dynamic*, as in the reference — the RTN grid (``allocator.quant.rtn_grid``,
+Group grids: by default *dynamic*, as in the reference — the RTN grid (``allocator.model.quant.rtn_grid``,
 the shared quantizer) of a group is computed when GPTQ reaches the group's first column, from the
 weights as already updated by the errors of earlier columns. Unlike the reference, which reads the
 not-yet-updated outer ``W`` for columns inside the current block, we read the current values.
@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from allocator.errors import BackendError, InvalidParameterError
-from allocator.formats import FormatKind, QuantFormat
+from allocator.core.errors import BackendError, InvalidParameterError
+from allocator.core.formats import FormatKind, QuantFormat
 
 if TYPE_CHECKING:
     import torch
@@ -141,7 +141,7 @@ def column_formats(cols: int, segments: Sequence[tuple[int, int, QuantFormat]]) 
 
 
 def _grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from allocator.quant import rtn_grid
+    from allocator.model.quant import rtn_grid
 
     return rtn_grid(w, bits=bits, symmetric=symmetric)
 

@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from allocator.errors import BackendError, InvalidPlanError, UnknownNameError
-from allocator.formats import FormatKind, QuantFormat, parse_format
-from allocator.plan import Assignment, BitPlan
+from allocator.core.errors import BackendError, InvalidPlanError, UnknownNameError
+from allocator.core.formats import FormatKind, QuantFormat, parse_format
+from allocator.core.plan import Assignment, BitPlan
 
 if TYPE_CHECKING:
     import torch
 
-    from allocator.units import Unit
+    from allocator.core.units import Unit
 
 __all__ = ["ResolvedUnit", "check_assignment", "module_weight", "resolve_plan"]
 

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
-from allocator.errors import BackendError
-from allocator.formats import FormatKind
-from allocator.plan import BitPlan
+from allocator.core.errors import BackendError
+from allocator.core.formats import FormatKind
+from allocator.core.plan import BitPlan
 
 if TYPE_CHECKING:
     import torch
 
-    from allocator.units import Unit
+    from allocator.core.units import Unit
 
 __all__ = ["Mismatch", "PlanMismatchError", "UnitCheck", "VerifyReport", "verify"]
 

@@ -1,7 +1,7 @@
 """The ``bitalloc`` command line: one module per verb, imported only when that verb runs.
 
 Each verb module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Errors from the library (:class:`~allocator.errors.AllocatorError`) become one line on stderr
+Errors from the library (:class:`~allocator.core.errors.AllocatorError`) become one line on stderr
 and exit code 2; there are no tracebacks.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
-from allocator.errors import AllocatorError
+from allocator.core.errors import AllocatorError
 
 __all__ = ["VERBS", "build_parser", "main"]
 

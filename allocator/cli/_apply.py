@@ -27,11 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.backend import apply_plan, verify
-    from allocator.data import user_data_for
-    from allocator.errors import InvalidParameterError
-    from allocator.models import load_model
-    from allocator.plan import BitPlan
-    from allocator.units import discover_units
+    from allocator.core.errors import InvalidParameterError
+    from allocator.core.plan import BitPlan
+    from allocator.core.units import discover_units
+    from allocator.model.data import user_data_for
+    from allocator.model.loading import load_model
 
     if args.data is not None and args.method != "gptq":
         raise InvalidParameterError("--data calibrates GPTQ only; add --method gptq or drop --data "
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         for m in check.mismatches[:20]:
             out.print(f"  {m}")
     if args.output:
-        from allocator.save_model import is_sentence_transformers, save_model
+        from allocator.model.save import is_sentence_transformers, save_model
 
         where = save_model(loaded, args.output)
         kind = "sentence-transformers" if is_sentence_transformers(loaded.path) else "transformers"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from allocator.budget import Budget
-from allocator.errors import InvalidParameterError
+from allocator.core.budget import Budget
+from allocator.core.errors import InvalidParameterError
 
 __all__ = ["add_budget_arguments", "add_for_argument", "budget_from_args", "console", "parse_caps"]
 
@@ -48,8 +48,8 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 
 
 def add_for_argument(p: argparse.ArgumentParser, what: str) -> None:
-    """``--for CONSUMER``: the options and ties that consumer stores (``allocator.palettes``)."""
-    from allocator.palettes import PALETTES
+    """``--for CONSUMER``: the options and ties that consumer stores (``allocator.export.palettes``)."""
+    from allocator.export.palettes import PALETTES
 
     p.add_argument("--for", dest="consumer", choices=tuple(PALETTES), metavar="CONSUMER",
                    help=f"{what} exactly what CONSUMER stores ({', '.join(PALETTES)}), so "

@@ -7,8 +7,8 @@ import math
 import sys
 from pathlib import Path
 
-from allocator._atomic import atomic_path
 from allocator.cli._common import console
+from allocator.core.atomic import atomic_path
 
 HELP = "rank agreement (Spearman / Kendall) of unit costs between cost tables"
 
@@ -27,9 +27,9 @@ def _fmt(x: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from allocator.compare import agreement_frame, compare_tables, table_label
-    from allocator.errors import InvalidParameterError
-    from allocator.table import CostTable
+    from allocator.core.compare import agreement_frame, compare_tables, table_label
+    from allocator.core.errors import InvalidParameterError
+    from allocator.core.table import CostTable
 
     if len(args.tables) < 2:
         raise InvalidParameterError(f"compare needs at least 2 tables, got {len(args.tables)}")

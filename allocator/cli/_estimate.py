@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def sharded(args: argparse.Namespace) -> bool:
     """Whether the sharding flags are in use (they need ``--method measured``)."""
-    from allocator.errors import InvalidParameterError
+    from allocator.core.errors import InvalidParameterError
 
     used = [f for f, on in (("--storage", args.storage is not None), ("--study", args.study is not None),
                             ("--shards", args.shards is not None), ("--workers", args.workers != 1),
@@ -71,7 +71,7 @@ def sharded(args: argparse.Namespace) -> bool:
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``["max_probes=50", "probe_mode=loop"]`` → ``{"max_probes": 50, "probe_mode": "loop"}``."""
-    from allocator.errors import InvalidParameterError
+    from allocator.core.errors import InvalidParameterError
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -88,7 +88,7 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec:
     """The one :class:`~sensitivity.EstimateSpec` of the command line (``--param`` names are
     checked against the estimator's declared parameters here, before any model loads)."""
-    from allocator.errors import InvalidParameterError
+    from allocator.core.errors import InvalidParameterError
     from sensitivity import ESTIMATORS, EstimateSpec, check_estimator_params
 
     params = parse_params(args.param)
@@ -106,7 +106,7 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.palettes import palette_options, table_for_model
+    from allocator.export.palettes import palette_options, table_for_model
     from sensitivity import estimate_spec as run_spec
 
     consumer = getattr(args, "consumer", None)
@@ -157,7 +157,7 @@ def _run_sharded(args: argparse.Namespace, estimate: EstimateSpec) -> int:
                         f"finishes the last one writes the table; re-run this one (or add --wait) "
                         f"to write it to {args.output}")
         return 0
-    from allocator.palettes import table_for_model
+    from allocator.export.palettes import table_for_model
 
     table = table_for_model(out.table, getattr(args, "consumer", None), args.model)
     path = table.save(args.output)

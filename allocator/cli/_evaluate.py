@@ -25,9 +25,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from allocator.backend import apply_plan, evaluate, reference_outputs
-    from allocator.data import user_data_for
-    from allocator.models import load_model
-    from allocator.plan import BitPlan
+    from allocator.core.plan import BitPlan
+    from allocator.model.data import user_data_for
+    from allocator.model.loading import load_model
 
     plans = [(p, BitPlan.load(p)) for p in args.plans]
     loaded = load_model(args.model)

@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.cli._common import console
+    from allocator.core.plan import BitPlan
     from allocator.export import export_plan, get_exporter, model_info, module_of, write_result
-    from allocator.plan import BitPlan
 
     plan = BitPlan.load(args.plan)
     names = shapes = arch = None

@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from allocator.budget import Budget
-    from allocator.errors import InvalidParameterError
-    from allocator.table import CostTable
+    from allocator.core.budget import Budget
+    from allocator.core.errors import InvalidParameterError
+    from allocator.core.table import CostTable
     from solvers import frontier, load_measured
 
     if args.measured and not (args.plot or args.html):
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not (np.isfinite(args.band_sigma) and args.band_sigma >= 0):
         raise InvalidParameterError(
             f"--band-sigma must be finite and ≥ 0, got {args.band_sigma}; 0 draws no band")
-    from allocator.palettes import table_for
+    from allocator.export.palettes import table_for
 
     table = table_for(CostTable.load(args.table), getattr(args, "consumer", None))
     f = frontier(table, budgets=[Budget(bpw=b) for b in args.bpw])

@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Any:
-    from allocator.pipeline import RunConfig
+    from allocator.jobs.pipeline import RunConfig
 
     return RunConfig(model=model, bpw=args.bpw, estimator=args.estimator, solver=args.solver,
                      method=args.method, options=args.options, consumer=args.consumer,
@@ -86,7 +86,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> Any:
 def execute(cfg: Any) -> int:
     from rich.table import Table
 
-    from allocator.pipeline import run_pipeline
+    from allocator.jobs.pipeline import run_pipeline
 
     out = console()
     if not out.is_terminal:  # logs and pipes: room for every column instead of 80

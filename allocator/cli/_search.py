@@ -10,8 +10,8 @@ from allocator.cli._common import add_budget_arguments, budget_from_args, consol
 from allocator.cli._run import add_data_arguments
 
 if TYPE_CHECKING:
-    from allocator.plan import BitPlan
-    from allocator.search import SearchSpec
+    from allocator.core.plan import BitPlan
+    from allocator.jobs.search import SearchSpec
 
 HELP = "refine a plan by Bayesian search (Optuna TPE) with a real evaluator in the loop"
 
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.search import EvaluatorKind, SearchSpec, run_search
+    from allocator.jobs.search import EvaluatorKind, SearchSpec, run_search
 
     budget = budget_from_args(args)
     spec = SearchSpec(
@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
 def _held_out(spec: SearchSpec, plan: BitPlan) -> None:
     """The best plan on the held-out data (--eval-data, or the held-out share of --data)."""
     from allocator.backend import apply_plan, evaluate, reference_outputs
-    from allocator.data import user_data_for
-    from allocator.models import load_model
+    from allocator.model.data import user_data_for
+    from allocator.model.loading import load_model
 
     loaded = load_model(str(spec.model))
     files: dict[str, Any] = {"data": spec.data, "eval_data": spec.eval_data,
@@ -91,7 +91,7 @@ def _held_out(spec: SearchSpec, plan: BitPlan) -> None:
 def _pareto(spec: SearchSpec, path: Path) -> int:
     import csv
 
-    from allocator.search import run_pareto
+    from allocator.jobs.search import run_pareto
 
     points = run_pareto(spec)
     path.parent.mkdir(parents=True, exist_ok=True)

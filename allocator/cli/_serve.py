@@ -38,7 +38,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from allocator.errors import InvalidParameterError
+    from allocator.core.errors import InvalidParameterError
     from allocator.service.core.config import Settings, ensure_token
 
     keys = ("host", "port", "db_url", "token", "workers", "model_roots", "job_modules",

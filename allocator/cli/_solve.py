@@ -31,9 +31,9 @@ def _fmt(x: float | None, spec: str = ".6g") -> str:
 
 def run(args: argparse.Namespace) -> int:
     import solvers
-    from allocator.palettes import table_for
-    from allocator.result import SolveStatus
-    from allocator.table import CostTable
+    from allocator.core.result import SolveStatus
+    from allocator.core.table import CostTable
+    from allocator.export.palettes import table_for
 
     table = table_for(CostTable.load(args.table), getattr(args, "consumer", None))
     budget = budget_from_args(args)

@@ -10,7 +10,7 @@ HELP = "write a synthetic cost table with real transformer layer shapes (for sol
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from allocator.synth import MODEL_SHAPES
+    from allocator.core.synth import MODEL_SHAPES
 
     p.add_argument("-n", "--units", type=int, required=True, help="number of units (projections)")
     p.add_argument("--options", help="comma-separated option labels or ranges "
@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.formats import parse_options
-    from allocator.synth import synth_table
+    from allocator.core.formats import parse_options
+    from allocator.core.synth import synth_table
 
     options = parse_options(args.options) if args.options else None
     table = synth_table(n_units=args.units, n_options=args.n_options, seed=args.seed,

@@ -1,4 +1,4 @@
-"""Export a :class:`~allocator.plan.BitPlan` to the config format of a quantization tool.
+"""Export a :class:`~allocator.core.plan.BitPlan` to the config format of a quantization tool.
 
 Targets (``EXPORTERS``): ``gptqmodel`` (``QuantizeConfig.dynamic``), ``llmcompressor``
 (recipe with ``config_groups``), ``autoround`` (``layer_config``), ``hqq`` (per-tag
@@ -6,7 +6,7 @@ Targets (``EXPORTERS``): ``gptqmodel`` (``QuantizeConfig.dynamic``), ``llmcompre
 (``FqnToConfig``). Formats and matching rules follow ``shared/reference/export-formats.md``;
 user documentation is ``docs/exports.md``.
 
-Every export either expresses the plan exactly or raises :class:`~allocator.errors.ExportError`
+Every export either expresses the plan exactly or raises :class:`~allocator.core.errors.ExportError`
 naming what the target cannot hold. ``lossy=True`` allows the documented fallbacks only (raise
 modules that must share a setting to the highest one; map GGUF/int options to the nearest richer
 type) and lists every changed unit in :attr:`ExportResult.changed` and the notes.
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from allocator.errors import ExportError, UnknownNameError
+from allocator.core.errors import ExportError, UnknownNameError
+from allocator.core.plan import BitPlan
 from allocator.export._common import (
     ExportContext,
     Setting,
@@ -31,7 +32,6 @@ from allocator.export._common import (
     skip_setting,
 )
 from allocator.export._model import ModelInfo, model_info
-from allocator.plan import BitPlan
 
 __all__ = ["EXPORTERS", "ExportResult", "Exporter", "ModelInfo", "Setting", "export_plan",
            "fused_name", "get_exporter", "gguf_setting", "int_setting", "model_info", "module_of",
@@ -122,7 +122,7 @@ def export_plan(
 def write_result(result: ExportResult, path: str | Path) -> list[Path]:
     """Write ``result.text`` to ``path`` and each companion file next to it (``plan.py`` →
     ``plan.json``); returns every path written."""
-    from allocator._atomic import atomic_write_text
+    from allocator.core.atomic import atomic_write_text
 
     p = Path(path)
     written = [atomic_write_text(p, result.text)]  # a failed write never leaves half a config

@@ -2,7 +2,7 @@
 
 A *setting* is what one module gets in a target: unquantized (``skip``), an integer grid
 (bits, group size, symmetry) or a GGUF tensor type. Exporters convert each plan option into
-their own settings and refuse (:class:`~allocator.errors.ExportError`) when the plan cannot be
+their own settings and refuse (:class:`~allocator.core.errors.ExportError`) when the plan cannot be
 expressed; in ``lossy`` mode the documented fallback is to *raise* every module of a group that
 must share one setting to the highest setting among them, and to report each change.
 """
@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from allocator.errors import ExportError, UnknownNameError
-from allocator.formats import GGUF_TYPES, FormatKind, QuantFormat, parse_format
-from allocator.plan import BitPlan
-from allocator.units import DEFAULT_FUSION
+from allocator.core.errors import ExportError, UnknownNameError
+from allocator.core.formats import GGUF_TYPES, FormatKind, QuantFormat, parse_format
+from allocator.core.plan import BitPlan
+from allocator.core.units import DEFAULT_FUSION
 
 __all__ = [
     "ExportContext",
@@ -211,7 +211,7 @@ def merge_groups(
 
 
 def fusion_groups(names: Iterable[str]) -> dict[str, list[str]]:
-    """Fused layer → members (≥ 2), by :data:`allocator.units.DEFAULT_FUSION`."""
+    """Fused layer → members (≥ 2), by :data:`allocator.core.units.DEFAULT_FUSION`."""
     groups: dict[str, list[str]] = defaultdict(list)
     for n in names:
         f = fused_name(n)

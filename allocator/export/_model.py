@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from allocator.errors import ModelError
+from allocator.core.errors import ModelError
 
 __all__ = ["ModelInfo", "model_info", "resolve_model_path"]
 

@@ -13,7 +13,8 @@ import json
 from collections import Counter
 from typing import Any
 
-from allocator.errors import UnknownNameError
+from allocator.core.errors import UnknownNameError
+from allocator.core.formats import parse_format
 from allocator.export import ExportResult
 from allocator.export._common import (
     ExportContext,
@@ -28,7 +29,6 @@ from allocator.export._common import (
     plan_header,
     weighted_bpw,
 )
-from allocator.formats import parse_format
 
 __all__ = ["EXPORTER", "GptqModelExporter", "gptq_bpw"]
 

@@ -14,6 +14,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from allocator.core.formats import QuantFormat
 from allocator.export import ExportResult
 from allocator.export._common import (
     ExportContext,
@@ -26,7 +27,6 @@ from allocator.export._common import (
     plan_header,
     weighted_bpw,
 )
-from allocator.formats import QuantFormat
 
 __all__ = ["EXPORTER", "HQQ_BITS", "HqqExporter", "hqq_bpw", "name_to_linear_tag"]
 

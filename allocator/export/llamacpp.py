@@ -16,6 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
+from allocator.core.formats import GGUF_TYPES, FormatKind, QuantFormat, StorageConvention
 from allocator.export import ExportResult
 from allocator.export._common import (
     INT_EXACT_GGUF,
@@ -29,7 +30,6 @@ from allocator.export._common import (
     skip_setting,
     weighted_bpw,
 )
-from allocator.formats import GGUF_TYPES, FormatKind, QuantFormat, StorageConvention
 
 __all__ = ["EXPORTER", "LOSSY_INT_TO_GGUF", "LlamaCppExporter", "gguf_bpw", "gguf_tensor_name"]
 

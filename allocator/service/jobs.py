@@ -7,8 +7,8 @@ code (``estimator_unavailable`` / ``search_unavailable``) and never the worker. 
 tests register more kinds with :func:`register_job_kind` from a module named in
 ``BITALLOC_JOB_MODULES``.
 
-A run callable may put a :class:`~allocator.table.CostTable` or a
-:class:`~allocator.result.SolveResult` in its result dict: the worker stores it and replaces it
+A run callable may put a :class:`~allocator.core.table.CostTable` or a
+:class:`~allocator.core.result.SolveResult` in its result dict: the worker stores it and replaces it
 by ``<key>_id`` (a table id / plan id), so results stay JSON.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from allocator.errors import InvalidParameterError
+from allocator.core.errors import InvalidParameterError
 from allocator.service.core.errors import ServiceError
 
 __all__ = ["JOB_KINDS", "JobCancelled", "JobFailure", "JobKind", "Progress", "get_job_kind",
@@ -135,8 +135,8 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
     if not isinstance(out.get("method", "datafree"), str):
         raise ServiceError(422, "invalid_parameter", "params.method must be an estimator name")
     if out.get("consumer") is not None:
-        from allocator.errors import UnknownNameError
-        from allocator.palettes import palette_options
+        from allocator.core.errors import UnknownNameError
+        from allocator.export.palettes import palette_options
 
         try:  # the palette fixes the options: a consumer plus options is refused
             palette_options(str(out["consumer"]), out.get("options"))
@@ -183,8 +183,8 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
         raise JobFailure("unknown_name", f"unknown estimator {method!r}; choose one of {sorted(ESTIMATORS)}")
     consumer = params.get("consumer")
     try:
-        if consumer is not None:  # the consumer's palette (allocator.palettes) as the options
-            from allocator.palettes import palette_options
+        if consumer is not None:  # the consumer's palette (allocator.export.palettes) as the options
+            from allocator.export.palettes import palette_options
 
             params = {**params, "options": palette_options(str(consumer), params.get("options"))}
         spec = estimate_spec_of(params)
@@ -198,7 +198,7 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
     except ModuleNotFoundError as exc:  # e.g. the driver or torch not installed
         raise JobFailure("estimator_unavailable", f"estimation needs a missing module: {exc.name}") from None
     if consumer is not None:  # the consumer's ties, accounting and left-out units
-        from allocator.palettes import table_for_model
+        from allocator.export.palettes import table_for_model
 
         try:
             table = table_for_model(table, str(consumer), str(params["model"]))
@@ -214,7 +214,7 @@ _SEARCH_KEYS = {"table_id", "budget", "n_trials", "seed", "radius", "prune"}
 
 
 def _validate_search(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any]:
-    from allocator.budget import Budget
+    from allocator.core.budget import Budget
 
     unknown = set(params) - _SEARCH_KEYS
     if unknown:
@@ -250,7 +250,7 @@ class _CountingEvaluator:
 
 
 def _run_search(params: Mapping[str, Any], progress: Progress, cancel: threading.Event) -> dict[str, Any]:
-    from allocator.budget import Budget
+    from allocator.core.budget import Budget
 
     try:
         import solvers

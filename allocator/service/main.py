@@ -13,7 +13,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from allocator.errors import AllocatorError
+from allocator.core.errors import AllocatorError
 from allocator.service.core.auth import host_error, needs_token, token_error
 from allocator.service.core.config import Settings, ensure_token
 from allocator.service.core.errors import ServiceError, domain_error, error_body

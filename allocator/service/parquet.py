@@ -1,7 +1,7 @@
 """Cost tables as parquet bytes (the blob format of the store and of uploads/downloads).
 
-Kept free of SQLAlchemy and FastAPI so :mod:`allocator.client` can use it alone. Encoding and
-decoding are the library's own (:mod:`allocator.io`, the one home of table serialization), so a
+Kept free of SQLAlchemy and FastAPI so :mod:`allocator.service.client` can use it alone. Encoding and
+decoding are the library's own (:mod:`allocator.core.io`, the one home of table serialization), so a
 blob gets the same checks as a file — format name, a version this bitalloc reads, the table
 rules. :func:`check_parquet_size`
 bounds what decoding an *untrusted* blob can cost before anything is decoded in full: parquet
@@ -13,9 +13,9 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from allocator.errors import InvalidCostTableError
-from allocator.io import table_from_parquet_bytes, table_to_parquet_bytes
-from allocator.table import CostTable
+from allocator.core.errors import InvalidCostTableError
+from allocator.core.io import table_from_parquet_bytes, table_to_parquet_bytes
+from allocator.core.table import CostTable
 
 __all__ = ["ParquetTooLarge", "check_parquet_size", "table_from_parquet", "table_to_parquet"]
 

@@ -38,7 +38,7 @@ class ErrorBody(BaseModel):
 
 
 class BudgetIn(BaseModel):
-    """Same fields as :class:`allocator.budget.Budget` (exactly one of bpw / size_bytes)."""
+    """Same fields as :class:`allocator.core.budget.Budget` (exactly one of bpw / size_bytes)."""
 
     model_config = ConfigDict(extra="forbid")
 

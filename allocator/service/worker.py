@@ -21,14 +21,14 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from allocator.result import SolveResult
+from allocator.core.result import SolveResult
+from allocator.core.table import CostTable
 from allocator.service.core.config import Settings
 from allocator.service.core.errors import ServiceError, domain_error
 from allocator.service.jobs import JOB_KINDS, JobCancelled, JobFailure, get_job_kind, load_job_modules
 from allocator.service.store import jobs as jobstore
 from allocator.service.store import repo
 from allocator.service.store.db import make_engine, migrate
-from allocator.table import CostTable
 
 __all__ = ["Worker", "jsonable", "run_worker_process"]
 
@@ -152,7 +152,7 @@ class Worker:
 
     def _persist(self, job: dict[str, Any], params: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         """Store tables and plans a job returned; results hold their ids."""
-        from allocator.budget import Budget
+        from allocator.core.budget import Budget
 
         stored: dict[str, Any] = {}
         with Session(self.engine) as session:

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from hypothesis import strategies as st
 
-from allocator.budget import SIZE_RTOL, Budget
-from allocator.plan import allowed_mask
-from allocator.table import CostTable
+from allocator.core.budget import SIZE_RTOL, Budget
+from allocator.core.plan import allowed_mask
+from allocator.core.table import CostTable
 
 __all__ = ["KNOWN_ANSWER_CASES", "KnownCase", "Optimum", "exhaustive_optimum", "problems"]
 

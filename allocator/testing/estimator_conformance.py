@@ -20,7 +20,7 @@ What the estimator contract promises (``design.md``, "Estimator contract"), chec
 * every cost is finite and ≥ 0;
 * a run under a seed reproduces the same costs;
 * the needs-data contract: an estimator with ``needs_data`` refuses an empty batch list with a
-  one-line :class:`~allocator.errors.InvalidParameterError` naming it; a data-free one works
+  one-line :class:`~allocator.core.errors.InvalidParameterError` naming it; a data-free one works
   without batches;
 * its constructor's declared parameters are what the table records, and an unknown parameter is
   rejected by name (for registered estimators, through :class:`sensitivity.EstimateSpec` too).
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from allocator.errors import InvalidParameterError
-from allocator.formats import QuantFormat, parse_options
-from allocator.table import REQUIRED_COLUMNS, CostTable
-from allocator.units import Unit
+from allocator.core.errors import InvalidParameterError
+from allocator.core.formats import QuantFormat, parse_options
+from allocator.core.table import REQUIRED_COLUMNS, CostTable
+from allocator.core.units import Unit
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +87,7 @@ def tiny_case(kind: str = "causal_lm", *, seed: int = 0) -> EstimatorCase:
     import torch
     import transformers
 
-    from allocator.units import discover_units
+    from allocator.core.units import discover_units
 
     torch.manual_seed(seed)
     if kind == "causal_lm":

@@ -27,11 +27,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from allocator.budget import Budget
-from allocator.errors import InvalidBudgetError, InvalidCostTableError
-from allocator.plan import BitPlan, check_plan
-from allocator.result import SolveResult, SolveStatus
-from allocator.table import CostTable
+from allocator.core.budget import Budget
+from allocator.core.errors import InvalidBudgetError, InvalidCostTableError
+from allocator.core.plan import BitPlan, check_plan
+from allocator.core.result import SolveResult, SolveStatus
+from allocator.core.table import CostTable
 from allocator.testing._cases import (
     KNOWN_ANSWER_CASES,
     KnownCase,
@@ -194,7 +194,7 @@ class SolverConformance:
 
     def test_same_result_twice(self, solver: Any) -> None:
         """Property: solving the same problem twice (same seed) gives the same plan."""
-        from allocator.synth import synth_table
+        from allocator.core.synth import synth_table
 
         table = synth_table(n_units=14, n_options=4, seed=3, ties=True)
         budget = Budget(bpw=3.6)
@@ -206,7 +206,7 @@ class SolverConformance:
 
     def test_infeasible_budget_reports_smallest(self, solver: Any) -> None:
         """Property: below the smallest plan → ``infeasible`` with that plan's budget."""
-        from allocator.synth import synth_table
+        from allocator.core.synth import synth_table
 
         table = synth_table(n_units=14, n_options=3, seed=1)
         smallest = table.df.groupby("unit")["size_bits"].min().sum()

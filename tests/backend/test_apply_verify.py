@@ -9,10 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from allocator.backend import apply_plan, resolve_plan, verify  # noqa: E402
-from allocator.errors import InvalidParameterError, InvalidPlanError  # noqa: E402
-from allocator.plan import Assignment, BitPlan  # noqa: E402
-from allocator.table import CostTable  # noqa: E402
-from allocator.units import discover_units  # noqa: E402
+from allocator.core.errors import InvalidParameterError, InvalidPlanError  # noqa: E402
+from allocator.core.plan import Assignment, BitPlan  # noqa: E402
+from allocator.core.table import CostTable  # noqa: E402
+from allocator.core.units import discover_units  # noqa: E402
 
 
 class Net(torch.nn.Module):
@@ -129,7 +129,7 @@ def test_verify_reports_every_mismatch() -> None:
 
 
 def plan_of(assignments: dict[str, Assignment]) -> BitPlan:
-    from allocator.plan import PlanSummary
+    from allocator.core.plan import PlanSummary
 
     return BitPlan(assignments=assignments,
                    summary=PlanSummary(params=1, size_bits=1.0, bpw=1.0, predicted_cost=0.0))

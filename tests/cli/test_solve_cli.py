@@ -11,8 +11,8 @@ import pytest
 
 from allocator import BitPlan, Budget, CostTable
 from allocator.cli import main
-from allocator.plan import check_plan
-from allocator.synth import synth_table
+from allocator.core.plan import check_plan
+from allocator.core.synth import synth_table
 
 
 @pytest.fixture(scope="module")

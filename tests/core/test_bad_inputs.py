@@ -1,7 +1,7 @@
 """Issue 10: no input ends in a traceback.
 
 Every malformed, overflowing or inconsistent table or plan file raises one error of the project's
-own hierarchy (:class:`~allocator.errors.AllocatorError`) from the loaders, and the CLI turns it
+own hierarchy (:class:`~allocator.core.errors.AllocatorError`) from the loaders, and the CLI turns it
 into exit code 2 with exactly one line on stderr. The fixed cases first, then Hypothesis over
 random JSON values, random bytes and mutated valid documents.
 """
@@ -27,15 +27,15 @@ from hypothesis import strategies as st
 
 from allocator import BitPlan, Budget, CostTable
 from allocator.cli import main
-from allocator.errors import (
+from allocator.core.errors import (
     AllocatorError,
     InvalidCostTableError,
     InvalidParameterError,
     InvalidPlanError,
 )
-from allocator.plan import PlanSummary
-from allocator.synth import synth_table
-from allocator.table import MAX_TOTAL_PARAMS
+from allocator.core.plan import PlanSummary
+from allocator.core.synth import synth_table
+from allocator.core.table import MAX_TOTAL_PARAMS
 
 DEEP = "[" * 100_000 + "]" * 100_000
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from allocator import Budget
-from allocator.errors import InvalidBudgetError
+from allocator.core.errors import InvalidBudgetError
 
 
 def test_primary_caps() -> None:

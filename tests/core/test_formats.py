@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from allocator import CostTable
-from allocator.errors import InvalidParameterError, UnknownNameError
-from allocator.formats import DEFAULT_OPTIONS, GGUF_TYPES, FormatKind, parse_format, parse_options
+from allocator.core.errors import InvalidParameterError, UnknownNameError
+from allocator.core.formats import DEFAULT_OPTIONS, GGUF_TYPES, FormatKind, parse_format, parse_options
 
 
 @pytest.mark.parametrize("label,bpw", [

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from allocator import CostTable
-from allocator.errors import InvalidCostTableError
-from allocator.io import table_from_parquet_bytes, table_to_parquet_bytes
+from allocator.core.errors import InvalidCostTableError
+from allocator.core.io import table_from_parquet_bytes, table_to_parquet_bytes
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 FILES = ["cost_table_v1.parquet", "cost_table_v1.csv", "cost_table_v1.json"]

@@ -9,8 +9,8 @@ import pytest
 
 import solvers
 from allocator import BitPlan, Budget, CostTable
-from allocator.errors import InvalidPlanError
-from allocator.plan import PLAN_VERSION, check_plan
+from allocator.core.errors import InvalidPlanError
+from allocator.core.plan import PLAN_VERSION, check_plan
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "plan_v1.json"
 Q, DOWN = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from allocator import CostTable
-from allocator.errors import InvalidCostTableError, InvalidParameterError
-from allocator.io import sidecar_path
-from allocator.synth import synth_table
+from allocator.core.errors import InvalidCostTableError, InvalidParameterError
+from allocator.core.io import sidecar_path
+from allocator.core.synth import synth_table
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path) -> None:  # 
     import os
     import stat
 
-    from allocator.synth import synth_table
+    from allocator.core.synth import synth_table
 
     umask = os.umask(0o022)
     try:

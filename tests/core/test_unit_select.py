@@ -8,16 +8,16 @@ pytest.importorskip("torch")
 
 import torch  # noqa: E402
 
-from allocator.data import data_for  # noqa: E402
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.models import LoadedModel, load_model, model_forward_outputs  # noqa: E402
-from allocator.unit_select import (  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.units import discover_units, get_module  # noqa: E402
+from allocator.model.data import data_for  # noqa: E402
+from allocator.model.loading import LoadedModel, load_model, model_forward_outputs  # noqa: E402
+from allocator.model.unit_select import (  # noqa: E402
     REASON_INERT,
     filter_units,
     inert_units,
     select_units,
 )
-from allocator.units import discover_units, get_module  # noqa: E402
 
 
 def _batch(loaded: LoadedModel) -> dict[str, torch.Tensor]:

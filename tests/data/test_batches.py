@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from allocator.data import CalibrationData, batches_fingerprint, load_texts, read_text_file  # noqa: E402
-from allocator.data.corpus import corpus_texts  # noqa: E402
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.models import default_model_path  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.model.data import CalibrationData, batches_fingerprint, load_texts, read_text_file  # noqa: E402
+from allocator.model.data.corpus import corpus_texts  # noqa: E402
+from allocator.model.loading import default_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,6 @@ def test_errors(tmp_path: Path, tok) -> None:  # type: ignore[no-untyped-def]
 def test_import_allocator_data_does_not_import_torch() -> None:
     import subprocess
 
-    code = "import sys, allocator.data, allocator.models; print('torch' in sys.modules)"
+    code = "import sys, allocator.model.data, allocator.model.loading; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

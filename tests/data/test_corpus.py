@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from allocator.data import corpus
-from allocator.data.corpus import (
+from allocator.core.errors import InvalidParameterError
+from allocator.model.data import corpus
+from allocator.model.data.corpus import (
     CORPUS_MODULES,
     SPLITS,
     corpus_documents,
@@ -18,7 +19,6 @@ from allocator.data.corpus import (
     split_of,
     texts_fingerprint,
 )
-from allocator.errors import InvalidParameterError
 
 
 def test_module_list_has_no_duplicates_or_private_modules() -> None:
@@ -67,7 +67,7 @@ def test_sampling_is_seeded_and_prefix_stable() -> None:
 
 
 def test_same_corpus_in_a_fresh_interpreter_with_other_hash_seed() -> None:
-    code = ("from allocator.data.corpus import corpus_fingerprint, corpus_texts;"
+    code = ("from allocator.model.data.corpus import corpus_fingerprint, corpus_texts;"
             "print(corpus_fingerprint(), corpus_texts('train', 5, seed=7)[0][:40])")
     out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout

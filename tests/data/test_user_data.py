@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from allocator.data import corpus_texts, data_description
-from allocator.data.user import HELD_OUT_SHARE, overlap, split_user_texts, user_split_of
-from allocator.errors import InvalidParameterError
+from allocator.core.errors import InvalidParameterError
+from allocator.model.data import corpus_texts, data_description
+from allocator.model.data.user import HELD_OUT_SHARE, overlap, split_user_texts, user_split_of
 
 TEXTS = corpus_texts("train")[:200]
 
@@ -37,8 +37,8 @@ def test_too_small_a_file_is_refused_with_the_fix() -> None:
 
 def test_batches_come_from_the_right_share(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from allocator.data import user_data_for
-    from allocator.models import load_model
+    from allocator.model.data import user_data_for
+    from allocator.model.loading import load_model
 
     lm = load_model("tiny-llama")
     data = _write(tmp_path / "mine.txt", TEXTS[:80])

@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from allocator.plan import BitPlan  # noqa: E402
-from allocator.table import CostTable  # noqa: E402
-from allocator.units import Unit  # noqa: E402
+from allocator.core.plan import BitPlan  # noqa: E402
+from allocator.core.table import CostTable  # noqa: E402
+from allocator.core.units import Unit  # noqa: E402
 
 TINY_LLAMA = Path(__file__).resolve().parents[2] / "allocator" / "assets" / "tiny-llama"
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from allocator.errors import ExportError
+from allocator.core.errors import ExportError
+from allocator.core.units import discover_units
 from allocator.export import export_plan
-from allocator.units import discover_units
 
 from .conftest import expected_int, linear_names, make_plan, random_pick
 from .consumers import BASE, autoround_expand

@@ -5,7 +5,7 @@ import json
 import yaml
 
 from allocator.cli import main
-from allocator.units import discover_units
+from allocator.core.units import discover_units
 
 from .conftest import make_plan, random_pick
 

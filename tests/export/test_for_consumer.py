@@ -1,5 +1,5 @@
 """``--for CONSUMER``: a table built for a consumer gives plans that export to it without --lossy
-and fit the budget in the consumer's own accounting (issue 12, allocator/palettes.py)."""
+and fit the budget in the consumer's own accounting (issue 12, allocator/export/palettes.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 
 import solvers
-from allocator.budget import Budget
 from allocator.cli import main
-from allocator.errors import ExportError, InvalidParameterError, UnknownNameError
+from allocator.core.budget import Budget
+from allocator.core.errors import ExportError, InvalidParameterError, UnknownNameError
+from allocator.core.formats import DEFAULT_OPTIONS, parse_format
+from allocator.core.plan import BitPlan
+from allocator.core.table import CostTable
 from allocator.export import ModelInfo, export_plan, model_info
-from allocator.formats import DEFAULT_OPTIONS, parse_format
-from allocator.palettes import PALETTES, apply_palette, palette_for, table_for
-from allocator.pipeline import RunConfig
-from allocator.plan import BitPlan
-from allocator.table import CostTable
+from allocator.export.palettes import PALETTES, apply_palette, palette_for, table_for
+from allocator.jobs.pipeline import RunConfig
 
 CONSUMERS = sorted(PALETTES)
 _ACCOUNTED = re.compile(r"accounting: .*?: ([0-9.]+) bpw over the (\d+) planned modules")
@@ -254,7 +254,7 @@ def test_cli_estimate_solve_export_for_hqq(tmp_path: Path, capsys: pytest.Captur
 def test_run_pipeline_for_consumer(consumer: str) -> None:
     """run/demo --for: the handed-out plan (after selection and a refinement round) exports to
     the consumer without --lossy, within the budget in its accounting."""
-    from allocator.pipeline import run_pipeline
+    from allocator.jobs.pipeline import run_pipeline
 
     bpw = 5.0
     run = run_pipeline(RunConfig(model="tiny-llama", estimator="datafree", consumer=consumer, bpw=bpw,

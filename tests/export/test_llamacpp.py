@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from allocator.errors import ExportError
+from allocator.core.errors import ExportError
+from allocator.core.units import discover_units
 from allocator.export import export_plan
-from allocator.units import discover_units
 
 from .conftest import linear_names, make_plan, random_pick, shapes_of
 from .consumers import llamacpp_rules, llamacpp_type

@@ -5,9 +5,9 @@ import copy
 import pytest
 import yaml
 
-from allocator.errors import ExportError
+from allocator.core.errors import ExportError
+from allocator.core.units import discover_units
 from allocator.export import export_plan
-from allocator.units import discover_units
 
 from .conftest import expected_int, make_plan, random_pick, shapes_of
 

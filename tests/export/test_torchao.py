@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from allocator.errors import ExportError
+from allocator.core.errors import ExportError
+from allocator.core.units import discover_units
 from allocator.export import export_plan, write_export
-from allocator.units import discover_units
 
 from .conftest import expected_int, linear_names, make_plan, random_pick, shapes_of
 from .consumers import BASE, torchao_resolve

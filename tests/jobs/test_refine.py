@@ -1,4 +1,4 @@
-"""Operating-point refinement (allocator.refine): pure pieces and a real model round."""
+"""Operating-point refinement (allocator.jobs.refine): pure pieces and a real model round."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 
 import solvers
 from allocator import Budget, CostTable
-from allocator.errors import InvalidParameterError
-from allocator.plan import BitPlan, check_plan
-from allocator.refine import (
+from allocator.core.errors import InvalidParameterError
+from allocator.core.plan import BitPlan, check_plan
+from allocator.jobs.refine import (
     RefineConfig,
     RefineStatus,
     move_priority,
@@ -76,10 +76,10 @@ def test_config_validation(bad: dict[str, object]) -> None:
 def vit() -> dict[str, object]:
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
-    from allocator.data import data_for
-    from allocator.formats import parse_options
-    from allocator.models import load_model
-    from allocator.units import discover_units
+    from allocator.core.formats import parse_options
+    from allocator.core.units import discover_units
+    from allocator.model.data import data_for
+    from allocator.model.loading import load_model
     from sensitivity import EstimateContext, get_estimator
 
     loaded = load_model("vit-digits")

@@ -202,7 +202,7 @@ def test_warm_neighbours_are_distinct_plans_after_the_budget_repair(table: CostT
 
 
 def test_pareto_front_without_a_model_uses_the_table_cost(tmp_path, table: CostTable) -> None:  # type: ignore[no-untyped-def]
-    from allocator.search import SearchSpec, run_pareto
+    from allocator.jobs.search import SearchSpec, run_pareto
 
     path = tmp_path / "t.parquet"
     table.save(path)

@@ -15,15 +15,15 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def lm() -> Any:
-    from allocator.models import load_model
+    from allocator.model.loading import load_model
 
     return load_model("tiny-llama")
 
 
 @pytest.fixture(scope="module")
 def lm_table(lm: Any) -> CostTable:
-    from allocator.formats import parse_options
-    from allocator.units import discover_units
+    from allocator.core.formats import parse_options
+    from allocator.core.units import discover_units
     from sensitivity import EstimateContext, get_estimator
 
     ctx = EstimateContext(batches=[], units=list(discover_units(lm.model)),
@@ -34,7 +34,7 @@ def lm_table(lm: Any) -> CostTable:
 
 @pytest.fixture(scope="module")
 def evaluator(lm: Any, lm_table: CostTable) -> Any:
-    from allocator.search_eval import ModelEvaluator
+    from allocator.backend.search_eval import ModelEvaluator
 
     return ModelEvaluator(model=lm, table=lm_table, samples=8, seq_len=64, batch_size=3)
 
@@ -47,7 +47,7 @@ def _plan(table: CostTable, bpw: float) -> dict[str, str]:
 
 def test_error_matches_direct_apply_and_evaluate(lm: Any, lm_table: CostTable, evaluator: Any) -> None:
     from allocator.backend import apply_plan, evaluate, reference_outputs
-    from allocator.plan import BitPlan
+    from allocator.core.plan import BitPlan
 
     choice = _plan(lm_table, 3.0)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -83,7 +83,7 @@ def test_empty_choice_is_refused(evaluator: Any) -> None:
 
 
 def test_search_and_pareto_with_the_model_in_the_loop(tmp_path: Path, lm_table: CostTable) -> None:
-    from allocator.search import EvaluatorKind, SearchSpec, run_pareto, run_search
+    from allocator.jobs.search import EvaluatorKind, SearchSpec, run_pareto, run_search
 
     path = tmp_path / "t.parquet"
     lm_table.save(path)

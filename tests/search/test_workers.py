@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from allocator import Budget, CostTable, InvalidParameterError, check_plan
-from allocator.search import SearchSpec, run_search, study_trials
+from allocator.jobs.search import SearchSpec, run_search, study_trials
 
 N_TRIALS = 16
 WORKERS = 2

@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.quant import fake_quantize  # noqa: E402
-from allocator.table import CostTable  # noqa: E402
-from allocator.units import discover_units, unit_weight  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.table import CostTable  # noqa: E402
+from allocator.core.units import discover_units, unit_weight  # noqa: E402
+from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 from sensitivity._datafree import histogram_kl, lim_scores, relative_errors, zd_share  # noqa: E402
 

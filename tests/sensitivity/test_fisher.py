@@ -10,10 +10,10 @@ pytest.importorskip("transformers")
 
 from _tiny import llama_batches, tiny_bert, tiny_llama  # noqa: E402
 
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.quant import fake_quantize  # noqa: E402
-from allocator.units import discover_units, unit_weight  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.units import discover_units, unit_weight  # noqa: E402
+from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 from sensitivity._fisher import fisher_sample_costs  # noqa: E402
 from sensitivity._loss import causal_lm_losses  # noqa: E402

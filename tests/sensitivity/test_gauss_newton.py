@@ -18,12 +18,12 @@ pytest.importorskip("transformers")
 
 from _tiny import llama_batches, tiny_bert, tiny_llama  # noqa: E402
 
-from allocator.distortion import cosine_distance, kl_divergence  # noqa: E402
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.outputs import forward_outputs  # noqa: E402
-from allocator.quant import fake_quantize  # noqa: E402
-from allocator.units import discover_units, unit_weight  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.units import discover_units, unit_weight  # noqa: E402
+from allocator.model.distortion import cosine_distance, kl_divergence  # noqa: E402
+from allocator.model.outputs import forward_outputs  # noqa: E402
+from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import ESTIMATORS, EstimateContext, get_estimator, quant_errors  # noqa: E402
 from sensitivity._gauss_newton import (  # noqa: E402
     cosine_cotangent,

@@ -10,9 +10,9 @@ pytest.importorskip("transformers")
 
 from _tiny import llama_batches, tiny_bert, tiny_llama  # noqa: E402
 
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.units import discover_units, unit_weight  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.units import discover_units, unit_weight  # noqa: E402
 from sensitivity import EstimateContext, get_estimator, quant_errors  # noqa: E402
 from sensitivity._hessian import (  # noqa: E402
     hutchinson_traces,

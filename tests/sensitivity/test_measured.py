@@ -10,17 +10,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from allocator.distortion import (  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.units import discover_units, unit_weight  # noqa: E402
+from allocator.model.distortion import (  # noqa: E402
     cosine_distance,
     distortion,
     kl_divergence,
     mean_squared_error,
     per_sample_sums,
 )
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.quant import fake_quantize  # noqa: E402
-from allocator.units import discover_units, unit_weight  # noqa: E402
+from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 from sensitivity._activation_cache import BlockCache, find_blocks, forward_outputs, make_chunks  # noqa: E402
 from sensitivity._measured import measure_units, merge_measured, shard_units  # noqa: E402

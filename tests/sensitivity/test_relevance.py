@@ -12,9 +12,9 @@ captum_attr = pytest.importorskip("captum.attr")
 import torch.nn.functional as F  # noqa: E402
 from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: E402
 
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.units import discover_units  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.units import discover_units  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 from sensitivity._relevance import lrp_mode, lrp_relevances, relevance_scores  # noqa: E402
 

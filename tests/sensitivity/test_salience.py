@@ -7,10 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from allocator.errors import InvalidParameterError  # noqa: E402
-from allocator.formats import parse_options  # noqa: E402
-from allocator.quant import fake_quantize  # noqa: E402
-from allocator.units import discover_units  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_options  # noqa: E402
+from allocator.core.units import discover_units  # noqa: E402
+from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 from sensitivity._salience import InputHessian, inverse_cholesky_diag  # noqa: E402
 

@@ -1,10 +1,10 @@
-"""allocator.client.Client end to end (through the TestClient transport)."""
+"""allocator.service.client.Client end to end (through the TestClient transport)."""
 
 from __future__ import annotations
 
 import pytest
 
-from allocator.client import Client, ServiceClientError
+from allocator.service.client import Client, ServiceClientError
 from tests.service.conftest import TOKEN
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from allocator.client import Client
-from allocator.synth import synth_table
+from allocator.core.synth import synth_table
+from allocator.service.client import Client
 from tests.service.conftest import PLUGINS, TOKEN
 
 REPO = Path(__file__).resolve().parents[2]

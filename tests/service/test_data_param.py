@@ -46,7 +46,7 @@ def test_data_values_are_checked_and_confined(client, model_root, tmp_path):  # 
 def test_estimate_job_calibrates_on_inline_texts(client, worker, model_root):  # type: ignore[no-untyped-def]
     if importlib.util.find_spec("torch") is None or not (TINY_LLAMA / "config.json").is_file():
         pytest.skip("needs torch and the bundled tiny-llama")
-    from allocator.data import corpus_texts
+    from allocator.model.data import corpus_texts
 
     shutil.copytree(TINY_LLAMA, model_root / "tl")
     texts = corpus_texts("train")[:40]

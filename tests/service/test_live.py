@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from allocator.client import Client, ServiceClientError
+from allocator.service.client import Client, ServiceClientError
 from tests.service.conftest import TOKEN
 
 

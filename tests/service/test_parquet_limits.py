@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from allocator.errors import InvalidCostTableError
+from allocator.core.errors import InvalidCostTableError
+from allocator.core.table import _META_KEY
 from allocator.service.parquet import (
     ParquetTooLarge,
     check_parquet_size,
     table_from_parquet,
     table_to_parquet,
 )
-from allocator.table import _META_KEY
 
 
 def _arrow(rows: int, unit_len: int = 40) -> pa.Table:
@@ -38,12 +38,12 @@ def _compressible(rows: int, unit_len: int = 40) -> bytes:
 @pytest.fixture
 def no_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the upload is decoded in full."""
-    import allocator.io
+    import allocator.core.io
 
     def refuse(*_a: object, **_k: object) -> None:
         raise AssertionError("the blob was decoded before its size was checked")
 
-    monkeypatch.setattr(allocator.io, "load_table", refuse)
+    monkeypatch.setattr(allocator.core.io, "load_table", refuse)
     monkeypatch.setattr(pq, "read_table", refuse)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import solvers
-from allocator.budget import Budget
-from allocator.plan import BitPlan, check_plan
+from allocator.core.budget import Budget
+from allocator.core.plan import BitPlan, check_plan
 from tests.service.conftest import upload
 
 
@@ -79,7 +79,7 @@ def test_solver_errors(client, table, monkeypatch):  # type: ignore[no-untyped-d
 
 
 def test_list_filter_and_delete(client, table):  # type: ignore[no-untyped-def]
-    from allocator.synth import synth_table
+    from allocator.core.synth import synth_table
 
     t1 = upload(client, table)["id"]
     t2 = upload(client, synth_table(n_units=4, n_options=3, seed=9))["id"]

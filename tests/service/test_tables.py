@@ -8,8 +8,8 @@ import json
 import pandas as pd
 import pytest
 
+from allocator.core.table import CostTable
 from allocator.service.parquet import table_from_parquet, table_to_parquet
-from allocator.table import CostTable
 from tests.service.conftest import AUTH, upload
 
 
@@ -114,7 +114,7 @@ def test_row_limit(app, client, table):  # type: ignore[no-untyped-def]
 
 
 def test_list_get_pagination(client):  # type: ignore[no-untyped-def]
-    from allocator.synth import synth_table
+    from allocator.core.synth import synth_table
 
     ids = [upload(client, synth_table(n_units=3, n_options=2, seed=s))["id"] for s in range(3)]
     page = client.get("/v1/tables", params={"limit": 2}).json()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from allocator.client import Client
+from allocator.service.client import Client
 from tests.service.conftest import TOKEN
 from tests.service.test_crash import _free_port, _spawn, _wait, _wait_up
 

@@ -15,7 +15,7 @@ pytest.importorskip("optuna")
 
 from allocator import CostTable  # noqa: E402
 from allocator.cli import main  # noqa: E402
-from allocator.errors import InvalidParameterError  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
 from sensitivity import EstimateSpec, ShardedEstimateSpec, run_sharded  # noqa: E402
 from sensitivity import shard_queue as q  # noqa: E402
 
@@ -27,7 +27,7 @@ N_SHARDS = 4
 
 @pytest.fixture(scope="module")
 def reference() -> CostTable:
-    from allocator.errors import ModelError
+    from allocator.core.errors import ModelError
     from sensitivity import run_estimate
 
     try:

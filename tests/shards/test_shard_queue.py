@@ -9,7 +9,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from allocator.errors import InvalidParameterError  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
 from sensitivity import shard_queue as q  # noqa: E402
 
 FP = "f" * 64

@@ -11,9 +11,9 @@ from scipy.optimize import minimize
 
 import solvers
 from allocator import Budget, CostTable
-from allocator.plan import check_plan
-from allocator.result import SolveStatus
-from allocator.synth import synth_table
+from allocator.core.plan import check_plan
+from allocator.core.result import SolveStatus
+from allocator.core.synth import synth_table
 from solvers._closed_form import ClosedFormSolver, CvxpySolver, fit_c, water_fill
 
 needs_cvxpy = pytest.mark.skipif(importlib.util.find_spec("cvxpy") is None, reason="needs cvxpy")

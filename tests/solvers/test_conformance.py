@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import solvers
-from allocator.errors import UnknownNameError
+from allocator.core.errors import UnknownNameError
 from allocator.testing.solver_conformance import InputValidationConformance, SolverConformance
 
 #: Search solvers evaluate in a loop; fewer trials keep the suite fast (the contract is the same).

@@ -16,8 +16,8 @@ import pytest
 import solvers
 from allocator import Budget, CostTable
 from allocator.cli import main
-from allocator.errors import InvalidParameterError
-from allocator.synth import synth_table
+from allocator.core.errors import InvalidParameterError
+from allocator.core.synth import synth_table
 from solvers._frontier import MeasuredPoint, load_measured
 from solvers._frontier_plot import MeasuredLike, band, frontier_figure, measured_points
 
@@ -261,7 +261,7 @@ def test_import_solvers_stays_light() -> None:
 def test_static_plot_leaves_the_pyplot_backend_alone(table: CostTable, tmp_path: Path) -> None:
     # A notebook's inline backend must survive a plot written to a file.
     code = ("import matplotlib; matplotlib.use('svg'); import solvers; "
-            "from allocator.synth import synth_table; "
+            "from allocator.core.synth import synth_table; "
             "f = solvers.frontier(synth_table(n_units=5, n_options=3, seed=0)); "
             f"f.plot({str(tmp_path / 'f.png')!r}); "
             "print(matplotlib.get_backend())")

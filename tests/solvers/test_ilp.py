@@ -10,10 +10,10 @@ import pytest
 
 import solvers
 from allocator import Budget
-from allocator.errors import InvalidParameterError
-from allocator.plan import check_plan
-from allocator.result import SolveStatus
-from allocator.synth import synth_table
+from allocator.core.errors import InvalidParameterError
+from allocator.core.plan import check_plan
+from allocator.core.result import SolveStatus
+from allocator.core.synth import synth_table
 from solvers import _ilp
 from solvers._ilp import STATUS_MAP, IlpSolver
 

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 import solvers
 from allocator import Budget, CostTable
-from allocator.errors import InvalidParameterError
-from allocator.plan import check_plan
-from allocator.result import SolveStatus
-from allocator.synth import synth_table
+from allocator.core.errors import InvalidParameterError
+from allocator.core.plan import check_plan
+from allocator.core.result import SolveStatus
+from allocator.core.synth import synth_table
 from solvers._mckp import MckpSolver
 
 OPTS = ["int2-g128-asym", "int3-g128-asym", "int4-g128-asym", "int8-g128-asym", "fp16"]

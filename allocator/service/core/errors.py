@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from allocator.errors import (
+from allocator.core.errors import (
     AllocatorError,
     EstimatorUnavailableError,
     ExportError,

@@ -35,7 +35,7 @@ class TableRecord(Base):
 
 
 class PlanRecord(Base):
-    """One solve: the status vocabulary of :class:`~allocator.result.SolveResult` plus the plan."""
+    """One solve: the status vocabulary of :class:`~allocator.core.result.SolveResult` plus the plan."""
 
     __tablename__ = "plans"
 

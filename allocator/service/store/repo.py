@@ -1,7 +1,7 @@
 """Repository functions for cost tables and plans (plain keyword-only functions on a Session).
 
 Tables are stored as parquet blobs with their metadata and deduplicated by
-:attr:`~allocator.table.CostTable.fingerprint`; decoded tables are cached per process (they are
+:attr:`~allocator.core.table.CostTable.fingerprint`; decoded tables are cached per process (they are
 immutable, so the cache only has to forget deleted ids).
 """
 
@@ -17,12 +17,12 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from allocator.budget import Budget
-from allocator.result import SolveResult
+from allocator.core.budget import Budget
+from allocator.core.result import SolveResult
+from allocator.core.table import CostTable
 from allocator.service.core.errors import not_found
 from allocator.service.parquet import table_from_parquet, table_to_parquet
 from allocator.service.store.models import PlanRecord, TableRecord
-from allocator.table import CostTable
 
 __all__ = [
     "TableCache",

@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from allocator.budget import Budget
-from allocator.plan import BitPlan
-from allocator.result import SolveResult
+from allocator.core.budget import Budget
+from allocator.core.plan import BitPlan
+from allocator.core.result import SolveResult
+from allocator.core.table import CostTable
 from allocator.service.api.routes import errors
 from allocator.service.core.errors import ServiceError
 from allocator.service.deps import DbDep, ReadAuth, WriteAuth
@@ -22,7 +23,6 @@ from allocator.service.schemas import (
     PlansPublic,
 )
 from allocator.service.store import repo
-from allocator.table import CostTable
 
 router = APIRouter(tags=["plans"], responses=errors(401, 404))
 
@@ -49,7 +49,7 @@ def create_plan(db: DbDep, req: PlanRequest, response: Response) -> PlanPublic:
         table = repo.load_table(s, req.table_id, db.cache)
     made_for = table.metadata.get("consumer")
     if req.consumer is not None and made_for != req.consumer:
-        from allocator.palettes import palette_for
+        from allocator.export.palettes import palette_for
 
         palette_for(req.consumer)  # an unknown consumer is named as such
         what = f"for {made_for}" if made_for else "without a consumer"

@@ -10,14 +10,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
-from allocator.errors import InvalidCostTableError
+from allocator.core.errors import InvalidCostTableError
+from allocator.core.table import CostTable
 from allocator.service.api.routes import errors
 from allocator.service.core.errors import ServiceError
 from allocator.service.deps import DbDep, ReadAuth, SettingsDep, WriteAuth
 from allocator.service.parquet import ParquetTooLarge, check_parquet_size
 from allocator.service.schemas import TablePublic, TablesPublic
 from allocator.service.store import repo
-from allocator.table import CostTable
 
 router = APIRouter(prefix="/tables", tags=["tables"], responses=errors(401, 404))
 
@@ -36,7 +36,7 @@ def _sniff(data: bytes, filename: str | None) -> TableFormat:
 
 def parse_table(data: bytes, fmt: TableFormat, metadata: str | None) -> CostTable:
     """Validate with the library's own loader (same rules as ``CostTable.load``)."""
-    from allocator.io import load_table
+    from allocator.core.io import load_table
 
     meta = None
     if metadata:
@@ -120,7 +120,7 @@ def download_table(db: DbDep, table_id: str, format: TableFormat = "parquet") ->
     elif format == "csv":
         body = table.df.to_csv(index=False).encode()
     else:
-        from allocator.io import table_document
+        from allocator.core.io import table_document
 
         body = json.dumps(table_document(table), default=str).encode()
     return Response(body, media_type=_MEDIA[format],

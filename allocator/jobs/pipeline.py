@@ -1,0 +1,521 @@
+"""The end-to-end job behind ``bitalloc run`` and ``bitalloc demo``.
+
+model → calibration batches (built-in corpus, ``calibration`` split, or the user's ``data``
+file) → units (``include``/``exclude`` globs; units that cannot affect the output left out) →
+cost table (estimator) → frontier + exact solve at the target bpw → apply (RTN or GPTQ) → verify
+→ evaluate on held-out data (the ``evaluation`` split, ``eval_data``, or the held-out share of
+``data``; see :mod:`allocator.model.data.user`) against the full-precision outputs.
+
+The mixed plan is compared with uniform quantization at equal size: the uniform int option with
+the most bits whose size fits the mixed plan's budget (``uniform ≤``), and the uniform option
+that brackets the budget from above (``uniform >``, larger than the budget) for context.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from allocator.core.budget import Budget
+from allocator.core.errors import InfeasibleBudgetError, InvalidParameterError
+from allocator.core.formats import parse_format
+from allocator.core.plan import BitPlan
+from allocator.core.table import CostTable
+from allocator.jobs.refine import RefineConfig, RefineResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from allocator.backend import EvalReport
+
+__all__ = ["PlanResult", "RunConfig", "RunResult", "frontier_title", "run_pipeline",
+           "uniform_plans"]
+
+log = logging.getLogger("allocator.jobs.pipeline")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Settings of one end-to-end run (CLI flags of ``bitalloc run`` map 1:1)."""
+
+    model: str = "minilm"
+    bpw: float = 3.0
+    estimator: str = "gauss-newton"
+    estimator_params: Mapping[str, Any] = field(default_factory=dict)
+    solver: str = "mckp"
+    method: str = "rtn"
+    options: str | None = None
+    #: export target whose options and ties the table takes (``allocator.export.palettes``); the
+    #: plan then exports to it without --lossy, within the budget of its own accounting
+    consumer: str | None = None
+    calib_samples: int = 32
+    eval_samples: int = 128
+    seq_len: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    #: operating-point refinement rounds on calibration data (0: only pick the best candidate)
+    refine_rounds: int = 4
+    refine_neighbours: int = 1
+    #: seconds for the refinement rounds; the best measured plan so far is handed out (None: no limit)
+    refine_time_limit: float | None = 300.0
+    out: Path | None = Path("bitalloc-demo")
+    progress: bool = True
+    #: the user's calibration / held-out text files (None: the built-in corpus); --data alone is
+    #: split by text hash into calibration and held-out shares (allocator.model.data.user)
+    data: str | None = None
+    eval_data: str | None = None
+    #: glob patterns on unit names: units matching one of ``include`` (all when empty) and none
+    #: of ``exclude`` go into the budget
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    #: leave units whose output cannot reach the measured output out of the budget
+    drop_inert: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.bpw > 0:
+            raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
+        if self.method not in ("rtn", "gptq"):
+            raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        if self.consumer is not None:
+            from allocator.export.palettes import palette_options
+
+            palette_options(self.consumer, self.options)  # validates: a consumer, no options
+        RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours,  # validates
+                     time_limit=self.refine_time_limit)
+        for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (2 if name == "eval_samples" else 1):
+                raise InvalidParameterError(f"{name} must be a positive int, got {v!r}")
+        for name in ("data", "eval_data"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidParameterError(f"{name} must be a file path, got {getattr(self, name)!r}")
+        for name in ("include", "exclude"):
+            pats = getattr(self, name)
+            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
+                raise InvalidParameterError(f"{name} must be a tuple of glob patterns, got {pats!r}")
+            object.__setattr__(self, name, tuple(pats))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanResult:
+    """One evaluated plan (mixed or uniform)."""
+
+    label: str
+    plan: BitPlan
+    report: EvalReport
+    verified: bool
+    mismatches: Sequence[str] = ()
+
+    @property
+    def bpw(self) -> float:
+        return self.plan.summary.bpw
+
+    @property
+    def size_bytes(self) -> float:
+        return self.plan.summary.size_bits / 8
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RunResult:
+    config: RunConfig
+    model_kind: str
+    table: CostTable
+    mixed: PlanResult
+    uniform_below: PlanResult | None
+    uniform_above: PlanResult | None
+    seconds: Mapping[str, float]
+    files: Mapping[str, Path] = field(default_factory=dict)
+    fp_metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the plan handed out: the best measured candidate on calibration data, refined
+    chosen: PlanResult | None = None
+    selection: RefineResult | None = None
+    #: units left out of the budget → why (--include/--exclude, cannot affect the output)
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    #: where calibration / held-out data came from, in words, and their batches' provenance
+    data_info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def result(self) -> PlanResult:
+        """The plan handed out (``plan.json``)."""
+        return self.chosen or self.mixed
+
+    @property
+    def rows(self) -> list[PlanResult]:
+        rows = (self.uniform_below, self.mixed, self.chosen, self.uniform_above)
+        return [r for r in rows if r is not None]
+
+    @property
+    def error_ratio(self) -> float | None:
+        """Handed-out plan's held-out error / uniform-at-equal-size error (< 1: better)."""
+        if self.uniform_below is None or self.uniform_below.report.error == 0:
+            return None
+        return self.result.report.error / self.uniform_below.report.error
+
+    @property
+    def worse_than_uniform(self) -> bool:
+        """The handed-out plan measured worse than the uniform plan that fits, on held-out data."""
+        below = self.uniform_below
+        return below is not None and self.result.report.error > below.report.error
+
+
+def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None, BitPlan | None]:
+    """(largest-bits uniform int plan with size ≤ budget, smallest uniform int plan above it).
+
+    Only quantized options (int, GGUF) offered to every unit count (fp16 is not a quantized
+    baseline).
+    """
+    df = table.df
+    size: dict[str, float] = {}
+    bits: dict[str, float] = {}
+    units: dict[str, int] = {}
+    for opt, sub in df.groupby("option"):
+        o = str(opt)
+        size[o], bits[o], units[o] = float(sub["size_bits"].sum()), float(sub["bits"].iloc[0]), \
+            int(sub["unit"].nunique())
+    cands = [o for o in size if units[o] == table.n_units and parse_format(o).is_quantized]
+    fits = budget_bits * (1 + 1e-9)
+    below = [o for o in cands if size[o] <= fits]
+    above = [o for o in cands if size[o] > fits]
+    pick_b = max(below, key=lambda o: (bits[o], size[o]), default=None)
+    pick_a = min(above, key=lambda o: (size[o], -bits[o]), default=None)
+
+    def plan(o: str | None) -> BitPlan | None:
+        return None if o is None else BitPlan.from_choice(table, dict.fromkeys(table.units, str(o)))
+    return plan(pick_b), plan(pick_a)
+
+
+# ---------------------------------------------------------------------------- stages
+Stage = Callable[[str], None]
+
+
+def _load(spec: str) -> Any:
+    from allocator.model.loading import load_model
+
+    return load_model(spec)
+
+
+def _data(loaded: Any, cfg: RunConfig) -> tuple[Any, Any]:
+    from allocator.model.data import user_data_for
+
+    common: dict[str, Any] = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+                              "seed": cfg.seed, "data": cfg.data, "eval_data": cfg.eval_data}
+    return (user_data_for(loaded, "calibration", cfg.calib_samples, **common),
+            user_data_for(loaded, "evaluation", cfg.eval_samples, **common))
+
+
+def _units(loaded: Any, cfg: RunConfig, calib: Any) -> Any:
+    """The units in the budget (``UnitSelection``): the globs, then inert units left out."""
+    from allocator.core.units import discover_units
+    from allocator.model.unit_select import select_units
+
+    batch = next(iter(calib)) if cfg.drop_inert else None
+    return select_units(loaded, discover_units(loaded.model), include=cfg.include,
+                        exclude=cfg.exclude, batch=batch)
+
+
+def _data_info(cfg: RunConfig, calib: Any, evaluation: Any) -> dict[str, Any]:
+    from allocator.model.data import data_description
+
+    words = data_description(cfg.data, cfg.eval_data)
+    return {"calibration": words["calibration"], "evaluation": words["evaluation"],
+            "calibration_batches": calib.metadata(), "evaluation_batches": evaluation.metadata()}
+
+
+def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]) -> CostTable:
+    from allocator.export.palettes import apply_palette, palette_options
+    from sensitivity import EstimateSpec, estimate_loaded
+
+    # The one estimate driver (as `bitalloc estimate`): seeded, same provenance keys.
+    spec = EstimateSpec(method=cfg.estimator, params=cfg.estimator_params,
+                        options=palette_options(cfg.consumer, cfg.options),
+                        samples=cfg.calib_samples, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                        seed=cfg.seed, progress=cfg.progress)
+    table = estimate_loaded(loaded, spec, units=list(units), calibration=calib)
+    if cfg.consumer is None:
+        return table
+    from allocator.core.units import discover_units
+
+    # units tied (by the consumer) to a module left out of the budget are left out as well
+    everything = [u.name for u in discover_units(loaded.model, fusion=None)]
+    return apply_palette(table, cfg.consumer, shapes={u.name: u.shape for u in units},
+                         model_names=everything)
+
+
+def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: dict[str, Any],
+                   calib: Any, evaluation: Any, ref: Any, units: Sequence[Any]) -> PlanResult:
+    from allocator.backend import apply_plan, evaluate, verify
+
+    model: torch.nn.Module = loaded.model
+    model.load_state_dict(state)
+    apply_plan(model, plan, method=cfg.method, calibration=list(calib), units=units,
+               progress=cfg.progress)
+    check = verify(model, plan, units=units)
+    report = evaluate(model, list(evaluation), ref)
+    model.load_state_dict(state)
+    return PlanResult(label=label, plan=plan, report=report, verified=check.ok,
+                      mismatches=[str(m) for m in check.mismatches])
+
+
+def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
+    """Run every stage; writes plan.json, table.parquet, frontier.png, report.md into ``cfg.out``.
+
+    Raises:
+        InfeasibleBudgetError: no plan fits ``cfg.bpw`` (the message gives the smallest bpw).
+    """
+    import solvers
+    from allocator.backend import reference_outputs
+
+    say = on_stage or (lambda msg: log.info("%s", msg))
+    secs: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        secs[name] = now - t
+        t = now
+
+    say(f"loading {cfg.model}")
+    loaded = _load(cfg.model)
+    loaded.model.eval()
+    calib, evaluation = _data(loaded, cfg)
+    selection_units = _units(loaded, cfg, calib)
+    units = list(selection_units.units)
+    if selection_units.excluded:
+        say(f"{len(selection_units.excluded)} unit(s) left out of the budget: " + ", ".join(
+            f"{u} ({why})" for u, why in list(selection_units.excluded.items())[:5])
+            + (" …" if len(selection_units.excluded) > 5 else ""))
+    lap("load")
+    say(f"estimating costs ({cfg.estimator}, {len(units)} units, {calib.n_samples} samples)")
+    table = estimate_table(loaded, calib, cfg, units)
+    lap("estimate")
+    budget = Budget(bpw=cfg.bpw)
+    say(f"solving at {cfg.bpw:g} bpw ({cfg.solver}) and computing the frontier")
+    result = solvers.solve(table, budget, solver=cfg.solver, seed=cfg.seed)
+    if result.plan is None:
+        raise InfeasibleBudgetError(
+            f"no plan fits {cfg.bpw:g} bpw (status {result.status}); raise --bpw "
+            f"(the smallest option set needs {_min_bpw(table):.4g} bpw)")
+    front = solvers.frontier(table, budgets=[budget])
+    lap("solve")
+    below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
+    cands = {"table optimum": result.plan, **({"uniform ≤": below} if below is not None else {})}
+    say(f"choosing among {len(cands)} measured candidates and refining at the plan "
+        f"({cfg.refine_rounds} rounds, calibration data)")
+    selection = _select(loaded, cfg, cands, table, budget, calib, units)
+    lap("select+refine")
+    state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
+                            model_fingerprint=loaded.fingerprint)
+    fp_metrics = _fp_metrics(ref, evaluation)
+    say(f"applying ({cfg.method}) and evaluating on {evaluation.n_samples} held-out samples")
+    args = (loaded, cfg, state, calib, evaluation, ref, units)
+    mixed = _evaluate_plan("mixed", result.plan, *args)
+    ub = _evaluate_plan("uniform ≤", below, *args) if below is not None else None
+    ua = _evaluate_plan("uniform >", above, *args) if above is not None else None
+    chosen = _chosen(selection, mixed, ub, args)
+    lap("apply+evaluate")
+    run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
+                    uniform_below=ub, uniform_above=ua, seconds=secs, fp_metrics=fp_metrics,
+                    chosen=chosen, selection=selection, excluded=dict(selection_units.excluded),
+                    data_info=_data_info(cfg, calib, evaluation))
+    if run.worse_than_uniform:
+        log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
+                    _short(run.uniform_below.plan) if run.uniform_below else "",
+                    run.result.report.error, run.uniform_below.report.error if run.uniform_below else 0)
+    if cfg.out is not None:
+        run = write_outputs(run, front, cfg.out)
+    return run
+
+
+def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: CostTable,
+            budget: Budget, calib: Any, units: Sequence[Any]) -> RefineResult:
+    from allocator.jobs.refine import refine_plan
+
+    conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours,
+                        time_limit=cfg.refine_time_limit)
+    return refine_plan(loaded.model, cands, table, budget, list(calib), units, kind=loaded.kind,
+                       config=conf)
+
+
+def _chosen(selection: RefineResult, mixed: PlanResult, below: PlanResult | None,
+            args: tuple[Any, ...]) -> PlanResult:
+    """The held-out result of the selected plan (re-using an evaluation already done)."""
+    choice = selection.plan.choice
+    for done in (mixed, below):
+        if done is not None and done.plan.choice == choice:
+            label = f"chosen = {done.label}"
+            return PlanResult(label=label, plan=done.plan, report=done.report,
+                              verified=done.verified, mismatches=done.mismatches)
+    return _evaluate_plan(f"chosen (refined from {selection.start_label})", selection.plan, *args)
+
+
+def _min_bpw(table: CostTable) -> float:
+    df = table.df
+    return float(df.groupby("unit")["size_bits"].min().sum() / table.total_params)
+
+
+def _fp_metrics(ref: Any, evaluation: Any) -> dict[str, float]:
+    """Metrics of the full-precision model itself (perplexity for causal LMs)."""
+    if ref.kind != "causal_lm":
+        return {}
+    import math
+
+    from allocator.backend import next_token_nll
+
+    s = n = 0.0
+    for b, out in zip(evaluation, ref.outputs, strict=True):
+        a, c = next_token_nll(out, b["input_ids"], b.get("attention_mask"))
+        s, n = s + a, n + c
+    return {"perplexity": math.exp(s / max(n, 1))}
+
+
+# ---------------------------------------------------------------------------- outputs
+def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
+    """plan.json, table.parquet, frontier.png, results.json and report.md in ``out``."""
+    import json
+    from dataclasses import replace
+
+    from allocator.core.atomic import atomic_write_text
+
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"plan": run.result.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
+             "frontier": _plot(run, front, d / "frontier.png")}
+    config: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()}
+    config["estimator_params"] = dict(run.config.estimator_params)
+    doc = {"config": config,
+           "model_kind": run.model_kind, "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
+           "error_ratio": run.error_ratio, "chosen": run.result.label,
+           "worse_than_uniform": run.worse_than_uniform,
+           "selection": run.selection.to_dict() if run.selection is not None else None,
+           "excluded_units": dict(run.excluded), "data": dict(run.data_info),
+           "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
+                     "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
+                     "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
+                     "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
+    files["results"] = d / "results.json"
+    atomic_write_text(files["results"], json.dumps(doc, indent=1, default=str))
+    files["report"] = d / "report.md"
+    atomic_write_text(files["report"], report_markdown(run))
+    return replace(run, files=files)
+
+
+def _option_counts(plan: BitPlan) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for a in plan.assignments.values():
+        counts[a.option] = counts.get(a.option, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _plot(run: RunResult, front: Any, path: Path) -> Path:
+    # A bare Figure renders with Agg without touching pyplot's global backend (Jupyter keeps inline).
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.subplots()
+    ax.plot(front.bpw, front.cost, "-", lw=1.2, color="0.4", label="Pareto frontier (predicted)")
+    for r, style in zip(run.rows, ("s", "*", "^"), strict=False):
+        ax.plot([r.bpw], [max(r.plan.summary.predicted_cost, 1e-12)], style, ms=10 if style == "*" else 7,
+                label=f"{r.label} {_short(r.plan)}: measured {r.report.error_metric}={r.report.error:.3g}")
+    ax.axvline(run.config.bpw, ls=":", color="0.6")
+    if (front.cost > 0).any():
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (overhead included)")
+    ax.set_ylabel(f"predicted cost ({run.table.metadata.get('estimator')})")
+    ax.set_title(frontier_title(run.config.model, run.config.bpw), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def frontier_title(model: str, bpw: float, *, width: int = 60) -> str:
+    """The frontier plot's title: the model's base name (not its whole path, which ran off the
+    figure), wrapped to lines of at most ``width`` characters."""
+    import textwrap
+
+    name = Path(model.rstrip("/\\")).name or model
+    return "\n".join(textwrap.wrap(f"{name}: frontier and plans at {bpw:g} bpw", width=width,
+                                    break_long_words=True, break_on_hyphens=False))
+
+
+def _short(plan: BitPlan) -> str:
+    opts = _option_counts(plan)
+    return next(iter(opts)) if len(opts) == 1 else f"({len(opts)} options)"
+
+
+def report_markdown(run: RunResult) -> str:
+    """A short Markdown report: setup, the comparison table, the mixed plan's option counts."""
+    c = run.config
+    m = run.mixed.report
+    lines = [
+        f"# bitalloc run: {c.model} at {c.bpw:g} bpw", "",
+        f"- model kind: {run.model_kind}; units: {run.table.n_units}; "
+        f"params quantized: {run.table.total_params:,}",
+        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples "
+        f"({run.data_info.get('calibration', 'built-in corpus, calibration split')}); "
+        f"solver: `{c.solver}`; apply: `{c.method}`",
+        f"- evaluation: {m.n_samples} held-out samples ("
+        f"{run.data_info.get('evaluation', 'built-in corpus, evaluation split')});"
+        f" error = `{m.error_metric}` vs the full-precision model",
+        *excluded_lines(run.excluded),
+        "- uniform ≤: the uniform int option with the most bits whose size fits the budget "
+        "(equal-size baseline); uniform >: the next uniform option above the budget (context)",
+        "- mixed: the cost table's optimum; chosen: the plan in `plan.json` — the best of the "
+        "measured candidates on calibration data, refined at its own operating point", "",
+        "| plan | bpw | size (KiB) | predicted cost | " + " | ".join(m.metrics) + " | verified |",
+        "|---|---|---|---|" + "---|" * len(m.metrics) + "---|",
+    ]
+    for r in run.rows:
+        vals = " | ".join(f"{r.report.metrics.get(k, float('nan')):.4g}" for k in m.metrics)
+        lines.append(f"| {r.label} {_short(r.plan)} | {r.bpw:.4f} | {r.size_bytes / 1024:,.1f} | "
+                     f"{r.plan.summary.predicted_cost:.4g} | {vals} | {'yes' if r.verified else 'NO'} |")
+    ratio = run.error_ratio
+    if ratio is not None:
+        lines += ["", f"Chosen / uniform-at-equal-size held-out error ratio: **{ratio:.3f}**"
+                  f" ({'better' if ratio < 1 else 'not better'})."]
+    if run.worse_than_uniform:
+        lines += ["", "**Warning: the chosen plan measured worse than the uniform plan that fits on "
+                  "held-out data** (it was better on calibration data); consider more calibration "
+                  "samples or the uniform plan."]
+    lines += selection_lines(run.selection)
+    if run.fp_metrics:
+        lines += ["", "Full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.fp_metrics.items())]
+    lines += ["", "Mixed plan, units per option: " + ", ".join(
+        f"`{k}` × {v}" for k, v in _option_counts(run.mixed.plan).items()),
+        "Chosen plan, units per option: " + ", ".join(
+        f"`{k}` × {v}" for k, v in _option_counts(run.result.plan).items()), "",
+        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.seconds.items()), "",
+        "Files: `plan.json` (the chosen plan), `table.parquet` (cost table), `frontier.png`, "
+        "`results.json`.", ""]
+    return "\n".join(lines)
+
+
+def excluded_lines(excluded: Mapping[str, str]) -> list[str]:
+    """Report lines for the units left out of the budget, grouped by reason."""
+    by: dict[str, list[str]] = {}
+    for unit, why in excluded.items():
+        by.setdefault(why, []).append(unit)
+    return [f"- left out of the budget, {why}: " + ", ".join(f"`{u}`" for u in units[:8])
+            + (f" … ({len(units)} in all)" if len(units) > 8 else "") for why, units in by.items()]
+
+
+def selection_lines(sel: RefineResult | None) -> list[str]:
+    """How the handed-out plan was chosen: candidates' calibration errors and refinement rounds."""
+    if sel is None:
+        return []
+    lines = ["", "Selection on calibration data: " + ", ".join(
+        f"{k} {v:.4g}" for k, v in sel.candidates.items()) + f"; started from **{sel.start_label}**."]
+    for r in sel.rounds:
+        lines.append(f"- refine round {r.index}: {r.error_before:.4g} → {r.error_trial:.4g} "
+                     f"({'accepted' if r.accepted else 'rejected'}, {r.moved} units moved, "
+                     f"trust {r.trust})")
+    lines.append(f"Refinement {sel.status}: calibration error {sel.start_error:.4g} → {sel.error:.4g} "
+                 f"({100 * sel.improvement:.1f} % lower).")
+    return lines

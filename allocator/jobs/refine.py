@@ -1,0 +1,434 @@
+"""Operating-point refinement: re-linearise the cost table around the plan, re-solve, repeat.
+
+A cost table is a linearisation at the full-precision model: ``cost(u, o)`` is the loss increase
+when unit ``u`` alone uses option ``o``. At 2–4 bpw every unit is quantized and the errors
+compound, so the table's additive model is least accurate exactly where the plan lives. This
+module measures the table again *at the plan* ``P`` (successive knapsack, a trust-region
+method):
+
+1. ``D(P)`` = the distortion of the model quantized as ``P`` against the full-precision outputs,
+   on calibration data (the metric the plan is judged by: token-mean KL, 1 − cos, ...).
+2. For every unit ``u`` and each of its ``neighbours`` options on either side of ``P(u)`` (by
+   size), ``Δ_u(o) = D(P with u → o) − D(P)``, measured with every other unit still at ``P``
+   (the block cache recomputes only the blocks after ``u``).
+3. Re-solve the multiple-choice knapsack over ``{P(u)} ∪ neighbours`` with costs ``Δ_u(o)``
+   (shifted per unit to be ≥ 0, which leaves the argmin unchanged) at the same budget, with a
+   move penalty ``λ`` found by bisection so that at most ``m`` units change: the trust region
+   ``Σ_u [o_u ≠ P(u)] ≤ m``.
+4. Accept the new plan if its measured ``D`` is lower; otherwise halve ``m``. Stop when no move
+   is predicted to help, ``m`` reaches 0, or after ``rounds`` rounds.
+
+Every accepted plan measured lower than the one before it, so the result is never worse than
+the start *on the calibration data*. Held-out quality is checked by the caller.
+
+Cost per round: one forward to cache the blocks at ``P``, ``2 · neighbours`` partial forwards per
+unit, and one full forward per trial plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from allocator.core.budget import Budget
+from allocator.core.errors import InvalidParameterError
+from allocator.core.plan import BitPlan, SolverInfo
+from allocator.core.table import CostTable
+
+if TYPE_CHECKING:
+    import torch
+
+    from allocator.core.units import Unit
+
+__all__ = ["RefineConfig", "RefineResult", "RefineRound", "RefineStatus", "move_priority",
+           "refine_plan", "tie_groups", "trust_region_choice"]
+
+log = logging.getLogger("allocator.jobs.refine")
+
+
+class RefineStatus(StrEnum):
+    CONVERGED = "converged"  #: no move is predicted to help, or the trust region shrank to 0
+    ROUND_LIMIT = "round_limit"  #: stopped after ``rounds`` rounds while still improving
+    TIME_LIMIT = "time_limit"  #: stopped by ``time_limit`` (the best plan so far is returned)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefineConfig:
+    """Settings of :func:`refine_plan`.
+
+    Attributes:
+        rounds: maximum number of re-linearise / re-solve rounds (0: only pick the best candidate).
+        neighbours: options measured on each side of a unit's current option (by size).
+        trust: initial trust region as a fraction of the units that may change per round.
+        max_tokens: tokens per forward chunk of the block cache.
+        time_limit: seconds for the refinement rounds (None: no limit). When it runs out, the
+            groups not yet measured keep their option this round (the most promising groups,
+            by the table's cost of a one-step move, are measured first) and no further round
+            starts; the result is still the best measured plan.
+    """
+
+    rounds: int = 3
+    neighbours: int = 1
+    trust: float = 0.25
+    max_tokens: int = 8192
+    time_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        t = self.time_limit
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
+            raise InvalidParameterError(f"refine time_limit must be > 0 seconds or None, got {t!r}")
+        for name in ("rounds", "neighbours", "max_tokens"):
+            v = getattr(self, name)
+            low = 0 if name == "rounds" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InvalidParameterError(f"refine {name} must be an int ≥ {low}, got {v!r}")
+        if not (isinstance(self.trust, int | float) and 0 < self.trust <= 1):
+            raise InvalidParameterError(f"refine trust must be in (0, 1], got {self.trust!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefineRound:
+    """One round: the error before, the trial plan's error, and what moved."""
+
+    index: int
+    error_before: float
+    error_trial: float
+    predicted_change: float
+    moved: int
+    trust: int
+    accepted: bool
+    trials: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefineResult:
+    plan: BitPlan
+    start_error: float
+    error: float
+    rounds: tuple[RefineRound, ...]
+    status: RefineStatus
+    #: calibration error of every candidate given to :func:`refine_plan`, and the one it started from
+    candidates: Mapping[str, float] = field(default_factory=dict)
+    start_label: str = "plan"
+
+    @property
+    def improvement(self) -> float:
+        """Relative calibration-error reduction from the start plan (0.25 = 25 % lower)."""
+        return 0.0 if self.start_error <= 0 else 1.0 - self.error / self.start_error
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start_error": self.start_error, "error": self.error, "status": str(self.status),
+                "improvement": self.improvement, "start": self.start_label,
+                "candidates": dict(self.candidates), "rounds": [vars(r) for r in self.rounds]}
+
+
+# ---------------------------------------------------------------------------- pure pieces
+def neighbour_options(sizes: Mapping[str, float], current: str, k: int) -> list[str]:
+    """The ``k`` options just below and just above ``current`` by size (ties broken by name)."""
+    order = sorted(sizes, key=lambda o: (sizes[o], o))
+    i = order.index(current)
+    return order[max(0, i - k):i] + order[i + 1:i + 1 + k]
+
+
+def trust_region_choice(table: CostTable, budget: Budget, current: Mapping[str, str],
+                        max_moves: int, *, iterations: int = 40) -> tuple[dict[str, str], float]:
+    """Min Σ cost s.t. the budget and ``Σ_u [o_u ≠ current_u] ≤ max_moves``.
+
+    The cardinality cap is relaxed with a move penalty λ (Lagrangian): solve with
+    ``cost + λ·[o ≠ current]`` and bisect λ until at most ``max_moves`` units move. λ = ∞ keeps
+    ``current``, which fits the budget, so a feasible answer always exists.
+    Returns (choice, predicted Σ cost change against ``current``).
+    """
+    import solvers
+
+    df = table.df
+    moved_rows = (df["option"].to_numpy() != df["unit"].map(current).to_numpy()).astype(float)
+
+    def solve(lam: float) -> dict[str, str] | None:
+        pen = df.assign(cost=df["cost"] + lam * moved_rows)
+        res = solvers.solve(CostTable(pen, table.metadata), budget, solver="mckp")
+        return None if res.plan is None else res.plan.choice
+
+    def moves(choice: Mapping[str, str]) -> int:
+        return sum(choice[u] != current[u] for u in current)
+
+    best = solve(0.0)
+    if best is None:
+        return dict(current), 0.0
+    if moves(best) > max_moves:
+        lo, hi = 0.0, float(df["cost"].max() - df["cost"].min()) + 1.0
+        best = dict(current)
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            got = solve(mid)
+            if got is not None and moves(got) <= max_moves:
+                best, hi = got, mid
+            else:
+                lo = mid
+    cost = df.set_index(["unit", "option"])["cost"]
+    change = float(sum(cost[(u, best[u])] - cost[(u, current[u])] for u in current))
+    return best, change
+
+
+# ---------------------------------------------------------------------------- measurement
+class _Meter:
+    """Distortion of the model against fixed full-precision outputs, by block-cache replay."""
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], *, kind: str,
+                 max_tokens: int) -> None:
+        from sensitivity import BlockCache, make_chunks
+
+        self.model, self.kind = model, kind
+        self.chunks = make_chunks(batches, max_tokens=max_tokens)
+        fp = BlockCache(model, self.chunks, kind=kind)
+        self.reference = fp.reference
+        self.cache = fp
+        self.forwards = 0
+
+    def rebuild(self) -> float:
+        """Cache every block at the model's current weights; returns the current distortion."""
+        from sensitivity import BlockCache
+
+        self.cache = BlockCache(self.model, self.chunks, kind=self.kind)
+        own, self.cache.reference = self.cache.reference, self.reference
+        self.forwards += 1
+        return self._error(lambda ci: own[ci])
+
+    def error_from(self, start: int) -> float:
+        self.forwards += 1
+        return self._error(lambda ci: self.cache.outputs_from(ci, start))
+
+    def full_error(self) -> float:
+        self.forwards += 1
+        return self._error(lambda ci: self.cache.outputs_from(ci, 0))
+
+    def _error(self, outputs: Callable[[int], torch.Tensor]) -> float:
+        import torch
+
+        from sensitivity import default_metric, distortion, per_sample_sums
+
+        met = default_metric(self.kind)
+        total = count = 0.0
+        with torch.inference_mode():
+            for ci, chunk in enumerate(self.cache.chunks):
+                s, n = per_sample_sums(distortion(met, self.reference[ci], outputs(ci)), chunk.mask)
+                total += float(s.sum())
+                count += float(n.sum())
+        return total / max(count, 1.0)
+
+
+class _Weights:
+    """Sets unit weights to Q_o(W_fp) and restores them; W_fp is kept once."""
+
+    def __init__(self, model: torch.nn.Module, units: Sequence[Unit]) -> None:
+        from allocator.core.units import unit_weight
+
+        self.views = {u.name: unit_weight(model, u) for u in units}
+        self.original = {k: v.detach().clone() for k, v in self.views.items()}
+
+    def set(self, unit: str, option: str) -> None:
+        import torch
+
+        from allocator.core.formats import parse_format
+        from allocator.model.quant import fake_quantize
+
+        fmt = parse_format(option)
+        with torch.no_grad():
+            w = self.original[unit]
+            self.views[unit].copy_(fake_quantize(w, fmt) if fmt.is_quantized else w.half().to(w.dtype))
+
+    def set_plan(self, choice: Mapping[str, str]) -> None:
+        for u, o in choice.items():
+            self.set(u, o)
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for k, v in self.views.items():
+                v.copy_(self.original[k])
+
+
+# ---------------------------------------------------------------------------- driver
+def refine_plan(
+    model: torch.nn.Module,
+    plan: BitPlan | Mapping[str, BitPlan],
+    table: CostTable,
+    budget: Budget,
+    batches: Sequence[Mapping[str, Any]],
+    units: Sequence[Unit],
+    *,
+    kind: str,
+    config: RefineConfig | None = None,
+    on_round: Callable[[RefineRound], None] | None = None,
+) -> RefineResult:
+    """Refine the best of ``plan`` around its own operating point (module docstring); RTN weights.
+
+    ``plan`` may be several labelled candidates (e.g. the cost-table optimum and the uniform
+    plan that fits): each is measured on ``batches`` and refinement starts from the lowest, so
+    the result measures no worse than any candidate on calibration data (``rounds=0`` only
+    selects). The model's weights are restored before returning.
+    """
+    cfg = config or RefineConfig()
+    cands = {"plan": plan} if isinstance(plan, BitPlan) else dict(plan)
+    if not cands:
+        raise InvalidParameterError("refine: no candidate plan given")
+    by_name = {u.name: u for u in units}
+    missing = [u for u in table.units if u not in by_name]
+    if missing:
+        raise InvalidParameterError(f"refine: table units {missing[:3]} are not model units; "
+                                    "pass the units the table was estimated on")
+    groups = tie_groups(table)
+    sizes = {g: {str(o): float(v) for o, v in table.df[table.df["unit"].isin(members)]
+                 .groupby("option")["size_bits"].sum().items()} for g, members in groups.items()}
+    weights = _Weights(model, [by_name[u] for u in table.units])
+    rounds: list[RefineRound] = []
+    status = RefineStatus.ROUND_LIMIT if cfg.rounds else RefineStatus.CONVERGED
+    try:
+        meter = _Meter(model, batches, kind=kind, max_tokens=cfg.max_tokens)
+        starts = {g: min(meter.cache.start_block(by_name[u]) for u in members)
+                  for g, members in groups.items()}
+        measured: dict[str, float] = {}
+        for label, cand in cands.items():
+            weights.set_plan(cand.choice)
+            measured[label] = meter.full_error()
+        start_label = min(measured, key=lambda k: measured[k])
+        start = cands[start_label]
+        current = dict(start.choice)
+        weights.set_plan(current)
+        error = start_error = meter.rebuild()
+        trust = max(1, int(round(cfg.trust * table.n_units)))
+        deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit
+        for r in range(cfg.rounds):
+            if deadline is not None and time.perf_counter() > deadline:
+                status = RefineStatus.TIME_LIMIT
+                break
+            step, choice = _round(r, meter, weights, table, budget, groups, current, sizes, starts,
+                                  error, trust, cfg.neighbours, deadline)
+            trust = step.trust
+            rounds.append(step)
+            if on_round is not None:
+                on_round(step)
+            if not step.accepted:
+                late = deadline is not None and time.perf_counter() > deadline
+                status = RefineStatus.TIME_LIMIT if late else RefineStatus.CONVERGED
+                break
+            current, error = choice, step.error_trial
+    finally:
+        weights.restore()
+    info = SolverInfo(name=f"{start.solver.name}+refine", status=start.solver.status, gap=None,
+                      seconds=start.solver.seconds + sum(s.seconds for s in rounds),
+                      params={**dict(start.solver.params), "refine_rounds": len(rounds),
+                              "refine_status": str(status), "refine_start": start_label})
+    refined = BitPlan.from_choice(table, current, budget=budget, solver=info) if rounds and \
+        current != start.choice else start
+    return RefineResult(plan=refined, start_error=start_error, error=error, rounds=tuple(rounds),
+                        status=status, candidates=measured, start_label=start_label)
+
+
+def _round(r: int, meter: _Meter, weights: _Weights, table: CostTable, budget: Budget,
+           groups: Mapping[str, Sequence[str]], current: dict[str, str],
+           sizes: Mapping[str, Mapping[str, float]], starts: Mapping[str, int], error: float,
+           trust: int, neighbours: int, deadline: float | None) -> tuple[RefineRound, dict[str, str]]:
+    """One re-linearise / re-solve / accept-or-shrink round (module docstring, steps 2–4)."""
+    t0 = time.perf_counter()
+    f0 = meter.forwards
+    order = move_priority(table, groups, current, sizes, neighbours)
+    deltas = _measure_moves(meter, weights, groups, current, sizes, starts, error, neighbours,
+                            order, deadline)
+    local = _local_table(table, groups, deltas)
+    trials: list[tuple[float, float, int]] = []  # (error, predicted change, units moved)
+    choice = current
+    while trust >= 1:
+        choice, predicted = trust_region_choice(local, budget, current, trust)
+        changed = {u: choice[u] for u in current if choice[u] != current[u]}
+        if not changed or predicted >= 0:
+            break
+        weights.set_plan(changed)
+        trials.append((meter.rebuild(), predicted, len(changed)))
+        if trials[-1][0] < error:
+            break
+        weights.set_plan({u: current[u] for u in changed})
+        trust //= 2
+    accepted = bool(trials) and trials[-1][0] < error
+    last = trials[-1] if trials else (error, 0.0, 0)
+    step = RefineRound(index=r, error_before=error, error_trial=last[0], predicted_change=last[1],
+                       moved=last[2], trust=trust, accepted=accepted, trials=len(trials),
+                       seconds=time.perf_counter() - t0)
+    log.info("refine round %d: error %.5g -> %.5g (%s, %d moved, %d forwards)", r, error,
+             step.error_trial, "accepted" if accepted else "rejected", step.moved,
+             meter.forwards - f0)
+    return step, choice
+
+
+def tie_groups(table: CostTable) -> dict[str, list[str]]:
+    """Move groups: the units of one tie id together (they must share an option), else one unit."""
+    ties = table.df.drop_duplicates("unit").set_index("unit")["tie"] if table.has_ties else None
+    groups: dict[str, list[str]] = {}
+    for u in table.units:
+        t = "" if ties is None else str(ties[u] or "")
+        groups.setdefault(f"tie:{t}" if t else u, []).append(u)
+    return groups
+
+
+def move_priority(table: CostTable, groups: Mapping[str, Sequence[str]], current: Mapping[str, str],
+                  sizes: Mapping[str, Mapping[str, float]], k: int) -> list[str]:
+    """Move groups ordered by the table's largest |cost change| of a neighbour move, largest first.
+
+    Under a time limit the groups whose moves the table deems most consequential are measured first.
+    """
+    cost = table.df.set_index(["unit", "option"])["cost"]
+
+    def swing(g: str) -> float:
+        cur = current[groups[g][0]]
+        return max((abs(sum(float(cost[(u, o)]) - float(cost[(u, cur)]) for u in groups[g]))
+                    for o in neighbour_options(sizes[g], cur, k)), default=0.0)
+    return sorted(groups, key=lambda g: (-swing(g), g))
+
+
+def _measure_moves(meter: _Meter, weights: _Weights, groups: Mapping[str, Sequence[str]],
+                   current: Mapping[str, str], sizes: Mapping[str, Mapping[str, float]],
+                   starts: Mapping[str, int], error: float, k: int, order: Sequence[str],
+                   deadline: float | None) -> dict[str, dict[str, float]]:
+    """Δ_g(o) = D(P with group g → o) − D(P) for the neighbour options of every move group.
+
+    Groups are measured in ``order``; past ``deadline`` the rest keep only their current option.
+    """
+    deltas: dict[str, dict[str, float]] = {}
+    for g in order:
+        members = groups[g]
+        cur = current[members[0]]
+        deltas[g] = {cur: 0.0}
+        if deadline is not None and time.perf_counter() > deadline:
+            continue
+        for o in neighbour_options(sizes[g], cur, k):
+            for u in members:
+                weights.set(u, o)
+            try:
+                deltas[g][o] = meter.error_from(starts[g]) - error
+            finally:
+                for u in members:
+                    weights.set(u, cur)
+    return deltas
+
+
+def _local_table(table: CostTable, groups: Mapping[str, Sequence[str]],
+                 deltas: Mapping[str, Mapping[str, float]]) -> CostTable:
+    """The table restricted to measured moves; a group's Δ (shifted to min 0) sits on its first unit."""
+    first = {members[0]: g for g, members in groups.items()}
+    group_of = {u: g for g, members in groups.items() for u in members}
+    df = table.df
+    keep = np.array([o in deltas[group_of[u]] for u, o in zip(df["unit"], df["option"], strict=True)])
+    sub = df.loc[keep].copy()
+    shift = {g: min(d.values()) for g, d in deltas.items()}
+    sub["cost"] = [deltas[first[u]][o] - shift[first[u]] if u in first else 0.0
+                   for u, o in zip(sub["unit"], sub["option"], strict=True)]
+    sub = sub.drop(columns=[c for c in ("cost_std",) if c in sub.columns])
+    return CostTable(sub.reset_index(drop=True), {**dict(table.metadata), "estimator": "refine"})

@@ -1,0 +1,136 @@
+"""The user's own text for calibration (``--data``) and held-out evaluation (``--eval-data``).
+
+Every verb that touches a model takes the same two files, in the formats of
+:func:`~allocator.model.data.read_text_file` (``.jsonl`` with a ``"text"`` field per line, otherwise one
+text per blank-line-separated paragraph):
+
+* neither: the built-in corpus (``calibration`` / ``evaluation`` splits, disjoint by document hash);
+* ``--data`` and ``--eval-data``: calibration on the first, evaluation on the second, each whole;
+  texts present in both are reported (:func:`overlap`), they are not removed;
+* ``--data`` alone, when the verb also evaluates: the file is split by text hash —
+  a text is held out when ``int(sha256("bitalloc-user-split:" + text)[:8], 16) mod 100`` is below
+  :data:`HELD_OUT_SHARE` (25). The split depends on each text only (not on the file's order or
+  the seed), so identical texts always land on the same side and the two sides never share a
+  text. A file too small to give both sides at least one text is refused (pass ``--eval-data``);
+* ``--eval-data`` alone: calibration on the built-in corpus, evaluation on the file.
+
+Verbs that only calibrate (``apply --method gptq``) use ``--data`` whole (``holdout=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from allocator.core.errors import InvalidParameterError
+from allocator.model.data.batches import read_text_file
+
+__all__ = ["HELD_OUT_SHARE", "data_description", "overlap", "split_user_texts", "user_data_for",
+           "user_split_of"]
+
+#: percent of a lone ``--data`` file's texts held out for evaluation (by text hash)
+HELD_OUT_SHARE = 25
+
+UserSplit = Literal["calibration", "evaluation"]
+
+
+def user_split_of(text: str) -> UserSplit:
+    """``evaluation`` when ``int(sha256("bitalloc-user-split:" + text)[:8], 16) mod 100`` is below
+    :data:`HELD_OUT_SHARE`, else ``calibration``."""
+    digest = hashlib.sha256(("bitalloc-user-split:" + text).encode("utf-8")).hexdigest()
+    return "evaluation" if int(digest[:8], 16) % 100 < HELD_OUT_SHARE else "calibration"
+
+
+def split_user_texts(texts: list[str], *, source: str = "--data") -> tuple[list[str], list[str]]:
+    """(calibration texts, held-out texts) of one file, split by :func:`user_split_of`.
+
+    Raises:
+        InvalidParameterError: one side would be empty (too few texts to split).
+    """
+    calib = [t for t in texts if user_split_of(t) == "calibration"]
+    held = [t for t in texts if user_split_of(t) == "evaluation"]
+    if not calib or not held:
+        raise InvalidParameterError(
+            f"{source} has {len(texts)} text(s), too few to hold {HELD_OUT_SHARE} % out for "
+            f"evaluation ({len(calib)} calibration, {len(held)} held out); add paragraphs or pass "
+            f"--eval-data")
+    return calib, held
+
+
+def _texts(data: str | Path | None, eval_data: str | Path | None, split: UserSplit,
+           holdout: bool) -> tuple[list[str], str] | None:
+    """The texts of ``split`` and their source label, or None for the built-in corpus."""
+    if split == "evaluation" and eval_data is not None:
+        return read_text_file(eval_data), f"file:{Path(eval_data).name}"
+    if data is None:
+        return None
+    texts = read_text_file(data)
+    name = Path(data).name
+    if eval_data is not None or not holdout:
+        if split == "evaluation":  # holdout=False asked for held-out data: nothing to give
+            raise InvalidParameterError(
+                "no held-out data: pass --eval-data (or let --data be split for evaluation)")
+        return texts, f"file:{name}"
+    calib, held = split_user_texts(texts, source=f"--data {name}")
+    return (calib, f"file:{name}#calibration") if split == "calibration" else \
+        (held, f"file:{name}#held-out")
+
+
+def user_data_for(loaded: Any, split: str, n_samples: int, *, data: str | Path | None = None,
+                  eval_data: str | Path | None = None, holdout: bool = True, seq_len: int = 128,
+                  batch_size: int = 16, seed: int = 0) -> Any:
+    """The batches of ``split`` (``calibration`` / ``evaluation``) a loaded model runs on.
+
+    The user's files as the module docstring says (tokenised exactly as
+    :func:`~allocator.model.data.data_for` tokenises the built-in corpus: packed windows for causal
+    LMs, one text per sample otherwise); :func:`~allocator.model.data.data_for` when no file applies.
+
+    Raises:
+        InvalidParameterError: an unknown split, a model without a tokenizer given text, a file
+            that does not exist, holds no text or is too small to split.
+    """
+    from allocator.model.data.batches import CalibrationData
+    from allocator.model.data.images import data_for, uses_digits
+
+    if split not in ("calibration", "evaluation"):
+        raise InvalidParameterError(f"unknown split {split!r}; use calibration or evaluation")
+    common: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed}
+    if data is None and eval_data is None:
+        return data_for(loaded, split, n_samples, **common)
+    if uses_digits(loaded) or getattr(loaded, "tokenizer", None) is None:
+        raise InvalidParameterError(
+            f"model {getattr(loaded, 'name', '?')!r} takes no text (it has no tokenizer); "
+            f"drop --data/--eval-data to use its built-in data")
+    side: UserSplit = "calibration" if split == "calibration" else "evaluation"
+    got = _texts(data, eval_data, side, holdout)
+    if got is None:
+        return data_for(loaded, split, n_samples, **common)
+    texts, source = got
+    return CalibrationData.from_texts(texts, loaded.tokenizer, n_samples=n_samples, source=source,
+                                      pack=str(loaded.kind) == "causal_lm", **common)
+
+
+def overlap(data: str | Path, eval_data: str | Path) -> int:
+    """How many distinct held-out texts of ``eval_data`` also appear in ``data``."""
+    return len(set(read_text_file(data)) & set(read_text_file(eval_data)))
+
+
+def data_description(data: str | Path | None, eval_data: str | Path | None) -> dict[str, str]:
+    """Where calibration and held-out data come from, in words (for reports)."""
+    builtin_cal = "built-in corpus, calibration split"
+    builtin_eval = "built-in corpus, evaluation split (disjoint from calibration by document hash)"
+    if data is None and eval_data is None:
+        return {"calibration": builtin_cal, "evaluation": builtin_eval}
+    if eval_data is None:
+        name = Path(data).name  # type: ignore[arg-type]
+        how = (f"texts hashed into {100 - HELD_OUT_SHARE}/{HELD_OUT_SHARE} % "
+               f"calibration/held-out; no text on both sides")
+        return {"calibration": f"--data {name} (calibration share; {how})",
+                "evaluation": f"--data {name} (held-out share; {how})"}
+    ev = Path(eval_data).name
+    if data is None:
+        return {"calibration": builtin_cal, "evaluation": f"--eval-data {ev}"}
+    shared = overlap(data, eval_data)
+    note = f"{shared} text(s) also in --data" if shared else "no text shared with --data"
+    return {"calibration": f"--data {Path(data).name}", "evaluation": f"--eval-data {ev} ({note})"}

@@ -1,0 +1,75 @@
+"""The output a model's quality is measured on, from one batch (model side, pure forward).
+
+One home for "run the model on a batch and take the tensor that matters", shared by the
+estimators (``sensitivity``) and the backend's evaluation (``allocator.backend``), so that neither
+depends on the other:
+
+* ``causal_lm`` / ``classifier`` (and ``generic`` models that return logits) — the logits;
+* ``encoder`` — the attention-mask mean-pooled last hidden state, L2-normalised (the sentence
+  embedding as sentence-transformers computes it).
+
+torch is imported inside the functions (``import allocator`` stays light).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from allocator.core.errors import ModelError
+from allocator.model.loading import ModelKind
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["NON_INPUT_KEYS", "forward_outputs", "mean_pool_normalize", "model_inputs"]
+
+#: Batch keys that are targets or bookkeeping, never model inputs.
+NON_INPUT_KEYS: frozenset[str] = frozenset({"labels", "label", "idx", "text"})
+
+def model_inputs(batch: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The keyword arguments of ``model(**...)`` for ``batch``: targets dropped, and no KV cache
+    for causal LMs (a cache would only cost memory here)."""
+    inputs = {k: v for k, v in dict(batch).items() if k not in NON_INPUT_KEYS}
+    if kind == ModelKind.CAUSAL_LM:
+        inputs.setdefault("use_cache", False)
+    return inputs
+
+
+def mean_pool_normalize(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sentence embedding as sentence-transformers computes it:
+    e = normalize(Σ_t m_t h_t / max(Σ_t m_t, 1e-9)); a 2-D ``hidden`` is only normalised."""
+    import torch
+
+    if hidden.dim() == 2:
+        return torch.nn.functional.normalize(hidden, dim=-1)
+    m = (torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device) if mask is None
+         else mask.to(hidden.dtype))
+    pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def forward_outputs(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
+    """The output a distortion or an evaluation metric is measured on (see the module doc).
+
+    Gradients are not disabled: wrap the call in ``torch.inference_mode()`` when not needed.
+    """
+    import torch
+
+    out = model(**model_inputs(batch, kind))
+    logits = getattr(out, "logits", None)
+    kind_ = str(kind)
+    if kind_ in (ModelKind.CAUSAL_LM, ModelKind.CLASSIFIER) or (
+            kind_ == ModelKind.GENERIC and logits is not None):
+        if logits is None:
+            logits = out[0] if isinstance(out, tuple | list) else out
+        if not isinstance(logits, torch.Tensor):
+            raise ModelError(f"model of kind {kind!r} returned no logits tensor")
+        return logits
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, tuple | list) else out
+    if not isinstance(hidden, torch.Tensor):
+        raise ModelError("encoder model returned no last_hidden_state tensor")
+    am = batch.get("attention_mask")
+    return mean_pool_normalize(hidden, am if isinstance(am, torch.Tensor) else None)
