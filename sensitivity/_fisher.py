@@ -42,13 +42,8 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
-from sensitivity._gauss_newton import (
-    check_probes,
-    gn_diagonal_terms,
-    quant_deltas,
-    sampled_curvature,
-    unit_reduction,
-)
+from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, QuantDeltas, check_delta_budget
+from sensitivity._gauss_newton import check_probes, curvature_in_passes
 from sensitivity._loss import (
     differentiable_attention,
     gradient_mode,
@@ -61,28 +56,13 @@ from sensitivity._progress import progress_bar
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FISHER_TARGETS", "FisherEstimator", "fisher_sample_costs", "squared_quant_deltas"]
+__all__ = ["FISHER_TARGETS", "FisherEstimator", "fisher_sample_costs"]
 
 PER_SAMPLE_MODES = ("auto", "loop", "vmap")
 #: "model": sampled-output true Fisher / GN diagonal (default); "empirical": task-loss gradients.
 FISHER_TARGETS = ("model", "empirical")
 #: Below this many unit weights, "auto" uses the vmapped backward (per-call overhead dominates).
 _VMAP_BELOW = 2_000_000
-
-
-def squared_quant_deltas(model: torch.nn.Module, ctx: EstimateContext) -> list[torch.Tensor]:
-    """``ΔW²`` per unit, stacked over options: [n_options, out, cols] (float32)."""
-    import torch
-
-    from allocator.core.units import unit_weight
-    from allocator.model.quant import fake_quantize
-
-    out = []
-    with torch.no_grad():
-        for unit in ctx.units:
-            w = unit_weight(model, unit).detach().float()
-            out.append(torch.stack([(fake_quantize(w, f) - w) ** 2 for f in ctx.options]))
-    return out
 
 
 def fisher_sample_costs(model: torch.nn.Module, ctx: EstimateContext, *, per_sample: str = "auto",
@@ -95,7 +75,7 @@ def fisher_sample_costs(model: torch.nn.Module, ctx: EstimateContext, *, per_sam
     n_weights = sum(t.numel() for t in leaves)
     batched = per_sample == "vmap" or (per_sample == "auto" and (
         not ctx.device.startswith("cpu") or n_weights < _VMAP_BELOW))
-    d2 = [t.to(leaves[k].device) for t, k in zip(squared_quant_deltas(model, ctx), index, strict=True)]
+    deltas = QuantDeltas.build(model, ctx.units, ctx.options)
     rows: list[np.ndarray] = []
     with gradient_mode(model, leaves), progress_bar(len(ctx.batches), "fisher batches",
                                                      ctx.progress) as bar:
@@ -105,7 +85,7 @@ def fisher_sample_costs(model: torch.nn.Module, ctx: EstimateContext, *, per_sam
             for lo in range(0, losses.numel(), chunk):
                 hi = min(lo + chunk, losses.numel())
                 for grads in _sample_grads(losses, leaves, lo, hi, batched):
-                    rows.append(_costs_of(grads, ctx.units, index, d2))
+                    rows.append(_costs_of(grads, ctx.units, index, deltas))
             bar.update(1)
     if not rows:
         raise InvalidParameterError("no calibration sample has a target; use longer texts")
@@ -136,11 +116,10 @@ def _sample_grads(losses: torch.Tensor, leaves: Sequence[torch.Tensor], lo: int,
 
 
 def _costs_of(grads: Sequence[torch.Tensor], units: Sequence[object], index: Sequence[int],
-              d2: Sequence[torch.Tensor]) -> np.ndarray:
-    out = np.empty((len(units), d2[0].shape[0]))
+              deltas: QuantDeltas) -> np.ndarray:
+    out = np.empty((len(units), len(deltas.options)))
     for i, (unit, k) in enumerate(zip(units, index, strict=True)):
-        g2 = unit_block(grads[k].detach(), unit).float() ** 2
-        out[i] = 0.5 * (d2[i] * g2).sum(dim=(1, 2)).cpu().numpy()
+        out[i] = deltas.diagonal(i, unit_block(grads[k].detach(), unit)).cpu().numpy()
     return out
 
 
@@ -161,17 +140,20 @@ class FisherEstimator(BaseEstimator):
     name: ClassVar[str] = "fisher"
 
     def __init__(self, *, target: str = "model", probes: int = 2, per_sample: str = "auto",
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None,
+                 delta_budget_mb: float = DEFAULT_DELTA_BUDGET_MB) -> None:
         if target not in FISHER_TARGETS:
             raise InvalidParameterError(f"target must be one of {FISHER_TARGETS}, got {target!r}")
         if per_sample not in PER_SAMPLE_MODES:
             raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise InvalidParameterError(f"chunk must be an int ≥ 1, got {chunk!r}")
+        check_delta_budget(delta_budget_mb)
         self.target = target
         self.probes = check_probes(probes)
         self.per_sample = per_sample
         self.chunk = chunk
+        self.delta_budget_mb = delta_budget_mb
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         if self.target == "model":
@@ -182,9 +164,7 @@ class FisherEstimator(BaseEstimator):
         return UnitCosts(cost=c.mean(axis=0), cost_std=std, info={"samples": int(n)})
 
     def _model_costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
-        _, index = unit_leaves(model, ctx.units)
-        d2 = [d**2 for d in quant_deltas(model, ctx)]
-        reduce = unit_reduction(ctx.units, index, lambda g, i: gn_diagonal_terms(g, d2[i]))
-        est = sampled_curvature(model, ctx, reduce, probes=self.probes, chunk=self.chunk or 1,
-                                per_sample=self.per_sample, label="fisher")
-        return UnitCosts(cost=est.mean, cost_std=est.sem, info=est.info())
+        return curvature_in_passes(model, ctx, QuantDeltas.diagonal,
+                                   budget_bytes=check_delta_budget(self.delta_budget_mb),
+                                   probes=self.probes, chunk=self.chunk or 1,
+                                   per_sample=self.per_sample, label="fisher")

@@ -43,6 +43,7 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError
 from allocator.model.loading import ModelKind
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, QuantDeltas, check_delta_budget, delta_groups
 from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves
 from sensitivity._progress import progress_bar
 
@@ -56,6 +57,7 @@ __all__ = [
     "check_chunk",
     "check_per_sample",
     "check_probes",
+    "curvature_in_passes",
     "cosine_cotangent",
     "cosine_output_hessian",
     "gn_diagonal_terms",
@@ -359,23 +361,62 @@ class GaussNewtonEstimator(BaseEstimator):
     per-example KL for classifiers, mean 1 − cos for encoders). Unlike diagonal or trace scores
     it keeps the within-unit correlations of GN; it is never negative.
 
+    Memory: the deltas are held as RTN codes (≈ 1 byte per weight and option,
+    :mod:`sensitivity._deltas`); units whose codes exceed ``delta_budget_mb`` are split into
+    groups measured in separate passes over the data, with the same table.
+
     Args:
         probes: output cotangents per sample (1–4 is enough: the samples already average).
         chunk: rows per forward pass (each (row, probe) gets its own backward).
         per_sample: ``auto`` (vmap on GPU and for small models), ``loop`` or ``vmap``.
+        delta_budget_mb: MiB of stored deltas per pass (more passes when exceeded).
     """
 
     name: ClassVar[str] = "gauss-newton"
 
-    def __init__(self, *, probes: int = 2, chunk: int = 1, per_sample: str = "auto") -> None:
+    def __init__(self, *, probes: int = 2, chunk: int = 1, per_sample: str = "auto",
+                 delta_budget_mb: float = DEFAULT_DELTA_BUDGET_MB) -> None:
         self.probes = check_probes(probes)
         self.chunk = check_chunk(chunk)
         self.per_sample = check_per_sample(per_sample)
+        check_delta_budget(delta_budget_mb)
+        self.delta_budget_mb = delta_budget_mb
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
-        _, index = unit_leaves(model, ctx.units)
-        deltas = quant_deltas(model, ctx)
-        reduce = unit_reduction(ctx.units, index, lambda g, i: gn_quadratic_terms(g, deltas[i]))
-        est = sampled_curvature(model, ctx, reduce, probes=self.probes, chunk=self.chunk,
-                                per_sample=self.per_sample, label="gauss-newton")
-        return UnitCosts(cost=est.mean, cost_std=est.sem, info=est.info())
+        return curvature_in_passes(model, ctx, QuantDeltas.quadratic,
+                                   budget_bytes=check_delta_budget(self.delta_budget_mb),
+                                   probes=self.probes, chunk=self.chunk, per_sample=self.per_sample,
+                                   label="gauss-newton")
+
+
+def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
+                        term: Callable[[QuantDeltas, int, torch.Tensor], torch.Tensor], *,
+                        budget_bytes: int, probes: int, chunk: int, per_sample: str,
+                        label: str) -> UnitCosts:
+    """:func:`sampled_curvature` of ``term(deltas, unit, g)`` over groups of units whose deltas
+    fit ``budget_bytes`` (:func:`~sensitivity._deltas.delta_groups`), one pass per group."""
+    import dataclasses
+
+    groups = delta_groups(ctx.units, ctx.options, budget_bytes)
+    mean, sem = np.empty((len(ctx.units), len(ctx.options))), np.empty((len(ctx.units), len(ctx.options)))
+    est: SampledCurvature | None = None
+    stored = 0
+    for n, group in enumerate(groups):
+        sub = dataclasses.replace(ctx, units=[ctx.units[i] for i in group])
+        deltas = QuantDeltas.build(model, sub.units, sub.options)
+        stored = max(stored, deltas.nbytes)
+        _, index = unit_leaves(model, sub.units)
+        reduce = unit_reduction(sub.units, index, _bound(term, deltas))
+        tag = label if len(groups) == 1 else f"{label} pass {n + 1}/{len(groups)}"
+        est = sampled_curvature(model, sub, reduce, probes=probes, chunk=chunk,
+                                per_sample=per_sample, label=tag)
+        mean[group], sem[group] = est.mean, est.sem
+        del deltas
+    assert est is not None  # ctx.units is never empty (BaseEstimator.estimate checks)
+    return UnitCosts(cost=mean, cost_std=sem,
+                     info={**est.info(), "passes": len(groups), "delta_bytes": stored})
+
+
+def _bound(term: Callable[[QuantDeltas, int, torch.Tensor], torch.Tensor],
+           deltas: QuantDeltas) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    return lambda g, i: term(deltas, i, g)
