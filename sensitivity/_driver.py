@@ -159,12 +159,15 @@ def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> Prepa
     """Load the model and data of ``spec``, discover the units and build the context; nothing
     is estimated yet."""
     from allocator.core.units import discover_units
+    from allocator.model.unit_select import filter_units
     from sensitivity import estimator_class
 
     needs_data = estimator_class(spec.method).needs_data
     loaded = _load(model, spec.device)
-    units = discover_units(loaded.model, include=spec.include, exclude=spec.exclude,
-                           kinds=[UnitKind(k) for k in spec.kinds], group_columns=spec.groups)
+    # the globs select among all units (allocator.model.unit_select: one syntax with `run`)
+    units = filter_units(discover_units(loaded.model, kinds=[UnitKind(k) for k in spec.kinds],
+                                        group_columns=spec.groups),
+                         spec.include, spec.exclude).units
     cal = None
     if needs_data:
         cal = _image_data(spec.data, loaded, samples=spec.samples, batch_size=spec.batch_size,
@@ -210,8 +213,8 @@ def prepare_estimate(
     samples: int = DEFAULT_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    include: str | None = None,
-    exclude: str | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     groups: int | None = None,
     kinds: Sequence[str] = ("linear",),
     seed: int = 0,
@@ -237,8 +240,8 @@ def run_estimate(
     samples: int = DEFAULT_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    include: str | None = None,
-    exclude: str | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     groups: int | None = None,
     kinds: Sequence[str] = ("linear",),
     seed: int = 0,
@@ -260,8 +263,10 @@ def run_estimate(
             list of texts, or ready :class:`~allocator.model.data.CalibrationData`.
         options: option spec (``"int2..8-g128-asym,fp16"``), labels or formats; None = default.
         samples, seq_len, batch_size: calibration size (texts, tokens per text, texts per batch).
-        include, exclude: regexes on module names; groups: split weights into groups of this
-            many input columns (SliM-LLM style units); kinds: module kinds to quantize.
+        include, exclude: glob patterns on unit names, one or several (``'*.attention.*'``,
+            ``'pooler'``: a module selects everything under it), as ``bitalloc run`` takes
+            them; groups: split weights into groups of this many input columns (SliM-LLM
+            style units); kinds: module kinds to quantize.
         seed: seeds data order, probes and torch's RNG (restored afterwards).
         device: where the model and batches run (``cpu``, ``cuda``, ``cuda:1``).
         progress: show progress bars (stderr).

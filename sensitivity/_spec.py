@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat, parse_options
 from allocator.core.units import UnitKind
+from allocator.model.unit_select import check_patterns
 
 if TYPE_CHECKING:
     from sensitivity._base import BaseEstimator
@@ -78,11 +79,6 @@ def _int(name: str, value: Any, low: int) -> None:
         raise InvalidParameterError(f"{name} must be an int ≥ {low}, got {value!r}")
 
 
-def _opt_str(name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, str):
-        raise InvalidParameterError(f"{name} must be a string or None, got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class EstimateSpec:
     """What to estimate (everything but the model itself).
@@ -94,8 +90,10 @@ class EstimateSpec:
             list of texts, or ready calibration data.
         options: option spec (``"int2..8-g128-asym,fp16"``), labels or formats; None = default.
         samples, seq_len, batch_size: calibration size (texts, tokens per text, texts per batch).
-        include, exclude: regexes on module names; groups: split weights into groups of this
-            many input columns; kinds: module kinds to quantize.
+        include, exclude: glob patterns on unit names (one string or several; a module
+            selects everything under it), as ``bitalloc run`` takes them
+            (:func:`allocator.model.unit_select.filter_units`); stored as a tuple. groups: split
+            weights into groups of this many input columns; kinds: module kinds to quantize.
         seed: seeds data order, probes and torch's RNG (restored afterwards).
         device: where the model and batches run (``cpu``, ``cuda``, ``cuda:1``).
         progress: show progress bars (stderr).
@@ -108,8 +106,8 @@ class EstimateSpec:
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     batch_size: int = DEFAULT_BATCH_SIZE
-    include: str | None = None
-    exclude: str | None = None
+    include: str | Sequence[str] | None = ()
+    exclude: str | Sequence[str] | None = ()
     groups: int | None = None
     kinds: tuple[str, ...] = ("linear",)
     seed: int = 0
@@ -129,8 +127,9 @@ class EstimateSpec:
         _int("batch_size", self.batch_size, 1)
         if self.groups is not None:
             _int("groups", self.groups, 1)
-        _opt_str("include", self.include)
-        _opt_str("exclude", self.exclude)
+        # one glob syntax with `run` (a lone string is one pattern, as the old single regex was)
+        object.__setattr__(self, "include", check_patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude"))
         if not isinstance(self.device, str) or not self.device:
             raise InvalidParameterError(f"device must be a name like 'cpu' or 'cuda:0', got "
                                         f"{self.device!r}")
@@ -166,7 +165,8 @@ class EstimateSpec:
 
     def filters(self) -> dict[str, Any]:
         """The unit filters as recorded in the table metadata."""
-        return {"include": self.include, "exclude": self.exclude, "groups": self.groups,
+        return {"include": list(self.include or ()) or None,
+                "exclude": list(self.exclude or ()) or None, "groups": self.groups,
                 "kinds": list(self.kinds)}
 
     @classmethod

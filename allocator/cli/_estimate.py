@@ -27,8 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="texts per batch (default 8)")
     p.add_argument("--groups", type=int, help="split weights into groups of G input columns")
-    p.add_argument("--include", help="regex: only modules whose name matches")
-    p.add_argument("--exclude", help="regex: skip modules whose name matches")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only units matching this glob, e.g. 'model.layers.0.*' (a module "
+                   "selects everything under it; repeatable; as in 'bitalloc run')")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out units matching this glob, e.g. '*.o_proj' or 'pooler' "
+                   "(repeatable)")
     p.add_argument("--kinds", default="linear",
                    help="comma-separated module kinds: linear, conv, embedding (default linear)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
@@ -38,8 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-o", "--output", default="table.parquet",
                    help="output file (.parquet, .csv or .json; default table.parquet)")
-    g = p.add_argument_group("sharding (--method measured): units split over workers that share "
-                             "an Optuna storage; other machines join with the same command")
+    g = p.add_argument_group("sharding: work split over workers that share an Optuna storage; "
+                             "other machines join with the same command. measured splits the "
+                             "units; gauss-newton, fisher, salience, hessian-proxy, relevance "
+                             "(and hessian-trace with curvature=gauss-newton) the calibration "
+                             "batches")
     g.add_argument("--storage", help="Optuna storage URL: sqlite:///estimate.db or postgresql://... "
                    "(default: in memory, this process only)")
     g.add_argument("--study", help="study name, stored as estimate-NAME (default: from the model, "
@@ -55,17 +62,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop each local worker after N shards (bounded jobs; re-run to go on)")
 
 
-def sharded(args: argparse.Namespace) -> bool:
-    """Whether the sharding flags are in use (they need ``--method measured``)."""
+def sharded(args: argparse.Namespace, spec: EstimateSpec) -> bool:
+    """Whether the sharding flags are in use (they need ``measured``, sharded by unit, or a
+    batch-additive estimator, sharded by calibration batch)."""
     from allocator.core.errors import InvalidParameterError
 
     used = [f for f, on in (("--storage", args.storage is not None), ("--study", args.study is not None),
                             ("--shards", args.shards is not None), ("--workers", args.workers != 1),
                             ("--wait", args.wait), ("--max-shards", args.max_shards is not None))
             if on]
-    if used and args.method != "measured":
-        raise InvalidParameterError(f"{used[0]} shards the 'measured' estimator only, not "
-                                    f"{args.method!r}; drop it or use --method measured")
+    if used and spec.method != "measured" and not spec.estimator().batch_additive():
+        raise InvalidParameterError(
+            f"{used[0]} shards 'measured' (by unit) and the batch-additive estimators (by batch), "
+            f"not {spec.method!r}, whose statistics do not add over batches; drop {used[0]} or "
+            "use another --method")
     return bool(used)
 
 
@@ -100,7 +110,7 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
     return EstimateSpec(
         method=args.method, params=params, data=args.data, options=options,
         samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-        include=args.include, exclude=args.exclude, groups=args.groups,
+        include=tuple(args.include), exclude=tuple(args.exclude), groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
         device=args.device, progress=not args.no_progress)
 
@@ -111,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
     consumer = getattr(args, "consumer", None)
     options = palette_options(consumer, args.options, args.groups)
-    is_sharded = sharded(args)
     spec = estimate_spec(args, options)
+    is_sharded = sharded(args, spec)
     if is_sharded:
         return _run_sharded(args, spec)
     table = run_spec(args.model, spec)
@@ -161,7 +171,7 @@ def _run_sharded(args: argparse.Namespace, estimate: EstimateSpec) -> int:
 
     table = table_for_model(out.table, getattr(args, "consumer", None), args.model)
     path = table.save(args.output)
-    console().print(f"measured: {table.n_units} units × {len(table.options)} options, "
+    console().print(f"{args.method}: {table.n_units} units × {len(table.options)} options, "
                     f"{out.n_shards} shards in {out.study} ({out.measured} here), "
                     f"{table.metadata.get('seconds', 0):.1f} s -> {path}")
     return 0

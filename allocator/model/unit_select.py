@@ -1,6 +1,16 @@
 """Which discovered units go into the budget: the user's ``--include/--exclude`` globs, and
 units whose output cannot reach the measured output (``inert_units``).
 
+One pattern syntax everywhere (``bitalloc run`` / ``demo`` / ``estimate``, ``EstimateSpec``,
+``RunConfig``, the service's ``estimate`` job): shell globs (:func:`fnmatch.fnmatchcase`, ``*``
+also matches dots) matched against a unit's full name or any of its parent modules, so
+``'pooler'`` selects ``pooler.dense`` and ``'model.layers.0'`` the whole first block (but not
+``model.layers.10``). A column-group unit ``m[g=3]`` is matched by its module ``m``. Patterns
+written for the old regex syntax of ``estimate`` (they hold ``\\ ^ $ | ( ) + {``, which never
+occur in a module name, so they cannot be meant as globs) still work for now: they are searched
+in the module name as before (:func:`re.search`) with a :class:`FutureWarning` that shows the
+glob to write instead.
+
 A BERT encoder loaded with ``AutoModel`` runs its ``pooler.dense`` on every forward, but a
 sentence-transformers model mean-pools the last hidden state: the pooler's output is thrown away.
 Counting it in the budget wastes bits on nothing (the solver gives it the fewest bits, which
@@ -17,8 +27,10 @@ torch is imported inside the functions (``import allocator`` stays light).
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +40,22 @@ if TYPE_CHECKING:
     from allocator.core.units import Unit
     from allocator.model.loading import LoadedModel
 
-__all__ = ["UnitSelection", "inert_units", "select_units"]
+__all__ = ["NoUnitMatchedError", "UnitSelection", "check_patterns", "filter_units", "inert_units",
+           "select_units", "unit_matches"]
 
 REASON_INCLUDE = "not matched by --include"
 REASON_EXCLUDE = "matched by --exclude"
 REASON_INERT = "cannot affect the output (kept at full precision)"
+
+#: characters of regex syntax that never occur in a module name: a pattern holding one cannot
+#: be a glob that matches anything, so it is read as a pattern of the old regex syntax
+_REGEX_ONLY = frozenset("\\^$|()+{}")
+
+
+class NoUnitMatchedError(InvalidParameterError, ModelError):
+    """A pattern matches no unit, or the patterns leave none: a bad parameter (``except
+    InvalidParameterError``) that only this model shows (``except ModelError``, as the regex
+    filters of ``estimate`` raised before)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,52 +69,119 @@ class UnitSelection:
         return [u for u, r in self.excluded.items() if r == reason]
 
 
-def _check_patterns(patterns: Iterable[str], flag: str) -> tuple[str, ...]:
-    out = tuple(patterns)
+def is_legacy_regex(pattern: str) -> bool:
+    """Whether ``pattern`` holds regex-only syntax (see the module docstring)."""
+    return any(c in _REGEX_ONLY for c in pattern)
+
+
+def _glob_hint(pattern: str) -> str:
+    """A best-effort glob for a simple regex (``layer\\.0\\.`` → ``*layer.0.*``), for the warning."""
+    body = pattern.removeprefix("^").removesuffix("$")
+    body = body.replace(".*", "*").replace("\\.", ".")
+    if not pattern.startswith("^"):
+        body = "*" + body.lstrip("*")
+    if not pattern.endswith("$"):
+        body = body.rstrip("*") + "*"
+    return body
+
+
+def check_patterns(patterns: str | Iterable[str] | None, flag: str) -> tuple[str, ...]:
+    """``patterns`` as a tuple of glob patterns: None → ``()``, one string → one pattern.
+
+    Raises:
+        InvalidParameterError: a pattern is not a non-empty string, or is a malformed regex of
+            the old syntax.
+    """
+    if patterns is None:
+        return ()
+    out = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     for p in out:
         if not isinstance(p, str) or not p.strip():
-            raise InvalidParameterError(f"{flag} takes non-empty glob patterns, got {p!r}")
+            raise InvalidParameterError(f"{flag} takes non-empty glob patterns such as "
+                                        f"'model.layers.0.*', got {p!r}")
+        if is_legacy_regex(p):
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise InvalidParameterError(
+                    f"{flag} {p!r} is neither a glob nor a valid regex ({exc}); write a glob "
+                    f"such as {_glob_hint(p)!r}") from None
     return out
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatchcase(name, p) for p in patterns)
+def _warn_legacy(patterns: Sequence[str], flag: str) -> None:
+    for p in patterns:
+        if is_legacy_regex(p):
+            # FutureWarning, not DeprecationWarning: the person typing the pattern should see it
+            warnings.warn(f"{flag} {p!r} is a regex; unit patterns are globs now (as in "
+                          f"'bitalloc run'); regexes are still searched in module names for now, "
+                          f"write e.g. {_glob_hint(p)!r} instead", FutureWarning, stacklevel=3)
 
 
-def filter_units(units: Sequence[Unit], include: Iterable[str] = (),
-                 exclude: Iterable[str] = ()) -> UnitSelection:
-    """Keep units whose name matches one of ``include`` (all when empty) and none of ``exclude``.
+def unit_matches(unit: Unit, pattern: str) -> bool:
+    """Whether ``pattern`` selects ``unit``: a glob on its name, its module or a parent module;
+    a pattern of the old regex syntax searched in its module name."""
+    if is_legacy_regex(pattern):
+        return re.search(pattern, unit.module) is not None
+    if fnmatchcase(unit.name, pattern):
+        return True
+    parts = unit.module.split(".")
+    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
-    Patterns are shell globs on unit names (:func:`fnmatch.fnmatchcase`: ``*`` also matches
-    dots), e.g. ``'*.attention.*'``, ``'pooler.*'``, ``'model.layers.0.*'``.
+
+def _matches(unit: Unit, patterns: Sequence[str]) -> bool:
+    return any(unit_matches(unit, p) for p in patterns)
+
+
+def _drop_lone_ties(units: Sequence[Unit]) -> tuple[Unit, ...]:
+    """A tie group with one member left constrains nothing; clear it, as discovering only the
+    kept modules would have (a tie id naming absent partners would confuse the solvers' checks)."""
+    count: dict[str, int] = {}
+    for u in units:
+        if u.tie is not None:
+            count[u.tie] = count.get(u.tie, 0) + 1
+    return tuple(replace(u, tie=None) if u.tie is not None and count[u.tie] < 2 else u
+                 for u in units)
+
+
+def filter_units(units: Sequence[Unit], include: str | Iterable[str] | None = (),
+                 exclude: str | Iterable[str] | None = ()) -> UnitSelection:
+    """Keep units matched by one of ``include`` (all when empty) and by none of ``exclude``
+    (:func:`unit_matches`), e.g. ``'*.attention.*'``, ``'pooler'``, ``'model.layers.0.*'``.
 
     Raises:
-        InvalidParameterError: a pattern matches no unit (a typo would silently do nothing), or
+        NoUnitMatchedError: a pattern matches no unit (a typo would silently do nothing), or
             nothing is left.
+        InvalidParameterError: a malformed pattern.
     """
-    inc, exc = _check_patterns(include, "--include"), _check_patterns(exclude, "--exclude")
-    names = [u.name for u in units]
+    inc, exc = check_patterns(include, "--include"), check_patterns(exclude, "--exclude")
+    _warn_legacy(inc, "--include")
+    _warn_legacy(exc, "--exclude")
     for flag, pats in (("--include", inc), ("--exclude", exc)):
         for p in pats:
-            if not any(fnmatchcase(n, p) for n in names):
-                example = names[0] if names else "?"
-                raise InvalidParameterError(
-                    f"{flag} {p!r} matches no unit; unit names look like {example!r} "
-                    f"(glob: '*' matches any text, dots included)")
+            if not any(unit_matches(u, p) for u in units):
+                example = units[0].name if units else "?"
+                # "matches include=..." is the wording of the old regex filters, kept for callers
+                # that look for it
+                raise NoUnitMatchedError(
+                    f"{flag} {p!r} matches no unit (nothing matches {flag[2:]}={p!r} among "
+                    f"{len(units)}); unit names look like {example!r} (glob: '*' matches any "
+                    f"text, dots included; a module selects everything under it)")
     kept: list[Unit] = []
     excluded: dict[str, str] = {}
     for u in units:
-        if inc and not _matches(u.name, inc):
+        if inc and not _matches(u, inc):
             excluded[u.name] = REASON_INCLUDE
-        elif exc and _matches(u.name, exc):
+        elif exc and _matches(u, exc):
             excluded[u.name] = REASON_EXCLUDE
         else:
             kept.append(u)
     if not kept:
-        raise InvalidParameterError(
+        raise NoUnitMatchedError(
             f"--include {list(inc)} / --exclude {list(exc)} leave no unit of {len(units)}; "
             f"loosen the patterns")
-    return UnitSelection(units=tuple(kept), excluded=excluded)
+    out = _drop_lone_ties(kept) if excluded else tuple(kept)
+    return UnitSelection(units=out, excluded=excluded)
 
 
 def inert_units(loaded: LoadedModel, batch: Mapping[str, Any],

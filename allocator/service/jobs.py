@@ -116,7 +116,7 @@ def resolve_model_path(model: Any, roots: list[Path]) -> Path:
 
 # ----------------------------------------------------------------- estimate
 _ESTIMATE_KEYS = {"model", "method", "options", "seed", "samples", "seq_len", "device", "params",
-                  "name", "consumer", "data"}
+                  "name", "consumer", "data", "include", "exclude"}
 
 
 def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any]:
@@ -134,6 +134,13 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
         out["data"] = service_data(params["data"], roots)
     if not isinstance(out.get("method", "datafree"), str):
         raise ServiceError(422, "invalid_parameter", "params.method must be an estimator name")
+    from allocator.model.unit_select import check_patterns
+
+    for key in ("include", "exclude"):  # the globs of `bitalloc run`; a bad one fails at submission
+        try:
+            check_patterns(params.get(key), f"params.{key}")
+        except InvalidParameterError as exc:
+            raise ServiceError(422, "invalid_parameter", str(exc)) from None
     if out.get("consumer") is not None:
         from allocator.core.errors import UnknownNameError
         from allocator.export.palettes import palette_options
@@ -148,8 +155,9 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
 def estimate_spec_of(params: Mapping[str, Any]) -> Any:
     """The :class:`sensitivity.EstimateSpec` of an ``estimate`` job.
 
-    ``options``, ``seed``, ``samples``, ``seq_len``, ``device`` and ``data`` (checked by
-    :func:`allocator.service.data_param.service_data`) are top-level job parameters;
+    ``options``, ``seed``, ``samples``, ``seq_len``, ``device``, ``include`` / ``exclude`` (glob
+    patterns on unit names, one string or a list, as ``bitalloc run`` takes them) and ``data``
+    (checked by :func:`allocator.service.data_param.service_data`) are top-level job parameters;
     ``params`` holds the estimator's parameters (checked by name against its constructor) and,
     as before, may also set any other field of the spec (``batch_size``, ``include``, ...) or
     give the estimator's parameters as ``estimator_params``.
@@ -161,7 +169,7 @@ def estimate_spec_of(params: Mapping[str, Any]) -> Any:
         raise InvalidParameterError(f"params.params must be an object, got {inner!r}")
     fields = EstimateSpec.field_names() - {"method", "params"}
     spec: dict[str, Any] = {k: params[k] for k in ("options", "seed", "samples", "seq_len", "device",
-                                                   "data") if k in params}
+                                                   "data", "include", "exclude") if k in params}
     est: dict[str, Any] = dict(inner.get("estimator_params") or {})
     for key, value in inner.items():
         if key in fields:

