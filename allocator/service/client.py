@@ -203,9 +203,23 @@ class Client:
         out: dict[str, Any] = self._json("GET", f"/plans/{plan_id}/export", params=params)
         return out
 
-    def frontier(self, table_id: str, *, bpw: list[float] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = self._json("GET", f"/tables/{table_id}/frontier", params={"bpw": bpw or []})
+    def frontier(self, table_id: str, *, bpw: list[float] | None = None,
+                 consumer: str | None = None) -> dict[str, Any]:
+        """The table's frontier; ``consumer`` (an export target, like ``frontier --for``)
+        computes it on the table as that target stores it."""
+        params: dict[str, Any] = {"bpw": bpw or []}
+        if consumer is not None:
+            params["consumer"] = consumer
+        out: dict[str, Any] = self._json("GET", f"/tables/{table_id}/frontier", params=params)
         return out
+
+    def frontier_plan(self, table_id: str, index: int, *, bpw: list[float] | None = None,
+                      consumer: str | None = None) -> BitPlan:
+        """The plan of frontier point ``index`` (same ``bpw`` / ``consumer`` as the frontier)."""
+        params: dict[str, Any] = {"bpw": bpw or []}
+        if consumer is not None:
+            params["consumer"] = consumer
+        return self.bitplan(self._json("GET", f"/tables/{table_id}/frontier/{index}", params=params))
 
     # ------------------------------------------------------------ jobs
     def submit(self, kind: str, params: Mapping[str, Any], *,

@@ -142,6 +142,10 @@ class FrontierPublic(BaseModel):
     table_id: str
     total_params: int
     points: list[FrontierPointPublic]
+    consumer: str | None = Field(
+        default=None, description="export target the frontier was computed for (query "
+                                  "'consumer'): the table restricted to its palette, ties and "
+                                  "accounting; null: the table as stored")
 
 
 class ExportRequest(BaseModel):

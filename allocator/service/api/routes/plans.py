@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
@@ -118,38 +118,55 @@ def export_plan(db: DbDep, plan_id: str,
                         changed={u: list(v) for u, v in out.changed.items()})
 
 
-@router.get("/tables/{table_id}/frontier", response_model=FrontierPublic, dependencies=[ReadAuth])
-def frontier(db: DbDep, table_id: str,
-             bpw: Annotated[list[float], Query(max_length=64, description="add exact points here")] = [],  # noqa: B006
-             ) -> FrontierPublic:
-    """The size-vs-cost Pareto frontier (hull sweep, plus exact solves at ``bpw``)."""
+#: the consumer query parameter of both frontier routes (they must agree on the point indices)
+ConsumerQuery = Annotated[str | None, Query(
+    min_length=1, max_length=64,
+    description="export target (gptqmodel, llmcompressor, autoround, hqq, llamacpp, torchao): the "
+                "frontier of the table as that target stores it, like 'bitalloc frontier --for'")]
+
+
+def _frontier(db: DbDep, table_id: str, bpw: list[float], consumer: str | None) -> tuple[CostTable, Any]:
+    """The frontier of table ``table_id`` (for ``consumer``) with exact points at ``bpw``."""
     import math
 
     import solvers
+    from allocator.export.palettes import table_for
 
     for b in bpw:
         if not (math.isfinite(b) and b > 0):
             raise ServiceError(422, "invalid_budget", f"bpw must be finite and > 0, got {b!r}")
     with db.read() as s:
         table = repo.load_table(s, table_id, db.cache)
-    f = solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
+    # as the CLI verb: a table made for the consumer as is, a generic one restricted to its
+    # palette; a table made for another consumer, or without the palette's options, is a 422
+    # naming the fix (InvalidParameterError / UnknownNameError → the domain error handler)
+    table = table_for(table, consumer)
+    return table, solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
+
+
+@router.get("/tables/{table_id}/frontier", response_model=FrontierPublic, dependencies=[ReadAuth])
+def frontier(db: DbDep, table_id: str,
+             bpw: Annotated[list[float], Query(max_length=64, description="add exact points here")] = [],  # noqa: B006
+             consumer: ConsumerQuery = None) -> FrontierPublic:
+    """The size-vs-cost Pareto frontier (hull sweep, plus exact solves at ``bpw``), optionally
+    for export target ``consumer``."""
+    table, f = _frontier(db, table_id, bpw, consumer)
     stds = [None] * len(f) if f.cost_std is None else [float(v) for v in f.cost_std]
     points = [FrontierPointPublic(size_bits=float(sz), bpw=float(bp), cost=float(c), kind=str(k),
                                   status=str(st), cost_std=sd)
               for sz, bp, c, k, st, sd in zip(f.size_bits, f.bpw, f.cost, f.kind, f.status, stds,
                                               strict=True)]
-    return FrontierPublic(table_id=table_id, total_params=table.total_params, points=points)
+    return FrontierPublic(table_id=table_id, total_params=table.total_params, points=points,
+                          consumer=consumer)
 
 
 @router.get("/tables/{table_id}/frontier/{index}", response_model=PlanPublic, dependencies=[ReadAuth])
 def frontier_plan(db: DbDep, table_id: str, index: int,
-                  bpw: Annotated[list[float], Query(max_length=64)] = []) -> PlanPublic:  # noqa: B006
-    """The plan of frontier point ``index`` (not stored; POST /v1/plans to keep one)."""
-    import solvers
-
-    with db.read() as s:
-        table = repo.load_table(s, table_id, db.cache)
-    f = solvers.frontier(table, budgets=[Budget(bpw=b) for b in bpw])
+                  bpw: Annotated[list[float], Query(max_length=64)] = [],  # noqa: B006
+                  consumer: ConsumerQuery = None) -> PlanPublic:
+    """The plan of frontier point ``index`` (not stored; POST /v1/plans to keep one); pass the
+    same ``bpw`` and ``consumer`` as for the frontier the index came from."""
+    _, f = _frontier(db, table_id, bpw, consumer)
     if not -len(f) <= index < len(f):
         raise ServiceError(404, "frontier_point_not_found",
                            f"frontier has points 0..{len(f) - 1}, not {index}")
