@@ -71,7 +71,7 @@ class Palette:
 
 _BPW = {"gptqmodel": "gptq_bpw", "autoround": "autoround_bpw", "hqq": "hqq_bpw",
         "llamacpp": "gguf_bpw", "llmcompressor": "pack_quantized_bpw",
-        "torchao": "intx_unpacked_bpw"}
+        "torchao": "torchao_bpw"}
 
 
 def _setting(fmt: QuantFormat) -> Setting:
@@ -140,6 +140,9 @@ def _llamacpp_drop(unit: str, units: frozenset[str]) -> str | None:
 
 
 _GROUPS = ("g32", "g64", "g128")
+#: Int4WeightOnlyConfig's group sizes (allocator.export.torchao.INT4_GROUP_SIZES); Intx takes
+#: any PerGroup, offered at the same four
+_TORCHAO_INT4_GROUPS = ("g32", "g64", "g128", "g256")
 
 #: consumer name → palette (one per export target)
 PALETTES: dict[str, Palette] = {p.name: p for p in (
@@ -184,13 +187,16 @@ PALETTES: dict[str, Palette] = {p.name: p for p in (
         tie=_llamacpp_tie, drop=_llamacpp_drop, allowed=_gguf_rows),
     Palette(
         name="torchao",
-        options=("int8-ch-sym", "int8-ch-asym", *_ints((8,), _GROUPS, "sym"),
-                 *_ints((8,), _GROUPS, "asym"), "fp16"),
-        doc="IntxWeightOnlyConfig int8 per channel or per group 32/64/128 (group dividing the "
-            "input features); its default layout stores int1-int7 unpacked in int8, so they "
-            "would cost 8 bits",
+        options=(*_ints((4,), _TORCHAO_INT4_GROUPS, "asym"), "int8-ch-sym", "int8-ch-asym",
+                 *_ints((8,), _TORCHAO_INT4_GROUPS, "sym"),
+                 *_ints((8,), _TORCHAO_INT4_GROUPS, "asym"), "fp16"),
+        doc="Int4WeightOnlyConfig int4 at group 32/64/128/256 (packed, asymmetric: the only int4 "
+            "it has) and IntxWeightOnlyConfig int8 per channel or per group 32/64/128/256 (group "
+            "dividing the input features); Intx's default layout stores int1-int7 unpacked in "
+            "int8, so they would cost 8 bits",
         tie_doc="q/k/v and gate/up share one setting (vLLM fusion)",
-        accounting="8 + 16/g (+16/g asym)", fused=True, allowed=_group_divides),
+        accounting="int4: 4 + 32/g (bf16 scale and zero); int8: 8 + 16/g (+16/g asym)",
+        fused=True, allowed=_group_divides),
 )}
 
 

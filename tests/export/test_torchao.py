@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import pytest
 
 from allocator.core.errors import ExportError
@@ -16,7 +17,7 @@ from allocator.export import export_plan, write_export
 from .conftest import expected_int, linear_names, make_plan, random_pick, shapes_of
 from .consumers import BASE, torchao_resolve
 
-OPTS = ["int4-g32-sym", "int3-g64-asym", "int8-ch-sym", "fp16"]
+OPTS = ["int4-g32-sym", "int3-g64-asym", "int8-ch-sym", "int4-g64-asym", "int4-g32-asym", "fp16"]
 
 
 def _fake_torchao() -> types.ModuleType:
@@ -28,6 +29,10 @@ def _fake_torchao() -> types.ModuleType:
         weight_dtype: Any
         granularity: Any
         mapping_type: Any
+
+    @dataclass
+    class Int4WeightOnlyConfig:
+        group_size: int = 128
 
     @dataclass
     class PerGroup:
@@ -49,6 +54,7 @@ def _fake_torchao() -> types.ModuleType:
     mod = types.ModuleType("torchao.quantization")
     mod.IntxWeightOnlyConfig, mod.PerGroup, mod.PerAxis = IntxWeightOnlyConfig, PerGroup, PerAxis
     mod.MappingType, mod.FqnToConfig, mod.calls = MappingType, FqnToConfig, calls
+    mod.Int4WeightOnlyConfig = Int4WeightOnlyConfig
     mod.quantize_ = lambda model, config, filter_fn=BASE: calls.append(
         {"config": config, "filter_fn": filter_fn})
     return mod
@@ -57,6 +63,8 @@ def _fake_torchao() -> types.ModuleType:
 def _as_tuple(cfg: Any) -> tuple | None:
     if cfg is None:
         return None
+    if type(cfg).__name__ == "Int4WeightOnlyConfig":  # torchao's int4 is asymmetric only
+        return 4, cfg.group_size, False
     import torch
 
     bits = {getattr(torch, f"int{b}"): b for b in range(1, 9)}[cfg.weight_dtype]
@@ -102,3 +110,64 @@ def test_torchao_refuses_non_dividing_groups(llama) -> None:
     plan = make_plan(units, ["int4-g96-sym"], lambda u, rng: "int4-g96-sym")
     with pytest.raises(ExportError, match="not a multiple of group size 96"):
         export_plan(plan, "torchao", shapes=shapes_of(llama))
+
+
+def test_torchao_packs_int4_where_it_can(llama) -> None:
+    """int4 asymmetric at group 32/64/128/256 → Int4WeightOnlyConfig (4 + 32/g); int4 at any
+    other group or symmetric → IntxWeightOnlyConfig (unpacked int8: 8 + 16/g (+16/g))."""
+    from allocator.core.formats import parse_format
+    from allocator.export import int_setting
+    from allocator.export.torchao import int4_packed, torchao_bpw
+
+    units = discover_units(llama)
+    picks = {"int4-g128-asym": 4.25, "int4-g256-asym": 4.125, "int4-g64-sym": 8.25,
+             "int4-g16-asym": 10.0, "int4-ch-asym": None}
+    for option, bpw in picks.items():
+        fmt = parse_format(option)
+        s = int_setting(fmt.bits, fmt.group_size or -1, fmt.symmetric)
+        assert int4_packed(s) == (option in ("int4-g128-asym", "int4-g256-asym")), option
+        if bpw is not None:
+            assert torchao_bpw(s, (64, 512)) == pytest.approx(bpw), option
+            if int4_packed(s):  # packed int4 costs what bitalloc's catalogue says
+                assert bpw == pytest.approx(fmt.bits_per_weight(512))
+    plan = make_plan(units, ["int4-g128-asym"], lambda u, rng: "int4-g128-asym")
+    out = export_plan(plan, "torchao", shapes=shapes_of(llama))
+    assert "Int4WeightOnlyConfig(group_size=128)" in out.text
+    assert "IntxWeightOnlyConfig" not in out.text and "PerGroup" not in out.text  # unused names
+    assert any("bfloat16" in n for n in out.notes)
+    assert any("4.2500 bpw over" in n for n in out.notes), out.notes
+    desc = json.loads(out.files[".json"])["fqn_to_config"]
+    assert set(map(json.dumps, desc.values())) == {json.dumps(
+        {"config": "Int4WeightOnlyConfig", "group_size": 128})}
+
+
+def test_a_torchao_palette_plan_exports_exactly() -> None:
+    """A plan solved on a ``--for torchao`` table exports without --lossy, and torchao's own bpw
+    is the plan's (int4 packed options included)."""
+    import solvers
+    from allocator.core.budget import Budget
+    from allocator.core.table import CostTable
+    from allocator.export import model_info
+    from allocator.export.palettes import apply_palette, palette_for
+
+    info = model_info("tiny-llama")
+    units = sorted(info.shapes)
+    options = list(palette_for("torchao").options)
+    rng = np.random.default_rng(0)
+    cost = [[float(rng.uniform(0.5, 1.0)) * 2.0 ** -parse_bits(o) for o in options] for _ in units]
+    table = CostTable.from_unit_costs(
+        units=units, params=[info.shapes[u][0] * info.shapes[u][1] for u in units],
+        options=options, cost=cost, in_features=[info.shapes[u][1] for u in units])
+    table = apply_palette(table, "torchao", shapes=info.shapes)
+    assert any(o.startswith("int4-") for o in table.options)
+    plan = solvers.solve(table, Budget(bpw=4.6)).plan
+    assert plan is not None and any(o.startswith("int4-") for o in plan.choice.values())
+    out = export_plan(plan, "torchao", model_names=info.names, shapes=info.shapes)
+    assert not out.changed
+    reported = next(float(n.split(": ")[-1].split(" bpw")[0].split()[-1]) for n in out.notes
+                    if "bpw over the" in n)
+    assert reported == pytest.approx(plan.summary.bpw, abs=1e-4)
+
+
+def parse_bits(option: str) -> int:
+    return 16 if option == "fp16" else int(option[3])
