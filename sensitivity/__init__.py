@@ -71,8 +71,8 @@ __all__ = [
 
 #: name → "module:Class" (documented in each class's docstring with its paper).
 ESTIMATORS: dict[str, str] = {
-    "hessian-trace": "sensitivity._hessian:HessianTraceEstimator",
-    "hessian-eig": "sensitivity._hessian:HessianEigEstimator",
+    "hessian-trace": "sensitivity._hessian_trace:HessianTraceEstimator",
+    "hessian-eig": "sensitivity._hessian_eig:HessianEigEstimator",
     "fisher": "sensitivity._fisher:FisherEstimator",
     "gauss-newton": "sensitivity._gauss_newton:GaussNewtonEstimator",
     "salience": "sensitivity._salience:SalienceEstimator",
