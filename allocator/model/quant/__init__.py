@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from allocator.model.quant.rtn import (
-    RTNCodes,
     fake_quantize,
     fake_quantize_int,
     quant_error,
     quantize_groups,
-    rtn_codes,
     rtn_grid,
 )
 
-__all__ = ["RTNCodes", "fake_quantize", "fake_quantize_int", "quant_error", "quantize_groups", "rtn_codes",
-           "rtn_grid"]
+__all__ = ["fake_quantize", "fake_quantize_int", "quant_error", "quantize_groups", "rtn_grid"]

@@ -16,7 +16,6 @@ gets ``s = 1`` so that it is reproduced exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from allocator.core.errors import InvalidParameterError
@@ -25,8 +24,7 @@ from allocator.core.formats import FormatKind, QuantFormat
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RTNCodes", "fake_quantize", "fake_quantize_int", "quant_error", "quantize_groups", "rtn_codes",
-           "rtn_grid"]
+__all__ = ["fake_quantize", "fake_quantize_int", "quant_error", "quantize_groups", "rtn_grid"]
 
 
 def rtn_grid(
@@ -85,60 +83,6 @@ def fake_quantize_int(
     if full < cols:
         out[:, full:] = quantize_groups(w[:, full:], bits=bits, symmetric=symmetric)
     return out.to(weight.dtype)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RTNCodes:
-    """``Q(W)`` of a 2-D weight as an integer grid stores it: one uint8 code per weight and a
-    scale and zero per group, i.e. ≈ 1 byte per weight instead of 4 for the dequantized copy.
-
-    ``segments`` holds, per run of equal-size groups along the input dim (the full groups, then
-    the short last one if any), ``(lo, hi, g, scale, zero)`` with ``scale``/``zero`` shaped
-    [rows · (hi − lo)/g, 1] exactly as :func:`quantize_groups` computes them, so
-    :meth:`dequantize` repeats its arithmetic and is bit-identical to :func:`fake_quantize_int`.
-    """
-
-    codes: torch.Tensor  #: uint8 [rows, cols]
-    segments: tuple[tuple[int, int, int, torch.Tensor, torch.Tensor], ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.codes.numel() * self.codes.element_size() + sum(
-            s.numel() * s.element_size() + z.numel() * z.element_size()
-            for _, _, _, s, z in self.segments))
-
-    def dequantize(self) -> torch.Tensor:
-        """``s · (q − z)`` per group, float32 [rows, cols]."""
-        import torch
-
-        rows, cols = self.codes.shape
-        out = torch.empty(rows, cols, dtype=torch.float32, device=self.codes.device)
-        for lo, hi, g, scale, zero in self.segments:
-            q = self.codes[:, lo:hi].reshape(rows * ((hi - lo) // g), g).float()
-            out[:, lo:hi] = (scale * (q - zero)).reshape(rows, hi - lo)
-        return out
-
-
-def rtn_codes(weight: torch.Tensor, *, bits: int, group_size: int, symmetric: bool) -> RTNCodes:
-    """The codes, scales and zeros of :func:`fake_quantize_int` (same grid, same rounding)."""
-    import torch
-
-    _check(bits, group_size)
-    w = weight.detach().float()
-    rows, cols = w.shape
-    g = cols if group_size == -1 else min(group_size, cols)
-    full = (cols // g) * g
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
-    segments = []
-    for lo, hi, size in ((0, full, g), (full, cols, cols - full)):
-        if hi <= lo:
-            continue
-        body = w[:, lo:hi].reshape(rows * ((hi - lo) // size), size)
-        scale, zero, maxq = rtn_grid(body, bits=bits, symmetric=symmetric)
-        q = torch.clamp(torch.round(body / scale) + zero, 0, maxq)
-        codes[:, lo:hi] = q.reshape(rows, hi - lo).to(torch.uint8)
-        segments.append((lo, hi, size, scale, zero))
-    return RTNCodes(codes=codes, segments=tuple(segments))
 
 
 def fake_quantize(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
