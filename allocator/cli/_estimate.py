@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from allocator.cli._common import add_for_argument, console
+from allocator.cli._common import add_device_argument, add_for_argument, console, device_from_args
 
 if TYPE_CHECKING:
     from sensitivity import EstimateSpec
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="estimator parameter (JSON value), e.g. --param max_probes=50 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-o", "--output", default="table.parquet",
                    help="output file (.parquet, .csv or .json; default table.parquet)")
@@ -112,7 +112,7 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
         samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         include=tuple(args.include), exclude=tuple(args.exclude), groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
-        device=args.device, progress=not args.no_progress)
+        device=device_from_args(args), progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,173 @@
+"""Benchmark: estimators at real model sizes — wall time, peak RSS, forward-pass equivalents.
+
+Run:  PYTHONPATH=. python benchmarks/scale.py --configs bert-base [llama-1b] \
+          [--estimators gauss-newton fisher ...] [--samples 8] [--json out.json]
+
+Each (configuration, estimator, variant) runs in a fresh process, which builds the model from
+its config with seeded random weights (time and memory do not depend on the weights), so its
+peak RSS (``ru_maxrss``) is that estimate's alone. ``model`` is the RSS once the model is built
+(fp32 weights + interpreter + torch); the issue's target is ``model + one batch's activations
++ 1 GB``, printed as ``target``. Forward-pass equivalents count the rows every transformer block
+processes, divided by (blocks × calibration rows): a full forward over the calibration set is 1.0,
+a block-cached trial that starts halfway is 0.5. Backward passes are not counted.
+
+Variants compare each estimator with its previous implementation in the same run where one
+exists: ``gauss-newton`` / ``fisher`` with every float32 delta resident (one pass,
+``delta_budget_mb`` unbounded) against the default budget; ``hessian-trace`` with the old fixed
+probe count against the stopping rule.
+
+Configurations: ``minilm`` (the bundled 22M encoder), ``bert-base`` (110M, BERT-base shape,
+MiniLM's tokenizer) and ``llama-1b`` (≈ 0.94B: 16 layers, hidden 2048, MLP 5504, vocab 32000,
+the tiny LM's tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+# benchmarks/sensitivity.py would shadow the ``sensitivity`` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+
+#: estimator → {variant: extra estimator parameters}; "default" is the current implementation.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "hessian-proxy": {"default": {}},
+    "salience": {"default": {}},
+    "gauss-newton": {"default": {}, "all-resident": {"delta_budget_mb": 1e9}},
+    "fisher": {"default": {}, "all-resident": {"delta_budget_mb": 1e9}},
+    "hessian-trace": {"default": {}, "fixed-16": {"rel_sem": 0, "max_probes": 16}},
+    "measured": {"default": {}},
+    "relevance": {"default": {}},
+    "datafree": {"default": {}},
+}
+
+
+def build(config: str) -> Any:
+    """The configuration's :class:`LoadedModel` (random weights from a fixed seed)."""
+    import torch
+    import transformers
+
+    from allocator.model.loading import LoadedModel, ModelKind, default_model_path, load_model, tiny_lm_path
+
+    if config == "minilm":
+        return load_model("minilm")
+    torch.manual_seed(0)
+    if config == "bert-base":
+        model = transformers.BertModel(transformers.BertConfig())
+        tok = transformers.AutoTokenizer.from_pretrained(default_model_path())
+        kind = ModelKind.ENCODER
+    elif config == "llama-1b":
+        cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+                                       num_attention_heads=16, num_key_value_heads=16,
+                                       vocab_size=32000, max_position_embeddings=512)
+        model = transformers.LlamaForCausalLM(cfg)
+        tok = transformers.AutoTokenizer.from_pretrained(tiny_lm_path())
+        kind = ModelKind.CAUSAL_LM
+    else:
+        raise SystemExit(f"unknown config {config!r}: use minilm, bert-base or llama-1b")
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, kind=kind, name=config, path=f"random:{config}",
+                       fingerprint=f"random-{config}-seed0")
+
+
+def _blocks(model: Any) -> list[Any]:
+    import torch
+
+    best: list[Any] = []
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > len(best):
+            best = list(mod)
+    return best
+
+
+def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq_len: int) -> None:
+    from sensitivity import run_estimate
+
+    loaded = build(config)
+    params_n = sum(p.numel() for p in loaded.model.parameters())
+    model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rows = [0]
+
+    def count(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs.get("hidden_states")
+        rows[0] += int(h.shape[0]) if h is not None and h.dim() >= 2 else 0
+
+    blocks = _blocks(loaded.model)
+    for b in blocks:
+        b.register_forward_pre_hook(count, with_kwargs=True)
+    t0 = time.perf_counter()
+    table = run_estimate(loaded, method=estimator, samples=samples, seq_len=seq_len,
+                         batch_size=min(8, samples), estimator_params=params, progress=False)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    meta = table.metadata
+    print(json.dumps({
+        "config": config, "estimator": estimator, "params": params, "model_params": params_n,
+        "units": table.n_units, "wall_s": round(wall, 1), "model_rss_gb": round(model_rss, 2),
+        "peak_rss_gb": round(peak, 2), "fp32_gb": round(4 * params_n / 2**30, 2),
+        "fwd_equiv": round(rows[0] / max(len(blocks) * samples, 1), 2),
+        "passes": meta.get("passes"), "probes": meta.get("probes"),
+    }))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["bert-base"])
+    ap.add_argument("--estimators", nargs="+", default=["hessian-proxy", "gauss-newton", "fisher"])
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--no-baseline", action="store_true", help="only the default variant")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per estimate")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", nargs=3, metavar=("CONFIG", "ESTIMATOR", "PARAMS"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child[0], a.child[1], json.loads(a.child[2]), a.samples, a.seq_len)
+        return
+    results = []
+    print(f"{'config':<10} {'estimator':<14} {'variant':<13} {'wall s':>7} {'× prev':>7} "
+          f"{'peak GB':>8} {'model GB':>9} {'target GB':>9} {'fwd eq':>7} passes")
+    for config in a.configs:
+        for est in a.estimators:
+            variants = VARIANTS.get(est, {"default": {}})
+            prev_wall = None
+            for variant, params in reversed(list(variants.items())):  # previous first
+                if a.no_baseline and variant != "default":
+                    continue
+                cmd = [sys.executable, __file__, "--samples", str(a.samples), "--seq-len",
+                       str(a.seq_len), "--child", config, est, json.dumps(params)]
+                env = {**os.environ, "PYTHONPATH": str(ROOT)}
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
+                                          env=env, check=False)
+                except subprocess.TimeoutExpired:
+                    print(f"{config:<10} {est:<14} {variant:<13} timed out after {a.timeout:.0f} s")
+                    continue
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                if proc.returncode or not lines:
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{config:<10} {est:<14} {variant:<13} failed: {tail}")
+                    continue
+                r = {**json.loads(lines[-1]), "variant": variant}
+                results.append(r)
+                ratio = "" if prev_wall is None or variant != "default" else f"{r['wall_s'] / prev_wall:.2f}"
+                prev_wall = r["wall_s"] if variant != "default" else prev_wall
+                target = r["model_rss_gb"] + 1.0
+                print(f"{config:<10} {est:<14} {variant:<13} {r['wall_s']:>7.1f} {ratio:>7} "
+                      f"{r['peak_rss_gb']:>8.2f} {r['model_rss_gb']:>9.2f} {target:>9.2f} "
+                      f"{r['fwd_equiv']:>7.2f} {r['passes'] or ''}", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
