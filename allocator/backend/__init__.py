@@ -2,6 +2,7 @@
 
 * :func:`apply_plan` — per-unit fake quantization in place, RTN (the shared quantizer) or GPTQ.
 * :func:`verify` — read the weights back and check levels, group size, bits and bpw per unit.
+* :func:`check_device` — a ``--device`` name this machine can run, or one clear error.
 * :func:`evaluate` — perplexity / KL / embedding cosine / retrieval agreement / accuracy against
   cached full-precision outputs (:func:`reference_outputs`).
 
@@ -11,6 +12,7 @@ Importing this package does not import torch; the functions do.
 from __future__ import annotations
 
 from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, apply_plan
+from allocator.backend._device import check_device
 from allocator.backend._evaluate import (
     EvalReport,
     ReferenceOutputs,
@@ -36,6 +38,7 @@ __all__ = [
     "UnitCheck",
     "VerifyReport",
     "apply_plan",
+    "check_device",
     "clear_reference_cache",
     "data_fingerprint",
     "evaluate",

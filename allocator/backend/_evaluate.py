@@ -103,7 +103,7 @@ def retrieval_agreement(ref: torch.Tensor, emb: torch.Tensor, *, k: int = 5,
     a = torch.nn.functional.normalize(ref.double(), dim=-1)
     b = torch.nn.functional.normalize(emb.double(), dim=-1)
     sims_a, sims_b = a[:m] @ a.T, b[:m] @ b.T
-    idx = torch.arange(m)
+    idx = torch.arange(m, device=sims_a.device)
     sims_a[idx, idx] = -math.inf
     sims_b[idx, idx] = -math.inf
     top_a = sims_a.topk(k, dim=1).indices.tolist()
@@ -159,7 +159,9 @@ def reference_outputs(
         if cache_dir is not None:
             path = Path(cache_dir) / f"ref-{key}.pt"
             if path.is_file():
-                ref = ReferenceOutputs(kind=kind, key=key, outputs=torch.load(path, weights_only=True))
+                # CPU copies (see below): a cache written on a GPU machine loads on any machine
+                outs = torch.load(path, weights_only=True, map_location="cpu")
+                ref = ReferenceOutputs(kind=kind, key=key, outputs=outs)
                 _remember(key, ref)
                 return ref
     fwd = forward or _forward
@@ -167,7 +169,9 @@ def reference_outputs(
     model.eval()
     try:
         with torch.inference_mode():
-            outs = [fwd(model, b, kind) for b in batches]
+            # kept on the CPU: logits of every held-out batch would hold GPU memory for the whole
+            # evaluation; evaluate() moves each one to where the quantized outputs are
+            outs = [fwd(model, b, kind).cpu() for b in batches]
     finally:
         model.train(was_training)
     ref = ReferenceOutputs(kind=kind, key=key, outputs=outs)
@@ -217,11 +221,13 @@ def evaluate(
             outs = [fwd(model, b, kind) for b in batches]
     finally:
         model.train(was_training)
+    # the references are CPU copies: compare where the model's outputs are
+    refs = [r.to(o.device) for r, o in zip(reference.outputs, outs, strict=True)]
     if kind == "encoder":
-        return _encoder_report(reference.outputs, outs, k=k, n_queries=n_queries)
+        return _encoder_report(refs, outs, k=k, n_queries=n_queries)
     if kind == ModelKind.CAUSAL_LM:
-        return _causal_report(batches, reference.outputs, outs)
-    return _classifier_report(batches, reference.outputs, outs)
+        return _causal_report(batches, refs, outs)
+    return _classifier_report(batches, refs, outs)
 
 
 def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *, k: int,

@@ -62,10 +62,11 @@ class HessianAccumulator:
     ``H ← H·n/(n+m)``, ``n ← n+m``, ``H += (√(2/n) X)(√(2/n) X)ᵀ``.
     """
 
-    def __init__(self, columns: int) -> None:
+    def __init__(self, columns: int, *, device: str | torch.device = "cpu") -> None:
         import torch
 
-        self.H = torch.zeros(columns, columns, dtype=torch.float64)
+        # on the layer's device: the inputs added below live there (a CPU H would not add up)
+        self.H = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self.nsamples = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
@@ -92,12 +93,13 @@ def hinv_cholesky(H: torch.Tensor, W: torch.Tensor, percdamp: float) -> torch.Te
     H[dead, dead] = 1
     W[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0])
+    idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += damp
     try:
         L = torch.linalg.cholesky(H)
         # H⁻¹ = L⁻ᵀ L⁻¹ by one triangular solve (torch's cholesky_inverse is ~5× slower on CPU).
-        Linv = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype), upper=False)
+        eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
         return torch.linalg.cholesky(Linv.T @ Linv, upper=True)
     except RuntimeError as exc:  # torch raises a plain RuntimeError on non-PD matrices
         raise BackendError(
@@ -189,9 +191,9 @@ def _gptq_loop(W: torch.Tensor, H: torch.Tensor, formats: ColumnFormats,
     # The column loop runs in float32 as the reference does; only the inverse is in float64.
     W = W.detach().float().clone()
     rows, cols = W.shape
-    U = hinv_cholesky(H.double(), W, cfg.percdamp).float()
+    U = hinv_cholesky(H.double().to(W.device), W, cfg.percdamp).float()
     Q = torch.zeros_like(W)
-    losses = torch.zeros(rows, dtype=torch.float32)
+    losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
     static: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
     if cfg.static_groups:
         for j in range(cols):
@@ -276,7 +278,8 @@ def collect_hessians(
         from allocator.backend._resolve import module_weight
 
         mod = model.get_submodule(name)
-        acc[name] = HessianAccumulator(int(module_weight(model, name)[0].numel()))
+        w = module_weight(model, name)
+        acc[name] = HessianAccumulator(int(w[0].numel()), device=w.device)
         handles.append(mod.register_forward_pre_hook(hook(name)))
     try:
         with torch.no_grad():

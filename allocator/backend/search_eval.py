@@ -54,12 +54,15 @@ class ModelEvaluator:
             held out for reporting).
         data, eval_data: the user's text files instead of the built-in corpus (calibration /
             held-out, as :func:`allocator.model.data.user_data_for` reads them).
+        device: where a model given by name is loaded (``cpu``, ``cuda``, ...); the scoring
+            batches go to the device of the model's parameters either way.
     """
 
     def __init__(
         self, *, model: str | LoadedModel, table: CostTable, method: str = "rtn",
         samples: int = 32, seq_len: int = 128, batch_size: int = 8, seed: int = 0,
         split: str = "calibration", data: str | None = None, eval_data: str | None = None,
+        device: str = "cpu",
     ) -> None:
         from allocator.backend import reference_outputs
         from allocator.core.units import discover_units
@@ -68,16 +71,18 @@ class ModelEvaluator:
 
         if samples < 1:
             raise InvalidParameterError(f"samples must be ≥ 1, got {samples}")
-        self.loaded = load_model(model) if isinstance(model, str) else model
+        self.loaded = load_model(model, device=device) if isinstance(model, str) else model
+        # batches where the model is: the forwards and GPTQ's Hessians run there
+        where = next(self.loaded.model.parameters()).device
         self.loaded.model.eval()
         self.table = table
         self.method = method
         common: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
                                   "data": data, "eval_data": eval_data}
         self.data = user_data_for(self.loaded, split, samples, **common)
-        self.batches = list(self.data)
-        self.calibration = (self.batches if split == "calibration"
-                            else list(user_data_for(self.loaded, "calibration", samples, **common)))
+        self.batches = list(self.data.to(where))
+        self.calibration = (self.batches if split == "calibration" else list(
+            user_data_for(self.loaded, "calibration", samples, **common).to(where)))
         self.units = discover_units(self.loaded.model)
         self.reference = reference_outputs(self.loaded.model, self.batches, kind=self.loaded.kind,
                                            model_fingerprint=self.loaded.fingerprint)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from allocator.cli._common import console
+from allocator.cli._common import add_device_argument, console, device_from_args
 from allocator.cli._run import add_data_arguments
 
 HELP = "apply a bit plan to a model (RTN or GPTQ fake quantization), verify, save"
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-columns", type=int,
                    help="column-group width of [g=i] units (default: inferred from the plan)")
     add_data_arguments(p, calibration_only=True)
+    add_device_argument(p)
     p.add_argument("-o", "--output",
                    help="save the fake-quantized model here in its own format: a "
                         "sentence-transformers folder stays one (modules.json, pooling, normalize, "
@@ -36,21 +37,22 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and args.method != "gptq":
         raise InvalidParameterError("--data calibrates GPTQ only; add --method gptq or drop --data "
                                     "(RTN needs no data)")
+    device = device_from_args(args)
     plan = BitPlan.load(args.plan)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=device)
     units = discover_units(loaded.model, group_columns=args.group_columns) if args.group_columns else None
     calib = None
     if args.method == "gptq":
         calib_data = user_data_for(loaded, "calibration", args.samples, data=args.data,
                                    holdout=False, seq_len=args.seq_len, batch_size=8)
-        calib = list(calib_data)
+        calib = list(calib_data.to(device))  # GPTQ's forwards run where the model is
     out = console()
     if calib is not None:
         out.print(f"calibration: {calib_data.metadata()['source']} ({len(calib)} batches)")
     report = apply_plan(loaded.model, plan, method=args.method, calibration=calib, units=units,
                         progress=True)
     check = verify(loaded.model, plan, units=units)
-    out.print(f"applied {len(report.units)} units ({args.method}) in {report.seconds:.1f}s: "
+    out.print(f"applied {len(report.units)} units ({args.method}, {device}) in {report.seconds:.1f}s: "
               f"{report.bpw:.4f} bpw, {report.size_bits / 8 / 2**20:,.2f} MiB")
     if check.ok:
         out.print(f"verify: ok ({len(check.units)} units, {check.bpw_read:.4f} bpw)")

@@ -54,3 +54,24 @@ def add_for_argument(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--for", dest="consumer", choices=tuple(PALETTES), metavar="CONSUMER",
                    help=f"{what} exactly what CONSUMER stores ({', '.join(PALETTES)}), so "
                         "`export --to CONSUMER` needs no --lossy (docs/exports.md)")
+
+
+def add_device_argument(p: argparse.ArgumentParser, *, cpu_only: str | None = None) -> None:
+    """``--device``: where the model and its batches run. ``cpu_only`` names a verb whose
+    pipeline does not take a device yet: it accepts ``cpu`` and refuses the rest clearly."""
+    tail = f" ({cpu_only} runs on the CPU only for now)" if cpu_only else ""
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help=f"cpu (default), cuda, cuda:1, mps{tail}")
+
+
+def device_from_args(args: argparse.Namespace, *, cpu_only: str | None = None) -> str:
+    """The checked ``--device`` (:func:`allocator.backend.check_device`): one line naming the
+    value and the fix, before any model loads."""
+    from allocator.backend import check_device
+
+    device = check_device(getattr(args, "device", "cpu"))
+    if cpu_only and device != "cpu":
+        raise InvalidParameterError(f"--device {device}: bitalloc {cpu_only} runs on the CPU only "
+                                    f"for now; use --device cpu (estimate, apply and evaluate take "
+                                    f"--device {device})")
+    return device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from allocator.cli._common import console
+from allocator.cli._common import add_device_argument, console, device_from_args
 from allocator.cli._run import add_data_arguments
 
 HELP = "evaluate a plan (or plans) on held-out data: perplexity/KL, embedding cosine, retrieval"
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--cache-dir", help="keep full-precision reference outputs here")
     add_data_arguments(p)
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,22 +30,23 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.data import user_data_for
     from allocator.model.loading import load_model
 
+    device = device_from_args(args)
     plans = [(p, BitPlan.load(p)) for p in args.plans]
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=device)
     files = {"data": args.data, "eval_data": args.eval_data, "seq_len": args.seq_len,
              "batch_size": 8}
     held_data = user_data_for(loaded, "evaluation", args.samples, **files)
-    held = list(held_data)
+    held = list(held_data.to(device))  # batches where the model is
     calib = None
     if args.method == "gptq":
         calib_data = user_data_for(loaded, "calibration", args.calib_samples, **files)
-        calib = list(calib_data)
+        calib = list(calib_data.to(device))
         console().print(f"calibration: {calib_data.metadata()['source']}")
     ref = reference_outputs(loaded.model, held, kind=loaded.kind, model_fingerprint=loaded.fingerprint,
                             cache_dir=args.cache_dir)
     state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     table = Table(title=f"{loaded.name}: held-out evaluation ({len(held)} batches of "
-                  f"{held_data.metadata()['source']}, {args.method})")
+                  f"{held_data.metadata()['source']}, {args.method}, {device})")
     rows = []
     for path, plan in plans:
         loaded.model.load_state_dict(state)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from allocator.cli._common import add_for_argument, console
+from allocator.cli._common import add_device_argument, add_for_argument, console, device_from_args
 
 HELP = "end-to-end: estimate, solve at a bpw, apply, evaluate vs uniform at equal size"
 
@@ -36,6 +36,10 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
                         "pooler under mean pooling) in the budget; by default they are left out "
                         "at full precision and listed in the report")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    # the pipeline (allocator.jobs.pipeline.RunConfig) has no device yet: cpu only, said clearly
+    verb = out.removeprefix("bitalloc-")
+    add_device_argument(p, cpu_only=verb)
+    p.set_defaults(device_verb=verb)
     p.add_argument("--refine-rounds", type=int, default=4,
                    help="operating-point refinement rounds on calibration data; 0 only picks the "
                         "best measured candidate (table optimum or uniform) (default 4)")
@@ -72,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, model: str) -> Any:
     from allocator.jobs.pipeline import RunConfig
 
+    device_from_args(args, cpu_only=getattr(args, "device_verb", "run"))
     return RunConfig(model=model, bpw=args.bpw, estimator=args.estimator, solver=args.solver,
                      method=args.method, options=args.options, consumer=args.consumer,
                      calib_samples=args.samples,

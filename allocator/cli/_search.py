@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allocator.cli._common import add_budget_arguments, budget_from_args, console
+from allocator.cli._common import (
+    add_budget_arguments,
+    add_device_argument,
+    budget_from_args,
+    console,
+    device_from_args,
+)
 from allocator.cli._run import add_data_arguments
 
 if TYPE_CHECKING:
@@ -34,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--no-prune", action="store_true", help="evaluate every trial fully")
     p.add_argument("--seed", type=int, default=0)
+    # the search evaluator (allocator.jobs.search.SearchSpec) has no device yet: cpu only
+    add_device_argument(p, cpu_only="search")
     p.add_argument("--pareto", metavar="FRONT.csv",
                    help="run NSGA-II instead: write the measured size-vs-error front below the budget "
                    "to this CSV, each front plan beside it as FRONT-<k>.json")
@@ -43,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.jobs.search import EvaluatorKind, SearchSpec, run_search
 
+    device_from_args(args, cpu_only="search")
     budget = budget_from_args(args)
     spec = SearchSpec(
         table_path=str(Path(args.table)), budget=budget.to_dict(), n_trials=args.trials, seed=args.seed,

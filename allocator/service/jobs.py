@@ -15,6 +15,7 @@ by ``<key>_id`` (a table id / plan id), so results stay JSON.
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -134,6 +135,11 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
         out["data"] = service_data(params["data"], roots)
     if not isinstance(out.get("method", "datafree"), str):
         raise ServiceError(422, "invalid_parameter", "params.method must be an estimator name")
+    device = params.get("device", "cpu")
+    # the name only: this process may have no GPU while the workers do (checked there, at run time)
+    if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", device):
+        raise ServiceError(422, "invalid_parameter", f"params.device {device!r} is not a device "
+                           f"name; use cpu, cuda, cuda:N or mps")
     from allocator.model.unit_select import check_patterns
 
     for key in ("include", "exclude"):  # the globs of `bitalloc run`; a bad one fails at submission
@@ -201,6 +207,12 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
     progress(0.0, f"estimating {method} costs of {Path(str(params['model'])).name}")
     if cancel.is_set():
         raise JobCancelled
+    try:
+        from allocator.backend import check_device
+
+        check_device(spec.device, flag="params.device")  # on the worker that will run the model
+    except InvalidParameterError as exc:
+        raise JobFailure("invalid_parameter", str(exc)) from None
     try:
         table = sensitivity.estimate_spec(str(params["model"]), spec)
     except ModuleNotFoundError as exc:  # e.g. the driver or torch not installed
