@@ -27,10 +27,11 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     add_data_arguments(p)
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="only units whose name matches this glob, e.g. '*.attention.*' "
-                        "(repeatable; '*' matches dots too)")
+                        "(repeatable; '*' matches dots too; a module selects everything under "
+                        "it; the syntax of estimate --include)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="leave units whose name matches this glob out of the budget, e.g. "
-                        "'pooler.*' (repeatable)")
+                        "'pooler' or '*.o_proj' (repeatable)")
     p.add_argument("--keep-inert", action="store_true",
                    help="keep units whose output cannot reach the measured output (e.g. a BERT "
                         "pooler under mean pooling) in the budget; by default they are left out "
