@@ -34,14 +34,13 @@ the other texts of the batch (the negatives). ``"auto"`` picks vmap for small mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
-from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._base import EstimateContext, Partial, SampleMeanEstimator, UnitCosts, mean_and_sem
 from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, QuantDeltas, check_delta_budget
 from sensitivity._gauss_newton import check_probes, curvature_in_passes
 from sensitivity._loss import (
@@ -123,8 +122,13 @@ def _costs_of(grads: Sequence[torch.Tensor], units: Sequence[object], index: Seq
     return out
 
 
-class FisherEstimator(BaseEstimator):
+class FisherEstimator(SampleMeanEstimator):
     """Diagonal Fisher: cost(i, b) = ½ Σ_j F_jj (Q_b(W) − W)_j² (see module doc).
+
+    Both targets are means over calibration samples, so the estimator shards by batch: the
+    ``model`` target through :class:`~sensitivity._base.SampleMeanEstimator`, the ``empirical``
+    one with the sums ``S₁ = Σ_s c_s``, ``S₂ = Σ_s c_s²`` and N (cost = S₁/N, cost_std =
+    √((S₂ − S₁²/N)/(N − 1))/√N, the standard error of the sample mean).
 
     Args:
         target: ``model`` (true Fisher / GN diagonal of the output distortion, default) or
@@ -158,10 +162,22 @@ class FisherEstimator(BaseEstimator):
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         if self.target == "model":
             return self._model_costs(model, ctx)
+        return self._finish(model, ctx, self._partial(model, ctx))
+
+    def _partial(self, model: torch.nn.Module, ctx: EstimateContext) -> Partial:
+        if self.target == "model":
+            return super()._partial(model, ctx)
         c = fisher_sample_costs(model, ctx, per_sample=self.per_sample, chunk=self.chunk or 8)
-        n = c.shape[0]
-        std = c.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(c.shape[1:])
-        return UnitCosts(cost=c.mean(axis=0), cost_std=std, info={"samples": int(n)})
+        return Partial(sums={"cost:s1": c.sum(axis=0), "cost:s2": (c**2).sum(axis=0)},
+                       counts={"samples": int(c.shape[0])})
+
+    def _finish(self, model: torch.nn.Module, ctx: EstimateContext, partial: Partial) -> UnitCosts:
+        if self.target == "model":
+            return super()._finish(model, ctx, partial)
+        n = int(partial.counts["samples"])
+        # positions = samples: the per-sample mean itself (no per-position rescaling)
+        cost, std = mean_and_sem(partial.sums["cost:s1"], partial.sums["cost:s2"], n, n)
+        return UnitCosts(cost=cost, cost_std=std, info={"samples": n})
 
     def _model_costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         return curvature_in_passes(model, ctx, QuantDeltas.diagonal,

@@ -42,7 +42,7 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.loading import ModelKind
-from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._base import EstimateContext, SampleMeanEstimator, UnitCosts
 from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, QuantDeltas, check_delta_budget, delta_groups
 from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves
 from sensitivity._progress import progress_bar
@@ -191,11 +191,10 @@ def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Redu
 
     ``chunk`` rows share one forward; each (row, probe) gets its own backward on the retained
     graph (``per_sample="loop"``) or one vmapped backward per forward (``"vmap"``). The draws
-    come from a CPU generator seeded with ``ctx.seed`` row by row, so results do not depend on
-    ``chunk``, ``per_sample`` or the device.
+    come row by row from a CPU generator per batch (:meth:`EstimateContext.batch_generator`:
+    seeded by ``ctx.seed`` and the batch's id), so results do not depend on ``chunk``,
+    ``per_sample``, the device, or which shard of the batches a batch is estimated in.
     """
-    import torch
-
     from allocator.model.outputs import forward_outputs
 
     if per_sample not in PER_SAMPLE_MODES:
@@ -205,13 +204,13 @@ def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Redu
     n_weights = sum(t.numel() for t in leaves)
     batched = per_sample == "vmap" or (per_sample == "auto" and (
         not ctx.device.startswith("cpu") or n_weights < _VMAP_BELOW))
-    gen = torch.Generator().manual_seed(ctx.seed)
     s1: torch.Tensor | None = None
     s2: torch.Tensor | None = None
     n_samples = n_positions = 0
     with gradient_mode(model, leaves), progress_bar(len(ctx.batches), f"{label} batches",
                                                      ctx.progress) as bar:
-        for batch in ctx.batches:
+        for b, batch in enumerate(ctx.batches):
+            gen = ctx.batch_generator(b)  # per batch: a shard of the batches draws the same
             for sub in _row_chunks(batch, chunk):
                 with differentiable_attention():
                     out = forward_outputs(model, sub, ctx.model_kind)
@@ -351,7 +350,7 @@ def check_per_sample(value: Any) -> str:
     return str(value)
 
 
-class GaussNewtonEstimator(BaseEstimator):
+class GaussNewtonEstimator(SampleMeanEstimator):
     """Sampled Gauss–Newton form of the output distortion (module doc):
 
         cost(u, o) = ½ mean_{s,k} ⟨ΔW_{u,o}, g_{s,k,u}⟩²  →  ½ ΔWᵀ GN_u ΔW  (unbiased),
@@ -360,6 +359,8 @@ class GaussNewtonEstimator(BaseEstimator):
     cost predicts the evaluator's per-position mean distortion (token-mean KL for causal LMs,
     per-example KL for classifiers, mean 1 − cos for encoders). Unlike diagonal or trace scores
     it keeps the within-unit correlations of GN; it is never negative.
+    A sample mean over the calibration batches, so it shards by batch
+    (:class:`~sensitivity._base.SampleMeanEstimator`).
 
     Memory: the deltas are held as RTN codes (≈ 1 byte per weight and option,
     :mod:`sensitivity._deltas`); units whose codes exceed ``delta_budget_mb`` are split into

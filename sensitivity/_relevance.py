@@ -24,6 +24,10 @@ Score of unit i = Σ|R| at the unit's output (all samples, tokens, features) / �
 cost(i, b) = score_i · ‖ΔW_i‖² / ‖W_i‖². Under the AH-rule query/key projections receive no
 relevance (they only feed the detached probabilities); like LRP-QViT's fused qkv layer they take
 the mean relevance of their sibling projections (V, O) instead — see :func:`_share_with_siblings`.
+
+Sharding: batch-additive (:class:`~sensitivity._base.BatchAdditiveEstimator`). The statistic is
+T_m = Σ_batches Σ|R| at each unit module m, a plain sum; the sibling sharing, the column shares
+and the normalisation by Σ_m T_m are applied once, to the merged totals. No random draws.
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError, ModelError
 from allocator.core.units import Unit
 from allocator.model.loading import ModelKind
-from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RelevanceEstimator", "lrp_mode", "lrp_relevances", "relevance_scores"]
+__all__ = ["RelevanceEstimator", "lrp_mode", "lrp_relevances", "relevance_scores",
+           "relevance_totals", "scores_of"]
 
 
 def _keep_value(out: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
@@ -223,6 +228,12 @@ def lrp_relevances(model: torch.nn.Module, batch: Mapping[str, Any], modules: Se
 
 def relevance_scores(model: torch.nn.Module, ctx: EstimateContext, *, epsilon: float = 1e-6) -> np.ndarray:
     """Share of total |relevance| at each unit's output module (summed over all batches)."""
+    return scores_of(ctx.units, relevance_totals(model, ctx, epsilon=epsilon))
+
+
+def relevance_totals(model: torch.nn.Module, ctx: EstimateContext, *,
+                     epsilon: float = 1e-6) -> dict[str, float]:
+    """T_m = Σ over ``ctx.batches`` of Σ|R| at each unit module m (sorted by name): additive."""
     if not ctx.batches:
         raise InvalidParameterError(
             "estimator 'relevance' needs calibration data; pass --data or use the built-in corpus"
@@ -238,8 +249,13 @@ def relevance_scores(model: torch.nn.Module, ctx: EstimateContext, *, epsilon: f
                 total[name] += float(r.double().abs().sum())
     finally:
         model.train(was_training)
-    total = _share_with_siblings(total)
-    raw = np.array([_unit_share(u, total[u.module]) for u in ctx.units])
+    return total
+
+
+def scores_of(units: Sequence[Unit], totals: Mapping[str, float]) -> np.ndarray:
+    """score_i = share of unit i in Σ|R| after sibling sharing (module doc), from the totals."""
+    total = _share_with_siblings(dict(totals))
+    raw = np.array([_unit_share(u, total[u.module]) for u in units])
     s = raw.sum()
     return raw / s if s > 0 else np.full(len(raw), 1.0 / len(raw))
 
@@ -272,7 +288,7 @@ def _unit_share(unit: Unit, module_total: float) -> float:
     return module_total * (hi - lo) / in_f
 
 
-class RelevanceEstimator(BaseEstimator):
+class RelevanceEstimator(BatchAdditiveEstimator):
     """LRP contribution score (LRP-QViT, arXiv 2401.11243) × relative error; see module doc.
 
     Args:
@@ -287,9 +303,18 @@ class RelevanceEstimator(BaseEstimator):
             raise InvalidParameterError(f"epsilon must be a finite number ≥ 0, got {epsilon!r}")
         self.epsilon = float(epsilon)
 
-    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+    def _partial(self, model: torch.nn.Module, ctx: EstimateContext) -> Partial:
+        totals = relevance_totals(model, ctx, epsilon=self.epsilon)
+        return Partial(sums={"relevance": np.array([totals[m] for m in sorted(totals)])})
+
+    def _finish(self, model: torch.nn.Module, ctx: EstimateContext, partial: Partial) -> UnitCosts:
         from sensitivity._datafree import relative_errors
 
-        score = relevance_scores(model, ctx, epsilon=self.epsilon)
+        modules = sorted({u.module for u in ctx.units})  # the order of _partial's array
+        sums = np.asarray(partial.sums["relevance"], dtype=np.float64)
+        if sums.shape != (len(modules),):
+            raise InvalidParameterError(f"relevance totals of {sums.shape} modules, not "
+                                        f"{len(modules)}; were they computed on these units?")
+        score = scores_of(ctx.units, {m: float(v) for m, v in zip(modules, sums, strict=True)})
         cost = score[:, None] * relative_errors(model, ctx.units, ctx.options)
         return UnitCosts(cost=cost, info={"scores": score.tolist()})

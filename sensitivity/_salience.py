@@ -31,6 +31,12 @@ the reconstruction error with cross-column terms dropped (BAQ's closed form then
 ΔW² ∝ range²·2^(−2b)/12; here ΔW is the actual RTN error of each option).
 
 Only ``Linear`` units are supported (conv inputs would need unfolding).
+
+Sharding: both estimators are batch-additive (:class:`~sensitivity._base.BatchAdditiveEstimator`):
+the partial statistics are the raw sums ``Σ_t x_t x_tᵀ`` (or their diagonal) and the token count
+N_tok per module, which add over batches; the damping, inverse and Cholesky factor (salience)
+are applied once, to the merged H. A salience partial holds a columns × columns matrix per
+module (8·d² bytes), a hessian-proxy one only its diagonal.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError, ModelError
 from allocator.core.units import Unit, UnitKind
 from allocator.model.loading import ModelKind
-from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
+from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
 from sensitivity._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -78,9 +84,19 @@ class InputHessian:
         self._sum += (x64**2).sum(0) if self.diagonal else x64.T @ x64
         self.tokens += x64.shape[0]
 
+    @property
+    def total(self) -> torch.Tensor:
+        """The raw sum ``Σ_t x_t x_tᵀ`` (or its diagonal), float64: what adds over batches."""
+        return self._sum
+
     def finalize(self) -> torch.Tensor:
         """H (float64); all zeros if no token was seen."""
-        return self._sum * (2.0 / max(self.tokens, 1))
+        return hessian_of(self._sum, self.tokens)
+
+
+def hessian_of(total: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``H = (2/N_tok) Σ_t x_t x_tᵀ`` from the sum and the token count (zeros for no token)."""
+    return total * (2.0 / max(tokens, 1))
 
 
 def _token_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
@@ -110,6 +126,22 @@ def _hooks(model: torch.nn.Module, stats: Mapping[str, InputHessian],
 def collect_input_hessians(model: torch.nn.Module, ctx: EstimateContext, *,
                            diagonal: bool) -> dict[str, torch.Tensor]:
     """H (or its diagonal) of every unit module's input over the calibration batches."""
+    stats = input_sums(model, ctx, diagonal=diagonal)
+    check_tokens({n: s.tokens for n, s in stats.items()})
+    return {n: s.finalize() for n, s in stats.items()}
+
+
+def check_tokens(tokens: Mapping[str, int]) -> None:
+    """Refuse modules that never saw a calibration token (their H is undefined)."""
+    empty = [n for n, t in tokens.items() if t == 0]
+    if empty:
+        raise ModelError(f"modules {empty[:3]} never ran on the calibration data; exclude them "
+                         "(--exclude) or check the model kind")
+
+
+def input_sums(model: torch.nn.Module, ctx: EstimateContext, *,
+               diagonal: bool) -> dict[str, InputHessian]:
+    """The streaming sums of every unit module's input over ``ctx.batches`` (not normalised)."""
     import torch
 
     from allocator.core.units import get_module
@@ -140,11 +172,32 @@ def collect_input_hessians(model: torch.nn.Module, ctx: EstimateContext, *,
                 bar.update(1)
     finally:
         model.train(training)
-    empty = [n for n, s in stats.items() if s.tokens == 0]
-    if empty:
-        raise ModelError(f"modules {empty[:3]} never ran on the calibration data; exclude them "
-                         "(--exclude) or check the model kind")
-    return {n: s.finalize() for n, s in stats.items()}
+    return stats
+
+
+def _partial_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: bool) -> Partial:
+    """Σ x xᵀ (or its diagonal) as ``H:<module>`` and N_tok as ``tokens:<module>``."""
+    stats = input_sums(model, ctx, diagonal=diagonal)
+    return Partial(sums={f"H:{n}": s.total.cpu().numpy() for n, s in stats.items()},
+                   counts={f"tokens:{n}": s.tokens for n, s in stats.items()})
+
+
+def _merged_hessians(model: torch.nn.Module, partial: Partial) -> dict[str, torch.Tensor]:
+    """H per module from merged sums, on the module weight's device (float64)."""
+    import torch
+
+    from allocator.core.units import get_module
+
+    tokens = {k.removeprefix("tokens:"): int(v) for k, v in partial.counts.items()}
+    check_tokens(tokens)
+    out = {}
+    for name, n_tok in tokens.items():
+        w = get_module(model, name).weight
+        if not isinstance(w, torch.Tensor):
+            raise ModelError(f"module {name!r} has no weight tensor")
+        total = torch.from_numpy(partial.sums[f"H:{name}"]).to(w.device)
+        out[name] = hessian_of(total, n_tok)
+    return out
 
 
 def inverse_cholesky_diag(h: torch.Tensor, *, percdamp: float = 0.01) -> torch.Tensor:
@@ -184,7 +237,7 @@ def _cols(unit: Unit) -> slice:
     return slice(*unit.columns) if unit.columns is not None else slice(None)
 
 
-class SalienceEstimator(BaseEstimator):
+class SalienceEstimator(BatchAdditiveEstimator):
     """SliM-LLM salience-weighted error: cost(i, b) = ½ Σ_j ΔW_j² / d_c(j)² (module doc).
 
     Args:
@@ -198,8 +251,11 @@ class SalienceEstimator(BaseEstimator):
             raise InvalidParameterError(f"percdamp must be a number > 0, got {percdamp!r}")
         self.percdamp = float(percdamp)
 
-    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
-        hs = collect_input_hessians(model, ctx, diagonal=False)
+    def _partial(self, model: torch.nn.Module, ctx: EstimateContext) -> Partial:
+        return _partial_sums(model, ctx, diagonal=False)
+
+    def _finish(self, model: torch.nn.Module, ctx: EstimateContext, partial: Partial) -> UnitCosts:
+        hs = _merged_hessians(model, partial)
         inv_d2 = {n: 1.0 / inverse_cholesky_diag(h, percdamp=self.percdamp) ** 2 for n, h in hs.items()}
         cost = np.empty((len(ctx.units), len(ctx.options)))
         salience = np.empty(len(ctx.units))
@@ -211,13 +267,16 @@ class SalienceEstimator(BaseEstimator):
         return UnitCosts(cost=cost, info={"salience": salience.tolist()})
 
 
-class HessianProxyEstimator(BaseEstimator):
+class HessianProxyEstimator(BatchAdditiveEstimator):
     """BAQ Hessian proxy: cost(i, b) = Σ_j H_cc ΔW_j², H = 2XXᵀ/N_tok (diagonal only)."""
 
     name: ClassVar[str] = "hessian-proxy"
 
-    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
-        diag = collect_input_hessians(model, ctx, diagonal=True)
+    def _partial(self, model: torch.nn.Module, ctx: EstimateContext) -> Partial:
+        return _partial_sums(model, ctx, diagonal=True)
+
+    def _finish(self, model: torch.nn.Module, ctx: EstimateContext, partial: Partial) -> UnitCosts:
+        diag = _merged_hessians(model, partial)
         cost = np.empty((len(ctx.units), len(ctx.options)))
         for i, unit in enumerate(ctx.units):
             _, d2 = _deltas(model, unit, ctx.options)

@@ -1,15 +1,29 @@
-"""Shard the ``measured`` estimator over worker processes that share an Optuna storage.
+"""Shard an estimate over worker processes that share an Optuna storage.
 
 A :class:`ShardedEstimateSpec` says everything a worker needs (model, data, options, filters,
 storage URL, study name), so a worker on another machine joins with the same spec:
 ``bitalloc estimate tiny-llama --method measured --storage postgresql://... --study s1
 --workers 4``. Every worker loads the model and data, discovers the units and checks the
-study's fingerprint; the units are split by :func:`sensitivity._measured.shard_units` and the
-shards are claimed from the queue of :mod:`sensitivity.shard_queue`. Each claimed shard is
-measured with :func:`~sensitivity._measured.measure_units` and its rows stored in its trial.
-Once every shard is COMPLETE, :func:`~sensitivity._measured.merge_measured` assembles the one
-table a single-process ``measured`` run would give (same rows; costs equal to float round-off
-between machines and thread counts).
+study's fingerprint; the shards are claimed from the queue of :mod:`sensitivity.shard_queue`.
+Two ways to split (:func:`sharded_methods` lists the methods):
+
+* ``measured`` shards by **unit**: the units are split by
+  :func:`sensitivity._measured.shard_units`, each claimed shard is measured with
+  :func:`~sensitivity._measured.measure_units` and its rows stored in its trial; once every
+  shard is COMPLETE, :func:`~sensitivity._measured.merge_measured` assembles the table.
+* the batch-additive estimators (:class:`~sensitivity._base.BatchAdditiveEstimator`:
+  gauss-newton, fisher, salience, hessian-proxy, relevance) shard by **calibration batch**:
+  the batch indices are split the same interleaved way, a shard computes the estimator's
+  :class:`~sensitivity._base.Partial` (sums and counts over its batches, every random draw
+  seeded per batch) and stores it in its trial as JSON (arrays as base64 float64, split over
+  ``partial:<i>`` attributes of ≤ 256 KiB), and the merge adds the partials and runs the
+  estimator's finish once. Each shard holds every unit, so the merge is exact up to the order of
+  the float additions. Not batch-additive, so refused: ``hessian-eig`` (power iteration: every
+  iteration is a pass over all the data) and ``hessian-trace`` (a probe is a pass over all the
+  data, and the probes stop once the full-data traces are precise enough).
+
+Either way the merged table is the one a single-process run would give (same rows and
+metadata; costs equal to float round-off between machines, thread counts and summation order).
 
 Resuming: re-running the same command fails RUNNING shards whose heartbeat is older than
 ``stale_after_s``, enqueues every shard without a waiting, running or complete trial and
@@ -44,19 +58,47 @@ if TYPE_CHECKING:
     from sensitivity._measured import MeasuredEstimator
 
 __all__ = ["ShardOutcome", "ShardedEstimateSpec", "estimate_fingerprint", "run_shard_worker",
-           "run_sharded"]
+           "run_sharded", "sharded_methods"]
 
 log = logging.getLogger(__name__)
 
 STUDY_PREFIX = "estimate-"
 SHARDS_PER_WORKER = 4  #: default shards per local worker: balance, and little lost to a crash
+#: A batch shard's partial statistics are stored in chunks of this many characters (well under
+#: shard_queue.MAX_ATTR_BYTES once JSON-escaped) ...
+PARTIAL_CHUNK_CHARS = 1 << 18
+#: ... and refused above this in all (salience keeps a d × d input Hessian per module: 8·d² B).
+MAX_PARTIAL_BYTES = 64 << 20
+
+
+def sharded_methods() -> tuple[str, ...]:
+    """The registered methods that shard with their default parameters: ``measured`` (by unit)
+    and every batch-additive estimator (by batch)."""
+    from sensitivity import ESTIMATORS, get_estimator
+
+    return tuple(n for n in ESTIMATORS if n == "measured" or get_estimator(n).batch_additive())
+
+
+def _by_batch(spec: EstimateSpec) -> bool:
+    """Whether ``spec`` shards by calibration batch (else by unit: ``measured``)."""
+    return spec.method != "measured"
+
+
+def check_shardable(spec: EstimateSpec) -> None:
+    """Refuse an estimator that can be sharded neither by unit nor by batch (one line)."""
+    if spec.method == "measured" or spec.estimator().batch_additive():
+        return
+    params = f" with {dict(spec.params)}" if spec.params else ""
+    raise InvalidParameterError(
+        f"{spec.method!r}{params} is not batch-additive, so it cannot be sharded; shardable: "
+        f"{', '.join(sharded_methods())}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShardedEstimateSpec:
     """Everything a shard worker needs: the model, the :class:`~sensitivity.EstimateSpec`
-    (``method`` must be ``measured``) and the queue; plain data so it crosses process
-    boundaries.
+    (``measured`` or a batch-additive method, :func:`sharded_methods`) and the queue; plain
+    data so it crosses process boundaries.
 
     ``study`` names the Optuna study ``estimate-<study>`` (default: the fingerprint's first 12
     hex digits, so identical commands meet in one study). ``n_shards`` None takes the study's
@@ -85,10 +127,9 @@ class ShardedEstimateSpec:
         m = self.max_shards
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise InvalidParameterError(f"max_shards must be an int ≥ 1, got {m!r}")
-        if not isinstance(self.estimate, EstimateSpec) or self.estimate.method != "measured":
-            got = getattr(self.estimate, "method", self.estimate)
-            raise InvalidParameterError(f"sharding runs the 'measured' estimator only, not "
-                                        f"{got!r}; use method='measured'")
+        if not isinstance(self.estimate, EstimateSpec):
+            raise InvalidParameterError(f"estimate must be an EstimateSpec, got {self.estimate!r}")
+        check_shardable(self.estimate)
         if self.estimate.params.get("workers", 1) != 1:
             raise InvalidParameterError("--param workers is the in-process pool; with --storage "
                                         "use --workers W (processes sharing the queue)")
@@ -103,19 +144,25 @@ class ShardOutcome:
 
     study: str
     n_shards: int
-    measured: int  #: shards measured by this run's processes
+    measured: int  #: shards measured (or, by batch, computed) by this run's processes
     pending: tuple[int, ...]  #: shards not complete yet (running elsewhere, or failed)
     table: CostTable | None
 
 
 def estimate_fingerprint(prep: PreparedEstimate) -> str:
-    """sha256 of what fixes the rows: model and data content, units, options, metric, seed."""
+    """sha256 of what fixes the rows: model and data content, units, options, seed, and the
+    method's parameters (``measured``: metric and token cap; by batch: the method, its
+    parameters and the batch count)."""
     est: Any = prep.estimator
     what = {"model": prep.loaded.fingerprint, "data": prep.metadata.get("data_fingerprint"),
             "kind": prep.ctx.model_kind, "units": [[u.name, u.params] for u in prep.ctx.units],
-            "options": [o.name for o in prep.ctx.options], "metric": est.metric,
-            "max_tokens": est.max_tokens, "seed": prep.ctx.seed}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+            "options": [o.name for o in prep.ctx.options], "seed": prep.ctx.seed}
+    if _by_batch(prep.spec):
+        what |= {"method": prep.spec.method, "params": est.params(),
+                 "batches": len(prep.ctx.batches)}
+    else:  # the keys of the first sharded release: its studies keep their fingerprint
+        what |= {"metric": est.metric, "max_tokens": est.max_tokens}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _prepare(spec: ShardedEstimateSpec, progress: bool) -> PreparedEstimate:
@@ -128,7 +175,8 @@ def _prepare(spec: ShardedEstimateSpec, progress: bool) -> PreparedEstimate:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class _Queue:
-    """A worker's view of the queue: the study and the shards (unit indices) it holds."""
+    """A worker's view of the queue: the study and the shards (unit indices, or batch indices
+    for a batch-additive method) it holds."""
 
     storage: optuna.storages.BaseStorage
     study: optuna.Study
@@ -143,20 +191,59 @@ def _open(spec: ShardedEstimateSpec, prep: PreparedEstimate, storage: optuna.sto
     fp = estimate_fingerprint(prep)
     name = STUDY_PREFIX + (spec.study.strip() if spec.study else fp[:12])
     summary = {"model": prep.loaded.name, "units": len(prep.ctx.units),
-               "options": ",".join(o.name for o in prep.ctx.options)}
+               "options": ",".join(o.name for o in prep.ctx.options), "method": prep.spec.method}
+    by_batch = _by_batch(prep.spec)
+    if by_batch:  # more shards than batches would only leave shards empty
+        default_shards = max(1, min(default_shards, len(prep.ctx.batches)))
     study, n_shards = q.open_queue(storage, name, fingerprint=fp, n_shards=spec.n_shards,
                                    default_shards=default_shards, summary=summary)
-    shards = shard_units(len(prep.ctx.units), n_shards)
-    biggest = max(len(s) for s in shards) * len(prep.ctx.options)
-    # refuse before measuring, not after: a float of 17 digits and an exponent per entry
-    q.check_payload_size(0, "cost", [-1.2345678901234567e-05] * biggest)
+    # the same interleaved split for batches as for units (a short last batch lands anywhere)
+    shards = shard_units(len(prep.ctx.batches) if by_batch else len(prep.ctx.units), n_shards)
+    if not by_batch:
+        biggest = max(len(s) for s in shards) * len(prep.ctx.options)
+        # refuse before measuring, not after: a float of 17 digits and an exponent per entry
+        q.check_payload_size(0, "cost", [-1.2345678901234567e-05] * biggest)
     q.requeue_stale(storage, study, spec.stale_after_s)
     q.ensure_queue(study, len(shards))
     return _Queue(storage=storage, study=study, name=name, shards=shards)
 
 
-def _measure(prep: PreparedEstimate, units: list[int]) -> tuple[dict[str, Any], float]:
-    """The payload of one shard (unit names, cost and cost_std rows, info) and its seconds."""
+def _measure(prep: PreparedEstimate, items: list[int]) -> tuple[dict[str, Any], float]:
+    """The payload of one shard and its seconds: by unit, the unit names, cost and cost_std rows
+    and info; by batch, the batch ids and the partial statistics."""
+    if _by_batch(prep.spec):
+        return _partial_payload(prep, items)
+    return _measure_units(prep, items)
+
+
+def _partial_payload(prep: PreparedEstimate, batches: list[int]) -> tuple[dict[str, Any], float]:
+    from sensitivity._base import BatchAdditiveEstimator
+    from sensitivity._driver import seeded
+
+    est = prep.estimator
+    if not isinstance(est, BatchAdditiveEstimator):  # check_shardable let it through: a bug
+        raise RuntimeError(f"estimator {est.name!r} has no partial statistics")
+    start = time.perf_counter()
+    # seeded as a single-process run; the estimator's own draws are seeded per batch
+    with seeded(prep.ctx.seed):
+        part = est.partial(prep.loaded.model, prep.ctx.subset(batches))
+    seconds = time.perf_counter() - start
+    text = json.dumps(part.to_json(), separators=(",", ":"))
+    if len(text) > MAX_PARTIAL_BYTES:
+        raise InvalidParameterError(
+            f"{prep.spec.method}: one shard's statistics take {len(text):,} bytes (> "
+            f"{MAX_PARTIAL_BYTES:,}); they do not shrink with more shards, so estimate fewer "
+            f"units per study (--include/--exclude) or use another method (hessian-proxy keeps "
+            f"only the diagonal)")
+    chunks = [text[i:i + PARTIAL_CHUNK_CHARS] for i in range(0, len(text), PARTIAL_CHUNK_CHARS)]
+    payload: dict[str, Any] = {"batches": list(part.batches), "partial_chunks": len(chunks),
+                               **{f"partial:{i}": c for i, c in enumerate(chunks)},
+                               "seconds": round(seconds, 3), "host": socket.gethostname(),
+                               "device": prep.ctx.device}
+    return payload, seconds
+
+
+def _measure_units(prep: PreparedEstimate, units: list[int]) -> tuple[dict[str, Any], float]:
     from sensitivity._driver import seeded
     from sensitivity._measured import measure_units
 
@@ -175,7 +262,7 @@ def _measure(prep: PreparedEstimate, units: list[int]) -> tuple[dict[str, Any], 
 
 def _work(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue, worker: int,
           run_id: str) -> int:
-    """Claim and measure shards until none is waiting; returns how many this worker recorded."""
+    """Claim and run shards until none is waiting; returns how many this worker recorded."""
     owner = f"{socket.gethostname()}:{os.getpid()}:{run_id}:{worker}"
     beat = max(0.5, min(30.0, spec.stale_after_s / 4))
     done, cap = 0, spec.max_shards
@@ -194,7 +281,7 @@ def _work(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue, work
 
 def run_shard_worker(spec: ShardedEstimateSpec, worker: int = 0, *,
                      default_shards: int = SHARDS_PER_WORKER, run_id: str | None = None) -> int:
-    """Join (or create) the queue and measure shards until none is waiting (a spawned local
+    """Join (or create) the queue and run shards until none is waiting (a spawned local
     process); returns the number of shards it recorded. Other machines use :func:`run_sharded`."""
     prep = _prepare(spec, progress=False)
     queue = _open(spec, prep, q.open_storage(spec.storage), default_shards)
@@ -213,7 +300,8 @@ def _worker_entry(spec: ShardedEstimateSpec, worker: int, threads: int, default_
 
 
 def run_sharded(spec: ShardedEstimateSpec, *, workers: int = 1) -> ShardOutcome:
-    """Measure with ``workers`` processes on this machine (others may join); merge when done."""
+    """Run the shards with ``workers`` processes on this machine (others may join); merge when
+    every shard is complete."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InvalidParameterError(f"workers must be an int ≥ 1, got {workers!r}")
     if workers > 1 and spec.storage is None:
@@ -275,6 +363,43 @@ def _outcome(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
 def _merge(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
            done: Mapping[int, Mapping[str, Any]]) -> CostTable:
     """One table from every shard's rows, as the single-process estimator would write it."""
+    if _by_batch(prep.spec):
+        table = _merge_partials(prep, queue, done)
+    else:
+        table = _merge_rows(prep, queue, done)
+    seconds = sum(float(done[k]["seconds"]) for k in done)
+    sharded = {"n_shards": len(queue.shards), "storage": q.storage_kind(spec.storage),
+               "study": queue.name, "hosts": sorted({str(done[k]["host"]) for k in done}),
+               "shard_seconds": round(seconds, 3), "by": "batch" if _by_batch(prep.spec) else "unit"}
+    return CostTable(table.df, {**table.metadata, "sharded": sharded, "seconds": round(seconds, 3)})
+
+
+def _merge_partials(prep: PreparedEstimate, queue: _Queue,
+                    done: Mapping[int, Mapping[str, Any]]) -> CostTable:
+    """Add every shard's partial statistics and finish once (in shard order: deterministic)."""
+    from sensitivity._base import BatchAdditiveEstimator, Partial
+
+    est = prep.estimator
+    if not isinstance(est, BatchAdditiveEstimator):
+        raise RuntimeError(f"estimator {est.name!r} has no partial statistics")
+    parts = []
+    for k, batches in enumerate(queue.shards):
+        attrs = done[k]
+        if attrs.get("batches") != [prep.ctx.batch_id(i) for i in batches]:
+            raise InvalidParameterError(f"shard {k} of study {queue.name!r} holds other batches; "
+                                        "delete the study and estimate again")
+        try:
+            text = "".join(str(attrs[f"partial:{i}"]) for i in range(int(attrs["partial_chunks"])))
+        except (KeyError, TypeError, ValueError):
+            raise InvalidParameterError(f"shard {k} of study {queue.name!r} has no complete "
+                                        "partial statistics; delete the study and estimate "
+                                        "again") from None
+        parts.append(Partial.from_json(json.loads(text)))
+    return est.finish(prep.loaded.model, prep.ctx, parts, metadata=prep.metadata)
+
+
+def _merge_rows(prep: PreparedEstimate, queue: _Queue,
+                done: Mapping[int, Mapping[str, Any]]) -> CostTable:
     import numpy as np
 
     from sensitivity import UnitCosts
@@ -290,14 +415,9 @@ def _merge(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
         parts.append(MeasuredRows(unit_indices=tuple(units), cost=cost, cost_std=std,
                                   batch_means=np.zeros((*cost.shape, 0)), info=attrs["info"]))
     cost, std = merge_measured(parts, len(prep.ctx.units))
-    seconds = sum(float(done[k]["seconds"]) for k in done)
     merged = _merged_estimator(prep.estimator, UnitCosts(cost=cost, cost_std=std,
                                                          info=dict(done[0]["info"])))
-    sharded = {"n_shards": len(queue.shards), "storage": q.storage_kind(spec.storage),
-               "study": queue.name, "hosts": sorted({str(done[k]["host"]) for k in done}),
-               "shard_seconds": round(seconds, 3)}
-    table = merged.estimate(prep.loaded.model, prep.ctx, metadata={**prep.metadata, "sharded": sharded})
-    return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
+    return merged.estimate(prep.loaded.model, prep.ctx, metadata=prep.metadata)
 
 
 def _merged_estimator(base: Any, costs: Any) -> MeasuredEstimator:

@@ -44,9 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output file (.parquet, .csv or .json; default table.parquet)")
     g = p.add_argument_group("sharding: work split over workers that share an Optuna storage; "
                              "other machines join with the same command. measured splits the "
-                             "units; gauss-newton, fisher, salience, hessian-proxy, relevance "
-                             "(and hessian-trace with curvature=gauss-newton) the calibration "
-                             "batches")
+                             "units; gauss-newton, fisher, salience, hessian-proxy and relevance "
+                             "the calibration batches")
     g.add_argument("--storage", help="Optuna storage URL: sqlite:///estimate.db or postgresql://... "
                    "(default: in memory, this process only)")
     g.add_argument("--study", help="study name, stored as estimate-NAME (default: from the model, "

@@ -159,9 +159,10 @@ def test_cli_writes_the_table_and_refuses_bad_flags(tmp_path: Path, reference: C
         f"{head}study 'estimate-cli' has 2 shards, got --shards 3; pass --shards 2")
     msg = err(argv(*shared, options="int3-g128-asym"))
     assert msg.startswith(f"{head}study 'estimate-cli' holds another estimation") and "--study" in msg
-    assert err(argv(*shared, method="fisher")) == (
-        f"{head}--storage shards the 'measured' estimator only, not 'fisher'; drop it or use "
-        "--method measured")
+    assert err(argv(*shared, method="hessian-eig")) == (
+        f"{head}--storage shards 'measured' (by unit) and the batch-additive estimators (by "
+        "batch), not 'hessian-eig', whose statistics do not add over batches; drop --storage or "
+        "use another --method")
     assert err(argv("--workers", "2", method="lim")).startswith(f"{head}--workers shards")
     assert err(argv(*shared, "--shards", "0")) == f"{head}shards must be an int ≥ 1, got 0"
     assert "shared storage" in err(argv("--workers", "2"))
@@ -176,7 +177,7 @@ def test_bad_specs() -> None:
     with pytest.raises(InvalidParameterError, match="no parameter 'max_probes'"):
         ShardedEstimateSpec(model="tiny-llama",
                             estimate=EstimateSpec(method="measured", params={"max_probes": 3}))
-    with pytest.raises(InvalidParameterError, match="'measured' estimator only, not 'fisher'"):
-        ShardedEstimateSpec(model="tiny-llama", estimate=EstimateSpec(method="fisher"))
+    with pytest.raises(InvalidParameterError, match="'hessian-eig' is not batch-additive"):
+        ShardedEstimateSpec(model="tiny-llama", estimate=EstimateSpec(method="hessian-eig"))
     with pytest.raises(InvalidParameterError, match="workers must be an int ≥ 1"):
         run_sharded(ShardedEstimateSpec(model="tiny-llama"), workers=0)
