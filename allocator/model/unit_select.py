@@ -113,9 +113,10 @@ def _warn_legacy(patterns: Sequence[str], flag: str) -> None:
     for p in patterns:
         if is_legacy_regex(p):
             # FutureWarning, not DeprecationWarning: the person typing the pattern should see it
-            warnings.warn(f"{flag} {p!r} is a regex; unit patterns are globs now (as in "
+            # quoted by hand: repr would double every backslash of the regex
+            warnings.warn(f"{flag} '{p}' is a regex; unit patterns are globs now (as in "
                           f"'bitalloc run'); regexes are still searched in module names for now, "
-                          f"write e.g. {_glob_hint(p)!r} instead", FutureWarning, stacklevel=3)
+                          f"write e.g. '{_glob_hint(p)}' instead", FutureWarning, stacklevel=3)
 
 
 def unit_matches(unit: Unit, pattern: str) -> bool:
