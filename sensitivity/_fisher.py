@@ -34,6 +34,7 @@ the other texts of the batch (the negatives). ``"auto"`` picks vmap for small mo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -41,8 +42,13 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from sensitivity._base import EstimateContext, Partial, SampleMeanEstimator, UnitCosts, mean_and_sem
-from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, QuantDeltas, check_delta_budget
-from sensitivity._gauss_newton import check_probes, curvature_in_passes
+from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups
+from sensitivity._gauss_newton import (
+    check_probes,
+    curvature_in_passes,
+    gn_diagonal_terms,
+    quant_deltas,
+)
 from sensitivity._loss import (
     differentiable_attention,
     gradient_mode,
@@ -74,7 +80,7 @@ def fisher_sample_costs(model: torch.nn.Module, ctx: EstimateContext, *, per_sam
     n_weights = sum(t.numel() for t in leaves)
     batched = per_sample == "vmap" or (per_sample == "auto" and (
         not ctx.device.startswith("cpu") or n_weights < _VMAP_BELOW))
-    deltas = QuantDeltas.build(model, ctx.units, ctx.options)
+    d2 = quant_deltas(model, ctx, squared=True)
     rows: list[np.ndarray] = []
     with gradient_mode(model, leaves), progress_bar(len(ctx.batches), "fisher batches",
                                                      ctx.progress) as bar:
@@ -84,7 +90,7 @@ def fisher_sample_costs(model: torch.nn.Module, ctx: EstimateContext, *, per_sam
             for lo in range(0, losses.numel(), chunk):
                 hi = min(lo + chunk, losses.numel())
                 for grads in _sample_grads(losses, leaves, lo, hi, batched):
-                    rows.append(_costs_of(grads, ctx.units, index, deltas))
+                    rows.append(_costs_of(grads, ctx.units, index, d2))
             bar.update(1)
     if not rows:
         raise InvalidParameterError("no calibration sample has a target; use longer texts")
@@ -115,10 +121,10 @@ def _sample_grads(losses: torch.Tensor, leaves: Sequence[torch.Tensor], lo: int,
 
 
 def _costs_of(grads: Sequence[torch.Tensor], units: Sequence[object], index: Sequence[int],
-              deltas: QuantDeltas) -> np.ndarray:
-    out = np.empty((len(units), len(deltas.options)))
+              d2: Sequence[torch.Tensor]) -> np.ndarray:
+    out = np.empty((len(units), d2[0].shape[0]))
     for i, (unit, k) in enumerate(zip(units, index, strict=True)):
-        out[i] = deltas.diagonal(i, unit_block(grads[k].detach(), unit)).cpu().numpy()
+        out[i] = gn_diagonal_terms(unit_block(grads[k].detach(), unit), d2[i]).cpu().numpy()
     return out
 
 
@@ -167,7 +173,10 @@ class FisherEstimator(SampleMeanEstimator):
     def _partial(self, model: torch.nn.Module, ctx: EstimateContext) -> Partial:
         if self.target == "model":
             return super()._partial(model, ctx)
-        c = fisher_sample_costs(model, ctx, per_sample=self.per_sample, chunk=self.chunk or 8)
+        groups = delta_groups(ctx.units, ctx.options, check_delta_budget(self.delta_budget_mb))
+        c = np.concatenate([fisher_sample_costs(
+            model, dataclasses.replace(ctx, units=[ctx.units[i] for i in g]),
+            per_sample=self.per_sample, chunk=self.chunk or 8) for g in groups], axis=1)
         return Partial(sums={"cost:s1": c.sum(axis=0), "cost:s2": (c**2).sum(axis=0)},
                        counts={"samples": int(c.shape[0])})
 
@@ -180,7 +189,7 @@ class FisherEstimator(SampleMeanEstimator):
         return UnitCosts(cost=cost, cost_std=std, info={"samples": n})
 
     def _model_costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
-        return curvature_in_passes(model, ctx, QuantDeltas.diagonal,
+        return curvature_in_passes(model, ctx, gn_diagonal_terms, squared=True,
                                    budget_bytes=check_delta_budget(self.delta_budget_mb),
                                    probes=self.probes, chunk=self.chunk or 1,
                                    per_sample=self.per_sample, label="fisher")

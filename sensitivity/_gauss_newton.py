@@ -43,7 +43,7 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError
 from allocator.model.loading import ModelKind
 from sensitivity._base import EstimateContext, SampleMeanEstimator, UnitCosts
-from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, QuantDeltas, check_delta_budget, delta_groups
+from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups
 from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves
 from sensitivity._progress import progress_bar
 
@@ -151,9 +151,12 @@ def gn_trace_terms(g: torch.Tensor) -> torch.Tensor:
     return (g.double() ** 2).sum().reshape(1)
 
 
-def quant_deltas(model: torch.nn.Module, ctx: EstimateContext) -> list[torch.Tensor]:
-    """``ΔW = Q_o(W) − W`` per unit stacked over options, [options, out, cols] (float32, shared
-    RTN quantizer :func:`allocator.model.quant.fake_quantize`), on the weight's device."""
+def quant_deltas(model: torch.nn.Module, ctx: EstimateContext, *,
+                 squared: bool = False) -> list[torch.Tensor]:
+    """``ΔW = Q_o(W) − W`` (or ``ΔW²``) per unit stacked over options, float32 [options, out,
+    cols] (shared RTN quantizer :func:`allocator.model.quant.fake_quantize`), on the weight's
+    device. 4 bytes × options per weight: callers hold them under a budget
+    (:mod:`sensitivity._deltas`)."""
     import torch
 
     from allocator.core.units import unit_weight
@@ -163,7 +166,8 @@ def quant_deltas(model: torch.nn.Module, ctx: EstimateContext) -> list[torch.Ten
     with torch.no_grad():
         for unit in ctx.units:
             w = unit_weight(model, unit).detach().float()
-            out.append(torch.stack([fake_quantize(w, f) - w for f in ctx.options]))
+            d = torch.stack([fake_quantize(w, f) - w for f in ctx.options])
+            out.append(d.square_() if squared else d)
     return out
 
 
@@ -362,15 +366,15 @@ class GaussNewtonEstimator(SampleMeanEstimator):
     A sample mean over the calibration batches, so it shards by batch
     (:class:`~sensitivity._base.SampleMeanEstimator`).
 
-    Memory: the deltas are held as RTN codes (≈ 1 byte per weight and option,
-    :mod:`sensitivity._deltas`); units whose codes exceed ``delta_budget_mb`` are split into
-    groups measured in separate passes over the data, with the same table.
+    Memory: the float32 deltas of all units and options (4 bytes × options per weight) are held
+    at most ``delta_budget_mb`` at a time: beyond it the units are split into groups, one pass
+    over the data each, with the same table (:mod:`sensitivity._deltas`).
 
     Args:
         probes: output cotangents per sample (1–4 is enough: the samples already average).
         chunk: rows per forward pass (each (row, probe) gets its own backward).
         per_sample: ``auto`` (vmap on GPU and for small models), ``loop`` or ``vmap``.
-        delta_budget_mb: MiB of stored deltas per pass (more passes when exceeded).
+        delta_budget_mb: MiB of deltas held per pass (more passes when exceeded).
     """
 
     name: ClassVar[str] = "gauss-newton"
@@ -384,40 +388,39 @@ class GaussNewtonEstimator(SampleMeanEstimator):
         self.delta_budget_mb = delta_budget_mb
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
-        return curvature_in_passes(model, ctx, QuantDeltas.quadratic,
+        return curvature_in_passes(model, ctx, gn_quadratic_terms, squared=False,
                                    budget_bytes=check_delta_budget(self.delta_budget_mb),
                                    probes=self.probes, chunk=self.chunk, per_sample=self.per_sample,
                                    label="gauss-newton")
 
 
 def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
-                        term: Callable[[QuantDeltas, int, torch.Tensor], torch.Tensor], *,
+                        term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, squared: bool,
                         budget_bytes: int, probes: int, chunk: int, per_sample: str,
                         label: str) -> UnitCosts:
-    """:func:`sampled_curvature` of ``term(deltas, unit, g)`` over groups of units whose deltas
-    fit ``budget_bytes`` (:func:`~sensitivity._deltas.delta_groups`), one pass per group."""
+    """:func:`sampled_curvature` of ``term(g_u, deltas_u)`` (``ΔW²`` with ``squared``) over
+    groups of units whose deltas fit ``budget_bytes``
+    (:func:`~sensitivity._deltas.delta_groups`), one pass over the data per group."""
     import dataclasses
 
     groups = delta_groups(ctx.units, ctx.options, budget_bytes)
-    mean, sem = np.empty((len(ctx.units), len(ctx.options))), np.empty((len(ctx.units), len(ctx.options)))
-    est: SampledCurvature | None = None
-    stored = 0
+    shape = (len(ctx.units), len(ctx.options))
+    mean, sem = np.empty(shape), np.empty(shape)
+    info: dict[str, Any] = {}
     for n, group in enumerate(groups):
         sub = dataclasses.replace(ctx, units=[ctx.units[i] for i in group])
-        deltas = QuantDeltas.build(model, sub.units, sub.options)
-        stored = max(stored, deltas.nbytes)
+        deltas = quant_deltas(model, sub, squared=squared)
         _, index = unit_leaves(model, sub.units)
         reduce = unit_reduction(sub.units, index, _bound(term, deltas))
         tag = label if len(groups) == 1 else f"{label} pass {n + 1}/{len(groups)}"
         est = sampled_curvature(model, sub, reduce, probes=probes, chunk=chunk,
                                 per_sample=per_sample, label=tag)
         mean[group], sem[group] = est.mean, est.sem
-        del deltas
-    assert est is not None  # ctx.units is never empty (BaseEstimator.estimate checks)
-    return UnitCosts(cost=mean, cost_std=sem,
-                     info={**est.info(), "passes": len(groups), "delta_bytes": stored})
+        info = est.info()
+        del deltas, reduce
+    return UnitCosts(cost=mean, cost_std=sem, info={**info, "passes": len(groups)})
 
 
-def _bound(term: Callable[[QuantDeltas, int, torch.Tensor], torch.Tensor],
-           deltas: QuantDeltas) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    return lambda g, i: term(deltas, i, g)
+def _bound(term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+           deltas: Sequence[torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    return lambda g, i: term(g, deltas[i])

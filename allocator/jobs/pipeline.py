@@ -26,6 +26,7 @@ from allocator.core.formats import parse_format
 from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
 from allocator.jobs.refine import RefineConfig, RefineResult
+from allocator.model.loading import ModelKind
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["PlanResult", "RunConfig", "RunResult", "frontier_title", "run_pipeline",
            "uniform_plans"]
 
-log = logging.getLogger("allocator.jobs.pipeline")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,7 +362,7 @@ def _min_bpw(table: CostTable) -> float:
 
 def _fp_metrics(ref: Any, evaluation: Any) -> dict[str, float]:
     """Metrics of the full-precision model itself (perplexity for causal LMs)."""
-    if ref.kind != "causal_lm":
+    if ref.kind != ModelKind.CAUSAL_LM:
         return {}
     import math
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["RefineConfig", "RefineResult", "RefineRound", "RefineStatus", "move_priority",
            "refine_plan", "tie_groups", "trust_region_choice"]
 
-log = logging.getLogger("allocator.jobs.refine")
+log = logging.getLogger(__name__)
 
 
 class RefineStatus(StrEnum):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.data.batches import BatchSequence, _check_int, batches_fingerprint
+from allocator.model.loading import ModelKind
 
 if TYPE_CHECKING:
     import numpy as np
@@ -190,4 +191,4 @@ def data_for(loaded: Any, split: str, n_samples: int, *, seq_len: int = 128,
             f"pass its batches yourself")
     return CalibrationData.from_corpus(loaded.tokenizer, split=split, n_samples=n_samples,
                                        seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                       pack=str(loaded.kind) == "causal_lm")
+                                       pack=loaded.kind == ModelKind.CAUSAL_LM)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.data.batches import read_text_file
+from allocator.model.loading import ModelKind
 
 __all__ = ["HELD_OUT_SHARE", "data_description", "overlap", "split_user_texts", "user_data_for",
            "user_split_of"]
@@ -108,7 +109,7 @@ def user_data_for(loaded: Any, split: str, n_samples: int, *, data: str | Path |
         return data_for(loaded, split, n_samples, **common)
     texts, source = got
     return CalibrationData.from_texts(texts, loaded.tokenizer, n_samples=n_samples, source=source,
-                                      pack=str(loaded.kind) == "causal_lm", **common)
+                                      pack=loaded.kind == ModelKind.CAUSAL_LM, **common)
 
 
 def overlap(data: str | Path, eval_data: str | Path) -> int:
