@@ -192,7 +192,8 @@ def _explained(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> t
     if not isinstance(hidden, torch.Tensor):
         raise ModelError("model returned neither logits nor a hidden-state tensor to explain")
     if hidden.dim() == 3:
-        m = torch.ones(hidden.shape[:2]) if am is None else am.to(hidden.dtype)
+        m = (torch.ones(hidden.shape[:2], device=hidden.device) if am is None
+             else am.to(hidden.device, hidden.dtype))
         hidden = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
     unit_dir = hidden.detach() / hidden.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (hidden * unit_dir).sum()

@@ -1,8 +1,9 @@
 """Quantization backend: apply a bit plan to a torch model, verify it, evaluate it.
 
 * :func:`apply_plan` — per-unit fake quantization in place, RTN (the shared quantizer) or GPTQ.
+* :func:`apply_plan_sequential` — GPTQ one transformer block in memory at a time, from the
+  safetensors of a model directory (``docs/sequential.md``).
 * :func:`verify` — read the weights back and check levels, group size, bits and bpw per unit.
-* :func:`check_device` — a ``--device`` name this machine can run, or one clear error.
 * :func:`evaluate` — perplexity / KL / embedding cosine / retrieval agreement / accuracy against
   cached full-precision outputs (:func:`reference_outputs`).
 
@@ -12,7 +13,6 @@ Importing this package does not import torch; the functions do.
 from __future__ import annotations
 
 from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, apply_plan
-from allocator.backend._device import check_device
 from allocator.backend._evaluate import (
     EvalReport,
     ReferenceOutputs,
@@ -24,6 +24,7 @@ from allocator.backend._evaluate import (
     retrieval_agreement,
 )
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
+from allocator.backend._sequential import SequentialApplyResult, apply_plan_sequential
 from allocator.backend._verify import Mismatch, PlanMismatchError, UnitCheck, VerifyReport, verify
 
 __all__ = [
@@ -34,11 +35,12 @@ __all__ = [
     "PlanMismatchError",
     "ReferenceOutputs",
     "ResolvedUnit",
+    "SequentialApplyResult",
     "UnitApplied",
     "UnitCheck",
     "VerifyReport",
     "apply_plan",
-    "check_device",
+    "apply_plan_sequential",
     "clear_reference_cache",
     "data_fingerprint",
     "evaluate",

@@ -65,9 +65,9 @@ def add_device_argument(p: argparse.ArgumentParser, *, cpu_only: str | None = No
 
 
 def device_from_args(args: argparse.Namespace, *, cpu_only: str | None = None) -> str:
-    """The checked ``--device`` (:func:`allocator.backend.check_device`): one line naming the
+    """The checked ``--device`` (:func:`allocator.model.device.check_device`): one line naming the
     value and the fix, before any model loads."""
-    from allocator.backend import check_device
+    from allocator.model.device import check_device
 
     device = check_device(getattr(args, "device", "cpu"))
     if cpu_only and device != "cpu":

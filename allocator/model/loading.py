@@ -200,6 +200,10 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *, device: st
     import torch  # noqa: F401  (fail early with the usual ImportError if torch is missing)
     import transformers
 
+    from allocator.model.device import check_device
+
+    device = check_device(device, flag="device")
+
     name, path = _resolve(path_or_name)
     config = _read_config(path)
     try:

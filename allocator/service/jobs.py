@@ -208,7 +208,7 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
     if cancel.is_set():
         raise JobCancelled
     try:
-        from allocator.backend import check_device
+        from allocator.model.device import check_device
 
         check_device(spec.device, flag="params.device")  # on the worker that will run the model
     except InvalidParameterError as exc:
