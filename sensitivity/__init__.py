@@ -25,6 +25,7 @@ from sensitivity._driver import (
     seeded,
 )
 from sensitivity._measured import default_metric
+from sensitivity._sequential import LAYER_LOCAL, estimate_sequential
 from sensitivity._sharded import (
     ShardedEstimateSpec,
     ShardOutcome,
@@ -57,6 +58,8 @@ __all__ = [
     "EstimateContext",
     "UnitCosts",
     "estimate",
+    "estimate_sequential",
+    "LAYER_LOCAL",
     "estimator_class",
     "get_estimator",
     "quant_errors",

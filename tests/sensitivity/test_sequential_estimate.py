@@ -1,0 +1,58 @@
+"""Layer-local estimators block by block on the tiny LM: the same table as the whole model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from allocator.core.errors import InvalidParameterError  # noqa: E402
+from allocator.core.formats import parse_format  # noqa: E402
+from allocator.core.units import discover_units  # noqa: E402
+from allocator.model.loading import load_model, tiny_lm_path  # noqa: E402
+from sensitivity import EstimateContext, get_estimator  # noqa: E402
+from sensitivity._sequential import estimate_sequential  # noqa: E402
+
+OPTIONS = ["int2-g32-asym", "int3-g32-sym", "int4-g64-asym", "int8-ch-sym"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def calib(tiny: Any) -> list[dict[str, Any]]:
+    from allocator.model.data import CalibrationData
+
+    return list(CalibrationData.from_corpus(tiny.tokenizer, n_samples=8, seq_len=32, batch_size=4))
+
+
+@pytest.mark.parametrize(("name", "group_columns"), [("hessian-proxy", None), ("hessian-proxy", 64),
+                                                     ("salience", None)])
+def test_sequential_table_equals_whole_model_table(tiny: Any, calib: list, name: str,
+                                                   group_columns: int | None) -> None:
+    units = discover_units(tiny.model, group_columns=group_columns)
+    ctx = EstimateContext(batches=calib, units=units, options=[parse_format(o) for o in OPTIONS],
+                          model_kind="causal_lm", progress=False)
+    whole = get_estimator(name).estimate(tiny.model, ctx)
+    seq = estimate_sequential(tiny_lm_path(), name, batches=calib, options=OPTIONS, units=units)
+    assert list(seq.units) == list(whole.units) and list(seq.options) == list(whole.options)
+    a, b = (t.df.sort_values(["unit", "option"]) for t in (seq, whole))
+    assert list(a["unit"]) == list(b["unit"]) and list(a["option"]) == list(b["option"])
+    np.testing.assert_allclose(a["cost"].to_numpy(), b["cost"].to_numpy(), rtol=1e-9, atol=0)
+    if name == "salience":
+        np.testing.assert_allclose(seq.metadata["salience"], whole.metadata["salience"], rtol=1e-9)
+    per_block = sum(p.numel() for p in tiny.model.model.layers[0].parameters())
+    total = sum(p.numel() for p in tiny.model.parameters())
+    assert seq.metadata["peak_params"] == total - 3 * per_block  # non-block + one block
+
+
+def test_gradient_estimators_are_refused(calib: list) -> None:
+    with pytest.raises(InvalidParameterError, match="layer-local"):
+        estimate_sequential(tiny_lm_path(), "fisher", batches=calib, options=OPTIONS)
