@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from allocator.core.table import CostTable
     from allocator.core.units import Unit
-    from allocator.model.sequential import BlockStep
+    from allocator.model.sequential import BlockStep, SequentialModel
 
 __all__ = ["SequentialApplyResult", "apply_plan_sequential"]
 
@@ -67,7 +67,7 @@ class SequentialApplyResult:
 
 
 def apply_plan_sequential(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | SequentialModel,
     plan: BitPlan,
     *,
     calibration: Sequence[Mapping[str, Any]],
@@ -84,6 +84,8 @@ def apply_plan_sequential(
     """GPTQ-quantize the model in directory ``path`` as ``plan`` says, one block in memory at a time.
 
     Args:
+        path: the model directory (or bundled name), or a fresh :class:`SequentialModel` of it
+            (no block run yet; its non-block weights are quantized in place).
         calibration: batches of model inputs (``input_ids``, ``attention_mask``); their
             activations at one block's input are cached for all batches.
         units, table, blocksize, percdamp, static_groups: as in :func:`~._apply.apply_plan`.
@@ -100,7 +102,7 @@ def apply_plan_sequential(
     import torch
 
     from allocator.backend._gptq import GptqConfig, collect_hessians
-    from allocator.model.sequential import SequentialModel
+    from allocator.model.sequential import SequentialModel  # noqa: F811  (runtime import)
 
     if not calibration:
         raise InvalidParameterError("sequential GPTQ needs calibration batches; pass calibration=...")
@@ -113,7 +115,7 @@ def apply_plan_sequential(
             raise InvalidPlanError(f"plan does not fit the cost table: {problems[0]}")
     cfg = GptqConfig(blocksize=blocksize, percdamp=percdamp, static_groups=static_groups)
     t0 = time.perf_counter()
-    seq = SequentialModel(path, dtype=dtype, device=device)
+    seq = path if isinstance(path, SequentialModel) else SequentialModel(path, dtype=dtype, device=device)
     model = seq.model
     resolved = resolve_plan(model, plan, units)
     by_module: dict[str, list[ResolvedUnit]] = {}

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="column-group width of [g=i] units (default: inferred from the plan)")
     add_data_arguments(p, calibration_only=True)
     add_device_argument(p)
+    p.add_argument("--sequential", action="store_true",
+                   help="GPTQ one transformer block in memory at a time, reading the weights from "
+                        "the model's safetensors; needs --method gptq and -o (docs/sequential.md)")
     p.add_argument("-o", "--output",
                    help="save the fake-quantized model here in its own format: a "
                         "sentence-transformers folder stays one (modules.json, pooling, normalize, "
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--data calibrates GPTQ only; add --method gptq or drop --data "
                                     "(RTN needs no data)")
     device = device_from_args(args)
+    if args.sequential:
+        return _run_sequential(args, device)
     plan = BitPlan.load(args.plan)
     loaded = load_model(args.model, device=device)
     units = discover_units(loaded.model, group_columns=args.group_columns) if args.group_columns else None
@@ -67,3 +72,35 @@ def run(args: argparse.Namespace) -> int:
         kind = "sentence-transformers" if is_sentence_transformers(loaded.path) else "transformers"
         out.print(f"model ({kind} folder) -> {where}")
     return 0 if check.ok else 1
+
+
+def _run_sequential(args: argparse.Namespace, device: str) -> int:
+    """``--sequential``: block-by-block GPTQ written to ``-o`` as a sharded checkpoint; the
+    whole-model ``verify`` is skipped (it would load every block at once)."""
+    from allocator.backend import apply_plan_sequential
+    from allocator.core.errors import InvalidParameterError
+    from allocator.core.plan import BitPlan
+    from allocator.core.units import discover_units
+    from allocator.model.data import user_data_for
+    from allocator.model.sequential import SequentialModel
+
+    if args.method != "gptq" or not args.output:
+        raise InvalidParameterError("--sequential runs GPTQ and writes its result block by block; "
+                                    "add --method gptq and -o DIR")
+    plan = BitPlan.load(args.plan)
+    seq = SequentialModel(args.model, device=device)
+    units = discover_units(seq.model, group_columns=args.group_columns) if args.group_columns else None
+    # a SequentialModel carries the config, kind and tokenizer data_for reads
+    calib_data = user_data_for(seq, "calibration", args.samples, data=args.data, holdout=False,
+                               seq_len=args.seq_len, batch_size=8)
+    out = console()
+    out.print(f"calibration: {calib_data.metadata()['source']} ({len(calib_data.batches)} batches)")
+    result = apply_plan_sequential(seq, plan, calibration=list(calib_data.to(device)), units=units,
+                                   save_dir=args.output)
+    report = result.report
+    out.print(f"applied {len(report.units)} units (gptq, sequential, {device}) in {report.seconds:.1f}s: "
+              f"{report.bpw:.4f} bpw, {report.size_bits / 8 / 2**20:,.2f} MiB; peak "
+              f"{result.peak_params:,} parameters in memory (non-block {result.nonblock_params:,} + "
+              f"largest block {result.max_block_params:,})")
+    out.print(f"model (transformers sharded safetensors) -> {result.save_dir}")
+    return 0

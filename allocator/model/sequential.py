@@ -132,7 +132,8 @@ class SequentialModel:
     """A Hugging Face model directory run block by block (see the module docstring).
 
     Args:
-        path: a local model directory with ``config.json`` and safetensors weights.
+        path: a local model directory with ``config.json`` and safetensors weights (or a bundled
+            name, as :func:`~allocator.model.loading.load_model` takes).
         dtype: the parameters' dtype after loading (checkpoint tensors are cast to it).
         device: where loaded weights and cached activations live.
     """
@@ -141,9 +142,9 @@ class SequentialModel:
                  device: str = "cpu") -> None:
         import transformers
 
-        from allocator.model.loading import _dtype, _read_config, detect_kind
+        from allocator.model.loading import _dtype, _read_config, _resolve, detect_kind
 
-        self.path = Path(path)
+        self.name, self.path = _resolve(path)  # bundled names (tiny-llama) work as in load_model
         config_dict = _read_config(self.path)
         self.dtype = _dtype(dtype)
         self.device = device
@@ -166,6 +167,21 @@ class SequentialModel:
                     mod._buffers[bname] = b.to(device)
         self.nonblock_params = materialised_params(self.model)
         self.peak_params = self.nonblock_params
+
+    @property
+    def tokenizer(self) -> Any:
+        """The directory's tokenizer (None without one): calibration data is built with it, so a
+        SequentialModel stands in for a LoadedModel in :func:`allocator.model.data.data_for`."""
+        if not hasattr(self, "_tokenizer"):
+            import transformers
+
+            tok: Any
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            except (OSError, ValueError, KeyError):
+                tok = None
+            self._tokenizer = tok
+        return self._tokenizer
 
     # --- weights ------------------------------------------------------------------------------
     def _find_blocks(self) -> tuple[str, torch.nn.ModuleList]:
