@@ -176,6 +176,52 @@ def _clone_tree(obj: Any) -> Any:
     return obj
 
 
+def _repeat_tree(obj: Any, n: int, rows: int) -> Any:
+    """Every tensor with ``rows`` leading rows stacked ``n`` times along dim 0; others kept."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(n, *([1] * (obj.dim() - 1))) if obj.dim() and obj.shape[0] == rows else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(_repeat_tree(x, n, rows) for x in obj)
+    return obj
+
+
+def _repeat_batch(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """The batch with every row tensor stacked ``n`` times (see :meth:`BlockCache.outputs_from`).
+
+    Raises:
+        InvalidParameterError: a tensor whose leading dimension is not the batch's rows.
+    """
+    import torch
+
+    rows = _rows(batch)
+    out: dict[str, Any] = {}
+    for key, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if v.shape[0] != rows:
+                raise InvalidParameterError(
+                    f"batch tensor {key!r} has {v.shape[0]} leading rows, not {rows}; cannot repeat it")
+            v = v.repeat(n, *([1] * (v.dim() - 1)))
+        out[key] = v
+    return out
+
+
+def _first_tensor(obj: Any) -> torch.Tensor:
+    """A block's hidden state: its output, or the first element of a tuple output."""
+    import torch
+
+    while isinstance(obj, tuple | list):
+        obj = obj[0]
+    if not isinstance(obj, torch.Tensor):
+        raise InvalidParameterError(f"a block returned {type(obj).__name__}, not a tensor")
+    return obj
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward early (internal control flow of block_output)."""
+
+
 def _detach_tree(obj: Any) -> Any:
     import torch
 
@@ -266,6 +312,18 @@ class BlockCache:
         owners = _modules_sharing_weight(self.model, unit.module)
         return min(self._start_of(name) for name in owners)
 
+    def block_of(self, unit: Unit) -> int | None:
+        """The block k whose forward executes the unit's weight (and nothing earlier shares it),
+        or None for units outside the blocks, shared weights and models without a block list."""
+        if not self.blocks or self.shares_weight(unit):
+            return None
+        m = re.match(rf"^{re.escape(self.prefix)}\.(\d+)\.", unit.module)
+        return int(m[1]) if m and int(m[1]) < self.n_blocks else None
+
+    def shares_weight(self, unit: Unit) -> bool:
+        """Whether another module owns a parameter stored in the unit's weight memory."""
+        return len(_modules_sharing_weight(self.model, unit.module)) > 1
+
     def _start_of(self, module: str) -> int:
         m = re.match(rf"^{re.escape(self.prefix)}\.(\d+)(?:\.|$)", module)
         if m and int(m[1]) < self.n_blocks:
@@ -278,12 +336,20 @@ class BlockCache:
             return 0
         return self.n_blocks if first_call > last_block else 0
 
-    def outputs_from(self, ci: int, start: int) -> torch.Tensor:
-        """Model outputs of chunk ``ci`` recomputing only blocks ``start..`` (call under no-grad)."""
+    def outputs_from(self, ci: int, start: int, *, repeat: int = 1) -> torch.Tensor:
+        """Model outputs of chunk ``ci`` recomputing only blocks ``start..`` (call under no-grad).
+
+        ``repeat`` = n runs the chunk n times in one forward, stacked along the batch dimension
+        (rows r, r + R, r + 2R, … are copies of row r): with a unit patched to use a different
+        weight per copy, n options of that unit cost one forward of n·R rows.
+        """
         chunk = self.chunks[ci]
+        batch = chunk.batch if repeat == 1 else _repeat_batch(chunk.batch, repeat)
         if start <= 0 or not self.blocks:
-            return forward_outputs(self.model, chunk.batch, self.kind)
+            return forward_outputs(self.model, batch, self.kind)
         cached = self.block_out[ci][start - 1]
+        if repeat != 1:
+            cached = _repeat_tree(cached, repeat, _rows(chunk.batch))
         skipped = self.blocks[:start]
 
         def replay(*_a: Any, **_k: Any) -> Any:
@@ -292,10 +358,38 @@ class BlockCache:
         for b in skipped:
             b.forward = replay
         try:
-            return forward_outputs(self.model, chunk.batch, self.kind)
+            return forward_outputs(self.model, batch, self.kind)
         finally:
             for b in skipped:
                 del b.forward
+
+    def block_output(self, ci: int, k: int, *, repeat: int = 1) -> torch.Tensor:
+        """Hidden state leaving block ``k`` of chunk ``ci``, recomputing block ``k`` only (blocks
+        0..k−1 replayed, the forward stopped right after block k; call under no-grad).
+
+        Raises:
+            InvalidParameterError: no block list, or ``k`` out of range.
+        """
+        if not 0 <= k < self.n_blocks:
+            raise InvalidParameterError(f"block {k} out of range 0..{self.n_blocks - 1}")
+        captured: list[Any] = []
+
+        def stop(_m: Any, _a: Any, out: Any) -> None:
+            captured.append(out)
+            raise _StopForward  # nothing after block k is needed: skip it
+
+        handle = self.blocks[k].register_forward_hook(stop)
+        try:
+            self.outputs_from(ci, k, repeat=repeat)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return _first_tensor(captured[0])
+
+    def cached_block_output(self, ci: int, k: int) -> torch.Tensor:
+        """The full-precision hidden state leaving block ``k`` of chunk ``ci``."""
+        return _first_tensor(self.block_out[ci][k])
 
     def tokens(self) -> int:
         return sum(_rows(c.batch) * _width(c.batch) for c in self.chunks)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -99,6 +100,10 @@ def _cost_stats(sums: np.ndarray, counts: np.ndarray, origin: np.ndarray,
     return cost, std, means
 
 
+#: Values of the ``approx`` parameter: ``none`` (exact, the default) and ``block-gain``.
+APPROX_MODES: tuple[str, ...] = ("none", "block-gain")
+
+
 def measure_units(
     model: torch.nn.Module,
     ctx: EstimateContext,
@@ -107,14 +112,30 @@ def measure_units(
     metric: Metric | str = "auto",
     max_tokens: int = 8192,
     progress: bool | None = None,
+    batch_options: bool = True,
+    approx: str = "none",
 ) -> MeasuredRows:
     """Measure cost(i, b) for the units ``ctx.units[i]``, i in ``unit_indices`` (all if None).
 
     This is the shardable core of ``measured``: call it on disjoint index sets in separate
     processes (or Optuna workers) and combine with :func:`merge_measured`.
 
+    ``batch_options`` (default) runs several options of one unit in one forward: the chunk's
+    rows are stacked once per option along the batch dimension and the unit's module applies
+    option b's weight to copy b, so the downstream blocks see one n·R-row batch instead of n
+    R-row batches (same arithmetic, larger matrix products, fewer calls). At most
+    ``max_tokens`` tokens go through one forward. Units whose weight is shared with another
+    module, or whose module does not see batch-first inputs, use one forward per option;
+    ``batch_options=False`` is that reference loop for every unit.
+
+    ``approx="block-gain"`` (opt-in, not exact) measures, for a unit in block k, only the
+    relative error of block k's output, e(i, b) = Σ_t ‖h'_t − h_t‖² / Σ_t ‖h_t‖² per sample, and
+    scales it by a per-block gain g_k = cost(u_k, b*) / e(u_k, b*) measured exactly once on the
+    block's first unit u_k at the middle option b* (cost(i, b) ≈ g_k · e(i, b), per batch).
+    Units outside the blocks are always measured exactly.
+
     Raises:
-        InvalidParameterError: no calibration batches, a bad index or metric.
+        InvalidParameterError: no calibration batches, a bad index, metric or approx mode.
     """
     import torch
     from tqdm.auto import tqdm
@@ -131,6 +152,7 @@ def measure_units(
     bad = [i for i in idx if not 0 <= i < len(ctx.units)]
     if bad:
         raise InvalidParameterError(f"unit indices {bad[:5]} out of range 0..{len(ctx.units) - 1}")
+    _check_approx(approx)
     met = default_metric(ctx.model_kind) if metric == "auto" else _metric(metric)
     n_opt, n_batches = len(ctx.options), len(ctx.batches)
     was_training = model.training
@@ -143,42 +165,227 @@ def measure_units(
         std = np.zeros((len(idx), n_opt))
         means = np.zeros((len(idx), n_opt, n_batches))
         starts = [cache.start_block(ctx.units[i]) for i in idx]
+        runner = _Runner(cache=cache, met=met, max_tokens=max_tokens, batch=batch_options)
+        gains: dict[int, float] = {}
         show = ctx.progress if progress is None else progress
         bar = tqdm(total=len(idx) * n_opt, desc="measured", disable=not show, leave=False)
         for r, i in enumerate(idx):
-            view = unit_weight(model, ctx.units[i])
+            unit = ctx.units[i]
+            view = unit_weight(model, unit)
             with torch.no_grad():
                 original = view.detach().clone()
-            for j, fmt in enumerate(ctx.options):
-                with torch.no_grad():
-                    view.copy_(fake_quantize(original, fmt))
-                try:
-                    sums, counts = _trial(cache, starts[r], met)
-                finally:
-                    with torch.no_grad():
-                        view.copy_(original)
-                cost[r, j], std[r, j], means[r, j] = _cost_stats(sums, counts, origin, n_batches)
-                bar.update(1)
+                # Quantized once per unit × option, reused for every chunk and pass.
+                quantized = [fake_quantize(original, fmt) for fmt in ctx.options]
+            block = cache.block_of(unit) if approx == "block-gain" else None
+            if block is None:
+                sums = runner.output_sums(unit, view, original, quantized, starts[r])
+            else:
+                if block not in gains:
+                    gains[block] = _block_gain(runner, ctx, block, origin, n_batches)
+                sums = [(gains[block] * s, n)
+                        for s, n in runner.block_sums(unit, view, original, quantized, block)]
+            for j, (s, n) in enumerate(sums):
+                cost[r, j], std[r, j], means[r, j] = _cost_stats(s, n, origin, n_batches)
+            bar.update(n_opt)
         bar.close()
     finally:
         model.train(was_training)
-    info = {"metric": str(met), "n_batches": n_batches, "n_chunks": len(cache.chunks),
-            "n_blocks": cache.n_blocks, "start_blocks": starts}
+    info: dict[str, Any] = {"metric": str(met), "n_batches": n_batches, "n_chunks": len(cache.chunks),
+                            "n_blocks": cache.n_blocks, "start_blocks": starts,
+                            "forwards": runner.forwards, "approx": approx}
+    if gains:
+        info["block_gains"] = {k: gains[k] for k in sorted(gains)}
     return MeasuredRows(unit_indices=tuple(idx), cost=cost, cost_std=std, batch_means=means, info=info)
 
 
-def _trial(cache: Any, start: int, met: Metric) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample masked sums and counts of the metric over all chunks (one unit × option)."""
+class _NotBatchFirst(Exception):
+    """The unit's module saw an input whose leading dim is not the stacked batch (internal)."""
+
+
+class _Runner:
+    """Runs trials of one unit over every chunk: several options per forward where it can.
+
+    ``forwards`` counts the work done in forward-pass equivalents (tokens × blocks recomputed,
+    over tokens × n_blocks of one full pass), for the speed floor reported by the benchmark.
+    """
+
+    def __init__(self, *, cache: Any, met: Metric, max_tokens: int, batch: bool) -> None:
+        self.cache, self.met, self.max_tokens, self.batch = cache, met, max_tokens, batch
+        self.tokens = [_chunk_tokens(c.batch) for c in cache.chunks]
+        self.total_tokens = max(1, sum(self.tokens))
+        self.forwards = 0.0
+
+    def _per_pass(self, ci: int, n_opt: int, unit: Any) -> int:
+        """Options per forward for chunk ``ci``: all that fit in ``max_tokens`` tokens."""
+        if not self.batch or n_opt == 1 or self.cache.shares_weight(unit):
+            return 1
+        return max(1, min(n_opt, self.max_tokens // max(1, self.tokens[ci])))
+
+    def _passes(self, unit: Any, view: torch.Tensor, original: torch.Tensor,
+                quantized: list[torch.Tensor], run: Any) -> Iterator[tuple[int, list[int], Any]]:
+        """(chunk, option indices, stacked output of ``run(ci, n)``) for every pass of the unit."""
+        import torch
+
+        from allocator.core.units import get_module
+
+        module = get_module(self.cache.model, unit.module)
+        batchable = True
+        for ci, chunk in enumerate(self.cache.chunks):
+            rows = _chunk_rows(chunk.batch)
+            per = self._per_pass(ci, len(quantized), unit) if batchable else 1
+            g0 = 0
+            while g0 < len(quantized):
+                group = list(range(g0, min(len(quantized), g0 + per)))
+                try:
+                    with _option_weights(module, view, original, [quantized[j] for j in group],
+                                         rows):
+                        with torch.inference_mode():
+                            out = run(ci, len(group))
+                except _NotBatchFirst:
+                    # Flattened / routed inputs: copies cannot be told apart, one option per pass.
+                    batchable, per = False, 1
+                    continue
+                yield ci, group, out
+                g0 += len(group)
+
+    def output_sums(self, unit: Any, view: torch.Tensor, original: torch.Tensor,
+                    quantized: list[torch.Tensor], start: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-sample masked sums and counts of D(f(x), f_{i,b}(x)) for every option b."""
+        import torch
+
+        cache = self.cache
+        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in quantized]
+        frac = 1.0 if start <= 0 or not cache.n_blocks else (cache.n_blocks - start) / cache.n_blocks
+        for ci, group, out in self._passes(
+                unit, view, original, quantized,
+                lambda ci, n: cache.outputs_from(ci, start, repeat=n)):
+            rows = _chunk_rows(cache.chunks[ci].batch)
+            with torch.inference_mode():
+                for k, j in enumerate(group):
+                    s, n = per_sample_sums(distortion(self.met, cache.reference[ci],
+                                                      out[k * rows:(k + 1) * rows]),
+                                           cache.chunks[ci].mask)
+                    parts[j].append((s.numpy(), n.numpy()))
+            self.forwards += len(group) * frac * self.tokens[ci] / self.total_tokens
+        return [_joined(p) for p in parts]
+
+    def block_sums(self, unit: Any, view: torch.Tensor, original: torch.Tensor,
+                   quantized: list[torch.Tensor], block: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-sample sums of ‖Δh‖² / ‖h‖² at block ``block``'s output (see
+        :func:`measure_units`) and per-sample token counts, for every option."""
+        import torch
+
+        cache = self.cache
+        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in quantized]
+        for ci, group, out in self._passes(
+                unit, view, original, quantized,
+                lambda ci, n: cache.block_output(ci, block, repeat=n)):
+            chunk = cache.chunks[ci]
+            rows = _chunk_rows(chunk.batch)
+            with torch.inference_mode():
+                ref = cache.cached_block_output(ci, block).double()
+                mask = _token_mask(chunk.batch, ref)
+                energy = per_sample_sums((ref * ref).sum(-1), mask)[0]
+                for k, j in enumerate(group):
+                    d = out[k * rows:(k + 1) * rows].double() - ref
+                    s, n = per_sample_sums((d * d).sum(-1), mask)
+                    # Relative error per sample, spread over its tokens so that the per-batch
+                    # token-weighted mean of _cost_stats is the batch's mean relative error.
+                    parts[j].append(((s / energy.clamp_min(1e-30) * n).numpy(), n.numpy()))
+            self.forwards += len(group) * self.tokens[ci] / (self.total_tokens * max(1, cache.n_blocks))
+        return [_joined(p) for p in parts]
+
+
+def _block_gain(runner: _Runner, ctx: EstimateContext, block: int, origin: np.ndarray,
+                n_batches: int) -> float:
+    """g_k = cost / e of the first unit of block k at the middle option, measured exactly once."""
     import torch
 
-    sums, counts = [], []
-    with torch.inference_mode():
-        for ci, chunk in enumerate(cache.chunks):
-            out = cache.outputs_from(ci, start)
-            s, n = per_sample_sums(distortion(met, cache.reference[ci], out), chunk.mask)
-            sums.append(s.numpy())
-            counts.append(n.numpy())
-    return np.concatenate(sums), np.concatenate(counts)
+    from allocator.core.units import unit_weight
+    from allocator.model.quant import fake_quantize
+
+    cache = runner.cache
+    unit = next(u for u in ctx.units if cache.block_of(u) == block)
+    fmt = ctx.options[len(ctx.options) // 2]
+    view = unit_weight(cache.model, unit)
+    with torch.no_grad():
+        original = view.detach().clone()
+        quantized = [fake_quantize(original, fmt)]
+    (s, n), = runner.output_sums(unit, view, original, quantized, cache.start_block(unit))
+    (es, en), = runner.block_sums(unit, view, original, quantized, block)
+    # Both as the estimator averages them (mean of per-batch means), so that the reference
+    # trial itself comes out exact.
+    cost, err = _cost_stats(s, n, origin, n_batches)[0], _cost_stats(es, en, origin, n_batches)[0]
+    return cost / err if err > 0 else 0.0
+
+
+@contextmanager
+def _option_weights(module: torch.nn.Module, view: torch.Tensor, original: torch.Tensor,
+                    weights: list[torch.Tensor], rows: int) -> Iterator[None]:
+    """Within the block: the unit's weight is ``weights[0]``, or, for several weights, the
+    module's forward applies ``weights[b]`` to rows b·R..(b+1)·R of its batch-first input.
+    The original weight is restored bit for bit on exit."""
+    import torch
+
+    patched = len(weights) > 1
+    if patched:
+        own = vars(module).get("forward")
+        inner = module.forward
+        n = len(weights)
+
+        def forward(x: Any, *a: Any, **k: Any) -> Any:
+            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != n * rows:
+                raise _NotBatchFirst
+            outs = []
+            for w, xp in zip(weights, x.split(rows), strict=True):
+                with torch.no_grad():
+                    view.copy_(w)
+                outs.append(inner(xp, *a, **k))
+            return torch.cat(outs)
+
+        module.forward = forward
+    else:
+        with torch.no_grad():
+            view.copy_(weights[0])
+    try:
+        yield
+    finally:
+        if patched:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        with torch.no_grad():
+            view.copy_(original)
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _chunk_rows(batch: Any) -> int:
+    from sensitivity._activation_cache import _rows
+
+    return _rows(batch)
+
+
+def _chunk_tokens(batch: Any) -> int:
+    ids = batch.get("input_ids")
+    width = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
+    return _chunk_rows(batch) * width
+
+
+def _token_mask(batch: Any, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask when it matches the hidden state's [rows, T]; else every position."""
+    am = batch.get("attention_mask")
+    if hidden.dim() == 3 and am is not None and tuple(am.shape) == tuple(hidden.shape[:2]):
+        return am.bool()
+    return None
+
+
+def _check_approx(value: str) -> None:
+    if value not in APPROX_MODES:
+        raise InvalidParameterError(f"approx {value!r} is unknown; choose {', '.join(APPROX_MODES)}")
 
 
 def _metric(value: Metric | str) -> Metric:
@@ -205,24 +412,34 @@ class MeasuredEstimator(BaseEstimator):
         metric: ``auto`` (KL for LMs/classifiers, ``cos`` for encoders), ``kl``, ``cos``, ``mse``.
         max_tokens: tokens per chunk (larger = faster matrix products, more memory).
         workers: processes (spawned, units split by :func:`shard_units`, results merged).
+        batch_options: several options of a unit per forward (exact; see :func:`measure_units`).
+        approx: ``none`` (exact) or ``block-gain`` (opt-in approximation, see
+            :func:`measure_units`).
     """
 
     name: ClassVar[str] = "measured"
     needs_data: ClassVar[bool] = True
 
-    def __init__(self, *, metric: str = "auto", max_tokens: int = 8192, workers: int = 1) -> None:
+    def __init__(self, *, metric: str = "auto", max_tokens: int = 8192, workers: int = 1,
+                 batch_options: bool = True, approx: str = "none") -> None:
         if metric != "auto":
             _metric(metric)
         if not isinstance(max_tokens, int) or max_tokens <= 0:
             raise InvalidParameterError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if not isinstance(workers, int) or workers <= 0:
             raise InvalidParameterError(f"workers must be a positive int, got {workers!r}")
+        if not isinstance(batch_options, bool):
+            raise InvalidParameterError(f"batch_options must be a bool, got {batch_options!r}")
+        _check_approx(approx)
         self.metric = metric
         self.max_tokens = max_tokens
         self.workers = workers
+        self.batch_options = batch_options
+        self.approx = approx
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
-        kw: dict[str, Any] = {"metric": self.metric, "max_tokens": self.max_tokens}
+        kw: dict[str, Any] = {"metric": self.metric, "max_tokens": self.max_tokens,
+                              "batch_options": self.batch_options, "approx": self.approx}
         shards = shard_units(len(ctx.units), self.workers)
         if len(shards) <= 1:
             part = measure_units(model, ctx, **kw)
@@ -255,4 +472,6 @@ def _portable(ctx: EstimateContext) -> EstimateContext:
 
 
 def _public_info(part: MeasuredRows) -> dict[str, Any]:
-    return {k: part.info[k] for k in ("metric", "n_batches", "n_blocks") if k in part.info}
+    keys = ("metric", "n_batches", "n_blocks") + (("approx",) if part.info.get("approx", "none") != "none"
+                                                    else ())
+    return {k: part.info[k] for k in keys if k in part.info}
