@@ -90,7 +90,10 @@ def _params_on_meta() -> Iterator[None]:
     """Register every new parameter on ``meta`` while buffers stay real (accelerate's
     ``init_empty_weights(include_buffers=False)``): non-persistent buffers such as rotary
     ``inv_freq`` are computed in ``__init__`` and are not in the checkpoint, so they must be real.
-    Each parameter's ``torch.empty`` is moved to meta before its initialiser touches it."""
+    Each parameter's ``torch.empty`` is moved to meta before its initialiser touches it.
+
+    The patch is process-wide while the skeleton is built: a module constructed concurrently in
+    another thread would also get meta parameters, so build skeletons from one thread."""
     import torch
 
     original = torch.nn.Module.register_parameter
@@ -165,6 +168,7 @@ class SequentialModel:
             for bname, b in list(mod.named_buffers(recurse=False)):
                 if b is not None and b.device.type != "meta":
                     mod._buffers[bname] = b.to(device)
+        self.final_inputs: list[BlockInputs] = []  # the last block's outputs, set by steps()
         self.nonblock_params = materialised_params(self.model)
         self.peak_params = self.nonblock_params
 
@@ -321,7 +325,7 @@ class SequentialModel:
                               for j, inp in enumerate(inputs)]
             finally:
                 self.release_block(i)
-        self.final_inputs: list[BlockInputs] = inputs
+        self.final_inputs = inputs
 
     def final_norm(self) -> torch.nn.Module | None:
         """The norm applied after the last block (``norm`` / ``ln_f`` / ...), when there is one."""
