@@ -18,7 +18,8 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--solver", default="mckp", help="solver (default mckp, exact)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="how the plan is applied (default rtn, the quantizer the costs assume)")
-    p.add_argument("--options", help="candidate options (default int2..8-g128-asym + fp16)")
+    p.add_argument("--options", help="candidate options (default 'dense': int2..8-g128-asym with g64 "
+                   "and sym variants, docs/quality.md; 'default': int2..8-g128-asym + fp16)")
     add_for_argument(p, "estimate and solve over")
     p.add_argument("--samples", type=int, default=calib, help=f"calibration samples (default {calib})")
     p.add_argument("--eval-samples", type=int, default=evals,

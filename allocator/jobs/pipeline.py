@@ -76,6 +76,11 @@ class RunConfig:
     #: leave units whose output cannot reach the measured output out of the budget
     drop_inert: bool = True
 
+    @property
+    def candidate_options(self) -> str | None:
+        """``options``, else the dense palette (unless a consumer fixes the options)."""
+        return self.options if self.options is not None or self.consumer else "dense"
+
     def __post_init__(self) -> None:
         if not self.bpw > 0:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
@@ -232,7 +237,7 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
 
     # The one estimate driver (as `bitalloc estimate`): seeded, same provenance keys.
     spec = EstimateSpec(method=cfg.estimator, params=cfg.estimator_params,
-                        options=palette_options(cfg.consumer, cfg.options),
+                        options=palette_options(cfg.consumer, cfg.candidate_options),
                         samples=cfg.calib_samples, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                         seed=cfg.seed, progress=cfg.progress)
     table = estimate_loaded(loaded, spec, units=list(units), calibration=calib)

@@ -73,3 +73,16 @@ def test_option_specs() -> None:
         "int2-g64-sym", "int3-g64-sym", "int4-g64-sym", "fp16"]
     with pytest.raises(InvalidParameterError, match="twice"):
         parse_options("q4_K,q4_K")
+
+
+def test_dense_palette_is_named_sorted_by_size_and_denser_than_the_default() -> None:
+    from allocator.core.formats import DENSE_OPTIONS
+
+    dense = parse_options("dense")
+    assert [f.name for f in dense] == list(DENSE_OPTIONS)
+    assert parse_options(" dense ") == dense
+    bits = sorted(f.bits_per_weight(128) for f in dense if f.name != "fp16")
+    default = sorted(f.bits_per_weight(128) for f in parse_options(None) if f.name != "fp16")
+    # a step between every pair of neighbouring int-g128-asym widths up to int4
+    for lo, hi in zip(default[:3], default[1:4], strict=True):
+        assert any(lo < b < hi for b in bits), (lo, hi)
