@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimators", nargs="+", default=["hessian-proxy"])
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     ap.add_argument("--options", default="dense",
-                    help="candidate options (default: dense, the default of bitalloc run; 'default' is int2..8-g128-asym)")
+                    help="candidate options (default: dense, as bitalloc run; 'default': int2..8-g128-asym)")
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--evals", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4, help="refinement rounds of the default path")
