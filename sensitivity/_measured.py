@@ -100,8 +100,9 @@ def _cost_stats(sums: np.ndarray, counts: np.ndarray, origin: np.ndarray,
     return cost, std, means
 
 
-#: Values of the ``approx`` parameter: ``none`` (exact, the default) and ``block-gain``.
-APPROX_MODES: tuple[str, ...] = ("none", "block-gain")
+#: Values of the ``approx`` parameter: ``none`` (exact, the default), ``block-gain`` and
+#: ``unit-gain`` (opt-in approximations, see :func:`measure_units`).
+APPROX_MODES: tuple[str, ...] = ("none", "block-gain", "unit-gain")
 
 
 def measure_units(
@@ -132,6 +133,8 @@ def measure_units(
     relative error of block k's output, e(i, b) = Σ_t ‖h'_t − h_t‖² / Σ_t ‖h_t‖² per sample, and
     scales it by a per-block gain g_k = cost(u_k, b*) / e(u_k, b*) measured exactly once on the
     block's first unit u_k at the middle option b* (cost(i, b) ≈ g_k · e(i, b), per batch).
+    ``approx="unit-gain"`` (opt-in, not exact) is the same with one gain per unit, g_i =
+    cost(i, b*) / e(i, b*): one exact trial per unit instead of one per block.
     Units outside the blocks are always measured exactly.
 
     Raises:
@@ -176,9 +179,17 @@ def measure_units(
                 original = view.detach().clone()
                 # Quantized once per unit × option, reused for every chunk and pass.
                 quantized = [fake_quantize(original, fmt) for fmt in ctx.options]
-            block = cache.block_of(unit) if approx == "block-gain" else None
+            block = cache.block_of(unit) if approx != "none" else None
             if block is None:
                 sums = runner.output_sums(unit, view, original, quantized, starts[r])
+            elif approx == "unit-gain":
+                mid = n_opt // 2
+                errs = runner.block_sums(unit, view, original, quantized, block)
+                (s_mid, n_mid), = runner.output_sums(unit, view, original, [quantized[mid]], starts[r])
+                gain = _gain(_cost_stats(s_mid, n_mid, origin, n_batches)[0],
+                             _cost_stats(*errs[mid], origin, n_batches)[0])
+                sums = [(gain * s, n) for s, n in errs]
+                sums[mid] = (s_mid, n_mid)  # the reference trial is exact: keep it as measured
             else:
                 if block not in gains:
                     gains[block] = _block_gain(runner, ctx, block, origin, n_batches)
@@ -315,7 +326,11 @@ def _block_gain(runner: _Runner, ctx: EstimateContext, block: int, origin: np.nd
     (es, en), = runner.block_sums(unit, view, original, quantized, block)
     # Both as the estimator averages them (mean of per-batch means), so that the reference
     # trial itself comes out exact.
-    cost, err = _cost_stats(s, n, origin, n_batches)[0], _cost_stats(es, en, origin, n_batches)[0]
+    return _gain(_cost_stats(s, n, origin, n_batches)[0], _cost_stats(es, en, origin, n_batches)[0])
+
+
+def _gain(cost: float, err: float) -> float:
+    """Output distortion per unit of relative block-output error (0 when the error is 0)."""
     return cost / err if err > 0 else 0.0
 
 

@@ -1,5 +1,6 @@
 """``measured`` fast path (several options per forward) equals the one-option-per-forward loop;
-the opt-in ``block-gain`` approximation is exact at its reference trial and restores weights."""
+the opt-in ``block-gain`` / ``unit-gain`` approximations are exact at their reference trials
+and restore the weights."""
 
 from __future__ import annotations
 
@@ -131,6 +132,10 @@ def test_block_gain_is_opt_in_and_exact_at_its_reference() -> None:
     assert (rows.cost >= 0).all() and np.isfinite(rows.cost_std).all()
     table = get_estimator("measured", approx="block-gain").estimate(model, ctx)
     assert table.metadata["approx"] == "block-gain"
+    unit = measure_units(model, ctx, approx="unit-gain")  # exact at the middle option of every unit
+    np.testing.assert_allclose(unit.cost[:, mid], ref.cost[:, mid], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(unit.cost[head], ref.cost[head], rtol=1e-6)
+    assert unit.info["forwards"] < ref.info["forwards"] and (unit.cost >= 0).all()
     with pytest.raises(InvalidParameterError, match="approx"):
         get_estimator("measured", approx="taylor")
     with pytest.raises(InvalidParameterError, match="batch_options"):
