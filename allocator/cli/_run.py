@@ -48,7 +48,8 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--refine-neighbours", type=int, default=1,
                    help="options measured on each side of a unit's current one per round (default 1)")
     p.add_argument("--refine-time", type=float, default=300.0,
-                   help="seconds for refinement; the best measured plan so far is kept (default 300)")
+                   help="seconds for measuring the candidates and refining; the best measured "
+                   "plan so far is kept (default 300)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -67,10 +67,12 @@ class RefineConfig:
         neighbours: options measured on each side of a unit's current option (by size).
         trust: initial trust region as a fraction of the units that may change per round.
         max_tokens: tokens per forward chunk of the block cache.
-        time_limit: seconds for the refinement rounds (None: no limit). When it runs out, the
-            groups not yet measured keep their option this round (the most promising groups,
-            by the table's cost of a one-step move, are measured first) and no further round
-            starts; the result is still the best measured plan.
+        time_limit: seconds for measuring the candidates and the refinement rounds (None: no
+            limit). When it runs out, the groups not yet measured keep their option this round
+            (the most promising groups, by the table's cost of a one-step move, are measured
+            first), no smaller trust region is tried and no further round starts; the result
+            is still the best measured plan. One forward over the calibration data may run past
+            it.
     """
 
     rounds: int = 3
@@ -291,6 +293,7 @@ def refine_plan(
     weights = _Weights(model, [by_name[u] for u in table.units])
     rounds: list[RefineRound] = []
     status = RefineStatus.ROUND_LIMIT if cfg.rounds else RefineStatus.CONVERGED
+    deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit
     try:
         meter = _Meter(model, batches, kind=kind, max_tokens=cfg.max_tokens)
         starts = {g: min(meter.cache.start_block(by_name[u]) for u in members)
@@ -305,7 +308,6 @@ def refine_plan(
         weights.set_plan(current)
         error = start_error = meter.rebuild()
         trust = max(1, int(round(cfg.trust * table.n_units)))
-        deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit
         for r in range(cfg.rounds):
             if deadline is not None and time.perf_counter() > deadline:
                 status = RefineStatus.TIME_LIMIT
@@ -347,6 +349,8 @@ def _round(r: int, meter: _Meter, weights: _Weights, table: CostTable, budget: B
     trials: list[tuple[float, float, int]] = []  # (error, predicted change, units moved)
     choice = current
     while trust >= 1:
+        if trials and deadline is not None and time.perf_counter() > deadline:
+            break  # out of time: keep the plan, no smaller trust region
         choice, predicted = trust_region_choice(local, budget, current, trust)
         changed = {u: choice[u] for u in current if choice[u] != current[u]}
         if not changed or predicted >= 0:
