@@ -26,7 +26,7 @@ from allocator.core.units import Unit
 __all__ = ["DEFAULT_DELTA_BUDGET_MB", "check_delta_budget", "delta_bytes", "delta_groups"]
 
 #: Default ceiling for the float32 deltas held by one pass, in MiB.
-DEFAULT_DELTA_BUDGET_MB = 2048
+DEFAULT_DELTA_BUDGET_MB = 1024
 
 
 def delta_bytes(unit: Unit, options: Sequence[QuantFormat]) -> int:
