@@ -234,6 +234,12 @@ class Client:
         """Queue an estimation of ``model`` (``<root>/<dir>`` on the server)."""
         return self.submit("estimate", {"model": model, "method": method, **params})
 
+    def run(self, model: str, *, bpw: float, **params: Any) -> dict[str, Any]:
+        """Queue ``bitalloc run`` on ``model`` (``<root>/<dir>`` on the server) at ``bpw``; its
+        result holds ``table_id``, ``plan_id`` (the plan chosen on calibration data) and
+        ``warning`` when that plan measured worse than uniform on held-out data."""
+        return self.submit("run", {"model": model, "bpw": bpw, **params})
+
     def search(self, table_id: str, budget: Mapping[str, Any] | None = None, *, bpw: float | None = None,
                n_trials: int = 50, seed: int | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"table_id": table_id, "budget": dict(budget or {"bpw": bpw}),

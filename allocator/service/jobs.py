@@ -2,7 +2,8 @@
 
 ``estimate`` runs :func:`sensitivity.estimate` on a model directory under a configured root;
 ``search`` runs the Bayesian search (:class:`solvers._bayesian.BayesianSolver`) on a stored
-table. Both import their packages lazily, so a missing package fails the *job* with a stable
+table; ``run`` (:mod:`allocator.service.run_job`) runs ``bitalloc run``'s pipeline. They import
+their packages lazily, so a missing package fails the *job* with a stable
 code (``estimator_unavailable`` / ``search_unavailable``) and never the worker. Plug-ins and
 tests register more kinds with :func:`register_job_kind` from a module named in
 ``BITALLOC_JOB_MODULES``.
@@ -291,3 +292,7 @@ def _run_search(params: Mapping[str, Any], progress: Progress, cancel: threading
 
 register_job_kind(JobKind("estimate", _run_estimate, _validate_estimate))
 register_job_kind(JobKind("search", _run_search, _validate_search, needs_table=True))
+
+# the `run` kind (``bitalloc run`` on the service) lives in its own module; importing it here
+# registers it wherever the built-in kinds are (it imports this module's names, all defined now)
+from allocator.service import run_job as _run_job  # noqa: E402, F401

@@ -28,7 +28,7 @@ from allocator.service.core.errors import ServiceError, domain_error
 from allocator.service.jobs import JOB_KINDS, JobCancelled, JobFailure, get_job_kind, load_job_modules
 from allocator.service.store import jobs as jobstore
 from allocator.service.store import repo
-from allocator.service.store.db import make_engine, migrate
+from allocator.service.store.db import is_sqlite, make_engine, migrate
 
 __all__ = ["Worker", "jsonable", "run_worker_process"]
 
@@ -155,8 +155,14 @@ class Worker:
         from allocator.core.budget import Budget
 
         stored: dict[str, Any] = {}
+        sqlite = is_sqlite(self.engine)
         with Session(self.engine) as session:
             for key, value in out.items():
+                if sqlite and isinstance(value, CostTable | SolveResult):
+                    # take the write lock before add_table/add_plan read: a deferred transaction
+                    # that reads, then writes after the heartbeat thread committed, fails at once
+                    # with "database is locked" (SQLite cannot upgrade a stale read snapshot)
+                    session.connection(execution_options={"sqlite_immediate": True})
                 if isinstance(value, CostTable):
                     rec, _ = repo.add_table(session, table=value, name=str(out.get("name") or key))
                     stored[f"{key}_id"] = rec.id
