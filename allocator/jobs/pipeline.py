@@ -392,23 +392,31 @@ def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
     d.mkdir(parents=True, exist_ok=True)
     files = {"plan": run.result.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
              "frontier": _plot(run, front, d / "frontier.png")}
-    config: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()}
-    config["estimator_params"] = dict(run.config.estimator_params)
-    doc = {"config": config,
-           "model_kind": run.model_kind, "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
-           "error_ratio": run.error_ratio, "chosen": run.result.label,
-           "worse_than_uniform": run.worse_than_uniform,
-           "selection": run.selection.to_dict() if run.selection is not None else None,
-           "excluded_units": dict(run.excluded), "data": dict(run.data_info),
-           "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
-                     "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
-                     "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
-                     "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
     files["results"] = d / "results.json"
-    atomic_write_text(files["results"], json.dumps(doc, indent=1, default=str))
+    atomic_write_text(files["results"], json.dumps(run_summary(run), indent=1, default=str))
     files["report"] = d / "report.md"
     atomic_write_text(files["report"], report_markdown(run))
     return replace(run, files=files)
+
+
+def run_summary(run: RunResult) -> dict[str, Any]:
+    """``results.json``: the configuration, timings, every candidate's calibration error, the
+    rows evaluated on held-out data and whether the handed-out plan lost to uniform (JSON-able;
+    the service's run job returns the same)."""
+    config: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()
+                              if k != "progress"}
+    config["estimator_params"] = dict(run.config.estimator_params)
+    config["include"], config["exclude"] = list(run.config.include), list(run.config.exclude)
+    return {"config": config,
+            "model_kind": str(run.model_kind), "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
+            "error_ratio": run.error_ratio, "chosen": run.result.label,
+            "worse_than_uniform": run.worse_than_uniform,
+            "selection": run.selection.to_dict() if run.selection is not None else None,
+            "excluded_units": dict(run.excluded), "data": dict(run.data_info),
+            "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
+                      "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
+                      "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
+                      "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
 
 
 def _option_counts(plan: BitPlan) -> dict[str, int]:

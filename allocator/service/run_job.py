@@ -32,7 +32,7 @@ from allocator.service.jobs import (
     resolve_model_path,
 )
 
-__all__ = ["RUN_KEYS", "run_config_of", "run_summary"]
+__all__ = ["RUN_KEYS", "run_config_of"]
 
 RUN_KEYS = frozenset({"model", "bpw", "estimator", "estimator_params", "options", "consumer",
                       "calib_samples", "eval_samples", "seq_len", "seed", "refine_rounds",
@@ -149,32 +149,6 @@ def run_config_of(params: Mapping[str, Any], *, data: str | None) -> Any:
                      data=data, out=None, progress=False, **kw)
 
 
-def run_summary(run: Any) -> dict[str, Any]:
-    """What ``results.json`` of ``bitalloc run`` holds, minus its files (JSON-able)."""
-    from allocator.core.plan import BitPlan
-
-    def counts(plan: BitPlan) -> dict[str, int]:
-        c: dict[str, int] = {}
-        for a in plan.assignments.values():
-            c[a.option] = c.get(a.option, 0) + 1
-        return dict(sorted(c.items()))
-
-    config = {k: v for k, v in vars(run.config).items() if k not in ("out", "progress")}
-    config["estimator_params"] = dict(run.config.estimator_params)
-    config["include"], config["exclude"] = list(run.config.include), list(run.config.exclude)
-    return {
-        "config": config, "model_kind": str(run.model_kind), "seconds": dict(run.seconds),
-        "fp": dict(run.fp_metrics), "chosen": run.result.label, "error_ratio": run.error_ratio,
-        "worse_than_uniform": run.worse_than_uniform,
-        "selection": run.selection.to_dict() if run.selection is not None else None,
-        "excluded_units": dict(run.excluded), "data": dict(run.data_info),
-        "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
-                  "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
-                  "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
-                  "verified": r.verified, "options": counts(r.plan)} for r in run.rows],
-    }
-
-
 def _write_texts(texts: list[str], folder: str) -> str:
     """Inline texts as a ``.jsonl`` file (one ``{"text"}`` a line keeps newlines inside a text)."""
     path = Path(folder) / "data.jsonl"
@@ -217,6 +191,8 @@ def _run_run(params: Mapping[str, Any], progress: Progress, cancel: threading.Ev
     handed = SolveResult(status=SolveStatus.FEASIBLE, solver=name, plan=plan,
                          objective=plan.summary.predicted_cost,
                          message=f"chosen on calibration data: {run.result.label}")
+    from allocator.jobs.pipeline import run_summary
+
     summary = run_summary(run)
     if isinstance(data, list):  # not the temporary file's path, which is gone
         summary["config"]["data"] = f"{len(data)} inline texts"
