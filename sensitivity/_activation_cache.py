@@ -77,8 +77,8 @@ def _output_mask(chunk_batch: Mapping[str, Any], out: torch.Tensor) -> torch.Ten
         return None
     am = chunk_batch.get("attention_mask")
     if am is None or tuple(am.shape) != tuple(out.shape[:2]):
-        return torch.ones(out.shape[:2], dtype=torch.bool)
-    return am.bool()
+        return torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+    return am.to(out.device).bool()
 
 
 def _right_padded_lengths(batch: Mapping[str, Any]) -> tuple[int, int, torch.Tensor] | None:
@@ -94,11 +94,11 @@ def _right_padded_lengths(batch: Mapping[str, Any]) -> tuple[int, int, torch.Ten
             return None
     am = batch.get("attention_mask")
     if am is None:
-        return rows, t, torch.full((rows,), t, dtype=torch.long)
+        return rows, t, torch.full((rows,), t, dtype=torch.long, device=ids.device)
     if tuple(am.shape) != (rows, t):
         return None
     lengths = am.long().sum(1)
-    expected = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+    expected = torch.arange(t, device=am.device).unsqueeze(0) < lengths.unsqueeze(1)
     if not torch.equal(am.bool(), expected):
         return None
     return rows, t, lengths

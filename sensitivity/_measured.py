@@ -163,7 +163,7 @@ def measure_units(
     torch.manual_seed(ctx.seed)
     try:
         cache = BlockCache(model, make_chunks(ctx.batches, max_tokens=max_tokens), kind=ctx.model_kind)
-        origin = torch.cat([c.origin for c in cache.chunks]).numpy()
+        origin = torch.cat([c.origin.cpu() for c in cache.chunks]).numpy()
         cost = np.zeros((len(idx), n_opt))
         std = np.zeros((len(idx), n_opt))
         means = np.zeros((len(idx), n_opt, n_batches))
@@ -276,7 +276,7 @@ class _Runner:
                     s, n = per_sample_sums(distortion(self.met, cache.reference[ci],
                                                       out[k * rows:(k + 1) * rows]),
                                            cache.chunks[ci].mask)
-                    parts[j].append((s.numpy(), n.numpy()))
+                    parts[j].append((s.cpu().numpy(), n.cpu().numpy()))
             self.forwards += len(group) * frac * self.tokens[ci] / self.total_tokens
         return [_joined(p) for p in parts]
 
@@ -302,7 +302,7 @@ class _Runner:
                     s, n = per_sample_sums((d * d).sum(-1), mask)
                     # Relative error per sample, spread over its tokens so that the per-batch
                     # token-weighted mean of _cost_stats is the batch's mean relative error.
-                    parts[j].append(((s / energy.clamp_min(1e-30) * n).numpy(), n.numpy()))
+                    parts[j].append(((s / energy.clamp_min(1e-30) * n).cpu().numpy(), n.cpu().numpy()))
             self.forwards += len(group) * self.tokens[ci] / (self.total_tokens * max(1, cache.n_blocks))
         return [_joined(p) for p in parts]
 
