@@ -51,7 +51,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 class Bench:
     """One model: data, units, fp state, held-out reference, and plan evaluation."""
 
-    def __init__(self, name: str, calib: int, evals: int, seed: int) -> None:
+    def __init__(self, name: str, calib: int, evals: int, seed: int, groups: int | None = None) -> None:
         from allocator.backend import reference_outputs
         from allocator.core.units import discover_units
         from allocator.model.data import data_for
@@ -65,7 +65,7 @@ class Bench:
         # Units that cannot reach the output (MiniLM's pooler) stay out of the budget, as in `run`.
         from allocator.model.unit_select import select_units
 
-        self.units = list(select_units(self.loaded, discover_units(self.model),
+        self.units = list(select_units(self.loaded, discover_units(self.model, group_columns=groups),
                                        batch=self.calib[0]).units)
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.ref = reference_outputs(self.model, self.held, kind=self.kind)
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     ap.add_argument("--options", default="dense",
                     help="candidate options (default: dense, as bitalloc run; 'default': int2..8-g128-asym)")
+    ap.add_argument("--groups", type=int, default=None,
+                    help="split each Linear into units of G input columns (SliM-LLM-style group mixing)")
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--evals", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4, help="refinement rounds of the default path")
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     for name in args.models:
         t0 = time.perf_counter()
-        bench = Bench(name, args.calib, args.evals, args.seed)
+        bench = Bench(name, args.calib, args.evals, args.seed, args.groups)
         measured = bench.table("measured", args.options, args.seed) if args.measured_greedy else None
         for est in args.estimators:
             t1 = time.perf_counter()

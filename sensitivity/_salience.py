@@ -61,6 +61,7 @@ __all__ = [
     "InputHessian",
     "SalienceEstimator",
     "collect_input_hessians",
+    "column_square_sums",
     "inverse_cholesky_diag",
 ]
 
@@ -221,16 +222,27 @@ def inverse_cholesky_diag(h: torch.Tensor, *, percdamp: float = 0.01) -> torch.T
     return torch.diag(torch.linalg.cholesky(inv, upper=True))
 
 
-def _deltas(model: torch.nn.Module, unit: Unit, options: Sequence[Any]) -> tuple[Any, Any]:
-    """(W block, ΔW² stacked over options) in float64 with the shared RTN quantizer."""
+def column_square_sums(model: torch.nn.Module, unit: Unit,
+                       options: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_r W_rc²`` ([cols]) and ``Σ_r ΔW_{o,rc}²`` ([options, cols]), float64 sums of float32
+    squares, with the shared RTN quantizer.
+
+    Both costs below are column-weighted sums of these, so one option's ΔW at a time is enough:
+    the transient memory is one unit's weight, not options × weight in float64 (a 1B model's
+    32000 × 2048 head would need 4 GB)."""
     import torch
 
     from allocator.core.units import unit_weight
     from allocator.model.quant import fake_quantize
 
     w = unit_weight(model, unit).detach().float()
-    d2 = torch.stack([(fake_quantize(w, f) - w) ** 2 for f in options]).double()
-    return w.double(), d2
+    w = w.reshape(w.shape[0], -1)
+    sums = []
+    for f in options:
+        d = fake_quantize(w, f) - w
+        sums.append(torch.sum(d * d, dim=0, dtype=torch.float64))
+        del d
+    return torch.sum(w * w, dim=0, dtype=torch.float64), torch.stack(sums)
 
 
 def _cols(unit: Unit) -> slice:
@@ -260,10 +272,10 @@ class SalienceEstimator(BatchAdditiveEstimator):
         cost = np.empty((len(ctx.units), len(ctx.options)))
         salience = np.empty(len(ctx.units))
         for i, unit in enumerate(ctx.units):
-            w, d2 = _deltas(model, unit, ctx.options)
-            scale = inv_d2[unit.module][_cols(unit)].to(w.device)
-            salience[i] = float((w**2 * scale).sum())
-            cost[i] = 0.5 * (d2 * scale).sum(dim=(1, 2)).cpu().numpy()
+            w2, d2 = column_square_sums(model, unit, ctx.options)
+            scale = inv_d2[unit.module][_cols(unit)].to(w2.device, w2.dtype)
+            salience[i] = float(w2 @ scale)
+            cost[i] = 0.5 * (d2 @ scale).cpu().numpy()
         return UnitCosts(cost=cost, info={"salience": salience.tolist()})
 
 
@@ -279,7 +291,7 @@ class HessianProxyEstimator(BatchAdditiveEstimator):
         diag = _merged_hessians(model, partial)
         cost = np.empty((len(ctx.units), len(ctx.options)))
         for i, unit in enumerate(ctx.units):
-            _, d2 = _deltas(model, unit, ctx.options)
-            h = diag[unit.module][_cols(unit)].to(d2.device)
-            cost[i] = (d2 * h).sum(dim=(1, 2)).cpu().numpy()
+            _, d2 = column_square_sums(model, unit, ctx.options)
+            h = diag[unit.module][_cols(unit)].to(d2.device, d2.dtype)
+            cost[i] = (d2 @ h).cpu().numpy()
         return UnitCosts(cost=cost)
