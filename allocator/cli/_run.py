@@ -30,6 +30,9 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
                    help="only units whose name matches this glob, e.g. '*.attention.*' "
                         "(repeatable; '*' matches dots too; a module selects everything under "
                         "it; the syntax of estimate --include)")
+    p.add_argument("--groups", type=int, default=None, metavar="G",
+                   help="units of G input columns instead of whole modules (denser allocation for "
+                        "bitalloc's own backend; consumers need --lossy to export such plans)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="leave units whose name matches this glob out of the budget, e.g. "
                         "'pooler' or '*.o_proj' (repeatable)")
@@ -88,7 +91,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> Any:
                      refine_time_limit=args.refine_time,
                      out=Path(args.out), progress=not args.no_progress, data=args.data,
                      eval_data=args.eval_data, include=tuple(args.include),
-                     exclude=tuple(args.exclude), drop_inert=not args.keep_inert)
+                     exclude=tuple(args.exclude), drop_inert=not args.keep_inert,
+                     groups=args.groups)
 
 
 def execute(cfg: Any) -> int:

@@ -75,6 +75,10 @@ class RunConfig:
     exclude: tuple[str, ...] = ()
     #: leave units whose output cannot reach the measured output out of the budget
     drop_inert: bool = True
+    #: split every Linear into units of G input columns (SliM-LLM-style group mixing): a denser
+    #: allocation for bitalloc's own backend; consumers store one setting per module, so such
+    #: plans export only with --lossy (None: one unit per module)
+    groups: int | None = None
 
     @property
     def candidate_options(self) -> str | None:
@@ -86,10 +90,14 @@ class RunConfig:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
         if self.method not in ("rtn", "gptq"):
             raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        if self.groups is not None and (isinstance(self.groups, bool) or not isinstance(self.groups, int)
+                                        or self.groups < 1):
+            raise InvalidParameterError(f"groups must be an int ≥ 1 (input columns per unit), "
+                                        f"got {self.groups!r}")
         if self.consumer is not None:
             from allocator.export.palettes import palette_options
 
-            palette_options(self.consumer, self.options)  # validates: a consumer, no options
+            palette_options(self.consumer, self.options, self.groups)  # a consumer, no options/groups
         RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours,  # validates
                      time_limit=self.refine_time_limit)
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):
@@ -219,7 +227,8 @@ def _units(loaded: Any, cfg: RunConfig, calib: Any) -> Any:
     from allocator.model.unit_select import select_units
 
     batch = next(iter(calib)) if cfg.drop_inert else None
-    return select_units(loaded, discover_units(loaded.model), include=cfg.include,
+    return select_units(loaded, discover_units(loaded.model, group_columns=cfg.groups),
+                        include=cfg.include,
                         exclude=cfg.exclude, batch=batch)
 
 
