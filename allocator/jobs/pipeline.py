@@ -26,6 +26,7 @@ from allocator.core.formats import parse_format
 from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
 from allocator.jobs.refine import RefineConfig, RefineResult
+from allocator.jobs.report import plan_label, write_outputs
 from allocator.model.loading import ModelKind
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ if TYPE_CHECKING:
 
     from allocator.backend import EvalReport
 
-__all__ = ["PlanResult", "RunConfig", "RunResult", "frontier_title", "run_pipeline",
-           "uniform_plans"]
+__all__ = ["PlanResult", "RunConfig", "RunResult", "run_pipeline", "uniform_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
                     data_info=_data_info(cfg, calib, evaluation))
     if run.worse_than_uniform:
         log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
-                    _short(run.uniform_below.plan) if run.uniform_below else "",
+                    plan_label(run.uniform_below.plan) if run.uniform_below else "",
                     run.result.report.error, run.uniform_below.report.error if run.uniform_below else 0)
     if cfg.out is not None:
         run = write_outputs(run, front, cfg.out)
@@ -390,155 +390,3 @@ def _fp_metrics(ref: Any, evaluation: Any) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- outputs
-def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
-    """plan.json, table.parquet, frontier.png, results.json and report.md in ``out``."""
-    import json
-    from dataclasses import replace
-
-    from allocator.core.atomic import atomic_write_text
-
-    d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    files = {"plan": run.result.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
-             "frontier": _plot(run, front, d / "frontier.png")}
-    files["results"] = d / "results.json"
-    atomic_write_text(files["results"], json.dumps(run_summary(run), indent=1, default=str))
-    files["report"] = d / "report.md"
-    atomic_write_text(files["report"], report_markdown(run))
-    return replace(run, files=files)
-
-
-def run_summary(run: RunResult) -> dict[str, Any]:
-    """``results.json``: the configuration, timings, every candidate's calibration error, the
-    rows evaluated on held-out data and whether the handed-out plan lost to uniform (JSON-able;
-    the service's run job returns the same)."""
-    config: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()
-                              if k != "progress"}
-    config["estimator_params"] = dict(run.config.estimator_params)
-    config["include"], config["exclude"] = list(run.config.include), list(run.config.exclude)
-    return {"config": config,
-            "model_kind": str(run.model_kind), "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
-            "error_ratio": run.error_ratio, "chosen": run.result.label,
-            "worse_than_uniform": run.worse_than_uniform,
-            "selection": run.selection.to_dict() if run.selection is not None else None,
-            "excluded_units": dict(run.excluded), "data": dict(run.data_info),
-            "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
-                      "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
-                      "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
-                      "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
-
-
-def _option_counts(plan: BitPlan) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for a in plan.assignments.values():
-        counts[a.option] = counts.get(a.option, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def _plot(run: RunResult, front: Any, path: Path) -> Path:
-    # A bare Figure renders with Agg without touching pyplot's global backend (Jupyter keeps inline).
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    ax = fig.subplots()
-    ax.plot(front.bpw, front.cost, "-", lw=1.2, color="0.4", label="Pareto frontier (predicted)")
-    for r, style in zip(run.rows, ("s", "*", "^"), strict=False):
-        ax.plot([r.bpw], [max(r.plan.summary.predicted_cost, 1e-12)], style, ms=10 if style == "*" else 7,
-                label=f"{r.label} {_short(r.plan)}: measured {r.report.error_metric}={r.report.error:.3g}")
-    ax.axvline(run.config.bpw, ls=":", color="0.6")
-    if (front.cost > 0).any():
-        ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (overhead included)")
-    ax.set_ylabel(f"predicted cost ({run.table.metadata.get('estimator')})")
-    ax.set_title(frontier_title(run.config.model, run.config.bpw), fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def frontier_title(model: str, bpw: float, *, width: int = 60) -> str:
-    """The frontier plot's title: the model's base name (not its whole path, which ran off the
-    figure), wrapped to lines of at most ``width`` characters."""
-    import textwrap
-
-    name = Path(model.rstrip("/\\")).name or model
-    return "\n".join(textwrap.wrap(f"{name}: frontier and plans at {bpw:g} bpw", width=width,
-                                    break_long_words=True, break_on_hyphens=False))
-
-
-def _short(plan: BitPlan) -> str:
-    opts = _option_counts(plan)
-    return next(iter(opts)) if len(opts) == 1 else f"({len(opts)} options)"
-
-
-def report_markdown(run: RunResult) -> str:
-    """A short Markdown report: setup, the comparison table, the mixed plan's option counts."""
-    c = run.config
-    m = run.mixed.report
-    lines = [
-        f"# bitalloc run: {c.model} at {c.bpw:g} bpw", "",
-        f"- model kind: {run.model_kind}; units: {run.table.n_units}; "
-        f"params quantized: {run.table.total_params:,}",
-        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples "
-        f"({run.data_info.get('calibration', 'built-in corpus, calibration split')}); "
-        f"solver: `{c.solver}`; apply: `{c.method}`",
-        f"- evaluation: {m.n_samples} held-out samples ("
-        f"{run.data_info.get('evaluation', 'built-in corpus, evaluation split')});"
-        f" error = `{m.error_metric}` vs the full-precision model",
-        *excluded_lines(run.excluded),
-        "- uniform ≤: the uniform int option with the most bits whose size fits the budget "
-        "(equal-size baseline); uniform >: the next uniform option above the budget (context)",
-        "- mixed: the cost table's optimum; chosen: the plan in `plan.json` — the best of the "
-        "measured candidates on calibration data, refined at its own operating point", "",
-        "| plan | bpw | size (KiB) | predicted cost | " + " | ".join(m.metrics) + " | verified |",
-        "|---|---|---|---|" + "---|" * len(m.metrics) + "---|",
-    ]
-    for r in run.rows:
-        vals = " | ".join(f"{r.report.metrics.get(k, float('nan')):.4g}" for k in m.metrics)
-        lines.append(f"| {r.label} {_short(r.plan)} | {r.bpw:.4f} | {r.size_bytes / 1024:,.1f} | "
-                     f"{r.plan.summary.predicted_cost:.4g} | {vals} | {'yes' if r.verified else 'NO'} |")
-    ratio = run.error_ratio
-    if ratio is not None:
-        lines += ["", f"Chosen / uniform-at-equal-size held-out error ratio: **{ratio:.3f}**"
-                  f" ({'better' if ratio < 1 else 'not better'})."]
-    if run.worse_than_uniform:
-        lines += ["", "**Warning: the chosen plan measured worse than the uniform plan that fits on "
-                  "held-out data** (it was better on calibration data); consider more calibration "
-                  "samples or the uniform plan."]
-    lines += selection_lines(run.selection)
-    if run.fp_metrics:
-        lines += ["", "Full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.fp_metrics.items())]
-    lines += ["", "Mixed plan, units per option: " + ", ".join(
-        f"`{k}` × {v}" for k, v in _option_counts(run.mixed.plan).items()),
-        "Chosen plan, units per option: " + ", ".join(
-        f"`{k}` × {v}" for k, v in _option_counts(run.result.plan).items()), "",
-        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.seconds.items()), "",
-        "Files: `plan.json` (the chosen plan), `table.parquet` (cost table), `frontier.png`, "
-        "`results.json`.", ""]
-    return "\n".join(lines)
-
-
-def excluded_lines(excluded: Mapping[str, str]) -> list[str]:
-    """Report lines for the units left out of the budget, grouped by reason."""
-    by: dict[str, list[str]] = {}
-    for unit, why in excluded.items():
-        by.setdefault(why, []).append(unit)
-    return [f"- left out of the budget, {why}: " + ", ".join(f"`{u}`" for u in units[:8])
-            + (f" … ({len(units)} in all)" if len(units) > 8 else "") for why, units in by.items()]
-
-
-def selection_lines(sel: RefineResult | None) -> list[str]:
-    """How the handed-out plan was chosen: candidates' calibration errors and refinement rounds."""
-    if sel is None:
-        return []
-    lines = ["", "Selection on calibration data: " + ", ".join(
-        f"{k} {v:.4g}" for k, v in sel.candidates.items()) + f"; started from **{sel.start_label}**."]
-    for r in sel.rounds:
-        lines.append(f"- refine round {r.index}: {r.error_before:.4g} → {r.error_trial:.4g} "
-                     f"({'accepted' if r.accepted else 'rejected'}, {r.moved} units moved, "
-                     f"trust {r.trust})")
-    lines.append(f"Refinement {sel.status}: calibration error {sel.start_error:.4g} → {sel.error:.4g} "
-                 f"({100 * sel.improvement:.1f} % lower).")
-    return lines

@@ -191,7 +191,7 @@ def _run_run(params: Mapping[str, Any], progress: Progress, cancel: threading.Ev
     handed = SolveResult(status=SolveStatus.FEASIBLE, solver=name, plan=plan,
                          objective=plan.summary.predicted_cost,
                          message=f"chosen on calibration data: {run.result.label}")
-    from allocator.jobs.pipeline import run_summary
+    from allocator.jobs.report import run_summary
 
     summary = run_summary(run)
     if isinstance(data, list):  # not the temporary file's path, which is gone

@@ -49,7 +49,7 @@ def test_frontier_plot_title_fits_a_long_model_path(tmp_path: Path,
     import numpy as np
     from matplotlib.figure import Figure
 
-    from allocator.jobs import pipeline
+    from allocator.jobs import report
 
     saved: list[Figure] = []
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
@@ -57,7 +57,7 @@ def test_frontier_plot_title_fits_a_long_model_path(tmp_path: Path,
     run = SimpleNamespace(rows=[], config=SimpleNamespace(model=model, bpw=3.0),
                           table=SimpleNamespace(metadata={"estimator": "hessian-proxy"}))
     front = SimpleNamespace(bpw=np.array([2.0, 3.0, 4.0]), cost=np.array([3.0, 2.0, 1.0]))
-    pipeline._plot(run, front, tmp_path / "f.png")  # type: ignore[arg-type]
+    report._plot(run, front, tmp_path / "f.png")  # type: ignore[arg-type]
     (fig,) = saved
     title = fig.axes[0].title
     assert "checkpoints" not in title.get_text() and "very-long-model-name" in title.get_text()
