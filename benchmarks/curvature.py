@@ -23,10 +23,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# benchmarks/sensitivity.py would shadow the sensitivity package: drop this folder, add the repo.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, without PYTHONPATH
 
 OPTIONS = "int2-g128-asym,int3-g128-asym,int4-g128-asym,int8-g128-asym"
 #: (label, estimator, params): the new defaults first, then the task-loss paths they replace.

@@ -28,9 +28,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T = TypeVar("T")
-# The script's folder holds benchmarks/sensitivity.py, which would shadow the package.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def corpus(n: int) -> tuple[list[str], str]:

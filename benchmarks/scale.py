@@ -35,8 +35,6 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-# benchmarks/sensitivity.py would shadow the ``sensitivity`` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
 #: estimator → {variant: extra estimator parameters}; "default" is the current implementation.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {

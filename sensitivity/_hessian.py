@@ -12,7 +12,7 @@ probe of the round reuses it (PyHessian's data-loader mode rebuilds the forward 
 every probe). Within a round the products are either a loop over the probes on the retained
 graph (``probe_mode="loop"``, the fastest on CPU) or one vmapped double backward over the stacked
 probes (``"vmap"``, ``torch.func.vmap`` over ``autograd.grad``; faster on GPU). ``"auto"`` picks by device.
-``benchmarks/sensitivity.py`` measures both against the one-probe-at-a-time loop.
+``benchmarks/hutchinson.py`` measures both against the one-probe-at-a-time loop.
 
 Stopping rule (:class:`ProbeRule`). A *probe* is one i.i.d. draw ``t_p`` (a vector over units) of
 an unbiased estimate of every unit's trace over the whole calibration set. After m probes

@@ -1,6 +1,6 @@
 """Benchmark: batched Hutchinson probes vs a one-probe-at-a-time PyHessian-style loop, MiniLM.
 
-Run:  PYTHONPATH=. python benchmarks/sensitivity.py [--texts 16] [--batch-size 4] [--probes 16]
+Run:  PYTHONPATH=. python benchmarks/hutchinson.py [--texts 16] [--batch-size 4] [--probes 16]
 
 Both paths estimate Tr(H_i) of the 37 Linear units of MiniLM (all-MiniLM-L6-v2) for the
 encoder's contrastive loss, on the same calibration batches and the *same* Rademacher probes
