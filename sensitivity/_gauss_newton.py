@@ -65,6 +65,7 @@ __all__ = [
     "gn_trace_terms",
     "kl_cotangent",
     "output_metric",
+    "pair_terms",
     "quant_deltas",
     "sampled_curvature",
     "softmax_fisher",
@@ -289,16 +290,11 @@ def _cotangents(out: torch.Tensor, batch: Mapping[str, Any], kind: str, metric: 
     return cots, counts
 
 
-def _row_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[list[torch.Tensor]],
-               counts: list[int], probes: int, reduce: Reduction,
-               batched: bool) -> list[tuple[int, torch.Tensor]]:
-    """``mean_k r(g_{row,k})`` for every row with a counted position."""
+def pair_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[list[torch.Tensor]],
+               pairs: Sequence[tuple[int, int]], reduce: Reduction, batched: bool) -> list[torch.Tensor]:
+    """``r(g)`` with ``g = J_rowᵀ cots[row][k]`` for every (row, k) of ``pairs``, in order: one
+    backward per pair on the retained graph, or one vmapped backward for all of them."""
     import torch
-
-    rows = [r for r in range(out.shape[0]) if counts[r] > 0]
-    pairs = [(r, k) for r in rows for k in range(probes)]
-    if not pairs:
-        return []
 
     def full(r: int, k: int) -> torch.Tensor:
         c = torch.zeros_like(out)
@@ -310,17 +306,23 @@ def _row_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[lis
                                   allow_unused=True)
         return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(res, leaves, strict=True))
 
+    if not batched:  # one gradient alive at a time
+        return [reduce([g.detach() for g in grad_of(full(r, k))]) for r, k in pairs]
+    stacked = torch.func.vmap(grad_of)(torch.stack([full(r, k) for r, k in pairs]))
+    return [reduce([g[i].detach() for g in stacked]) for i in range(len(pairs))]
+
+
+def _row_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[list[torch.Tensor]],
+               counts: list[int], probes: int, reduce: Reduction,
+               batched: bool) -> list[tuple[int, torch.Tensor]]:
+    """``mean_k r(g_{row,k})`` for every row with a counted position."""
+    rows = [r for r in range(out.shape[0]) if counts[r] > 0]
+    pairs = [(r, k) for r in rows for k in range(probes)]
+    if not pairs:
+        return []
     acc: dict[int, torch.Tensor] = {}
-    if batched:
-        stacked = torch.func.vmap(grad_of)(torch.stack([full(r, k) for r, k in pairs]))
-        for i, (r, _) in enumerate(pairs):
-            t = reduce([g[i].detach() for g in stacked])
-            acc[r] = t if r not in acc else acc[r] + t
-        del stacked
-    else:
-        for r, k in pairs:
-            t = reduce([g.detach() for g in grad_of(full(r, k))])
-            acc[r] = t if r not in acc else acc[r] + t
+    for (r, _), term in zip(pairs, pair_terms(out, leaves, cots, pairs, reduce, batched), strict=True):
+        acc[r] = term if r not in acc else acc[r] + term
     return [(r, acc[r] / probes) for r in rows]
 
 

@@ -56,6 +56,7 @@ from sensitivity._gauss_newton import (
     check_probes,
     gn_trace_terms,
     output_metric,
+    pair_terms,
     unit_reduction,
 )
 from sensitivity._hessian import (
@@ -173,27 +174,10 @@ def _pass_norms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[li
     pairs = [(r, p) for r in rows for p in range(passes)]
     if not pairs:
         return None
-
-    def full(r: int, p: int) -> torch.Tensor:
-        c = torch.zeros_like(out)
-        c[r] = cots[r][p]
-        return c
-
-    def grad_of(cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        res = torch.autograd.grad(out, list(leaves), grad_outputs=cot, retain_graph=True,
-                                  allow_unused=True)
-        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(res, leaves, strict=True))
-
     acc: list[torch.Tensor | None] = [None] * passes
-    if batched:
-        stacked = torch.func.vmap(grad_of)(torch.stack([full(r, p) for r, p in pairs]))
-        terms = [reduce([g[i].detach() for g in stacked])[:, 0] for i in range(len(pairs))]
-        del stacked
-    else:
-        terms = [reduce([g.detach() for g in grad_of(full(r, p))])[:, 0] for r, p in pairs]
-    for (_, p), t in zip(pairs, terms, strict=True):
+    for (_, p), term in zip(pairs, pair_terms(out, leaves, cots, pairs, reduce, batched), strict=True):
         prev = acc[p]
-        acc[p] = t if prev is None else prev + t
+        acc[p] = term[:, 0] if prev is None else prev + term[:, 0]
     return torch.stack([a for a in acc if a is not None])
 
 
