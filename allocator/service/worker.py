@@ -152,32 +152,39 @@ class Worker:
 
     def _persist(self, job: dict[str, Any], params: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         """Store tables and plans a job returned; results hold their ids."""
-        from allocator.core.budget import Budget
-
         stored: dict[str, Any] = {}
-        sqlite = is_sqlite(self.engine)
-        with Session(self.engine) as session:
-            for key, value in out.items():
-                if sqlite and isinstance(value, CostTable | SolveResult):
-                    # take the write lock before add_table/add_plan read: a deferred transaction
-                    # that reads, then writes after the heartbeat thread committed, fails at once
-                    # with "database is locked" (SQLite cannot upgrade a stale read snapshot)
-                    session.connection(execution_options={"sqlite_immediate": True})
-                if isinstance(value, CostTable):
-                    rec, _ = repo.add_table(session, table=value, name=str(out.get("name") or key))
-                    stored[f"{key}_id"] = rec.id
-                elif isinstance(value, SolveResult):
-                    table_id = params.get("table_id") or stored.get("table_id")
-                    if value.plan is not None and table_id:
-                        budget = Budget.from_dict(params.get("budget") or value.plan.budget)
-                        plan = repo.add_plan(session, table_id=str(table_id), result=value,
-                                             budget=budget, job_id=job["id"])
-                        stored[f"{key}_id"] = plan.id
-                    stored[f"{key}_status"] = str(value.status)
-                else:
-                    stored[key] = value
+        for key, value in out.items():
+            if isinstance(value, CostTable | SolveResult):
+                # one session, and so one fresh transaction, per record: reading an id back after
+                # a commit starts a deferred read transaction, and SQLite refuses to upgrade that
+                # stale snapshot to a write once the heartbeat thread has committed in between
+                with Session(self.engine) as session:
+                    if is_sqlite(self.engine):
+                        session.connection(execution_options={"sqlite_immediate": True})
+                    stored.update(self._store_one(session, job, params, stored, key, value,
+                                                  name=str(out.get("name") or key)))
+            else:
+                stored[key] = value
         result: dict[str, Any] = jsonable(stored)
         return result
+
+    @staticmethod
+    def _store_one(session: Session, job: Mapping[str, Any], params: Mapping[str, Any],
+                   stored: Mapping[str, Any], key: str, value: CostTable | SolveResult,
+                   *, name: str) -> dict[str, Any]:
+        from allocator.core.budget import Budget
+
+        if isinstance(value, CostTable):
+            rec, _ = repo.add_table(session, table=value, name=name)
+            return {f"{key}_id": rec.id}
+        ids: dict[str, Any] = {f"{key}_status": str(value.status)}
+        table_id = params.get("table_id") or stored.get("table_id")
+        if value.plan is not None and table_id:
+            budget = Budget.from_dict(params.get("budget") or value.plan.budget)
+            plan = repo.add_plan(session, table_id=str(table_id), result=value,
+                                 budget=budget, job_id=job["id"])
+            ids[f"{key}_id"] = plan.id
+        return ids
 
     def _heartbeat(self, job_id: str, run: _Run) -> None:
         while not run.done.wait(self.settings.heartbeat_s):
