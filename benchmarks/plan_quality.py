@@ -123,7 +123,7 @@ def run_budget(bench: Bench, table: Any, bpw: float, args: argparse.Namespace,
     cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
     t0 = time.perf_counter()
     sel = refine_plan(bench.model, cands, table, budget, bench.calib, bench.units, kind=bench.kind,
-                      config=RefineConfig(rounds=args.rounds))
+                      config=RefineConfig(rounds=args.rounds, neighbours=args.neighbours))
     secs = time.perf_counter() - t0
     row: dict[str, Any] = {"bpw": bpw, "refine_seconds": secs, "selection": sel.to_dict(),
                            "default": bench.held_out(sel.plan), "default_bpw": sel.plan.summary.bpw,
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--evals", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4, help="refinement rounds of the default path")
+    ap.add_argument("--neighbours", type=int, default=1,
+                    help="options measured on each side of a unit's current one per round")
     ap.add_argument("--measured-greedy", action="store_true", help="also the measured-greedy baseline")
     ap.add_argument("--no-spearman", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

@@ -6,12 +6,16 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if TYPE_CHECKING:
+    from allocator.model.loading import LoadedModel
 
 settings.register_profile(
     "ci", derandomize=True, deadline=None, print_blob=True,
@@ -52,3 +56,19 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    """The bundled tiny Llama (loaded once per test module: tests may quantize it in place)."""
+    from allocator.model.loading import load_model
+
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_calib(tiny: LoadedModel) -> list[dict[str, Any]]:
+    """8 corpus samples of ≤ 32 tokens in batches of 4: some rows are padded, so token masks matter."""
+    from allocator.model.data import CalibrationData
+
+    return list(CalibrationData.from_corpus(tiny.tokenizer, n_samples=8, seq_len=32, batch_size=4))

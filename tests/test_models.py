@@ -29,11 +29,6 @@ def minilm() -> LoadedModel:
     return load_model("minilm")
 
 
-@pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    return load_model("tiny-llama")
-
-
 def test_minilm_is_the_bundled_encoder(minilm: LoadedModel) -> None:
     assert minilm.kind is ModelKind.ENCODER and minilm.name == "minilm"
     assert Path(minilm.path) == default_model_path()

@@ -24,19 +24,6 @@ from allocator.model.sequential import SequentialModel, materialised_params  # n
 OPTIONS = ["int4-g32-asym", "int3-g32-sym", "int8-ch-sym"]
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Any:
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def calib(tiny: Any) -> list[dict[str, Any]]:
-    from allocator.model.data import CalibrationData
-
-    # 8 samples of ≤ 32 tokens: some rows are padded, so the token masks matter
-    return list(CalibrationData.from_corpus(tiny.tokenizer, n_samples=8, seq_len=32, batch_size=4))
-
-
 def mixed_plan(model: Any, group_columns: int | None = None) -> tuple[BitPlan, list[Any]]:
     units = discover_units(model, group_columns=group_columns)
     table = CostTable.from_unit_costs(units=[u.name for u in units], params=[u.params for u in units],
@@ -46,13 +33,13 @@ def mixed_plan(model: Any, group_columns: int | None = None) -> tuple[BitPlan, l
     return BitPlan.from_choice(table, choice), units
 
 
-def test_driver_reproduces_the_logits_with_one_block_in_memory(tiny: Any, calib: list) -> None:
+def test_driver_reproduces_the_logits_with_one_block_in_memory(tiny: Any, tiny_calib: list) -> None:
     seq = SequentialModel(tiny_lm_path())
     per_block = sum(p.numel() for p in tiny.model.model.layers[0].parameters())
     total = materialised_params(tiny.model)
     assert seq.nonblock_params == total - 4 * per_block
     seen = []
-    for step in seq.steps(calib):
+    for step in seq.steps(tiny_calib):
         seen.append(materialised_params(seq.model))
         assert all(materialised_params(seq.blocks[j]) == 0 for j in range(4) if j != step.index)
     assert seen == [seq.nonblock_params + per_block] * 4
@@ -61,19 +48,19 @@ def test_driver_reproduces_the_logits_with_one_block_in_memory(tiny: Any, calib:
     head = seq.head()
     assert head is not None
     with torch.no_grad():
-        for batch, x in zip(calib, seq.head_inputs(), strict=True):
+        for batch, x in zip(tiny_calib, seq.head_inputs(), strict=True):
             ref = tiny.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              use_cache=False).logits
             torch.testing.assert_close(head(x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("group_columns", [None, 64])
-def test_sequential_gptq_equals_whole_model_gptq(calib: list, tmp_path: Path,
+def test_sequential_gptq_equals_whole_model_gptq(tiny_calib: list, tmp_path: Path,
                                                  group_columns: int | None) -> None:
     model = load_model("tiny-llama").model  # a private copy: apply_plan quantizes in place
     plan, units = mixed_plan(model, group_columns)
-    whole = apply_plan(model, plan, method="gptq", calibration=calib, units=units)
-    seq = apply_plan_sequential(tiny_lm_path(), plan, calibration=calib, units=units,
+    whole = apply_plan(model, plan, method="gptq", calibration=tiny_calib, units=units)
+    seq = apply_plan_sequential(tiny_lm_path(), plan, calibration=tiny_calib, units=units,
                                 keep_weights=True, save_dir=tmp_path / "q")
     modules = {u.module for u in units}
     assert set(seq.weights) == modules and "lm_head" in modules
@@ -100,26 +87,26 @@ def test_sequential_gptq_equals_whole_model_gptq(calib: list, tmp_path: Path,
                                    msg=name)
 
 
-def test_sharded_checkpoint_loads_block_by_block(tiny: Any, calib: list, tmp_path: Path) -> None:
+def test_sharded_checkpoint_loads_block_by_block(tiny: Any, tiny_calib: list, tmp_path: Path) -> None:
     tiny.model.save_pretrained(tmp_path, max_shard_size="300KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     seq = SequentialModel(tmp_path)
-    n = sum(1 for _ in seq.steps(calib[:1]))
+    n = sum(1 for _ in seq.steps(tiny_calib[:1]))
     assert n == 4
     head = seq.head()
     assert head is not None
     with torch.no_grad():
-        ref = tiny.model(input_ids=calib[0]["input_ids"], attention_mask=calib[0]["attention_mask"],
+        ref = tiny.model(input_ids=tiny_calib[0]["input_ids"], attention_mask=tiny_calib[0]["attention_mask"],
                          use_cache=False).logits
         torch.testing.assert_close(head(seq.head_inputs()[0]), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_sequential_refusals(tmp_path: Path, calib: list) -> None:
+def test_sequential_refusals(tmp_path: Path, tiny_calib: list) -> None:
     plan, units = mixed_plan(load_model("tiny-llama").model)
     with pytest.raises(InvalidParameterError, match="calibration"):
         apply_plan_sequential(tiny_lm_path(), plan, calibration=[], keep_weights=True)
     with pytest.raises(InvalidParameterError, match="save_dir"):
-        apply_plan_sequential(tiny_lm_path(), plan, calibration=calib)
+        apply_plan_sequential(tiny_lm_path(), plan, calibration=tiny_calib)
     (tmp_path / "config.json").write_text((tiny_lm_path() / "config.json").read_text())
     with pytest.raises(ModelError, match="safetensors"):
         SequentialModel(tmp_path)

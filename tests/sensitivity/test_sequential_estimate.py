@@ -21,27 +21,15 @@ from sensitivity._sequential import estimate_sequential  # noqa: E402
 OPTIONS = ["int2-g32-asym", "int3-g32-sym", "int4-g64-asym", "int8-ch-sym"]
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Any:
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def calib(tiny: Any) -> list[dict[str, Any]]:
-    from allocator.model.data import CalibrationData
-
-    return list(CalibrationData.from_corpus(tiny.tokenizer, n_samples=8, seq_len=32, batch_size=4))
-
-
 @pytest.mark.parametrize(("name", "group_columns"), [("hessian-proxy", None), ("hessian-proxy", 64),
                                                      ("salience", None)])
-def test_sequential_table_equals_whole_model_table(tiny: Any, calib: list, name: str,
+def test_sequential_table_equals_whole_model_table(tiny: Any, tiny_calib: list, name: str,
                                                    group_columns: int | None) -> None:
     units = discover_units(tiny.model, group_columns=group_columns)
-    ctx = EstimateContext(batches=calib, units=units, options=[parse_format(o) for o in OPTIONS],
+    ctx = EstimateContext(batches=tiny_calib, units=units, options=[parse_format(o) for o in OPTIONS],
                           model_kind="causal_lm", progress=False)
     whole = get_estimator(name).estimate(tiny.model, ctx)
-    seq = estimate_sequential(tiny_lm_path(), name, batches=calib, options=OPTIONS, units=units)
+    seq = estimate_sequential(tiny_lm_path(), name, batches=tiny_calib, options=OPTIONS, units=units)
     assert list(seq.units) == list(whole.units) and list(seq.options) == list(whole.options)
     a, b = (t.df.sort_values(["unit", "option"]) for t in (seq, whole))
     assert list(a["unit"]) == list(b["unit"]) and list(a["option"]) == list(b["option"])
@@ -53,9 +41,9 @@ def test_sequential_table_equals_whole_model_table(tiny: Any, calib: list, name:
     assert seq.metadata["peak_params"] == total - 3 * per_block  # non-block + one block
 
 
-def test_gradient_estimators_are_refused(calib: list) -> None:
+def test_gradient_estimators_are_refused(tiny_calib: list) -> None:
     with pytest.raises(InvalidParameterError, match="layer-local"):
-        estimate_sequential(tiny_lm_path(), "fisher", batches=calib, options=OPTIONS)
+        estimate_sequential(tiny_lm_path(), "fisher", batches=tiny_calib, options=OPTIONS)
 
 
 def test_encoder_blocks_too() -> None:
