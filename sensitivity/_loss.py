@@ -228,6 +228,8 @@ def unit_leaves(model: torch.nn.Module, units: Any) -> tuple[list[torch.Tensor],
 
 def unit_block(t: torch.Tensor, unit: Any) -> torch.Tensor:
     """The unit's block of a tensor shaped like its module weight, as a 2-D [out, cols] view."""
+    if getattr(unit, "transposed", False):  # Conv1D: the leaf (and its gradient) is [in, out]
+        t = t.t()
     t2 = t.reshape(t.shape[0], -1) if t.dim() != 2 else t
     if unit.columns is None:
         return t2

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError, ModelError
-from allocator.core.units import Unit
+from allocator.core.units import Unit, is_linear_like
 from allocator.model.loading import ModelKind
 from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
 
@@ -143,12 +143,11 @@ def _sdpa_detached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 @contextmanager
 def lrp_mode(model: torch.nn.Module, *, epsilon: float = 1e-6) -> Iterator[None]:
     """Within the block, ``model``'s gradients are LRP's (see module doc): R(x) = x ⊙ grad."""
-    import torch
     import torch.nn.functional as F
 
     handles = []
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
+        if is_linear_like(mod):
             handles.append(mod.register_forward_hook(_linear_hook(epsilon)))
         elif _is_norm(mod):
             handles.append(mod.register_forward_hook(_norm_hook))

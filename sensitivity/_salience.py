@@ -145,7 +145,7 @@ def input_sums(model: torch.nn.Module, ctx: EstimateContext, *,
     """The streaming sums of every unit module's input over ``ctx.batches`` (not normalised)."""
     import torch
 
-    from allocator.core.units import get_module
+    from allocator.core.units import get_module, weight_view
 
     stats: dict[str, InputHessian] = {}
     for unit in ctx.units:
@@ -154,9 +154,7 @@ def input_sums(model: torch.nn.Module, ctx: EstimateContext, *,
                 f"unit {unit.name!r} is a {unit.kind} module; this estimator supports Linear units "
                 "only (pass kinds=linear)")
         if unit.module not in stats:
-            w = get_module(model, unit.module).weight
-            if not isinstance(w, torch.Tensor):
-                raise ModelError(f"module {unit.module!r} has no weight tensor")
+            w = weight_view(get_module(model, unit.module), unit.module)
             stats[unit.module] = InputHessian(int(w.shape[1]), diagonal=diagonal, device=w.device)
     mask_ref: list[torch.Tensor | None] = [None]
     training = model.training

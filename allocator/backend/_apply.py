@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan, check_plan
+from allocator.core.units import is_linear_like
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +148,6 @@ def _apply_rtn(model: torch.nn.Module, resolved: Sequence[ResolvedUnit]) -> None
 def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
                 calibration: Sequence[Mapping[str, Any]], cfg: Any,
                 forward: Callable[[Mapping[str, Any]], Any], progress: bool) -> dict[str, Any]:
-    import torch
     from tqdm.auto import tqdm
 
     from allocator.backend._gptq import block_stages, collect_hessians, column_formats, gptq_quantize
@@ -156,7 +156,7 @@ def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
     for u in resolved:
         by_module.setdefault(u.module, []).append(u)
     for name in by_module:
-        if not isinstance(model.get_submodule(name), torch.nn.Linear):
+        if not is_linear_like(model.get_submodule(name)):
             raise BackendError(f"GPTQ handles Linear modules only; {name!r} is not one (use --method rtn)")
     order = [n for n, _ in model.named_modules() if n in by_module]
     stages = block_stages(order)

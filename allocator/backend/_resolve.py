@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from allocator.core.errors import BackendError, InvalidPlanError, UnknownNameError
+from allocator.core.errors import BackendError, InvalidPlanError, ModelError, UnknownNameError
 from allocator.core.formats import FormatKind, QuantFormat, parse_format
 from allocator.core.plan import Assignment, BitPlan
+from allocator.core.units import weight_view
 
 if TYPE_CHECKING:
     import torch
@@ -72,13 +73,12 @@ def check_assignment(unit: str, a: Assignment) -> QuantFormat:
 
 
 def module_weight(model: torch.nn.Module, module: str) -> torch.Tensor:
-    """The ``weight`` tensor of a module (BackendError when it has none)."""
-    import torch
-
-    w = getattr(model.get_submodule(module), "weight", None)
-    if not isinstance(w, torch.Tensor):
-        raise BackendError(f"module {module!r} has no weight tensor")
-    return w
+    """A module's weight laid out [out, in, ...], as a view that writes through (Conv1D's
+    [in, out] storage transposed; BackendError when it has none)."""
+    try:
+        return weight_view(model.get_submodule(module), module)
+    except ModelError as exc:
+        raise BackendError(str(exc)) from None
 
 
 def _weight_2d(model: torch.nn.Module, module: str) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _weight_2d(model: torch.nn.Module, module: str) -> torch.Tensor:
     w = getattr(mod, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         raise InvalidPlanError(f"plan unit {module!r} has no 2-D weight to quantize")
-    return w
+    return weight_view(mod, module)
 
 
 def resolve_plan(

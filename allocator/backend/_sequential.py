@@ -28,12 +28,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, _unit_report
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan, check_plan
+from allocator.core.units import is_linear_like
 
 if TYPE_CHECKING:
     import torch
@@ -99,8 +100,6 @@ def apply_plan_sequential(
         InvalidPlanError: the plan does not fit the model or the table.
         BackendError: a planned module is not a Linear of a block or the output head.
     """
-    import torch
-
     from allocator.backend._gptq import GptqConfig, collect_hessians
     from allocator.model.sequential import SequentialModel  # noqa: F811  (runtime import)
 
@@ -127,7 +126,7 @@ def apply_plan_sequential(
     for name, _ in model.named_modules():
         if name not in by_module:
             continue
-        if not isinstance(model.get_submodule(name), torch.nn.Linear):
+        if not is_linear_like(model.get_submodule(name)):
             raise BackendError(f"GPTQ handles Linear modules only; {name!r} is not one (use --method rtn)")
         idx = _block_index(name, seq.block_names)
         if idx is not None:
@@ -230,7 +229,9 @@ def _collect(root: torch.nn.Module, prefix: str, quantized: Sequence[str], out_d
     """Keep the quantized weights and / or write ``root``'s tensors as one safetensors shard."""
     for name in quantized:
         if keep:
-            kept[name] = module_weight(root, name[len(prefix):]).detach().to("cpu").clone()
+            # as stored (Conv1D: [in, out]), so it compares with the model's own state dict
+            stored = cast("torch.Tensor", root.get_submodule(name[len(prefix):]).weight)
+            kept[name] = stored.detach().to("cpu").clone()
     if out_dir is None:
         return
     from safetensors.torch import save_file

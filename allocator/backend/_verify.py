@@ -27,6 +27,7 @@ from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError
 from allocator.core.formats import FormatKind
 from allocator.core.plan import BitPlan
+from allocator.core.units import stores_transposed
 
 if TYPE_CHECKING:
     import torch
@@ -182,7 +183,7 @@ def verify(
             else:
                 checks.append(_check_int(u, w2, mismatches))
             if reference is not None:
-                _check_changed(u, w2, reference, mismatches)
+                _check_changed(u, w2, _reference_2d(model, u.module, reference), mismatches)
         if reference is not None:
             _check_untouched(model, {u.module for u in resolved}, reference, mismatches)
     params = sum(c.params for c in checks)
@@ -209,12 +210,20 @@ def _check_float(u: ResolvedUnit, w: torch.Tensor, out: list[Mismatch]) -> UnitC
                      bits_read=16.0, params=int(w.numel()))
 
 
-def _check_changed(u: ResolvedUnit, w: torch.Tensor, reference: Mapping[str, torch.Tensor],
+def _reference_2d(model: torch.nn.Module, module: str,
+                  reference: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The module's reference weight laid out [out, in] like :func:`module_weight`."""
+    ref = reference.get(f"{module}.weight")
+    if ref is None:
+        return None
+    return _w2d(ref.t() if stores_transposed(model.get_submodule(module)) else ref)
+
+
+def _check_changed(u: ResolvedUnit, w: torch.Tensor, ref: torch.Tensor | None,
                    out: list[Mismatch]) -> None:
-    ref = reference.get(f"{u.module}.weight")
     if ref is None or u.fmt.kind is FormatKind.FLOAT:
         return
-    r = _w2d(ref)[:, u.lo:u.hi]
+    r = ref[:, u.lo:u.hi]
     if tuple(r.shape) == tuple(w.shape) and bool((r.to(w.dtype) == w).all()):
         out.append(Mismatch(unit=u.name, field="unchanged", expected=f"quantized ({u.fmt.name})",
                             found="the unquantized weights"))
@@ -224,9 +233,11 @@ def _check_untouched(model: torch.nn.Module, planned: set[str],
                      reference: Mapping[str, torch.Tensor], out: list[Mismatch]) -> None:
     import torch
 
+    # a weight tied to a planned one (GPT-2's wte ↔ lm_head) is quantized through it
+    tied = {module_weight(model, n).data_ptr() for n in planned}
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
-        if name in planned or not isinstance(w, torch.Tensor):
+        if name in planned or not isinstance(w, torch.Tensor) or w.data_ptr() in tied:
             continue
         ref = reference.get(f"{name}.weight")
         if ref is not None and ref.shape == w.shape and not torch.equal(ref.to(w.dtype), w.detach()):

@@ -23,7 +23,10 @@ __all__ = [
     "UnitKind",
     "discover_units",
     "get_module",
+    "is_linear_like",
+    "stores_transposed",
     "unit_weight",
+    "weight_view",
 ]
 
 
@@ -54,6 +57,8 @@ class Unit:
     in_features: int
     columns: tuple[int, int] | None = None
     tie: str | None = None
+    #: the module stores its weight [in, out] (transformers' ``Conv1D``); ``shape`` is [out, in]
+    transposed: bool = False
 
 
 def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -63,13 +68,42 @@ def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ModelError(f"model has no module {name!r}; check the unit names") from None
 
 
-def unit_weight(model: torch.nn.Module, unit: Unit) -> torch.Tensor:
-    """The unit's weight as a 2-D view [out, in] (conv flattened; a group is a column slice)."""
+def stores_transposed(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT-J heads...) computes ``x @ W + b`` with W [in, out].
+
+    Matched by class name and its ``nf`` attribute, so models whose remote code copies the class
+    are covered too, and the core needs no transformers import.
+    """
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(w, "ndim", 0) == 2
+
+
+def is_linear_like(module: torch.nn.Module) -> bool:
+    """``nn.Linear`` or a transposed-storage ``Conv1D``: a matmul on the last input dimension."""
     import torch
 
-    w = get_module(model, unit.module).weight
+    return isinstance(module, torch.nn.Linear) or stores_transposed(module)
+
+
+def weight_view(module: torch.nn.Module, name: str = "") -> torch.Tensor:
+    """The module's weight laid out [out, in, ...] as nn.Linear / ConvNd store it.
+
+    A view, so in-place writes reach the parameter (Conv1D's [in, out] weight is transposed).
+
+    Raises:
+        ModelError: the module has no weight tensor.
+    """
+    import torch
+
+    w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
-        raise ModelError(f"module {unit.module!r} has no weight tensor")
+        raise ModelError(f"module {name!r} has no weight tensor")
+    return w.t() if stores_transposed(module) else w
+
+
+def unit_weight(model: torch.nn.Module, unit: Unit) -> torch.Tensor:
+    """The unit's weight as a 2-D view [out, in] (conv flattened; a group is a column slice)."""
+    w = weight_view(get_module(model, unit.module), unit.module)
     w2 = w.reshape(w.shape[0], -1) if w.dim() > 2 else w
     if unit.columns is None:
         return w2
@@ -80,13 +114,12 @@ def unit_weight(model: torch.nn.Module, unit: Unit) -> torch.Tensor:
 def _kind_of(module: torch.nn.Module, kinds: Sequence[UnitKind]) -> UnitKind | None:
     import torch
 
-    if UnitKind.LINEAR in kinds and isinstance(module, torch.nn.Linear):
+    if UnitKind.LINEAR in kinds and is_linear_like(module):
         return UnitKind.LINEAR
     if UnitKind.CONV in kinds and isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
         return UnitKind.CONV
     if UnitKind.EMBEDDING in kinds and isinstance(module, torch.nn.Embedding):
         return UnitKind.EMBEDDING
-    # transformers' GPT-2 style Conv1D stores [in, out]; not supported as a unit (refuse clearly).
     return None
 
 
@@ -131,7 +164,7 @@ def discover_units(
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
     if group_columns is not None and group_columns <= 0:
         raise InvalidParameterError(f"group_columns must be > 0, got {group_columns}")
-    found: list[tuple[str, UnitKind, tuple[int, ...]]] = []
+    found: list[tuple[str, UnitKind, tuple[int, ...], bool]] = []
     n_candidates = 0
     for name, module in model.named_modules():
         kind = _kind_of(module, kind_set)
@@ -140,7 +173,7 @@ def discover_units(
         n_candidates += 1
         if (inc and not inc.search(name)) or (exc and exc.search(name)):
             continue
-        found.append((name, kind, tuple(module.weight.shape)))
+        found.append((name, kind, tuple(weight_view(module, name).shape), stores_transposed(module)))
     if not found:
         what = "/".join(kind_set)
         if n_candidates == 0:
@@ -149,13 +182,13 @@ def discover_units(
             f"no {what} module matches include={include!r} exclude={exclude!r} "
             f"({n_candidates} candidates); loosen the regexes"
         )
-    fused = {n: _fused_name(n, fusion) if fusion else None for n, _, _ in found}
+    fused = {n: _fused_name(n, fusion) if fusion else None for n, *_ in found}
     sizes: dict[str, int] = {}
     for f in fused.values():
         if f is not None:
             sizes[f] = sizes.get(f, 0) + 1
     units: list[Unit] = []
-    for name, kind, shape in found:
+    for name, kind, shape, transposed in found:
         f_name = fused[name]
         tie = f_name if f_name is not None and sizes[f_name] > 1 else None
         out_f = shape[0]
@@ -164,13 +197,13 @@ def discover_units(
             in_f *= d
         if group_columns is None or group_columns >= in_f:
             units.append(Unit(name=name, module=name, kind=kind, shape=shape, params=out_f * in_f,
-                              in_features=in_f, tie=tie))
+                              in_features=in_f, tie=tie, transposed=transposed))
             continue
         for gi, lo in enumerate(range(0, in_f, group_columns)):
             hi = min(lo + group_columns, in_f)
             units.append(Unit(
                 name=f"{name}[g={gi}]", module=name, kind=kind, shape=shape,
                 params=out_f * (hi - lo), in_features=hi - lo, columns=(lo, hi),
-                tie=f"{tie}[g={gi}]" if tie else None,
+                tie=f"{tie}[g={gi}]" if tie else None, transposed=transposed,
             ))
     return units

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allocator.core.errors import ModelError
+from allocator.core.units import is_linear_like, weight_view
 
 __all__ = ["ModelInfo", "model_info", "resolve_model_path"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
-    """Weight-module names (Linear, Conv, Embedding), their shapes and the HF ``model_type``."""
+    """Weight-module names (Linear, Conv1D, Conv, Embedding), [out, in, ...] shapes, HF ``model_type``."""
 
     names: frozenset[str]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -64,8 +65,9 @@ def model_info(spec: str, wanted: Iterable[str] = ()) -> ModelInfo:
             model = (cls.from_config(config) if cls is transformers.AutoModel
                      else cls(config))
         shapes = {
-            n: tuple(m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear | torch.nn.Embedding | torch.nn.Conv1d | torch.nn.Conv2d)
+            n: tuple(weight_view(m, n).shape) for n, m in model.named_modules()
+            if is_linear_like(m)
+            or isinstance(m, torch.nn.Embedding | torch.nn.Conv1d | torch.nn.Conv2d)
         }
         info = ModelInfo(names=frozenset(shapes), shapes=shapes, arch=getattr(config, "model_type", None))
         if want <= info.names:
