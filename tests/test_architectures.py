@@ -6,6 +6,7 @@ GPT-2) that ``verify`` accepts, and Conv1D giving the same costs as the equivale
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,9 @@ transformers = pytest.importorskip("transformers")
 import solvers  # noqa: E402
 from allocator.backend import apply_plan, verify  # noqa: E402
 from allocator.core.budget import Budget  # noqa: E402
+from allocator.core.errors import InvalidParameterError  # noqa: E402
 from allocator.core.units import UnitKind, discover_units, unit_weight  # noqa: E402
-from allocator.model.data import CalibrationData  # noqa: E402
+from allocator.model.data import CalibrationData, data_for  # noqa: E402
 from allocator.model.loading import LoadedModel, default_model_path, load_model, tiny_lm_path  # noqa: E402
 from sensitivity import run_estimate  # noqa: E402
 
@@ -29,7 +31,7 @@ LM = dict(num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddin
 
 
 def _configs() -> dict[str, tuple[Callable[[], Any], str, str, int]]:
-    """name → (config factory, model class, tokenizer ("lm" / "encoder"), expected unit count)."""
+    """name → (config factory, model class, tokenizer ("lm" / "encoder" / "image": none), units)."""
     t = transformers
     return {
         # 4 Conv1D per block + lm_head
@@ -44,22 +46,29 @@ def _configs() -> dict[str, tuple[Callable[[], Any], str, str, int]]:
         "distilbert": (lambda: t.DistilBertConfig(dim=H, n_layers=LAYERS, n_heads=4, hidden_dim=128,
                                                   max_position_embeddings=128),
                        "DistilBertModel", "encoder", 6 * LAYERS),
+        # 8×8 grey images: the built-in digits data (6 per block + classifier)
+        "vit": (lambda: t.ViTConfig(hidden_size=H, intermediate_size=128, image_size=8, patch_size=2,
+                                    num_channels=1, num_labels=10, bitalloc_data="sklearn-digits",
+                                    **{k: v for k, v in LM.items() if k != "max_position_embeddings"}),
+                "ViTForImageClassification", "image", 6 * LAYERS + 1),
     }
 
 
 def _build(root: Path, name: str) -> Path:
     factory, cls_name, tok_kind, _ = _configs()[name]
-    tok = transformers.AutoTokenizer.from_pretrained(
-        tiny_lm_path() if tok_kind == "lm" else default_model_path())
     cfg = factory()
-    cfg.vocab_size = len(tok)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if getattr(tok, key, None) is not None:
-            setattr(cfg, key, getattr(tok, key))
+    tok = None if tok_kind == "image" else transformers.AutoTokenizer.from_pretrained(
+        tiny_lm_path() if tok_kind == "lm" else default_model_path())
+    if tok is not None:
+        cfg.vocab_size = len(tok)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tok, key, None) is not None:
+                setattr(cfg, key, getattr(tok, key))
     torch.manual_seed(0)
     path = root / name
     getattr(transformers, cls_name)(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    if tok is not None:
+        tok.save_pretrained(path)
     return path
 
 
@@ -165,3 +174,12 @@ def test_gpt2_gptq_apply_verifies(gpt2: LoadedModel) -> None:
         assert verify(model, plan, reference=reference, units=units).ok
     finally:
         model.load_state_dict(reference)
+
+
+def test_image_classifier_without_data_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = _build(tmp_path, "vit")
+    config = json.loads((path / "config.json").read_text())
+    del config["bitalloc_data"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidParameterError, match=r"no built-in data.*bitalloc_data.*estimate_loaded"):
+        data_for(load_model(path), "calibration", 4)
