@@ -22,6 +22,7 @@ from allocator.backend import apply_plan, verify  # noqa: E402
 from allocator.core.budget import Budget  # noqa: E402
 from allocator.core.errors import InvalidParameterError  # noqa: E402
 from allocator.core.units import UnitKind, discover_units, unit_weight  # noqa: E402
+from allocator.export import model_info  # noqa: E402
 from allocator.model.data import CalibrationData, data_for  # noqa: E402
 from allocator.model.loading import LoadedModel, default_model_path, load_model, tiny_lm_path  # noqa: E402
 from sensitivity import run_estimate  # noqa: E402
@@ -128,6 +129,9 @@ def test_conv1d_units_are_out_by_in_views(gpt2: LoadedModel) -> None:
         assert torch.equal(weight[32:64], 2.0 * before[32:64])
         assert torch.equal(weight[:32], before[:32])
         weight.copy_(before)
+    # exports size and group-check a unit from the same [out, in] shape
+    shapes = model_info(str(gpt2.path)).shapes
+    assert shapes[u.module] == u.shape and shapes["transformer.h.0.mlp.c_proj"] == (H, 4 * H)
 
 
 def _as_linear(model: Any) -> Any:
@@ -152,6 +156,7 @@ def test_conv1d_costs_match_the_equivalent_linear(gpt2: LoadedModel, method: str
     # A transposition mistake anywhere (weights, gradient blocks, input Hessians) changes costs
     # of column groups; the same model built from nn.Linear is the reference.
     linear = dataclasses.replace(gpt2, model=_as_linear(gpt2.model))
+    assert {type(m).__name__ for m in linear.model.modules()} & {"Conv1D", "Linear"} == {"Linear"}
     kw: dict[str, Any] = {"groups": 32, "include": "transformer.h.*"}
     a, b = _estimate(gpt2, method, **kw), _estimate(linear, method, **kw)
     assert a.units == b.units and any("c_attn[g=1]" in u for u in a.units)
