@@ -29,6 +29,7 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat, parse_format
+from allocator.core.units import weight_view
 from sensitivity._base import BaseEstimator, EstimateContext, Partial, UnitCosts
 from sensitivity._salience import HessianProxyEstimator, InputHessian, SalienceEstimator, check_tokens
 
@@ -124,7 +125,7 @@ def _columns(mod: torch.nn.Module) -> int:
     w = getattr(mod, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise InvalidParameterError(f"module {mod!r} has no 2-D weight; only Linear units are supported")
-    return int(w.shape[1])
+    return int(weight_view(mod).shape[1])
 
 
 def _device(mod: torch.nn.Module) -> torch.device:

@@ -2,6 +2,8 @@
 
 A unit is a module's weight (``model.layers.0.mlp.down_proj``) or a group of its input columns
 (``model.layers.0.mlp.down_proj[g=3]``, columns ``3·G … 4·G−1``), as SliM-LLM allocates.
+Weights are always read [out, in] (:func:`weight_view`), so a GPT-2 ``Conv1D``, stored [in, out],
+is a linear unit like any other.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def stores_transposed(module: torch.nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2, GPT-J heads...) computes ``x @ W + b`` with W [in, out].
+    """transformers' ``Conv1D`` (GPT-2, DistilGPT2, OpenAI GPT) computes ``x @ W + b``, W [in, out].
 
     Matched by class name and its ``nf`` attribute, so models whose remote code copies the class
     are covered too, and the core needs no transformers import.
