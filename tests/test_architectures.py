@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import solvers  # noqa: E402
-from allocator.backend import apply_plan, verify  # noqa: E402
+from allocator.backend import apply_plan, apply_plan_sequential, verify  # noqa: E402
 from allocator.core.budget import Budget  # noqa: E402
 from allocator.core.errors import InvalidParameterError  # noqa: E402
 from allocator.core.units import UnitKind, discover_units, unit_weight  # noqa: E402
@@ -172,11 +172,17 @@ def test_gpt2_gptq_apply_verifies(gpt2: LoadedModel) -> None:
     plan = solvers.solve(table, Budget(bpw=4.0)).plan
     assert plan is not None
     reference = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = list(_calibration(gpt2).batches)
     try:
-        report = apply_plan(model, plan, method="gptq", units=units,
-                            calibration=list(_calibration(gpt2).batches))
+        report = apply_plan(model, plan, method="gptq", units=units, calibration=batches)
         assert report.info["gptq_loss"]
         assert verify(model, plan, reference=reference, units=units).ok
+        # one block in memory at a time: the same weights, kept as the model stores them
+        seq = apply_plan_sequential(gpt2.path, plan, calibration=batches, keep_weights=True)
+        state = model.state_dict()
+        assert "transformer.h.0.attn.c_attn" in seq.weights
+        for name, w in seq.weights.items():
+            torch.testing.assert_close(w, state[f"{name}.weight"])
     finally:
         model.load_state_dict(reference)
 
