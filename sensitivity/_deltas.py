@@ -23,7 +23,8 @@ from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
 from allocator.core.units import Unit
 
-__all__ = ["DEFAULT_DELTA_BUDGET_MB", "check_delta_budget", "delta_bytes", "delta_groups"]
+__all__ = ["DEFAULT_DELTA_BUDGET_MB", "balanced_groups", "check_delta_budget", "delta_bytes",
+           "delta_groups"]
 
 #: Default ceiling for the float32 deltas held by one pass, in MiB.
 DEFAULT_DELTA_BUDGET_MB = 1024
@@ -40,7 +41,13 @@ def delta_groups(units: Sequence[Unit], options: Sequence[QuantFormat],
     unit larger than the budget gets a group of its own), balanced so the largest group is as
     small as that number of groups allows. Consecutive units sit close in depth, so a deep
     group's backward stops early."""
-    sizes = [delta_bytes(u, options) for u in units]
+    return balanced_groups([delta_bytes(u, options) for u in units], budget_bytes)
+
+
+def balanced_groups(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
+    """Consecutive indices of ``sizes`` in the fewest groups of total ≤ ``budget_bytes`` (an item
+    over the budget gets a group of its own), balanced so the largest group is as small as that
+    number of groups allows."""
     fewest = len(_fill(sizes, budget_bytes))
     lo, hi = max(sum(sizes) / max(fewest, 1), max(sizes, default=0)), float(budget_bytes)
     if lo >= hi:  # some unit alone is over the budget: balancing cannot lower the peak
@@ -64,10 +71,10 @@ def _fill(sizes: Sequence[int], cap: float) -> list[list[int]]:
     return groups
 
 
-def check_delta_budget(value: Any) -> int:
-    """``delta_budget_mb`` (MiB) → bytes, or a one-line error."""
+def check_delta_budget(value: Any, *, name: str = "delta_budget_mb",
+                       held: str = "quantization deltas") -> int:
+    """A per-pass memory budget in MiB (``delta_budget_mb`` by default) → bytes, or a one-line error."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise InvalidParameterError(
-            f"delta_budget_mb must be a number > 0 (MiB of quantization deltas held per pass), "
-            f"got {value!r}")
+            f"{name} must be a number > 0 (MiB of {held} held per pass), got {value!r}")
     return int(value * 2**20)

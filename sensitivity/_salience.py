@@ -37,6 +37,14 @@ the partial statistics are the raw sums ``Σ_t x_t x_tᵀ`` (or their diagonal) 
 N_tok per module, which add over batches; the damping, inverse and Cholesky factor (salience)
 are applied once, to the merged H. A salience partial holds a columns × columns matrix per
 module (8·d² bytes), a hessian-proxy one only its diagonal.
+
+Memory: in one process, ``salience`` holds at most ``hessian_budget_mb`` (default 1024 MiB) of
+those matrices at a time. Beyond it the modules are split into the fewest balanced consecutive
+groups (:func:`~sensitivity._deltas.balanced_groups`) and the data is run forward once per group;
+each group's H is reduced to its d_c at once and freed. The table does not depend on the split
+(the sums are the same, per module), and ``passes`` in the metadata records it. A Llama-shaped
+1B model has 7.1 GB of them (d = 2048 … 5504, 113 modules); all at once, plus their damped
+copies, exceeded 18 GB. A shard's partial still holds every module's sums: it is what merges.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from allocator.core.errors import InvalidParameterError, ModelError
 from allocator.core.units import Unit, UnitKind
 from allocator.model.loading import ModelKind
 from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
+from sensitivity._deltas import balanced_groups, check_delta_budget
 from sensitivity._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -66,6 +75,9 @@ __all__ = [
 ]
 
 _NON_INPUT_KEYS = ("labels", "label")
+
+#: float64 input Hessians (8·d² bytes per module) ``salience`` holds per pass, in MiB
+DEFAULT_HESSIAN_BUDGET_MB = 1024
 
 
 class InputHessian:
@@ -140,22 +152,33 @@ def check_tokens(tokens: Mapping[str, int]) -> None:
                          "(--exclude) or check the model kind")
 
 
-def input_sums(model: torch.nn.Module, ctx: EstimateContext, *,
-               diagonal: bool) -> dict[str, InputHessian]:
-    """The streaming sums of every unit module's input over ``ctx.batches`` (not normalised)."""
-    import torch
-
+def unit_module_widths(model: torch.nn.Module, ctx: EstimateContext) -> dict[str, int]:
+    """Input width of every module a unit of ``ctx`` lives in, in unit order (Linear only)."""
     from allocator.core.units import get_module, weight_view
 
-    stats: dict[str, InputHessian] = {}
+    widths: dict[str, int] = {}
     for unit in ctx.units:
         if unit.kind is not UnitKind.LINEAR:
             raise InvalidParameterError(
                 f"unit {unit.name!r} is a {unit.kind} module; this estimator supports Linear units "
                 "only (pass kinds=linear)")
-        if unit.module not in stats:
-            w = weight_view(get_module(model, unit.module), unit.module)
-            stats[unit.module] = InputHessian(int(w.shape[1]), diagonal=diagonal, device=w.device)
+        if unit.module not in widths:
+            widths[unit.module] = int(weight_view(get_module(model, unit.module), unit.module).shape[1])
+    return widths
+
+
+def input_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: bool,
+               modules: Sequence[str] | None = None) -> dict[str, InputHessian]:
+    """The streaming sums of the inputs of ``modules`` (default: every unit's module) over
+    ``ctx.batches`` (not normalised); one forward per batch."""
+    import torch
+
+    from allocator.core.units import get_module
+
+    widths = unit_module_widths(model, ctx)
+    stats = {name: InputHessian(widths[name], diagonal=diagonal,
+                                device=_device_of(get_module(model, name)))
+             for name in (widths if modules is None else modules)}
     mask_ref: list[torch.Tensor | None] = [None]
     training = model.training
     model.eval()
@@ -174,6 +197,10 @@ def input_sums(model: torch.nn.Module, ctx: EstimateContext, *,
     return stats
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def _partial_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: bool) -> Partial:
     """Σ x xᵀ (or its diagonal) as ``H:<module>`` and N_tok as ``tokens:<module>``."""
     stats = input_sums(model, ctx, diagonal=diagonal)
@@ -181,22 +208,17 @@ def _partial_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: boo
                    counts={f"tokens:{n}": s.tokens for n, s in stats.items()})
 
 
-def _merged_hessians(model: torch.nn.Module, partial: Partial) -> dict[str, torch.Tensor]:
-    """H per module from merged sums, on the module weight's device (float64)."""
+def _merged_hessians(model: torch.nn.Module, partial: Partial) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module, H) from merged sums, one module at a time, on the module's device (float64)."""
     import torch
 
     from allocator.core.units import get_module
 
     tokens = {k.removeprefix("tokens:"): int(v) for k, v in partial.counts.items()}
     check_tokens(tokens)
-    out = {}
     for name, n_tok in tokens.items():
-        w = get_module(model, name).weight
-        if not isinstance(w, torch.Tensor):
-            raise ModelError(f"module {name!r} has no weight tensor")
-        total = torch.from_numpy(partial.sums[f"H:{name}"]).to(w.device)
-        out[name] = hessian_of(total, n_tok)
-    return out
+        total = torch.from_numpy(partial.sums[f"H:{name}"]).to(_device_of(get_module(model, name)))
+        yield name, hessian_of(total, n_tok)
 
 
 def inverse_cholesky_diag(h: torch.Tensor, *, percdamp: float = 0.01) -> torch.Tensor:
@@ -256,17 +278,42 @@ class SalienceEstimator(BatchAdditiveEstimator):
 
     name: ClassVar[str] = "salience"
 
-    def __init__(self, *, percdamp: float = 0.01) -> None:
+    def __init__(self, *, percdamp: float = 0.01,
+                 hessian_budget_mb: float = DEFAULT_HESSIAN_BUDGET_MB) -> None:
         if isinstance(percdamp, bool) or not isinstance(percdamp, int | float) or not percdamp > 0:
             raise InvalidParameterError(f"percdamp must be a number > 0, got {percdamp!r}")
         self.percdamp = float(percdamp)
+        check_delta_budget(hessian_budget_mb, name="hessian_budget_mb", held="input Hessians")
+        self.hessian_budget_mb = hessian_budget_mb
+
+    def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
+        """Unsharded: the modules' H in passes that each hold at most ``hessian_budget_mb``."""
+        widths = unit_module_widths(model, ctx)
+        names = list(widths)
+        budget = check_delta_budget(self.hessian_budget_mb, name="hessian_budget_mb",
+                                    held="input Hessians")
+        groups = balanced_groups([8 * widths[n] ** 2 for n in names], budget)
+        inv_d2: dict[str, torch.Tensor] = {}
+        for group in groups:
+            stats = input_sums(model, ctx, diagonal=False, modules=[names[i] for i in group])
+            check_tokens({n: s.tokens for n, s in stats.items()})
+            for name in list(stats):
+                inv_d2[name] = self._inv_d2(stats.pop(name).finalize())
+        costs = self._unit_costs(model, ctx, inv_d2)
+        return UnitCosts(cost=costs.cost, info={**costs.info, "passes": len(groups)})
 
     def _partial(self, model: torch.nn.Module, ctx: EstimateContext) -> Partial:
         return _partial_sums(model, ctx, diagonal=False)
 
     def _finish(self, model: torch.nn.Module, ctx: EstimateContext, partial: Partial) -> UnitCosts:
-        hs = _merged_hessians(model, partial)
-        inv_d2 = {n: 1.0 / inverse_cholesky_diag(h, percdamp=self.percdamp) ** 2 for n, h in hs.items()}
+        return self._unit_costs(model, ctx, {n: self._inv_d2(h) for n, h in _merged_hessians(model, partial)})
+
+    def _inv_d2(self, h: torch.Tensor) -> torch.Tensor:
+        return 1.0 / inverse_cholesky_diag(h, percdamp=self.percdamp) ** 2
+
+    @staticmethod
+    def _unit_costs(model: torch.nn.Module, ctx: EstimateContext,
+                    inv_d2: Mapping[str, torch.Tensor]) -> UnitCosts:
         cost = np.empty((len(ctx.units), len(ctx.options)))
         salience = np.empty(len(ctx.units))
         for i, unit in enumerate(ctx.units):
@@ -286,7 +333,7 @@ class HessianProxyEstimator(BatchAdditiveEstimator):
         return _partial_sums(model, ctx, diagonal=True)
 
     def _finish(self, model: torch.nn.Module, ctx: EstimateContext, partial: Partial) -> UnitCosts:
-        diag = _merged_hessians(model, partial)
+        diag = dict(_merged_hessians(model, partial))  # diagonals: d floats per module
         cost = np.empty((len(ctx.units), len(ctx.options)))
         for i, unit in enumerate(ctx.units):
             _, d2 = column_square_sums(model, unit, ctx.options)

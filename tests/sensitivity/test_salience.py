@@ -101,3 +101,25 @@ def test_dead_input_column_and_non_linear_units(net) -> None:
         get_estimator("hessian-proxy").estimate(model, ctx)
     with pytest.raises(InvalidParameterError, match="percdamp"):
         get_estimator("salience", percdamp=0)
+
+
+class TwoLayer(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc2 = torch.nn.Linear(5, 4)
+
+    def forward(self, input_ids, attention_mask=None):  # noqa: ANN001, ANN201
+        return self.fc2(torch.relu(self.fc(self.emb(input_ids))))
+
+
+def test_salience_in_passes_equals_one_pass(net) -> None:
+    _, batches, _ = net
+    model = TwoLayer().eval()
+    ctx = _ctx(model, batches)
+    one = get_estimator("salience").estimate(model, ctx)
+    # a budget below one module's H: every module gets a pass of its own
+    split = get_estimator("salience", hessian_budget_mb=1e-6).estimate(model, ctx)
+    assert one.metadata["passes"] == 1 and split.metadata["passes"] == 2
+    np.testing.assert_array_equal(split.df["cost"].to_numpy(), one.df["cost"].to_numpy())
+    with pytest.raises(InvalidParameterError, match="hessian_budget_mb must be a number > 0"):
+        get_estimator("salience", hessian_budget_mb=0)

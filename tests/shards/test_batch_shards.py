@@ -18,8 +18,9 @@ from sensitivity._base import Partial, mean_and_sem, mean_sums
 KW: dict[str, Any] = {"samples": 6, "seq_len": 16, "batch_size": 2, "include": "model.layers.0",
                       "options": "int2-g128-asym,int4-g128-asym"}
 N_SHARDS = 3
-#: metadata that legitimately differs between a sharded and a single-process run
-RUN_KEYS = {"seconds", "sharded", "created"}
+#: metadata that legitimately differs between a sharded and a single-process run (salience's
+#: ``passes`` under its memory budget exist only in one process; a shard's partial holds every H)
+RUN_KEYS = {"seconds", "sharded", "created", "passes"}
 
 
 # ------------------------------------------------------------------ the contract, no model
