@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.groups is not None:  # the baselines are int-g128: a smaller unit would shrink their groups
+        from allocator.core.formats import check_group_columns, parse_options
+
+        check_group_columns(args.groups, parse_options(args.options) + parse_options("int2..8-g128-asym"))
     results: list[dict[str, Any]] = []
     for name in args.models:
         t0 = time.perf_counter()

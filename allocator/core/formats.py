@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -35,6 +36,7 @@ from allocator.core.errors import InvalidParameterError, UnknownNameError
 
 __all__ = [
     "DEFAULT_OPTIONS",
+    "check_group_columns",
     "DENSE_OPTIONS",
     "GGUF_TYPES",
     "FormatKind",
@@ -208,6 +210,22 @@ DENSE_OPTIONS: tuple[str, ...] = (
     "int4-g64-asym", "int4-g128-sym", "int4-g128-asym", "int5-g128-asym", "int6-g128-asym",
     "int8-g128-asym", "fp16",
 )
+
+
+def check_group_columns(columns: int, options: Sequence[QuantFormat]) -> None:
+    """Refuse column-group units of ``columns`` inputs that split an option's quantization groups.
+
+    A unit of 64 columns quantized as ``int3-g128`` really gets groups of 64 (twice the scales)
+    while its size is counted at g128, so the plan and the uniform baseline would both be smaller
+    on paper than on disk. ``columns`` must be a multiple of every option's group size.
+    """
+    bad = list(dict.fromkeys(f.name for f in options
+                             if f.group_size and f.group_size > 0 and columns % f.group_size))
+    if bad:
+        raise InvalidParameterError(
+            f"groups={columns} splits the quantization groups of {', '.join(bad)}; use a multiple "
+            f"of their group size (e.g. --groups {max(f.group_size or 1 for f in options)}) or "
+            "options with smaller groups")
 
 
 def parse_options(spec: str | None) -> tuple[QuantFormat, ...]:

@@ -98,6 +98,10 @@ class RunConfig:
             from allocator.export.palettes import palette_options
 
             palette_options(self.consumer, self.options, self.groups)  # a consumer, no options/groups
+        elif self.groups is not None:
+            from allocator.core.formats import check_group_columns, parse_options
+
+            check_group_columns(self.groups, parse_options(self.candidate_options))
         RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours,  # validates
                      time_limit=self.refine_time_limit)
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):

@@ -23,6 +23,14 @@ def test_groups_and_a_consumer_are_refused() -> None:
         RunConfig(consumer="gptqmodel", groups=8)
 
 
+def test_groups_that_split_an_option_s_quantization_groups_are_refused() -> None:
+    # 64-column units under int3-g128 would really be g64 while counted as g128
+    with pytest.raises(InvalidParameterError, match=r"groups=64 splits .*int3-g128-asym.*--groups 128"):
+        RunConfig(groups=64)
+    RunConfig(groups=128)  # the dense palette's groups all divide 128
+    RunConfig(groups=64, options="int2-g64-asym,int4-g32-sym,fp16")
+
+
 def test_run_allocates_column_groups() -> None:
     bpw = 6.5  # g16 options: int2 4, int4 6, int8 10 bits per weight
     run = run_pipeline(RunConfig(model="tiny-llama", estimator="hessian-proxy", bpw=bpw, groups=16,
