@@ -198,7 +198,9 @@ def input_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: bool,
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    from allocator.core.units import weight_view
+
+    return weight_view(module).device
 
 
 def _partial_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: bool) -> Partial:

@@ -36,12 +36,12 @@ from allocator.core.errors import InvalidParameterError, UnknownNameError
 
 __all__ = [
     "DEFAULT_OPTIONS",
-    "check_group_columns",
     "DENSE_OPTIONS",
     "GGUF_TYPES",
     "FormatKind",
     "QuantFormat",
     "StorageConvention",
+    "check_group_columns",
     "parse_format",
     "parse_options",
 ]
