@@ -1,7 +1,7 @@
 """Benchmark: estimators at real model sizes — wall time, peak RSS, forward-pass equivalents.
 
 Run:  PYTHONPATH=. python benchmarks/scale.py --configs bert-base [llama-1b] \
-          [--estimators gauss-newton fisher ...] [--samples 8] [--json out.json]
+          [--estimators gauss-newton fisher ...] [--samples 8] [--include GLOB ...] [--json out.json]
 
 Each (configuration, estimator, variant) runs in a fresh process, which builds the model from
 its config with seeded random weights (time and memory do not depend on the weights), so its
@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "hessian-proxy": {"default": {}},
     "salience": {"default": {}},
-    "gauss-newton": {"default": {}, "all-resident": {"delta_budget_mb": 1e9}},
+    "gauss-newton": {"default": {}, "all-resident": {"delta_budget_mb": 1e9},
+                     "budget-512": {"delta_budget_mb": 512}},
     "fisher": {"default": {}, "all-resident": {"delta_budget_mb": 1e9}},
     "hessian-trace": {"default": {}, "fixed-16": {"rel_sem": 0, "max_probes": 16}},
     "measured": {"default": {}},
@@ -109,7 +110,8 @@ def one_batch_gb(loaded: Any, batch: int, seq_len: int) -> float:
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before, 0.0)
 
 
-def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq_len: int) -> None:
+def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq_len: int,
+          include: list[str] | None = None) -> None:
     from sensitivity import run_estimate
 
     loaded = build(config)
@@ -130,7 +132,8 @@ def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq
         b.register_forward_pre_hook(count, with_kwargs=True)
     t0 = time.perf_counter()
     table = run_estimate(loaded, method=estimator, samples=samples, seq_len=seq_len,
-                         batch_size=min(8, samples), estimator_params=params, progress=False)
+                         batch_size=min(8, samples), estimator_params=params, progress=False,
+                         include=include)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     meta = table.metadata
@@ -145,7 +148,7 @@ def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq
 
 def _child_json(a: argparse.Namespace, config: str, est: str, params: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--samples", str(a.samples), "--seq-len", str(a.seq_len),
-           "--child", config, est, json.dumps(params)]
+           *(["--include", *a.include] if a.include else []), "--child", config, est, json.dumps(params)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -163,14 +166,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--no-baseline", action="store_true", help="only the default variant")
+    ap.add_argument("--variants", nargs="+", default=None, help="only these variants (see VARIANTS)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per estimate")
+    ap.add_argument("--include", nargs="+", default=None,
+                    help="unit globs: estimate only these units (time per unit for the slow ones)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs=3, metavar=("CONFIG", "ESTIMATOR", "PARAMS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], a.child[1], json.loads(a.child[2]), a.samples, a.seq_len)
+        child(a.child[0], a.child[1], json.loads(a.child[2]), a.samples, a.seq_len, a.include)
         return
     results = []
+    if a.include:
+        print(f"units: only {' '.join(a.include)}")
     print(f"{'config':<10} {'estimator':<14} {'variant':<13} {'wall s':>7} {'× prev':>7} "
           f"{'peak GB':>8} {'model GB':>9} {'target GB':>9} {'fwd eq':>7} passes")
     for config in a.configs:
@@ -180,7 +188,7 @@ def main() -> None:
             variants = VARIANTS.get(est, {"default": {}})
             prev_wall = None
             for variant, params in reversed(list(variants.items())):  # previous first
-                if a.no_baseline and variant != "default":
+                if (a.no_baseline and variant != "default") or (a.variants and variant not in a.variants):
                     continue
                 try:
                     r = {**_child_json(a, config, est, params), "variant": variant, "one_batch_gb": act_gb}

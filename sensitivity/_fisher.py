@@ -44,6 +44,7 @@ from allocator.core.errors import InvalidParameterError
 from sensitivity._base import EstimateContext, Partial, SampleMeanEstimator, UnitCosts, mean_and_sem
 from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups
 from sensitivity._gauss_newton import (
+    SplitTerm,
     check_probes,
     curvature_in_passes,
     gn_diagonal_terms,
@@ -192,4 +193,10 @@ class FisherEstimator(SampleMeanEstimator):
         return curvature_in_passes(model, ctx, gn_diagonal_terms, squared=True,
                                    budget_bytes=check_delta_budget(self.delta_budget_mb),
                                    probes=self.probes, chunk=self.chunk or 1,
-                                   per_sample=self.per_sample, label="fisher")
+                                   per_sample=self.per_sample, label="fisher",
+                                   split=SplitTerm(linear=gn_diagonal_terms, finish=_same))
+
+
+def _same(terms: torch.Tensor) -> torch.Tensor:
+    """The diagonal terms are already additive over a unit's rows: nothing to finish."""
+    return terms

@@ -34,16 +34,17 @@ error over samples (the probes of one sample are averaged first: they share the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
+from allocator.core.units import unit_weight
 from allocator.model.loading import ModelKind
 from sensitivity._base import EstimateContext, SampleMeanEstimator, UnitCosts
-from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups
+from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_bytes, delta_groups
 from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves
 from sensitivity._progress import progress_bar
 
@@ -54,6 +55,7 @@ __all__ = [
     "PER_SAMPLE_MODES",
     "GaussNewtonEstimator",
     "SampledCurvature",
+    "SplitTerm",
     "check_chunk",
     "check_per_sample",
     "check_probes",
@@ -61,12 +63,16 @@ __all__ = [
     "cosine_cotangent",
     "cosine_output_hessian",
     "gn_diagonal_terms",
+    "gn_inner_products",
     "gn_quadratic_terms",
+    "gn_square",
     "gn_trace_terms",
     "kl_cotangent",
     "output_metric",
+    "pair_stream",
     "pair_terms",
     "quant_deltas",
+    "row_pieces",
     "sampled_curvature",
     "softmax_fisher",
     "unit_reduction",
@@ -137,8 +143,19 @@ def gn_quadratic_terms(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
     With ``g = Jᵀ v`` and ``E[v vᵀ] = H_D``, ``E ½ ⟨ΔW, g⟩² = ½ ΔWᵀ Jᵀ H_D J ΔW`` (the exact GN
     form of the unit block, within-unit correlations included)."""
-    inner = delta.reshape(delta.shape[0], -1) @ g.to(delta.dtype).reshape(-1)  # gemv: no temporaries
-    return 0.5 * inner.double() ** 2
+    return gn_square(gn_inner_products(g, delta))
+
+
+def gn_inner_products(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``⟨ΔW_o, g⟩`` per option o (float64): linear in the weights, so a unit's value is the sum
+    over any split of its rows — what :func:`curvature_in_passes` uses for a unit whose deltas
+    alone exceed the budget."""
+    return (delta.reshape(delta.shape[0], -1) @ g.to(delta.dtype).reshape(-1)).double()  # gemv
+
+
+def gn_square(inner: torch.Tensor) -> torch.Tensor:
+    """``½ x²``: :func:`gn_quadratic_terms` from its summed :func:`gn_inner_products`."""
+    return 0.5 * inner**2
 
 
 def gn_diagonal_terms(g: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
@@ -158,18 +175,23 @@ def quant_deltas(model: torch.nn.Module, ctx: EstimateContext, *,
     cols] (shared RTN quantizer :func:`allocator.model.quant.fake_quantize`), on the weight's
     device. 4 bytes × options per weight: callers hold them under a budget
     (:mod:`sensitivity._deltas`)."""
+    return [_deltas_of(unit_weight(model, unit), ctx.options, squared=squared) for unit in ctx.units]
+
+
+def _deltas_of(weight: torch.Tensor, options: Sequence[Any], *, squared: bool) -> torch.Tensor:
+    """``Q_o(W) − W`` (or its square) of a 2-D weight view, float32 [options, out, cols]."""
     import torch
 
-    from allocator.core.units import unit_weight
     from allocator.model.quant import fake_quantize
 
-    out = []
     with torch.no_grad():
-        for unit in ctx.units:
-            w = unit_weight(model, unit).detach().float()
-            d = torch.stack([fake_quantize(w, f) - w for f in ctx.options])
-            out.append(d.square_() if squared else d)
-    return out
+        w = weight.detach().float()
+        # filled in place: a list of options then torch.stack would hold the deltas twice
+        d = torch.empty((len(options), *w.shape), dtype=torch.float32, device=w.device)
+        for o, fmt in enumerate(options):
+            d[o] = fake_quantize(w, fmt)
+            d[o] -= w
+        return d.square_() if squared else d
 
 
 # ------------------------------------------------------------------ the sampling engine
@@ -200,6 +222,23 @@ def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Redu
     seeded by ``ctx.seed`` and the batch's id), so results do not depend on ``chunk``,
     ``per_sample``, the device, or which shard of the batches a batch is estimated in.
     """
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    n_samples = n_positions = 0
+    for count, terms in pair_stream(model, ctx, reduce, probes=probes, chunk=chunk,
+                                    per_sample=per_sample, label=label):
+        t = terms.sum(dim=0) / probes
+        s1 = t if s1 is None else s1 + t
+        s2 = t**2 if s2 is None else s2 + t**2
+        n_samples += 1
+        n_positions += count
+    return _curvature(s1, s2, n_samples, n_positions, probes, output_metric(ctx.model_kind))
+
+
+def pair_stream(model: torch.nn.Module, ctx: EstimateContext, reduce: Reduction, *, probes: int,
+                chunk: int, per_sample: str, label: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """Per calibration row with a counted output position, in data order: (its positions,
+    ``r(g_{row,k})`` stacked over the probes k). The engine of :func:`sampled_curvature`."""
     from allocator.model.outputs import forward_outputs
 
     if per_sample not in PER_SAMPLE_MODES:
@@ -209,9 +248,6 @@ def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Redu
     n_weights = sum(t.numel() for t in leaves)
     batched = per_sample == "vmap" or (per_sample == "auto" and (
         not ctx.device.startswith("cpu") or n_weights < _VMAP_BELOW))
-    s1: torch.Tensor | None = None
-    s2: torch.Tensor | None = None
-    n_samples = n_positions = 0
     with gradient_mode(model, leaves), progress_bar(len(ctx.batches), f"{label} batches",
                                                      ctx.progress) as bar:
         for b, batch in enumerate(ctx.batches):
@@ -220,12 +256,13 @@ def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Redu
                 with differentiable_attention():
                     out = forward_outputs(model, sub, ctx.model_kind)
                 cots, counts = _cotangents(out, sub, ctx.model_kind, metric, probes, gen)
-                for row, terms in _row_terms(out, leaves, cots, counts, probes, reduce, batched):
-                    s1 = terms if s1 is None else s1 + terms
-                    s2 = terms**2 if s2 is None else s2 + terms**2
-                    n_samples += 1
-                    n_positions += counts[row]
+                yield from _row_terms(out, leaves, cots, counts, probes, reduce, batched)
             bar.update(1)
+
+
+def _curvature(s1: torch.Tensor | None, s2: torch.Tensor | None, n_samples: int, n_positions: int,
+               probes: int, metric: str) -> SampledCurvature:
+    """Mean and standard error over samples from the per-sample sums S₁, S₂ (module doc)."""
     if s1 is None or s2 is None or n_positions == 0:
         raise InvalidParameterError("no calibration sample has an output position to compare; "
                                     "pass non-empty texts")
@@ -315,15 +352,15 @@ def pair_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[lis
 def _row_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[list[torch.Tensor]],
                counts: list[int], probes: int, reduce: Reduction,
                batched: bool) -> list[tuple[int, torch.Tensor]]:
-    """``mean_k r(g_{row,k})`` for every row with a counted position."""
+    """(positions, ``r(g_{row,k})`` stacked over k) for every row with a counted position."""
+    import torch
+
     rows = [r for r in range(out.shape[0]) if counts[r] > 0]
     pairs = [(r, k) for r in rows for k in range(probes)]
     if not pairs:
         return []
-    acc: dict[int, torch.Tensor] = {}
-    for (r, _), term in zip(pairs, pair_terms(out, leaves, cots, pairs, reduce, batched), strict=True):
-        acc[r] = term if r not in acc else acc[r] + term
-    return [(r, acc[r] / probes) for r in rows]
+    terms = pair_terms(out, leaves, cots, pairs, reduce, batched)
+    return [(counts[r], torch.stack(terms[i * probes:(i + 1) * probes])) for i, r in enumerate(rows)]
 
 
 def unit_reduction(units: Sequence[Any], index: Sequence[int],
@@ -393,34 +430,113 @@ class GaussNewtonEstimator(SampleMeanEstimator):
         return curvature_in_passes(model, ctx, gn_quadratic_terms, squared=False,
                                    budget_bytes=check_delta_budget(self.delta_budget_mb),
                                    probes=self.probes, chunk=self.chunk, per_sample=self.per_sample,
-                                   label="gauss-newton")
+                                   label="gauss-newton",
+                                   split=SplitTerm(linear=gn_inner_products, finish=gn_square))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitTerm:
+    """A per-(sample, probe) term written as ``finish(Σ_pieces linear(g_piece, ΔW_piece))`` over
+    any split of a unit's output rows (RTN groups, channels and k-quant blocks lie along a row,
+    so a row range quantizes exactly as inside the whole weight)."""
+
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    finish: Callable[[torch.Tensor], torch.Tensor]
+
+
+def row_pieces(unit: Any, options: Sequence[Any], budget_bytes: int) -> list[tuple[int, int]]:
+    """The fewest balanced output-row ranges ``[lo, hi)`` of ``unit`` whose deltas each fit
+    (a single row over the budget is a piece of its own)."""
+    rows = int(unit.shape[0])
+    per_row = delta_bytes(unit, options) / rows
+    k = math.ceil(rows / max(1, int(budget_bytes // per_row)))
+    size, extra = divmod(rows, k)  # the first `extra` pieces get one more row
+    bounds = np.cumsum([0] + [size + (j < extra) for j in range(k)])
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
                         term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, squared: bool,
                         budget_bytes: int, probes: int, chunk: int, per_sample: str,
-                        label: str) -> UnitCosts:
+                        label: str, split: SplitTerm | None = None) -> UnitCosts:
     """:func:`sampled_curvature` of ``term(g_u, deltas_u)`` (``ΔW²`` with ``squared``) over
     groups of units whose deltas fit ``budget_bytes``
-    (:func:`~sensitivity._deltas.delta_groups`), one pass over the data per group."""
+    (:func:`~sensitivity._deltas.delta_groups`), one pass over the data per group.
+
+    With ``split``, a unit whose deltas alone exceed the budget (a 32000-row LM head at 1B, the
+    MLP matrices of larger models) is measured in :func:`row_pieces`, one pass each: the passes
+    draw the same cotangents, so summing the pieces' linear parts per (sample, probe) before
+    ``finish`` gives that unit's ``term`` exactly. Without it such a unit gets a pass of its own
+    holding all its deltas."""
     import dataclasses
 
-    groups = delta_groups(ctx.units, ctx.options, budget_bytes)
+    big = {i for i, u in enumerate(ctx.units)
+           if split is not None and delta_bytes(u, ctx.options) > budget_bytes}
+    small = [i for i in range(len(ctx.units)) if i not in big]
+    groups = [[small[j] for j in g]
+              for g in delta_groups([ctx.units[i] for i in small], ctx.options, budget_bytes)]
+    pieces = {i: (row_pieces(ctx.units[i], ctx.options, budget_bytes), split)
+              for i in sorted(big) if split is not None}
+    n_passes = len(groups) + sum(len(p) for p, _ in pieces.values())
     shape = (len(ctx.units), len(ctx.options))
     mean, sem = np.empty(shape), np.empty(shape)
-    info: dict[str, Any] = {}
+    est: SampledCurvature | None = None
     for n, group in enumerate(groups):
         sub = dataclasses.replace(ctx, units=[ctx.units[i] for i in group])
         deltas = quant_deltas(model, sub, squared=squared)
         _, index = unit_leaves(model, sub.units)
         reduce = unit_reduction(sub.units, index, _bound(term, deltas))
-        tag = label if len(groups) == 1 else f"{label} pass {n + 1}/{len(groups)}"
+        tag = label if n_passes == 1 else f"{label} pass {n + 1}/{n_passes}"
         est = sampled_curvature(model, sub, reduce, probes=probes, chunk=chunk,
                                 per_sample=per_sample, label=tag)
         mean[group], sem[group] = est.mean, est.sem
-        info = est.info()
         del deltas, reduce
-    return UnitCosts(cost=mean, cost_std=sem, info={**info, "passes": len(groups)})
+    done = len(groups)
+    for i, (rows, how) in pieces.items():
+        est = _split_unit(model, dataclasses.replace(ctx, units=[ctx.units[i]]), rows, how,
+                          squared=squared, probes=probes, chunk=chunk, per_sample=per_sample,
+                          label=f"{label} pass {done + 1}-{done + len(rows)}/{n_passes}")
+        mean[i], sem[i] = est.mean[0], est.sem[0]
+        done += len(rows)
+    info = est.info() if est is not None else {}
+    return UnitCosts(cost=mean, cost_std=sem, info={**info, "passes": n_passes})
+
+
+def _split_unit(model: torch.nn.Module, ctx: EstimateContext, rows: Sequence[tuple[int, int]],
+                split: SplitTerm, *, squared: bool, probes: int, chunk: int, per_sample: str,
+                label: str) -> SampledCurvature:
+    """One unit (``ctx.units[0]``) in row pieces: per (sample, probe) Σ_pieces linear, then finish."""
+    import torch
+
+    unit = ctx.units[0]
+    _, index = unit_leaves(model, [unit])
+    total: torch.Tensor | None = None
+    counts: list[int] = []
+    for lo, hi in rows:
+        delta = _deltas_of(unit_weight(model, unit)[lo:hi], ctx.options, squared=squared)
+        reduce = _piece_reduction(unit, index[0], lo, hi, split.linear, delta)
+        stream = list(pair_stream(model, ctx, reduce, probes=probes, chunk=chunk,
+                                  per_sample=per_sample, label=label))
+        part = torch.stack([t for _, t in stream])  # [samples, probes, 1, options]
+        counts = [c for c, _ in stream]
+        total = part if total is None else total + part
+        del delta, reduce
+    if total is None or not counts:
+        return _curvature(None, None, 0, 0, probes, output_metric(ctx.model_kind))
+    t = split.finish(total).sum(dim=1) / probes  # per-sample probe means, as sampled_curvature
+    return _curvature(t.sum(dim=0), (t**2).sum(dim=0), len(counts), sum(counts), probes,
+                      output_metric(ctx.model_kind))
+
+
+def _piece_reduction(unit: Any, leaf: int, lo: int, hi: int,
+                     linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     delta: torch.Tensor) -> Reduction:
+    import torch
+
+    def reduce(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([linear(unit_block(grads[leaf], unit)[lo:hi], delta)])
+
+    return reduce
 
 
 def _bound(term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

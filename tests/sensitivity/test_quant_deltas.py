@@ -18,7 +18,7 @@ from allocator.core.units import discover_units  # noqa: E402
 from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 from sensitivity._deltas import delta_bytes, delta_groups  # noqa: E402
-from sensitivity._gauss_newton import quant_deltas  # noqa: E402
+from sensitivity._gauss_newton import quant_deltas, row_pieces  # noqa: E402
 
 OPTIONS = [*parse_options("int2..4-g8-asym"), parse_format("int3-g5-sym"), parse_format("int8-ch-sym"),
            parse_format("q4_K"), parse_format("fp16"), parse_format("bf16")]
@@ -72,9 +72,33 @@ def test_tables_do_not_depend_on_the_passes(llama, method) -> None:
     ctx = _ctx(model, batches, units)
     one = get_estimator(method, probes=1).estimate(model, ctx)
     many = get_estimator(method, probes=1, delta_budget_mb=1e-6).estimate(model, ctx)
-    assert one.metadata["passes"] == 1 and many.metadata["passes"] == len(units)
+    # every unit is over the budget: one pass per output row of each
+    assert one.metadata["passes"] == 1 and many.metadata["passes"] == sum(u.shape[0] for u in units)
     np.testing.assert_allclose(_matrix(many), _matrix(one), rtol=1e-6, atol=0)
     np.testing.assert_allclose(_matrix(many, "cost_std"), _matrix(one, "cost_std"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gauss-newton", "fisher"])
+def test_units_over_the_budget_are_split_by_rows_with_the_same_table(llama, method) -> None:
+    """Units whose deltas alone exceed the budget are measured in row pieces whose linear parts
+    are summed per (sample, probe) before the square (GN), so the table is unchanged."""
+    model, batches, units = llama
+    ctx = _ctx(model, batches, units)
+    sizes = [delta_bytes(u, OPTIONS) for u in units]
+    budget = max(sizes) // 3 + 1
+    big = [u for u, b in zip(units, sizes, strict=True) if b > budget]
+    small = [u for u, b in zip(units, sizes, strict=True) if b <= budget]
+    pieces = [row_pieces(u, OPTIONS, budget) for u in big]
+    assert big and small and max(len(p) for p in pieces) >= 3
+    for unit, p in zip(big, pieces, strict=True):  # contiguous, covering, each under the budget
+        assert p[0][0] == 0 and p[-1][1] == unit.shape[0]
+        assert all(a[1] == b[0] for a, b in zip(p, p[1:], strict=False))
+        assert all(delta_bytes(unit, OPTIONS) * (hi - lo) / unit.shape[0] <= budget for lo, hi in p)
+    one = get_estimator(method, probes=2).estimate(model, ctx)
+    split = get_estimator(method, probes=2, delta_budget_mb=budget / 2**20).estimate(model, ctx)
+    assert split.metadata["passes"] == len(delta_groups(small, OPTIONS, budget)) + sum(map(len, pieces))
+    np.testing.assert_allclose(_matrix(split), _matrix(one), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(_matrix(split, "cost_std"), _matrix(one, "cost_std"), rtol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "big", True, float("nan")])
