@@ -56,6 +56,7 @@ __all__ = [
     "GaussNewtonEstimator",
     "SampledCurvature",
     "SplitTerm",
+    "UnitReduction",
     "check_chunk",
     "check_per_sample",
     "check_probes",
@@ -75,6 +76,7 @@ __all__ = [
     "row_pieces",
     "sampled_curvature",
     "softmax_fisher",
+    "streamed_reduce",
     "unit_reduction",
 ]
 
@@ -343,7 +345,9 @@ def pair_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[lis
                                   allow_unused=True)
         return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(res, leaves, strict=True))
 
-    if not batched:  # one gradient alive at a time
+    if not batched:
+        if isinstance(reduce, UnitReduction):  # one weight's gradient alive at a time
+            return [streamed_reduce(out, leaves, full(r, k), reduce) for r, k in pairs]
         return [reduce([g.detach() for g in grad_of(full(r, k))]) for r, k in pairs]
     stacked = torch.func.vmap(grad_of)(torch.stack([full(r, k) for r, k in pairs]))
     return [reduce([g[i].detach() for g in stacked]) for i in range(len(pairs))]
@@ -363,16 +367,69 @@ def _row_terms(out: torch.Tensor, leaves: Sequence[torch.Tensor], cots: list[lis
     return [(counts[r], torch.stack(terms[i * probes:(i + 1) * probes])) for i, r in enumerate(rows)]
 
 
+@dataclass(frozen=True)
+class UnitReduction:
+    """(gradients of one (sample, probe), one tensor per leaf) → (units, width) float64:
+    ``term(unit block of g, unit position)`` stacked over units. It also reduces one leaf on its
+    own (:meth:`of_leaf`), which lets :func:`streamed_reduce` drop each weight's gradient as soon
+    as autograd has accumulated it."""
+
+    units: Sequence[Any]
+    index: Sequence[int]
+    term: Callable[[torch.Tensor, int], torch.Tensor]
+
+    def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        return torch.stack([self.term(unit_block(grads[k], u), i)
+                            for i, (u, k) in enumerate(zip(self.units, self.index, strict=True))])
+
+    def of_leaf(self, leaf: int, grad: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The terms of the units whose weight is leaf ``leaf`` (column groups share one)."""
+        return {i: self.term(unit_block(grad, u), i)
+                for i, (u, k) in enumerate(zip(self.units, self.index, strict=True)) if k == leaf}
+
+
 def unit_reduction(units: Sequence[Any], index: Sequence[int],
-                   term: Callable[[torch.Tensor, int], torch.Tensor]) -> Reduction:
+                   term: Callable[[torch.Tensor, int], torch.Tensor]) -> UnitReduction:
     """Stack ``term(unit block of g, unit position)`` over units: (units, width) float64."""
+    return UnitReduction(units, index, term)
+
+
+def streamed_reduce(out: torch.Tensor, leaves: Sequence[torch.Tensor], cot: torch.Tensor,
+                    reduce: UnitReduction) -> torch.Tensor:
+    """``reduce(Jᵀ cot)`` with every weight's gradient reduced the moment autograd has accumulated
+    it and then dropped: one weight's gradient is alive at a time, not all of them (the whole
+    model's size when every Linear is a unit, as for ``hessian-trace`` on a 1B model). The same
+    values as ``torch.autograd.grad`` then ``reduce``; a leaf the output does not reach counts
+    as a zero gradient, as ``allow_unused`` does there."""
     import torch
 
-    def reduce(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([term(unit_block(grads[k], u), i)
-                            for i, (u, k) in enumerate(zip(units, index, strict=True))])
+    terms: dict[int, torch.Tensor] = {}
 
-    return reduce
+    def hook_for(k: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                terms.update(reduce.of_leaf(k, p.grad.detach()))
+            p.grad = None
+        return hook
+
+    kept = [t.grad for t in leaves]  # a caller's gradients survive the estimate
+    for t in leaves:
+        t.grad = None
+    handles = [t.register_post_accumulate_grad_hook(hook_for(k)) for k, t in enumerate(leaves)]
+    try:
+        torch.autograd.backward(out, grad_tensors=cot, retain_graph=True, inputs=list(leaves))
+    finally:
+        for h in handles:
+            h.remove()
+        for t, g in zip(leaves, kept, strict=True):
+            t.grad = g
+    for k, t in enumerate(leaves):
+        missing = [i for i, kk in enumerate(reduce.index) if kk == k and i not in terms]
+        if missing:
+            terms.update(reduce.of_leaf(k, torch.zeros_like(t)))
+    return torch.stack([terms[i] for i in range(len(reduce.units))])
 
 
 def check_probes(value: Any) -> int:
@@ -530,13 +587,8 @@ def _split_unit(model: torch.nn.Module, ctx: EstimateContext, rows: Sequence[tup
 
 def _piece_reduction(unit: Any, leaf: int, lo: int, hi: int,
                      linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     delta: torch.Tensor) -> Reduction:
-    import torch
-
-    def reduce(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([linear(unit_block(grads[leaf], unit)[lo:hi], delta)])
-
-    return reduce
+                     delta: torch.Tensor) -> UnitReduction:
+    return UnitReduction([unit], [leaf], lambda g, _: linear(g[lo:hi], delta))
 
 
 def _bound(term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -307,3 +307,33 @@ def test_registered_and_bad_parameters() -> None:
         get_estimator("gauss-newton", per_sample="batch")
     with pytest.raises(InvalidParameterError, match="probes"):
         get_estimator("hessian-trace", probes=0)
+
+
+# ------------------------------------------------------------------ (4) streamed gradients
+def test_streamed_reduce_equals_autograd_and_keeps_a_callers_gradients() -> None:
+    """The loop mode reduces each weight's gradient as autograd accumulates it and drops it:
+    same terms as torch.autograd.grad of every leaf at once, an unreachable leaf counts as zero,
+    and gradients the caller had on the weights are put back."""
+    from sensitivity._gauss_newton import UnitReduction, streamed_reduce
+
+    model = tiny_llama(hidden=12, layers=2)
+    units = discover_units(model, group_columns=8, include=r"q_proj|down_proj|lm_head")
+    leaves = [model.get_submodule(u.module).weight for u in units]
+    leaves = list({id(t): t for t in leaves}.values())
+    index = [next(k for k, t in enumerate(leaves) if t is model.get_submodule(u.module).weight) for u in units]
+    stray = torch.nn.Parameter(torch.ones(3, 4))  # reaches no output
+    reduce = UnitReduction([*units, units[0]], [*index, len(leaves)],
+                           lambda g, i: (g.double() ** 2).sum().reshape(1) + i)
+    batch = llama_batches()[0]
+    prior = torch.full_like(leaves[0], 7.0)
+    leaves[0].grad = prior
+    for t in leaves:
+        t.requires_grad_(True)
+    out = forward_outputs(model, batch, "causal_lm")
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    got = streamed_reduce(out, [*leaves, stray], cot, reduce)
+    grads = torch.autograd.grad(out, leaves, grad_outputs=cot, retain_graph=True)
+    want = reduce([*grads, torch.zeros_like(stray)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert got[-1].item() == len(units)  # the stray leaf's unit: zero gradient + its position
+    assert leaves[0].grad is prior and all(t.grad is None for t in leaves[1:])
