@@ -320,7 +320,8 @@ def test_streamed_reduce_equals_autograd_and_keeps_a_callers_gradients() -> None
     units = discover_units(model, group_columns=8, include=r"q_proj|down_proj|lm_head")
     leaves = [model.get_submodule(u.module).weight for u in units]
     leaves = list({id(t): t for t in leaves}.values())
-    index = [next(k for k, t in enumerate(leaves) if t is model.get_submodule(u.module).weight) for u in units]
+    index = [next(k for k, t in enumerate(leaves) if t is model.get_submodule(u.module).weight)
+             for u in units]
     stray = torch.nn.Parameter(torch.ones(3, 4))  # reaches no output
     reduce = UnitReduction([*units, units[0]], [*index, len(leaves)],
                            lambda g, i: (g.double() ** 2).sum().reshape(1) + i)

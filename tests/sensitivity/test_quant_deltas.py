@@ -96,7 +96,8 @@ def test_units_over_the_budget_are_split_by_rows_with_the_same_table(llama, meth
         assert all(a[1] == b[0] for a, b in zip(p, p[1:], strict=False))
         assert all(delta_bytes(unit, OPTIONS) * (hi - lo) / unit.shape[0] <= budget for lo, hi in p)
     one = get_estimator(method, probes=2, per_sample=mode).estimate(model, ctx)
-    split = get_estimator(method, probes=2, per_sample=mode, delta_budget_mb=budget / 2**20).estimate(model, ctx)
+    split = get_estimator(method, probes=2, per_sample=mode,
+                          delta_budget_mb=budget / 2**20).estimate(model, ctx)
     assert split.metadata["passes"] == len(delta_groups(small, OPTIONS, budget)) + sum(map(len, pieces))
     np.testing.assert_allclose(_matrix(split), _matrix(one), rtol=1e-6, atol=0)
     np.testing.assert_allclose(_matrix(split, "cost_std"), _matrix(one, "cost_std"), rtol=1e-5)
