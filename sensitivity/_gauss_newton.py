@@ -532,9 +532,8 @@ def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
     small = [i for i in range(len(ctx.units)) if i not in big]
     groups = [[small[j] for j in g]
               for g in delta_groups([ctx.units[i] for i in small], ctx.options, budget_bytes)]
-    pieces = {i: (row_pieces(ctx.units[i], ctx.options, budget_bytes), split)
-              for i in sorted(big) if split is not None}
-    n_passes = len(groups) + sum(len(p) for p, _ in pieces.values())
+    pieces = {i: row_pieces(ctx.units[i], ctx.options, budget_bytes) for i in sorted(big)}
+    n_passes = len(groups) + sum(map(len, pieces.values()))
     shape = (len(ctx.units), len(ctx.options))
     mean, sem = np.empty(shape), np.empty(shape)
     est: SampledCurvature | None = None
@@ -549,8 +548,10 @@ def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
         mean[group], sem[group] = est.mean, est.sem
         del deltas, reduce
     done = len(groups)
-    for i, (rows, how) in pieces.items():
-        est = _split_unit(model, dataclasses.replace(ctx, units=[ctx.units[i]]), rows, how,
+    for i, rows in pieces.items():
+        if split is None:  # unreachable: nothing is split without it
+            break
+        est = _split_unit(model, dataclasses.replace(ctx, units=[ctx.units[i]]), rows, split,
                           squared=squared, probes=probes, chunk=chunk, per_sample=per_sample,
                           label=f"{label} pass {done + 1}-{done + len(rows)}/{n_passes}")
         mean[i], sem[i] = est.mean[0], est.sem[0]
