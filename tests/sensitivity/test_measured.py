@@ -118,6 +118,20 @@ def test_distortion_functions_match_closed_forms() -> None:
         kl_divergence(a, b[:, :3])
 
 
+def test_kl_in_blocks_of_positions_is_the_same(monkeypatch) -> None:
+    """KL runs over blocks of positions to bound its float64 temporaries: the values are those
+    of one block, bit for bit, whatever the block size and leading shape."""
+    import allocator.model.distortion as dist
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 7, 13, generator=g), torch.randn(2, 7, 13, generator=g)
+    whole = dist.kl_divergence(a, b)
+    monkeypatch.setattr(dist, "_KL_BLOCK_ELEMENTS", 3 * 13)  # 3 positions per block, last one short
+    assert torch.equal(dist.kl_divergence(a, b), whole)
+    assert dist.kl_divergence(a[0, 0], b[0, 0]).shape == ()
+    assert dist.kl_divergence(a[:, :0], b[:, :0]).shape == (2, 0)
+
+
 def test_minilm_matches_direct_evaluation_and_restores_weights(minilm) -> None:
     model, batches = minilm
     units = discover_units(model)
