@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
+from allocator.core.formats import QuantFormat
 from allocator.model.distortion import Metric, distortion, per_sample_sums
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
@@ -177,15 +179,16 @@ def measure_units(
             view = unit_weight(model, unit)
             with torch.no_grad():
                 original = view.detach().clone()
-                # Quantized once per unit × option, reused for every chunk and pass.
-                quantized = [fake_quantize(original, fmt) for fmt in ctx.options]
+            per_unit = partial(_in_option_groups, original, ctx.options)
             block = cache.block_of(unit) if approx != "none" else None
             if block is None:
-                sums = runner.output_sums(unit, view, original, quantized, starts[r])
+                sums = per_unit(partial(runner.output_sums, unit, view, original, start=starts[r]))
             elif approx == "unit-gain":
                 mid = n_opt // 2
-                errs = runner.block_sums(unit, view, original, quantized, block)
-                (s_mid, n_mid), = runner.output_sums(unit, view, original, [quantized[mid]], starts[r])
+                errs = per_unit(partial(runner.block_sums, unit, view, original, block=block))
+                with torch.no_grad():
+                    q_mid = [fake_quantize(original, ctx.options[mid])]
+                (s_mid, n_mid), = runner.output_sums(unit, view, original, q_mid, starts[r])
                 gain = _gain(_cost_stats(s_mid, n_mid, origin, n_batches)[0],
                              _cost_stats(*errs[mid], origin, n_batches)[0])
                 sums = [(gain * s, n) for s, n in errs]
@@ -193,8 +196,8 @@ def measure_units(
             else:
                 if block not in gains:
                     gains[block] = _block_gain(runner, ctx, block, origin, n_batches)
-                sums = [(gains[block] * s, n)
-                        for s, n in runner.block_sums(unit, view, original, quantized, block)]
+                errs = per_unit(partial(runner.block_sums, unit, view, original, block=block))
+                sums = [(gains[block] * s, n) for s, n in errs]
             for j, (s, n) in enumerate(sums):
                 cost[r, j], std[r, j], means[r, j] = _cost_stats(s, n, origin, n_batches)
             bar.update(n_opt)
@@ -207,6 +210,32 @@ def measure_units(
     if gains:
         info["block_gains"] = {k: gains[k] for k in sorted(gains)}
     return MeasuredRows(unit_indices=tuple(idx), cost=cost, cost_std=std, batch_means=means, info=info)
+
+
+#: Quantized copies of one unit's weight held at once (the 32000 × 2048 head of a 1B model is
+#: 262 MB per option: all eight at once were 2.1 GB).
+QUANTIZED_BUDGET_BYTES = 256 * 2**20
+
+Sums = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _in_option_groups(original: torch.Tensor, options: Sequence[QuantFormat],
+                      measure: Callable[[list[torch.Tensor]], Sums]) -> Sums:
+    """``measure`` over the unit's options in groups whose quantized weights fit
+    :data:`QUANTIZED_BUDGET_BYTES` (each quantized once, reused for every chunk and pass of its
+    group); the results of all options, in order. A small unit is one group: all its options."""
+    import torch
+
+    from allocator.model.quant import fake_quantize
+
+    per = max(1, QUANTIZED_BUDGET_BYTES // max(1, original.numel() * original.element_size()))
+    out: Sums = []
+    for g0 in range(0, len(options), per):
+        with torch.no_grad():
+            quantized = [fake_quantize(original, fmt) for fmt in options[g0:g0 + per]]
+        out.extend(measure(quantized))
+        del quantized
+    return out
 
 
 class _NotBatchFirst(Exception):

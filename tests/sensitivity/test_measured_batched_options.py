@@ -73,6 +73,21 @@ def test_batched_options_equal_the_reference_loop(make, kind: str) -> None:
     assert (fast.cost[:, 0] > 0).all() or kind == "encoder"  # BERT's pooler feeds no embedding
 
 
+def test_quantized_copies_under_their_budget_give_the_same_table(monkeypatch) -> None:
+    """A unit whose quantized copies exceed QUANTIZED_BUDGET_BYTES is measured a few options at a
+    time (here one: 8-byte budget); the table is that of all options at once."""
+    import sensitivity._measured as measured
+
+    model = tiny_llama(False)
+    ctx = ctx_for(model, "causal_lm")
+    whole = measure_units(model, ctx, max_tokens=150)
+    monkeypatch.setattr(measured, "QUANTIZED_BUDGET_BYTES", 8)
+    grouped = measure_units(model, ctx, max_tokens=150)
+    np.testing.assert_allclose(grouped.cost, whole.cost, rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(grouped.cost_std, whole.cost_std, rtol=1e-3, atol=1e-12)
+    assert grouped.info["forwards"] == pytest.approx(whole.info["forwards"])
+
+
 def test_module_without_batch_first_input_falls_back() -> None:
     """A unit whose module sees flattened rows cannot tell option copies apart: one per pass."""
     torch.manual_seed(0)
