@@ -167,8 +167,22 @@ def gn_diagonal_terms(g: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
 
 
 def gn_trace_terms(g: torch.Tensor) -> torch.Tensor:
-    """``‖g_u‖²`` (shape [1]): ``E‖g_u‖² = Tr(Jᵀ H_D J)_u = Tr(GN_u)``, never negative."""
-    return (g.double() ** 2).sum().reshape(1)
+    """``‖g_u‖²`` (shape [1]): ``E‖g_u‖² = Tr(Jᵀ H_D J)_u = Tr(GN_u)``, never negative.
+
+    Summed over blocks of rows: a float64 copy of a whole 32000 × 2048 head gradient and its
+    square are 1 GB."""
+    import torch
+
+    flat = g.reshape(g.shape[0], -1)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
+    total = torch.zeros((), dtype=torch.float64, device=g.device)
+    for i in range(0, flat.shape[0], rows):
+        total += flat[i:i + rows].double().square_().sum()
+    return total.reshape(1)
+
+
+#: float64 elements per block of rows in :func:`gn_trace_terms` (32 MiB)
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def quant_deltas(model: torch.nn.Module, ctx: EstimateContext, *,
