@@ -66,10 +66,9 @@ def additive(table: Any, plan: Any) -> float:
 
 
 def consistency(bench: Bench, table: Any) -> None:
-    """The table's D_u(o) and the evaluator's D of the plan "u at o, the rest fp16" must agree."""
-    from allocator.core.plan import BitPlan
-
+    """The table's D_u(o) and the evaluator's D of the plan "u at o, the rest at the widest option" agree."""
     from allocator.core.formats import parse_format
+    from allocator.core.plan import BitPlan
 
     u = table.units[len(table.units) // 2]
     o = min(table.options, key=lambda name: parse_format(name).bits)
