@@ -9,7 +9,9 @@ fresh process, so its peak RSS (``ru_maxrss``) is its own:
 
 * ``whole-gptq``: ``load_model`` + ``apply_plan(method="gptq")``;
 * ``seq-gptq``: ``apply_plan_sequential`` (keeps nothing, writes the quantized model);
-* ``whole-hessian-proxy`` / ``seq-hessian-proxy``: the layer-local estimator both ways.
+* ``whole-hessian-proxy`` / ``seq-hessian-proxy``: the layer-local estimator both ways;
+* ``whole-gauss-newton`` / ``seq-gauss-newton``: the default estimator both ways (sequential by
+  a reverse sweep over the blocks).
 
 ``baseline`` is the RSS of a process that imported torch and transformers and built the
 calibration batches: the mode's own memory is ``peak − baseline``.
@@ -33,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("baseline", "whole-gptq", "seq-gptq", "whole-hessian-proxy", "seq-hessian-proxy")
+MODES = ("baseline", "whole-gptq", "seq-gptq", "whole-hessian-proxy", "seq-hessian-proxy",
+         "whole-gauss-newton", "seq-gauss-newton")
 
 
 def _rss_mb() -> float:
@@ -87,17 +90,17 @@ def run_mode(mode: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
         with tempfile.TemporaryDirectory() as out:
             apply_plan_sequential(path, plan, calibration=calib, units=units, save_dir=out)
-    elif mode == "whole-hessian-proxy":
+    elif mode.startswith("whole-"):
         from allocator.core.formats import parse_format
         from sensitivity import EstimateContext, get_estimator
 
         ctx = EstimateContext(batches=calib, units=units, options=[parse_format("int4-g128-asym")],
                               model_kind="causal_lm", progress=False)
-        get_estimator("hessian-proxy").estimate(load_model(path).model, ctx)
-    elif mode == "seq-hessian-proxy":
+        get_estimator(mode.removeprefix("whole-")).estimate(load_model(path).model, ctx)
+    elif mode.startswith("seq-"):
         from sensitivity import estimate_sequential
 
-        estimate_sequential(path, "hessian-proxy", batches=calib, options=["int4-g128-asym"],
+        estimate_sequential(path, mode.removeprefix("seq-"), batches=calib, options=["int4-g128-asym"],
                             units=units)
     return {"mode": mode, "baseline_mb": round(base), "peak_mb": round(_rss_mb()),
             "wall_s": round(time.perf_counter() - t0, 1)}

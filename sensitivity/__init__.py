@@ -25,7 +25,7 @@ from sensitivity._driver import (
     seeded,
 )
 from sensitivity._measured import default_metric
-from sensitivity._sequential import LAYER_LOCAL, estimate_sequential
+from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL, estimate_sequential
 from sensitivity._sharded import (
     ShardedEstimateSpec,
     ShardOutcome,
@@ -58,6 +58,7 @@ __all__ = [
     "EstimateContext",
     "UnitCosts",
     "estimate",
+    "SEQUENTIAL",
     "estimate_sequential",
     "LAYER_LOCAL",
     "estimator_class",

@@ -13,9 +13,10 @@ units while its weights are in memory, and the block is released. The output hea
 from the final norm of the last block's outputs. Here the cached inputs are those of the *float*
 model (nothing is quantized), so the table equals the whole-model table.
 
-Peak parameter memory: non-block parameters + one block. Gradient-based estimators (fisher,
-hessian-trace, gauss-newton, relevance) need a backward through the whole model and ``measured``
-needs the model's output: they are not layer-local and are refused here.
+Peak parameter memory: non-block parameters + one block. ``gauss-newton`` and ``fisher`` (the
+default, output-consistent target) run too, by a reverse sweep over the blocks that carries the
+output cotangents backwards (:mod:`sensitivity._sequential_curvature`). ``hessian-trace``,
+``relevance`` and ``measured`` have no sequential mode and are refused here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat, parse_format
 from allocator.core.units import weight_view
 from sensitivity._base import BaseEstimator, EstimateContext, Partial, UnitCosts
+from sensitivity._deltas import check_delta_budget
 from sensitivity._salience import HessianProxyEstimator, InputHessian, SalienceEstimator, check_tokens
+from sensitivity._sequential_curvature import curvature_sequential
 
 if TYPE_CHECKING:
     import torch
@@ -40,10 +43,12 @@ if TYPE_CHECKING:
     from allocator.core.units import Unit
     from allocator.model.sequential import BlockInputs
 
-__all__ = ["LAYER_LOCAL", "estimate_sequential"]
+__all__ = ["LAYER_LOCAL", "SEQUENTIAL", "estimate_sequential"]
 
 #: estimators whose costs depend on a module's own inputs and weights only
 LAYER_LOCAL = ("hessian-proxy", "salience")
+#: every estimator with a block-by-block mode (the sampled-curvature ones by a reverse sweep)
+SEQUENTIAL = (*LAYER_LOCAL, "gauss-newton", "fisher")
 
 
 def estimate_sequential(
@@ -58,26 +63,28 @@ def estimate_sequential(
     device: str = "cpu",
     metadata: Mapping[str, Any] | None = None,
 ) -> CostTable:
-    """The cost table of a layer-local ``estimator`` for the model in ``path``, one block in memory.
+    """The cost table of ``estimator`` for the model in ``path``, one block in memory.
 
     Args:
-        estimator: ``hessian-proxy`` or ``salience`` (a name or an instance).
+        estimator: ``hessian-proxy``, ``salience``, ``gauss-newton`` or ``fisher`` (a name or an
+            instance; its parameters apply).
         batches: calibration batches (``input_ids``, ``attention_mask``).
         options: candidate formats (names or :class:`QuantFormat`).
         units: the units to score (default: every Linear of the model, ``discover_units``).
 
     Raises:
-        InvalidParameterError: a non-layer-local estimator, no batches, or a unit neither in a
-            block nor the output head.
+        InvalidParameterError: an estimator without a sequential mode, no batches, or a unit
+            neither in a block nor the output head.
     """
     from allocator.core.units import discover_units
     from allocator.model.sequential import SequentialModel
     from sensitivity import get_estimator
 
     est = get_estimator(estimator)
-    if not isinstance(est, HessianProxyEstimator | SalienceEstimator):
-        raise InvalidParameterError(f"estimator {est.name!r} is not layer-local; sequential mode "
-                                    f"runs {', '.join(LAYER_LOCAL)} only (others need the whole model)")
+    curvature = _curvature_terms(est)
+    if curvature is None and not isinstance(est, HessianProxyEstimator | SalienceEstimator):
+        raise InvalidParameterError(f"estimator {est.name!r} has no sequential mode; it runs "
+                                    f"{', '.join(SEQUENTIAL)} (others need the whole model)")
     seq = SequentialModel(path, dtype=dtype, device=device)
     chosen = list(units) if units is not None else discover_units(seq.model)
     ctx = EstimateContext(batches=batches, units=chosen,
@@ -96,6 +103,12 @@ def estimate_sequential(
         else:
             raise InvalidParameterError(f"unit {u.name!r} is neither in a block nor the output head; "
                                         "exclude it (--exclude) or estimate without sequential mode")
+    meta = {"sequential": True, **dict(metadata or {})}
+    if curvature is not None:
+        term, squared, probes, budget_mb = curvature
+        costs = curvature_sequential(seq, ctx, by_block, tail, term=term, squared=squared,
+                                     budget_bytes=check_delta_budget(budget_mb), probes=probes)
+        return est.table(ctx, costs, metadata={**meta, "peak_params": seq.peak_params})
     diagonal = isinstance(est, HessianProxyEstimator)
     rows: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
     for step in seq.steps(batches):
@@ -115,8 +128,20 @@ def estimate_sequential(
     for key in rows[chosen[0].name][1]:
         # per-unit info (salience's Σδ) comes back one block at a time: reassemble in unit order
         info[key] = [rows[u.name][1][key] for u in chosen]
-    meta = {"sequential": True, "peak_params": seq.peak_params, **dict(metadata or {})}
-    return est.table(ctx, UnitCosts(cost=cost, info=info), metadata=meta)
+    return est.table(ctx, UnitCosts(cost=cost, info=info), metadata={**meta, "peak_params": seq.peak_params})
+
+
+def _curvature_terms(est: BaseEstimator) -> tuple[Any, bool, int, float] | None:
+    """(per-(sample, probe) term, squared deltas, probes, delta budget in MiB) of a
+    sampled-curvature estimator, else None."""
+    from sensitivity._fisher import FisherEstimator
+    from sensitivity._gauss_newton import GaussNewtonEstimator, gn_diagonal_terms, gn_quadratic_terms
+
+    if isinstance(est, GaussNewtonEstimator):
+        return gn_quadratic_terms, False, est.probes, est.delta_budget_mb
+    if isinstance(est, FisherEstimator) and est.target == "model":
+        return gn_diagonal_terms, True, est.probes, est.delta_budget_mb
+    return None
 
 
 def _columns(mod: torch.nn.Module) -> int:

@@ -41,9 +41,38 @@ def test_sequential_table_equals_whole_model_table(tiny: Any, tiny_calib: list, 
     assert seq.metadata["peak_params"] == total - 3 * per_block  # non-block + one block
 
 
-def test_gradient_estimators_are_refused(tiny_calib: list) -> None:
-    with pytest.raises(InvalidParameterError, match="layer-local"):
-        estimate_sequential(tiny_lm_path(), "fisher", batches=tiny_calib, options=OPTIONS)
+def test_estimators_without_a_sequential_mode_are_refused(tiny_calib: list) -> None:
+    for name in ("hessian-trace", "measured"):
+        with pytest.raises(InvalidParameterError, match="no sequential mode"):
+            estimate_sequential(tiny_lm_path(), name, batches=tiny_calib, options=OPTIONS)
+
+
+def _same_table(seq: Any, whole: Any, rtol: float) -> None:
+    a, b = (t.df.sort_values(["unit", "option"]) for t in (seq, whole))
+    assert list(a["unit"]) == list(b["unit"]) and list(a["option"]) == list(b["option"])
+    np.testing.assert_allclose(a["cost"].to_numpy(), b["cost"].to_numpy(), rtol=rtol, atol=0)
+    np.testing.assert_allclose(a["cost_std"].to_numpy(), b["cost_std"].to_numpy(), rtol=10 * rtol, atol=0)
+
+
+@pytest.mark.parametrize(("name", "params"), [("gauss-newton", {}), ("fisher", {}),
+                                              ("gauss-newton", {"delta_budget_mb": 1e-3})])
+def test_curvature_estimators_by_a_reverse_sweep(tiny: Any, tiny_calib: list, name: str,
+                                                 params: dict[str, Any]) -> None:
+    """gauss-newton / fisher block by block (cotangents carried backwards from the head, one
+    block loaded at a time) give the whole-model table: same draws, same per-sample gradients;
+    a delta budget smaller than one unit re-runs the block per group with the same result."""
+    units = discover_units(tiny.model)
+    ctx = EstimateContext(batches=tiny_calib, units=units, options=[parse_format(o) for o in OPTIONS],
+                          model_kind="causal_lm", seed=3, progress=False)
+    whole = get_estimator(name, probes=2).estimate(tiny.model, ctx)
+    seq = estimate_sequential(tiny_lm_path(), get_estimator(name, probes=2, **params), batches=tiny_calib,
+                              options=OPTIONS, units=units, seed=3)
+    _same_table(seq, whole, rtol=1e-4)
+    assert seq.metadata["samples"] == whole.metadata["samples"]
+    assert seq.metadata["positions"] == whole.metadata["positions"]
+    per_block = sum(p.numel() for p in tiny.model.model.layers[0].parameters())
+    total = sum(p.numel() for p in tiny.model.parameters())
+    assert seq.metadata["peak_params"] == total - 3 * per_block  # non-block + one block
 
 
 def test_encoder_blocks_too() -> None:
@@ -60,6 +89,10 @@ def test_encoder_blocks_too() -> None:
     seq = estimate_sequential("minilm", "hessian-proxy", batches=calib, options=OPTIONS, units=units)
     a, b = (t.df.sort_values(["unit", "option"]) for t in (seq, whole))
     np.testing.assert_allclose(a["cost"].to_numpy(), b["cost"].to_numpy(), rtol=1e-9, atol=0)
+    gn_whole = get_estimator("gauss-newton", probes=1).estimate(mini.model, ctx)
+    gn_seq = estimate_sequential("minilm", get_estimator("gauss-newton", probes=1), batches=calib,
+                                 options=OPTIONS, units=units)
+    _same_table(gn_seq, gn_whole, rtol=1e-4)
     outside = [u for u in discover_units(mini.model) if not u.module.startswith("encoder.layer.")]
     if outside:  # a pooler is neither a block nor an output head
         with pytest.raises(InvalidParameterError, match="neither in a block"):
