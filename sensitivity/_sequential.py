@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from allocator.core.table import CostTable
     from allocator.core.units import Unit
-    from allocator.model.sequential import BlockInputs
+    from allocator.model.sequential import BlockInputs, SequentialModel
 
 __all__ = ["LAYER_LOCAL", "SEQUENTIAL", "estimate_sequential"]
 
@@ -52,7 +52,7 @@ SEQUENTIAL = (*LAYER_LOCAL, "gauss-newton", "fisher")
 
 
 def estimate_sequential(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | SequentialModel,
     estimator: str | BaseEstimator,
     *,
     batches: Sequence[Mapping[str, Any]],
@@ -66,6 +66,7 @@ def estimate_sequential(
     """The cost table of ``estimator`` for the model in ``path``, one block in memory.
 
     Args:
+        path: the model directory (safetensors), or a ready :class:`SequentialModel`.
         estimator: ``hessian-proxy``, ``salience``, ``gauss-newton`` or ``fisher`` (a name or an
             instance; its parameters apply).
         batches: calibration batches (``input_ids``, ``attention_mask``).
@@ -85,7 +86,7 @@ def estimate_sequential(
     if curvature is None and not isinstance(est, HessianProxyEstimator | SalienceEstimator):
         raise InvalidParameterError(f"estimator {est.name!r} has no sequential mode; it runs "
                                     f"{', '.join(SEQUENTIAL)} (others need the whole model)")
-    seq = SequentialModel(path, dtype=dtype, device=device)
+    seq = path if isinstance(path, SequentialModel) else SequentialModel(path, dtype=dtype, device=device)
     chosen = list(units) if units is not None else discover_units(seq.model)
     ctx = EstimateContext(batches=batches, units=chosen,
                           options=[parse_format(o) if isinstance(o, str) else o for o in options],

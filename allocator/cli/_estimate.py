@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--sequential", action="store_true",
+                   help="one transformer block in memory at a time, read from the model's safetensors "
+                        "(hessian-proxy, salience, gauss-newton, fisher; docs/sequential.md)")
     p.add_argument("-o", "--output", default="table.parquet",
                    help="output file (.parquet, .csv or .json; default table.parquet)")
     g = p.add_argument_group("sharding: work split over workers that share an Optuna storage; "
@@ -121,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     consumer = getattr(args, "consumer", None)
     options = palette_options(consumer, args.options, args.groups)
     spec = estimate_spec(args, options)
+    if args.sequential:
+        return _run_sequential(args, spec)
     is_sharded = sharded(args, spec)
     if is_sharded:
         return _run_sharded(args, spec)
@@ -131,6 +136,37 @@ def run(args: argparse.Namespace) -> int:
     console().print(f"{args.method}: {table.n_units} units × {len(table.options)} options, "
                     f"{table.total_params:,} params, {meta.get('seconds', 0):.1f} s -> {path}")
     _say_consumer(table)
+    return 0
+
+
+def _run_sequential(args: argparse.Namespace, spec: EstimateSpec) -> int:
+    """``--sequential``: the table with one block loaded at a time (:func:`estimate_sequential`)."""
+    from allocator.core.errors import InvalidParameterError
+    from allocator.core.units import discover_units
+    from allocator.model.sequential import SequentialModel
+    from allocator.model.unit_select import filter_units
+    from sensitivity import SEQUENTIAL, estimate_sequential
+    from sensitivity._driver import load_data
+
+    if args.storage or args.workers != 1:
+        raise InvalidParameterError("--sequential runs in one process; drop --storage / --workers")
+    if spec.method not in SEQUENTIAL:
+        raise InvalidParameterError(f"--method {spec.method} has no sequential mode; use one of "
+                                    f"{', '.join(SEQUENTIAL)}, or drop --sequential")
+    seq = SequentialModel(args.model, device=spec.device)
+    units = filter_units(discover_units(seq.model, group_columns=spec.groups), spec.include,
+                         spec.exclude).units
+    # the same batches as the whole-model `estimate` (sensitivity.load_data), so tables compare
+    calib = load_data(spec.data, seq.tokenizer, kind=str(seq.kind), samples=spec.samples,
+                      seq_len=spec.seq_len, batch_size=spec.batch_size, seed=spec.seed)
+    table = estimate_sequential(seq, spec.estimator(), batches=list(calib.to(spec.device)),
+                                options=spec.formats(), units=units, seed=spec.seed,
+                                device=spec.device,
+                                metadata={"method": spec.method, "model_path": str(args.model),
+                                          "data": calib.metadata(), "data_fingerprint": calib.fingerprint})
+    path = table.save(args.output)
+    console().print(f"{spec.method} (sequential): {table.n_units} units × {len(table.options)} "
+                    f"options, peak {table.metadata['peak_params']:,} parameters in memory -> {path}")
     return 0
 
 

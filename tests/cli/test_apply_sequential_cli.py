@@ -41,3 +41,22 @@ def test_sequential_needs_gptq_and_output(tmp_path: Path, capsys: pytest.Capture
     plan.write_text("{}")
     assert main(["apply", "tiny-llama", str(plan), "--sequential"]) != 0
     assert "--method gptq and -o" in capsys.readouterr().err
+
+
+def test_sequential_estimate_gives_the_whole_model_table(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``bitalloc estimate --sequential``: the default estimator block by block, on the same
+    calibration batches as the whole-model command, gives its table."""
+    import numpy as np
+
+    common = ["estimate", "tiny-llama", "--method", "gauss-newton", "--samples", "4", "--seq-len", "32",
+              "--options", "int2-g32-asym,int4-g64-asym", "--no-progress"]
+    assert main([*common, "-o", str(tmp_path / "whole.parquet")]) == 0
+    assert main([*common, "--sequential", "-o", str(tmp_path / "seq.parquet")]) == 0
+    assert "(sequential)" in capsys.readouterr().out
+    whole, seq = (CostTable.load(tmp_path / f"{n}.parquet") for n in ("whole", "seq"))
+    assert seq.metadata["data_fingerprint"] == whole.metadata["data_fingerprint"]
+    assert seq.metadata["sequential"] is True
+    np.testing.assert_allclose(seq.df["cost"].to_numpy(), whole.df["cost"].to_numpy(), rtol=1e-4)
+    assert main([*common[:3], "measured", "--sequential"]) != 0
+    assert "no sequential mode" in capsys.readouterr().err
