@@ -272,6 +272,7 @@ class SequentialModel:
         for mod in self.blocks[i].modules():
             for pname, p in list(mod.named_parameters(recurse=False)):
                 mod._parameters[pname] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+        return_freed_memory()
 
     # --- the cached-input driver --------------------------------------------------------------
     def capture(self, batches: Sequence[Mapping[str, Any]]) -> list[BlockInputs]:
@@ -346,6 +347,32 @@ class SequentialModel:
         norm = self.final_norm()
         with torch.no_grad():
             return [norm(x.hidden) if norm is not None else x.hidden for x in self.final_inputs]
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by a released block back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    glibc raises its mmap threshold after the first large free, so later block-sized tensors come
+    from the heap, and a heap does not shrink by itself: a loop that loads and frees one block at
+    a time grew to the whole model's size in RSS (an 818M model: 3.1 GB peak for gauss-newton
+    block by block, 1.5 GB with the memory handed back).
+    """
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)
+
+
+_LIBC: Any = None
 
 
 def _detached(kwargs: Mapping[str, Any]) -> dict[str, Any]:
