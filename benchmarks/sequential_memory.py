@@ -118,13 +118,20 @@ def main() -> None:
     ap.add_argument("--_mode", help=argparse.SUPPRESS)
     ap.add_argument("--_path", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._mode == "build":
+        print(build(Path(args._path), args))
+        return
     if args._mode:
         print(json.dumps(run_mode(args._mode, Path(args._path), args)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
-        n = build(path, args)
+        # Built in a child: Linux keeps a process's peak RSS across fork + exec, so a parent that
+        # had held the model would set every mode's baseline to the model's size.
+        built = subprocess.run([sys.executable, __file__, "--_mode", "build", "--_path", str(path),
+                                *sys.argv[1:]], capture_output=True, text=True, check=True)
+        n = int(built.stdout.strip().splitlines()[-1])
         print(f"model: {n / 1e6:.1f}M params, fp32 {n * 4 / 2**20:.0f} MB, {args.layers} blocks")
         for mode in args.modes:
             cmd = [sys.executable, __file__, "--_mode", mode, "--_path", str(path),
