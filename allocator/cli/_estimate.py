@@ -145,8 +145,7 @@ def _run_sequential(args: argparse.Namespace, spec: EstimateSpec) -> int:
     from allocator.core.units import discover_units
     from allocator.model.sequential import SequentialModel
     from allocator.model.unit_select import filter_units
-    from sensitivity import SEQUENTIAL, estimate_sequential
-    from sensitivity._driver import load_data
+    from sensitivity import SEQUENTIAL, estimate_sequential, load_data
 
     if args.storage or args.workers != 1:
         raise InvalidParameterError("--sequential runs in one process; drop --storage / --workers")
