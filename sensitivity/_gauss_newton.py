@@ -70,6 +70,7 @@ __all__ = [
     "gn_trace_terms",
     "kl_cotangent",
     "output_metric",
+    "pair_curvature",
     "pair_stream",
     "pair_terms",
     "quant_deltas",
@@ -595,9 +596,15 @@ def _split_unit(model: torch.nn.Module, ctx: EstimateContext, rows: Sequence[tup
         del delta, reduce
     if total is None or not counts:
         return _curvature(None, None, 0, 0, probes, output_metric(ctx.model_kind))
-    t = split.finish(total).sum(dim=1) / probes  # per-sample probe means, as sampled_curvature
-    return _curvature(t.sum(dim=0), (t**2).sum(dim=0), len(counts), sum(counts), probes,
-                      output_metric(ctx.model_kind))
+    return pair_curvature(split.finish(total), counts, output_metric(ctx.model_kind))
+
+
+def pair_curvature(terms: torch.Tensor, counts: Sequence[int], metric: str) -> SampledCurvature:
+    """:func:`sampled_curvature`'s reduction of terms kept per pair, ``[samples, probes, ...]``
+    (``counts``: each sample's positions): probe means per sample, then mean and standard error."""
+    probes = int(terms.shape[1])
+    t = terms.sum(dim=1) / probes
+    return _curvature(t.sum(dim=0), (t**2).sum(dim=0), len(counts), sum(counts), probes, metric)
 
 
 def _piece_reduction(unit: Any, leaf: int, lo: int, hi: int,

@@ -35,7 +35,7 @@ from allocator.core.errors import InvalidParameterError
 from allocator.model.loading import ModelKind
 from sensitivity._base import EstimateContext, UnitCosts
 from sensitivity._deltas import delta_groups
-from sensitivity._gauss_newton import _cotangents, _curvature, output_metric, quant_deltas
+from sensitivity._gauss_newton import _cotangents, output_metric, pair_curvature, quant_deltas
 from sensitivity._loss import differentiable_attention, unit_block
 
 if TYPE_CHECKING:
@@ -191,15 +191,14 @@ def _tied_head(seq: SequentialModel) -> bool:
 
 def _costs(terms: Mapping[int, list[torch.Tensor]], counts: Sequence[int], probes: int, metric: str,
            width: int) -> UnitCosts:
-    """Per-unit sample means and standard errors, as :func:`sampled_curvature` reduces them."""
+    """Per-unit sample means and standard errors (:func:`pair_curvature`)."""
     import torch
 
     n_units = len(terms)
     mean, sem = np.empty((n_units, width)), np.empty((n_units, width))
     info: dict[str, Any] = {}
     for i in range(n_units):
-        t = torch.stack(terms[i]).reshape(len(counts), probes, width).sum(dim=1) / probes
-        est = _curvature(t.sum(dim=0), (t**2).sum(dim=0), len(counts), sum(counts), probes, metric)
+        est = pair_curvature(torch.stack(terms[i]).reshape(len(counts), probes, width), counts, metric)
         mean[i], sem[i] = est.mean, est.sem
         info = est.info()
     return UnitCosts(cost=mean, cost_std=sem, info={**info, "sequential": True})

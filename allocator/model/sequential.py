@@ -355,7 +355,7 @@ def return_freed_memory() -> None:
     glibc raises its mmap threshold after the first large free, so later block-sized tensors come
     from the heap, and a heap does not shrink by itself: a loop that loads and frees one block at
     a time grew to the whole model's size in RSS (an 818M model: 3.1 GB peak for gauss-newton
-    block by block, 1.5 GB with the memory handed back).
+    block by block, 1.8 GB with the memory handed back).
     """
     import ctypes
     import ctypes.util
