@@ -174,8 +174,9 @@ def make_qkx_quants(
     """``make_qkx2_quants`` / ``make_qkx3_quants`` (identical for given weights): x ≈ d·l − m.
 
     With min = min(0, min x), candidates iscale = (rmin + rdelta·is + nmax)/(max − min) for
-    is = 0 … nstep give levels l; each gets the weighted least-squares (d, min) (min clamped to
-    ≤ 0) and the candidate with the smallest weighted error wins. Returns (d, m = −min, levels).
+    is = 0 … nstep give levels l = round(iscale·(x − min)); each gets the weighted least-squares
+    (d, min) (min clamped to ≤ 0) and replaces the best if its weighted error is smaller; as in
+    C, later candidates are then taken relative to the new min. Returns (d, m = −min, levels).
     """
     import torch
 
@@ -193,8 +194,11 @@ def make_qkx_quants(
     best_err = _weighted_err(x, w, scale, vmin_c, best_l, use_mad)
     scale, best_min = scale.squeeze(-1), vmin
     for step in range(nstep + 1 if nstep >= 1 else 0):
+        # C reuses ``min`` for the next candidates once a candidate has replaced it.
+        cur_min = best_min.unsqueeze(-1)
+        span = torch.where(flat.unsqueeze(-1), torch.ones_like(cur_min), vmax.unsqueeze(-1) - cur_min)
         cand_is = rdiv(f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + nmax), span)
-        lv = nearest_int(cand_is * (x - vmin_c)).clamp(0, nmax)
+        lv = nearest_int(cand_is * (x - cur_min)).clamp(0, nmax)
         lf = lv.float()
         sum_l, sum_l2, sum_xl = seq_sum(w * lf), seq_sum(w * lf * lf), seq_sum(w * lf * x)
         det = sum_w * sum_l2 - sum_l * sum_l
