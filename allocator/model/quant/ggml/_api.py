@@ -10,7 +10,7 @@ from allocator.model.quant.ggml._iq4nl import dequantize_iq4_nl, quantize_iq4_nl
 from allocator.model.quant.ggml._k_high import dequantize_q45_K, dequantize_q6_K, quantize_q45_K, quantize_q6_K
 from allocator.model.quant.ggml._k_low import dequantize_q2_K, dequantize_q3_K, quantize_q2_K, quantize_q3_K
 from allocator.model.quant.ggml._legacy import dequantize_legacy, quantize_legacy
-from allocator.model.quant.ggml._ops import seq_sum
+from allocator.model.quant.ggml._ops import seq_sum, sqrtf
 from allocator.model.quant.ggml._types import GgmlBlock, block_of
 
 if TYPE_CHECKING:
@@ -81,9 +81,7 @@ def _quantize_rows(x: torch.Tensor, name: str, qw: torch.Tensor | None) -> torch
     if name in _LEGACY:
         if qw_b is not None and name != "q8_0":
             sigma2 = (seq_sum(x * x) / float(cols)).repeat_interleave(cols // block).unsqueeze(-1)
-            import torch
-
-            qw_b = qw_b * torch.sqrt(sigma2 + blocks * blocks)
+            qw_b = qw_b * sqrtf(sigma2 + blocks * blocks)
         return quantize_legacy(blocks, name, qw_b)
     if name == "iq4_nl":
         return quantize_iq4_nl(blocks, qw_b)

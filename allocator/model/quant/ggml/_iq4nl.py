@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from allocator.model.quant.ggml._layout import IQ4NL_VALUES, fp16_bytes, half_at, pack_nibbles, unpack_nibbles
-from allocator.model.quant.ggml._ops import GROUP_MAX_EPS, f32, first_absmax, fp16_round, rdiv, seq_sum
+from allocator.model.quant.ggml._ops import GROUP_MAX_EPS, f32, first_absmax, fp16_round, rdiv, seq_sum, sqrtf
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ def quantize_iq4_nl(blocks: torch.Tensor, qw: torch.Tensor | None) -> torch.Tens
 
     sigma2 = seq_sum(blocks * blocks) * f32(2.0 / 32)
     if qw is not None:
-        w = qw * torch.sqrt(sigma2.unsqueeze(-1) + blocks * blocks)
+        w = qw * sqrtf(sigma2.unsqueeze(-1) + blocks * blocks)
     else:
         w = blocks * blocks
     amax, mx = first_absmax(blocks)

@@ -28,6 +28,7 @@ from allocator.model.quant.ggml._ops import (
     nearest_int,
     rdiv,
     seq_sum,
+    sqrtf,
 )
 from allocator.model.quant.ggml._search import make_qkx_quants, make_qp_quants, make_qx_quants
 
@@ -35,6 +36,14 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["dequantize_q45_K", "dequantize_q6_K", "quantize_q45_K", "quantize_q6_K"]
+
+
+def _c_max(v: torch.Tensor) -> torch.Tensor:
+    """``m = 0; for j: if (v[j] > m) m = v[j];`` (so +0.0 when nothing is positive)."""
+    import torch
+
+    m = v.amax(-1)
+    return torch.where(m > 0, m, 0.0)
 
 
 def _pack_k_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -54,20 +63,20 @@ def _subscales(xs: torch.Tensor, qw: torch.Tensor | None, nmax: int, is_q5: bool
     s = xs.shape[0]
     sub = xs.reshape(s * 8, 32)
     if qw is None:
-        av_x = torch.sqrt(seq_sum(sub * sub) / 32.0).unsqueeze(-1)
+        av_x = sqrtf(seq_sum(sub * sub) / 32.0).unsqueeze(-1)
         rmin, nstep = (-0.5, 15) if is_q5 else (-1.0, 20)
         scales, mins, levels = make_qkx_quants(
             sub, av_x + sub.abs(), nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False
         )
         scales, mins = scales.reshape(s, 8), mins.reshape(s, 8)
-        max_scale, max_min = scales.amax(-1), mins.amax(-1)
+        max_scale, max_min = _c_max(scales), _c_max(mins)
         inv_s = torch.where(max_scale > 0, rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
         inv_m = torch.where(max_min > 0, rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
         ls = (nearest_int(inv_s.unsqueeze(-1) * scales) & 0xFF).clamp(max=63)
         lm = (nearest_int(inv_m.unsqueeze(-1) * mins) & 0xFF).clamp(max=63)
         return levels.reshape(s, 256), ls, lm, fp16_round(max_scale / 63.0), fp16_round(max_min / 63.0)
     sigma2 = (seq_sum(xs * xs) * 2.0 / 256.0).unsqueeze(-1)
-    w = (qw * torch.sqrt(sigma2 + xs * xs)).reshape(s * 8, 32)
+    w = (qw * sqrtf(sigma2 + xs * xs)).reshape(s * 8, 32)
     sw = seq_sum(w).reshape(s, 8)
     scales, mins, levels = make_qkx_quants(sub, w, nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
     d_block, ls = make_qp_quants(scales.reshape(s, 8), 63, sw)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from allocator.model.quant.ggml._layout import bits_to_bytes, fp16_bytes, half_at, pack_2bit, unpack_2bit, unpack_bits
-from allocator.model.quant.ggml._ops import f32, first_absmax, fp16_round, nearest_int, rdiv, seq_sum
+from allocator.model.quant.ggml._ops import f32, first_absmax, fp16_round, nearest_int, rdiv, seq_sum, sqrtf
 from allocator.model.quant.ggml._search import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def _weights(xs: torch.Tensor, qw: torch.Tensor, factor: float) -> torch.Tensor:
     import torch
 
     sigma2 = (seq_sum(xs * xs) * factor / 256.0).unsqueeze(-1)
-    return qw * torch.sqrt(sigma2 + xs * xs)
+    return qw * sqrtf(sigma2 + xs * xs)
 
 
 def _requantize(xs: torch.Tensor, levels: torch.Tensor, d_j: torch.Tensor, shift: torch.Tensor | None,

@@ -27,6 +27,7 @@ __all__ = [
     "rdiv",
     "roundf",
     "seq_sum",
+    "sqrtf",
 ]
 
 #: ``GROUP_MAX_EPS`` of ggml-quants.c (1e-15f), as the float32 value C compares against.
@@ -67,6 +68,13 @@ def fp16_round(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16)
 
 
+def sqrtf(v: torch.Tensor) -> torch.Tensor:
+    """C ``sqrtf``, correctly rounded (torch's vectorised float32 ``sqrt`` can be 1 ulp off)."""
+    import torch
+
+    return torch.from_numpy(np.sqrt(v.detach().cpu().numpy()))
+
+
 def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
     """``c / t`` in float32, correctly rounded (torch's ``c / t`` is ``c * (1/t)``, two roundings)."""
     import torch
@@ -86,9 +94,13 @@ def seq_sum(terms: torch.Tensor, *, start: torch.Tensor | None = None) -> torch.
 
 def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(amax, max)`` over the last axis as C's ``if (|v| > amax) {amax = |v|; max = v;}`` loop."""
+    import torch
+
     ax = x.abs()
     idx = ax.argmax(dim=-1, keepdim=True)
-    return ax.gather(-1, idx).squeeze(-1), x.gather(-1, idx).squeeze(-1)
+    amax = ax.gather(-1, idx).squeeze(-1)
+    vmax = x.gather(-1, idx).squeeze(-1)
+    return amax, torch.where(amax > 0, vmax, 0.0)  # C starts from max = +0.0f
 
 
 def first_min(x: torch.Tensor) -> torch.Tensor:
