@@ -10,4 +10,17 @@ from __future__ import annotations
 from allocator.model.quant.ggml._api import GgmlQuantized, dequantize, quantize
 from allocator.model.quant.ggml._types import GGML_BLOCKS, GgmlBlock, block_of
 
-__all__ = ["GGML_BLOCKS", "GgmlBlock", "GgmlQuantized", "block_of", "dequantize", "quantize"]
+#: The names :mod:`allocator.model.quant` re-exports (``quantize`` would be ambiguous there).
+quantize_ggml = quantize
+dequantize_ggml = dequantize
+
+__all__ = [
+    "GGML_BLOCKS",
+    "GgmlBlock",
+    "GgmlQuantized",
+    "block_of",
+    "dequantize",
+    "dequantize_ggml",
+    "quantize",
+    "quantize_ggml",
+]
