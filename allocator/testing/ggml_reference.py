@@ -85,8 +85,10 @@ class GgmlReference:
         fn = getattr(self.lib, f"quantize_{spec.name}")
         fn.restype = ctypes.c_size_t
         fn(
-            src.ctypes.data_as(ctypes.c_void_p), dst.ctypes.data_as(ctypes.c_void_p),
-            ctypes.c_int64(rows), ctypes.c_int64(cols),
+            src.ctypes.data_as(ctypes.c_void_p),
+            dst.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_int64(rows),
+            ctypes.c_int64(cols),
             None if qw is None else qw.ctypes.data_as(ctypes.c_void_p),
         )
         return dst
@@ -151,8 +153,22 @@ def load_ggml_reference() -> GgmlReference:
         stubs = cache / "stubs.c"
         stubs.write_text(_STUBS)
         tmp_lib = cache / f"libggmlq-{digest}.{os.getpid()}.so"
-        cmd = [cc, "-O2", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-DNDEBUG",
-               f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", str(quants), str(stubs), "-o", str(tmp_lib), "-lm"]
+        cmd = [
+            cc,
+            "-O2",
+            "-fPIC",
+            "-shared",
+            "-std=gnu11",
+            "-ffp-contract=off",
+            "-DNDEBUG",
+            f"-I{ggml / 'include'}",
+            f"-I{ggml / 'src'}",
+            str(quants),
+            str(stubs),
+            "-o",
+            str(tmp_lib),
+            "-lm",
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
             raise ReferenceUnavailable(f"compiling ggml-quants.c failed: {res.stderr.strip()[-300:]}")

@@ -27,9 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["fake_quantize", "fake_quantize_int", "quant_error", "quantize_groups", "rtn_grid"]
 
 
-def rtn_grid(
-    w: torch.Tensor, *, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+def rtn_grid(w: torch.Tensor, *, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Scale ``s`` and zero ``z`` per row of ``w`` (shape [rows, g]) and ``maxq``; see module doc."""
     import torch
 
@@ -67,9 +65,7 @@ def _check(bits: int, group_size: int) -> None:
         raise InvalidParameterError(f"group size must be > 0 or -1 (per channel), got {group_size}")
 
 
-def fake_quantize_int(
-    weight: torch.Tensor, *, bits: int, group_size: int, symmetric: bool
-) -> torch.Tensor:
+def fake_quantize_int(weight: torch.Tensor, *, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """RTN fake quantization of a 2-D weight (groups along the input dim, last one may be short)."""
     _check(bits, group_size)
     w = weight.detach().float()
@@ -99,8 +95,7 @@ def fake_quantize(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     emu = fmt.emulation
     if emu is None:
         raise InvalidParameterError(
-            f"format {fmt.name!r} is a codebook type that RTN cannot emulate; "
-            "use an int or k-quant option"
+            f"format {fmt.name!r} is a codebook type that RTN cannot emulate; use an int or k-quant option"
         )
     bits, group, sym = emu
     w2 = weight.detach().reshape(weight.shape[0], -1)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _ggml_cases import weights_and_importance
+
 from allocator.core.errors import InvalidParameterError, UnknownNameError
 from allocator.core.formats import GGUF_TYPES
 from allocator.model.quant import GGML_BLOCKS, dequantize_ggml, quantize_ggml

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
-
 from _ggml_cases import weights_and_importance
+
 from allocator.model.quant import GGML_BLOCKS, quantize_ggml
 from allocator.testing.ggml_reference import GgmlReference, ReferenceUnavailable, load_ggml_reference
 

@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.quant.ggml._iq4nl import dequantize_iq4_nl, quantize_iq4_nl
-from allocator.model.quant.ggml._k_high import dequantize_q45_K, dequantize_q6_K, quantize_q45_K, quantize_q6_K
+from allocator.model.quant.ggml._k_high import (
+    dequantize_q6_K,
+    dequantize_q45_K,
+    quantize_q6_K,
+    quantize_q45_K,
+)
 from allocator.model.quant.ggml._k_low import dequantize_q2_K, dequantize_q3_K, quantize_q2_K, quantize_q3_K
 from allocator.model.quant.ggml._legacy import dequantize_legacy, quantize_legacy
 from allocator.model.quant.ggml._ops import seq_sum, sqrtf
@@ -53,7 +58,9 @@ def _check_weight(weight: torch.Tensor, spec: GgmlBlock) -> torch.Tensor:
         )
     x = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
-        raise InvalidParameterError(f"weight has non-finite values; ggml quantizes finite weights only ({spec.name})")
+        raise InvalidParameterError(
+            f"weight has non-finite values; ggml quantizes finite weights only ({spec.name})"
+        )
     return x.reshape(-1, cols)
 
 
@@ -108,7 +115,9 @@ def _dequantize_blocks(data: torch.Tensor, name: str) -> torch.Tensor:
     return dequantize_q45_K(data, is_q5=name == "q5_K")
 
 
-def quantize(weight: torch.Tensor, ggml_type: str, *, importance: torch.Tensor | None = None) -> GgmlQuantized:
+def quantize(
+    weight: torch.Tensor, ggml_type: str, *, importance: torch.Tensor | None = None
+) -> GgmlQuantized:
     """Quantize ``weight`` (rows along the last axis) exactly as ggml's ``quantize_<type>``.
 
     ``importance`` is an imatrix entry: one non-negative weight per input column (the last

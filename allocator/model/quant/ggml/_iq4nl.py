@@ -34,16 +34,20 @@ def best_index(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     grid = _grid()
-    mu = torch.searchsorted(grid, x.contiguous(), right=True).clamp(1, 15)
-    lower = (x - grid[mu - 1]) < (grid[mu] - x)
-    idx = torch.where(lower, mu - 1, mu)
-    idx = torch.where(x <= grid[0], torch.zeros_like(idx), idx)
-    return torch.where(x >= grid[15], torch.full_like(idx, 15), idx).to(torch.int32)
+    mu = torch.ones_like(x, dtype=torch.int64)  # the binary search's upper index: 1 + #{v_k ≤ x, k ≥ 1}
+    for v in IQ4NL_VALUES[1:15]:
+        mu += x >= v
+    lower = (x - torch.take(grid, mu - 1)) < (torch.take(grid, mu) - x)
+    idx = mu - lower.long()
+    idx = torch.where(x <= IQ4NL_VALUES[0], 0, idx)
+    return torch.where(x >= IQ4NL_VALUES[15], 15, idx).to(torch.int32)
 
 
 def _sums(x: torch.Tensor, w: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ w·q·x and Σ w·q·q for q = grid[best_index(inv·x)], summed as C does."""
-    q = _grid()[best_index(inv * x).long()]
+    import torch
+
+    q = torch.take(_grid(), best_index(inv * x).long())
     return seq_sum(w * q * x), seq_sum(w * q * q)
 
 

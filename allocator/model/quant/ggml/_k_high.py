@@ -132,8 +132,13 @@ def quantize_q6_K(xs: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     keep = (d_j == 0).unsqueeze(-1)
     lv = torch.where(keep, levels.reshape(s, 16, 16), new).reshape(s, 2, 4, 32)
     lv = torch.where(zero.reshape(s, 1, 1, 1), 0, lv)
-    ql = torch.stack([pack_nibbles(lv[:, :, 0] & 0xF, lv[:, :, 2] & 0xF),
-                      pack_nibbles(lv[:, :, 1] & 0xF, lv[:, :, 3] & 0xF)], dim=2).reshape(s, 128)
+    ql = torch.stack(
+        [
+            pack_nibbles(lv[:, :, 0] & 0xF, lv[:, :, 2] & 0xF),
+            pack_nibbles(lv[:, :, 1] & 0xF, lv[:, :, 3] & 0xF),
+        ],
+        dim=2,
+    ).reshape(s, 128)
     shifts = (2 * torch.arange(4)).reshape(1, 1, 4, 1)
     qh = (((lv >> 4) & 3) << shifts).sum(2).reshape(s, 64).to(torch.uint8)
     return torch.cat([ql, qh, (sc & 0xFF).to(torch.uint8), fp16_bytes(d)], dim=1)

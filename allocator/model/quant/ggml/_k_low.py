@@ -13,8 +13,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from allocator.model.quant.ggml._layout import bits_to_bytes, fp16_bytes, half_at, pack_2bit, unpack_2bit, unpack_bits
-from allocator.model.quant.ggml._ops import f32, first_absmax, fp16_round, nearest_int, rdiv, seq_sum, sqrtf
+from allocator.model.quant.ggml._layout import (
+    bits_to_bytes,
+    fp16_bytes,
+    half_at,
+    pack_2bit,
+    unpack_2bit,
+    unpack_bits,
+)
+from allocator.model.quant.ggml._ops import first_absmax, fp16_round, nearest_int, rdiv, seq_sum, sqrtf
 from allocator.model.quant.ggml._search import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
 
 if TYPE_CHECKING:
@@ -25,14 +32,14 @@ __all__ = ["dequantize_q2_K", "dequantize_q3_K", "quantize_q2_K", "quantize_q3_K
 
 def _weights(xs: torch.Tensor, qw: torch.Tensor, factor: float) -> torch.Tensor:
     """w = qw·√(σ² + x²) with σ² = factor·Σx²/256 over the super-block."""
-    import torch
 
     sigma2 = (seq_sum(xs * xs) * factor / 256.0).unsqueeze(-1)
     return qw * sqrtf(sigma2 + xs * xs)
 
 
-def _requantize(xs: torch.Tensor, levels: torch.Tensor, d_j: torch.Tensor, shift: torch.Tensor | None,
-                lo: int, hi: int) -> torch.Tensor:
+def _requantize(
+    xs: torch.Tensor, levels: torch.Tensor, d_j: torch.Tensor, shift: torch.Tensor | None, lo: int, hi: int
+) -> torch.Tensor:
     """``l = clamp(nearest_int((x + m_j)/d_j))`` where d_j ≠ 0, else the search's levels."""
     import torch
 
@@ -52,7 +59,9 @@ def quantize_q2_K(xs: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     s = xs.shape[0]
     sub = xs.reshape(s * 16, 16)
     if qw is None:
-        scales, mins, levels = make_qkx_quants(sub, sub.abs(), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
+        scales, mins, levels = make_qkx_quants(
+            sub, sub.abs(), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True
+        )
         scales, mins = scales.reshape(s, 16), mins.reshape(s, 16)
         max_scale, max_min = scales.amax(-1), mins.amax(-1)
         has_s, has_m = max_scale > 0, max_min > 0

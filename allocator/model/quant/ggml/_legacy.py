@@ -19,7 +19,7 @@ from allocator.model.quant.ggml._layout import (
     unpack_bits,
     unpack_nibbles,
 )
-from allocator.model.quant.ggml._ops import first_absmax, first_max, first_min, fp16_round, rdiv, roundf
+from allocator.model.quant.ggml._ops import first_absmax, first_max, first_min, fp16_round, roundf
 from allocator.model.quant.ggml._search import make_qkx_quants, make_qx_quants
 
 if TYPE_CHECKING:
@@ -48,7 +48,9 @@ def _nibbles_and_high(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return qs, bits_to_bytes((levels >> 4) & 1)
 
 
-def _ref_codes(blocks: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def _ref_codes(
+    blocks: torch.Tensor, ggml_type: str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``quantize_row_<type>_ref``: (d, min or None, levels) per block."""
     import torch
 
@@ -83,9 +85,7 @@ def _impl_codes(
     return d, -the_min, levels
 
 
-def quantize_legacy(
-    blocks: torch.Tensor, ggml_type: str, weights: torch.Tensor | None
-) -> torch.Tensor:
+def quantize_legacy(blocks: torch.Tensor, ggml_type: str, weights: torch.Tensor | None) -> torch.Tensor:
     """Blocks [N, 32] (and the _impl weights w, or None for _ref) → GGUF block bytes [N, size]."""
     import torch
 

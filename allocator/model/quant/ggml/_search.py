@@ -68,8 +68,15 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
 
 
 def _refine(
-    x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor],
-    *, lo: int | None, hi: int, wrap: bool, need_sl2: bool,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    levels: torch.Tensor,
+    sums: tuple[torch.Tensor, torch.Tensor],
+    *,
+    lo: int | None,
+    hi: int,
+    wrap: bool,
+    need_sl2: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """C's coordinate descent of ``make_q3_quants``/``make_qp_quants`` (5 sweeps over i).
 
@@ -159,7 +166,11 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
 
 
 def _weighted_err(
-    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, vmin: torch.Tensor, levels: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    vmin: torch.Tensor,
+    levels: torch.Tensor,
     use_mad: bool,
 ) -> torch.Tensor:
     """Σ w·|d·l + min − x| (``use_mad``) or Σ w·(d·l + min − x)², summed as C does."""
