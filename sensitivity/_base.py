@@ -32,6 +32,7 @@ from allocator.core.errors import EstimatorUnavailableError, InvalidParameterErr
 from allocator.core.formats import QuantFormat
 from allocator.core.table import CostTable
 from allocator.core.units import Unit
+from allocator.model.quant import Quantizer, RtnQuantizer
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +64,8 @@ class EstimateContext:
         batch_ids: index of each of ``batches`` in the whole calibration set (None: 0, 1, …);
             a shard of the batches keeps their ids, so their seeds do not move
             (:meth:`batch_seed`).
+        quantizer: forms ``Q_o(W)`` for every ΔW the estimator measures (RTN by default; the
+            plan's own quantizer, e.g. GPTQ, with ``--quantizer``; docs/quantizer.md).
     """
 
     batches: Sequence[Mapping[str, Any]]
@@ -73,6 +76,7 @@ class EstimateContext:
     model_kind: str = "generic"
     progress: bool = True
     batch_ids: tuple[int, ...] | None = None
+    quantizer: Quantizer = field(default_factory=RtnQuantizer)
 
     def __post_init__(self) -> None:
         ids = self.batch_ids
@@ -374,17 +378,21 @@ def mean_and_sem(s1: np.ndarray, s2: np.ndarray, n: int, pos: int) -> tuple[np.n
     return s1 / pos, sem
 
 
-def quant_errors(model: torch.nn.Module, units: Sequence[Unit], options: Iterable[QuantFormat]) -> np.ndarray:
-    """‖Q_b(W_i) − W_i‖²_F for every unit i and option b, with the shared RTN quantizer."""
-    from allocator.core.units import unit_weight
-    from allocator.model.quant import quant_error
+def quant_errors(model: torch.nn.Module, units: Sequence[Unit], options: Iterable[QuantFormat],
+                 quantizer: Quantizer | None = None) -> np.ndarray:
+    """‖Q_b(W_i) − W_i‖²_F for every unit i and option b, with ``quantizer`` (default RTN)."""
+    import torch
 
+    from allocator.core.units import unit_weight
+
+    q = quantizer or RtnQuantizer()
     opts = list(options)
     out = np.empty((len(units), len(opts)))
-    for i, unit in enumerate(units):
-        w = unit_weight(model, unit)
-        for j, fmt in enumerate(opts):
-            out[i, j] = quant_error(w, fmt)
+    with torch.no_grad():
+        for i, unit in enumerate(units):
+            w = unit_weight(model, unit).detach().float()
+            for j, fmt in enumerate(opts):
+                out[i, j] = float(((q.quantize(unit, w, fmt) - w) ** 2).sum())
     return out
 
 

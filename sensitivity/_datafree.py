@@ -38,6 +38,8 @@ from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_e
 if TYPE_CHECKING:
     import torch
 
+    from allocator.model.quant import Quantizer
+
 __all__ = [
     "DataFreeEstimator",
     "LimEstimator",
@@ -77,11 +79,12 @@ def zd_share(w: torch.Tensor, *, threshold: float = 1.0) -> float:
     return float(((x - x.mean()).abs() / sd > threshold).double().mean())
 
 
-def relative_errors(model: torch.nn.Module, units: Sequence[Unit], options: Sequence[Any]) -> np.ndarray:
+def relative_errors(model: torch.nn.Module, units: Sequence[Unit], options: Sequence[Any],
+                    quantizer: Quantizer | None = None) -> np.ndarray:
     """‖Q_b(W_i) − W_i‖² / ‖W_i‖² for every unit i and option b (0 for an all-zero weight)."""
     from allocator.core.units import unit_weight
 
-    err = quant_errors(model, units, options)
+    err = quant_errors(model, units, options, quantizer)
     norms = np.array([float(unit_weight(model, u).detach().double().pow(2).sum()) for u in units])
     return err / np.where(norms > 0, norms, 1.0)[:, None]
 
@@ -117,16 +120,15 @@ class DataFreeEstimator(BaseEstimator):
         import torch
 
         from allocator.core.units import unit_weight
-        from allocator.model.quant import fake_quantize
 
         if self.score == "mse":
-            return UnitCosts(cost=relative_errors(model, ctx.units, ctx.options))
+            return UnitCosts(cost=relative_errors(model, ctx.units, ctx.options, ctx.quantizer))
         cost = np.zeros((len(ctx.units), len(ctx.options)))
         with torch.no_grad():
             for i, unit in enumerate(ctx.units):
                 w = unit_weight(model, unit).detach().float()
                 for j, fmt in enumerate(ctx.options):
-                    cost[i, j] = histogram_kl(w, fake_quantize(w, fmt), bins=self.bins)
+                    cost[i, j] = histogram_kl(w, ctx.quantizer.quantize(unit, w, fmt), bins=self.bins)
         return UnitCosts(cost=cost, info={"binning": f"{self.bins} equal-width bins, add-1/2"})
 
 
@@ -170,7 +172,7 @@ class ZdEstimator(BaseEstimator):
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         score = self.scores(model, ctx.units)
-        cost = score[:, None] * relative_errors(model, ctx.units, ctx.options)
+        cost = score[:, None] * relative_errors(model, ctx.units, ctx.options, ctx.quantizer)
         return UnitCosts(cost=cost, info={"scores": score.tolist()})
 
 
@@ -240,5 +242,5 @@ class LimEstimator(BaseEstimator):
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         per_block, per_unit = lim_scores(model, ctx)
-        cost = (1.0 + per_unit)[:, None] * relative_errors(model, ctx.units, ctx.options)
+        cost = (1.0 + per_unit)[:, None] * relative_errors(model, ctx.units, ctx.options, ctx.quantizer)
         return UnitCosts(cost=np.maximum(cost, 0.0), info={"lim_per_block": per_block.tolist()})

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from allocator.core.units import Unit
     from allocator.model.data import CalibrationData
     from allocator.model.loading import LoadedModel
+    from allocator.model.quant import Quantizer
     from sensitivity._base import BaseEstimator, EstimateContext
 
 __all__ = [
@@ -131,9 +132,11 @@ class PreparedEstimate:
 
 
 def build_estimate(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
-                   calibration: Any) -> PreparedEstimate:
+                   calibration: Any, quantizer: Quantizer | None = None) -> PreparedEstimate:
     """The context and the provenance of one estimate of ``loaded`` on ``calibration`` (ready
     batches with ``fingerprint`` / ``metadata()``, or None for a data-free run), as given.
+    ``quantizer``: one already built (``run`` shares it with refinement), else ``spec.quantizer``
+    is built here on ``calibration``.
 
     Every estimate path ends here (CLI, Python API, sharding, ``run`` / ``demo``, the service),
     so tables record the same provenance keys whichever command built them.
@@ -142,17 +145,39 @@ def build_estimate(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[U
 
     estimator = spec.estimator()
     kind = str(loaded.kind)
-    ctx = EstimateContext(batches=list(calibration) if calibration is not None else [],
-                          units=list(units), options=spec.formats(), seed=spec.seed,
-                          device=spec.device, model_kind=kind, progress=spec.progress)
+    batches = list(calibration) if calibration is not None else []
+    if quantizer is None:
+        quantizer = plan_quantizer(spec.quantizer, loaded, units, batches)
+    ctx = EstimateContext(batches=batches, units=list(units), options=spec.formats(), seed=spec.seed,
+                          device=spec.device, model_kind=kind, progress=spec.progress,
+                          quantizer=quantizer)
     meta: dict[str, Any] = {
         "method": spec.method, "model": loaded.name, "model_path": loaded.path, "model_kind": kind,
         "model_fingerprint": loaded.fingerprint, "units_count": len(ctx.units),
         "filters": spec.filters(),
         "data": calibration.metadata() if calibration is not None else None,
         "data_fingerprint": calibration.fingerprint if calibration is not None else None,
+        "quantizer": quantizer.name,
     }
     return PreparedEstimate(loaded=loaded, estimator=estimator, ctx=ctx, metadata=meta, spec=spec)
+
+
+def plan_quantizer(name: str, loaded: LoadedModel, units: Sequence[Unit],
+                   batches: Sequence[Any]) -> Quantizer:
+    """The quantizer ``name`` for ``units`` of ``loaded`` (GPTQ: Hessians from ``batches``, at
+    full precision, in eval mode)."""
+    from allocator.model.quant import build_quantizer
+
+    if name != "rtn" and not batches:
+        raise InvalidParameterError(f"quantizer {name!r} needs calibration data; pass --data or "
+                                    "use the built-in corpus")
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    try:
+        return build_quantizer(name, model, units, batches, kind=str(loaded.kind))
+    finally:
+        model.train(was_training)
 
 
 def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> PreparedEstimate:
@@ -162,7 +187,8 @@ def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> Prepa
     from allocator.model.unit_select import filter_units
     from sensitivity import estimator_class
 
-    needs_data = estimator_class(spec.method).needs_data
+    # a data-free estimator still needs data for a quantizer that learns from it (GPTQ)
+    needs_data = estimator_class(spec.method).needs_data or spec.quantizer != "rtn"
     loaded = _load(model, spec.device)
     # the globs select among all units (allocator.model.unit_select: one syntax with `run`)
     units = filter_units(discover_units(loaded.model, kinds=[UnitKind(k) for k in spec.kinds],
@@ -198,10 +224,12 @@ def estimate_spec(model: str | Path | LoadedModel | None, spec: EstimateSpec) ->
 
 
 def estimate_loaded(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
-                    calibration: Any) -> CostTable:
+                    calibration: Any, quantizer: Quantizer | None = None) -> CostTable:
     """Estimate on a model, units and calibration batches the caller already has (``run`` /
-    ``demo``), with the same seeding and provenance as :func:`estimate_spec`."""
-    return run_prepared(build_estimate(loaded, spec, units=units, calibration=calibration))
+    ``demo``), with the same seeding and provenance as :func:`estimate_spec`; ``quantizer``
+    as in :func:`build_estimate`."""
+    return run_prepared(build_estimate(loaded, spec, units=units, calibration=calibration,
+                                       quantizer=quantizer))
 
 
 def prepare_estimate(
@@ -221,13 +249,14 @@ def prepare_estimate(
     device: str = "cpu",
     progress: bool = True,
     estimator_params: Mapping[str, Any] | None = None,
+    quantizer: str = "rtn",
 ) -> PreparedEstimate:
     """:func:`prepare` with the :class:`EstimateSpec` spelled out as keyword arguments (see
     :func:`run_estimate`)."""
     spec = EstimateSpec(method=method, params=dict(estimator_params or {}), data=data,
                         options=options, samples=samples, seq_len=seq_len, batch_size=batch_size,
                         include=include, exclude=exclude, groups=groups, kinds=tuple(kinds),
-                        seed=seed, device=device, progress=progress)
+                        seed=seed, device=device, progress=progress, quantizer=quantizer)
     return prepare(model, spec)
 
 
@@ -248,6 +277,7 @@ def run_estimate(
     device: str = "cpu",
     progress: bool = True,
     estimator_params: Mapping[str, Any] | None = None,
+    quantizer: str = "rtn",
 ) -> CostTable:
     """Estimate a cost table for ``model`` with the estimator named ``method``.
 
@@ -271,6 +301,7 @@ def run_estimate(
         device: where the model and batches run (``cpu``, ``cuda``, ``cuda:1``).
         progress: show progress bars (stderr).
         estimator_params: keyword arguments of the estimator's constructor (checked by name).
+        quantizer: ``rtn`` (default) or ``gptq``: the quantizer every ΔW is formed with.
 
     Raises:
         UnknownNameError, InvalidParameterError, ModelError: with one-line messages.
@@ -278,7 +309,8 @@ def run_estimate(
     return run_prepared(prepare_estimate(
         model, method=method, data=data, options=options, samples=samples, seq_len=seq_len,
         batch_size=batch_size, include=include, exclude=exclude, groups=groups, kinds=kinds,
-        seed=seed, device=device, progress=progress, estimator_params=estimator_params))
+        seed=seed, device=device, progress=progress, estimator_params=estimator_params,
+        quantizer=quantizer))
 
 
 def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int,

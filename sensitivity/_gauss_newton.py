@@ -51,6 +51,9 @@ from sensitivity._progress import progress_bar
 if TYPE_CHECKING:
     import torch
 
+    from allocator.core.units import Unit
+    from allocator.model.quant import Quantizer
+
 __all__ = [
     "PER_SAMPLE_MODES",
     "GaussNewtonEstimator",
@@ -189,24 +192,32 @@ _BLOCK_ELEMENTS = 1 << 22
 def quant_deltas(model: torch.nn.Module, ctx: EstimateContext, *,
                  squared: bool = False) -> list[torch.Tensor]:
     """``ΔW = Q_o(W) − W`` (or ``ΔW²``) per unit stacked over options, float32 [options, out,
-    cols] (shared RTN quantizer :func:`allocator.model.quant.fake_quantize`), on the weight's
-    device. 4 bytes × options per weight: callers hold them under a budget
+    cols] (``ctx.quantizer``: RTN by default, :class:`allocator.model.quant.Quantizer`), on the
+    weight's device. 4 bytes × options per weight: callers hold them under a budget
     (:mod:`sensitivity._deltas`)."""
-    return [_deltas_of(unit_weight(model, unit), ctx.options, squared=squared) for unit in ctx.units]
+    return [_deltas_of(unit, unit_weight(model, unit), ctx.options, ctx.quantizer, squared=squared)
+            for unit in ctx.units]
 
 
-def _deltas_of(weight: torch.Tensor, options: Sequence[Any], *, squared: bool) -> torch.Tensor:
-    """``Q_o(W) − W`` (or its square) of a 2-D weight view, float32 [options, out, cols]."""
+def _deltas_of(unit: Unit, weight: torch.Tensor, options: Sequence[Any], quantizer: Quantizer, *,
+               squared: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``Q_o(W) − W`` (or its square) of a unit's 2-D weight view, float32 [options, out, cols];
+    only ``rows`` [lo, hi) of it when given. RTN quantizes those rows alone; another quantizer
+    the whole unit (cached), then the rows — GPTQ treats rows independently too, so they are
+    the rows of the whole."""
     import torch
 
-    from allocator.model.quant import fake_quantize
+    from allocator.model.quant import RtnQuantizer
 
+    lo, hi = rows if rows is not None else (0, int(weight.shape[0]))
     with torch.no_grad():
-        w = weight.detach().float()
+        full = weight.detach().float()
+        w = full[lo:hi]
         # filled in place: a list of options then torch.stack would hold the deltas twice
         d = torch.empty((len(options), *w.shape), dtype=torch.float32, device=w.device)
         for o, fmt in enumerate(options):
-            d[o] = fake_quantize(w, fmt)
+            d[o] = (quantizer.quantize(unit, w, fmt) if isinstance(quantizer, RtnQuantizer)
+                    else quantizer.quantize(unit, full, fmt)[lo:hi])
             d[o] -= w
         return d.square_() if squared else d
 
@@ -586,7 +597,8 @@ def _split_unit(model: torch.nn.Module, ctx: EstimateContext, rows: Sequence[tup
     total: torch.Tensor | None = None
     counts: list[int] = []
     for lo, hi in rows:
-        delta = _deltas_of(unit_weight(model, unit)[lo:hi], ctx.options, squared=squared)
+        delta = _deltas_of(unit, unit_weight(model, unit), ctx.options, ctx.quantizer,
+                           squared=squared, rows=(lo, hi))
         reduce = _piece_reduction(unit, index[0], lo, hi, split.linear, delta)
         stream = list(pair_stream(model, ctx, reduce, probes=probes, chunk=chunk,
                                   per_sample=per_sample, label=label))

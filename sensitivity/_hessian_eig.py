@@ -114,6 +114,6 @@ class HessianEigEstimator(BaseEstimator):
         lam, iters = power_iteration(model, ctx, max_iter=self.max_iter, tol=self.tol,
                                      cache_graphs=self.cache_graphs)
         n = np.asarray([u.params for u in ctx.units], dtype=np.float64)
-        cost = score_times_error(np.abs(lam) / n, quant_errors(model, ctx.units, ctx.options))
+        cost = score_times_error(np.abs(lam) / n, quant_errors(model, ctx.units, ctx.options, ctx.quantizer))
         return UnitCosts(cost=cost, info={"eigenvalue": lam.tolist(), "iterations": iters.tolist()})
 

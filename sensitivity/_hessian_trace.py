@@ -271,7 +271,7 @@ class HessianTraceEstimator(BaseEstimator):
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         n = np.asarray([u.params for u in ctx.units], dtype=np.float64)
         names = [u.name for u in ctx.units]
-        errors = quant_errors(model, ctx.units, ctx.options)
+        errors = quant_errors(model, ctx.units, ctx.options, ctx.quantizer)
         if self.curvature == "gauss-newton":
             est = gn_trace_probes(model, ctx, self.rule, per_round=self.probes, chunk=self.chunk,
                                   per_sample=self.per_sample)

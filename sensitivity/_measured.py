@@ -1,7 +1,7 @@
 """``measured``: quantize one unit at a time and measure the real output change (CalibTIP).
 
 CalibTIP (arXiv 2006.10518) and exllama's optimizer measure ΔL_i(b) directly: only unit i is
-quantized at option b (shared RTN quantizer) and the output on calibration data is compared with
+quantized at option b (``ctx.quantizer``: RTN by default) and the output on calibration data is compared with
 full precision. The cost is
 
     cost(i, b) = (1/N_B) Σ_batches  mean_{tokens or samples of the batch} D(f(x), f_{i,b}(x))
@@ -35,6 +35,9 @@ from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
     import torch
+
+    from allocator.core.units import Unit
+    from allocator.model.quant import Quantizer
 
 __all__ = [
     "MeasuredEstimator",
@@ -146,7 +149,6 @@ def measure_units(
     from tqdm.auto import tqdm
 
     from allocator.core.units import unit_weight
-    from allocator.model.quant import fake_quantize
     from sensitivity._activation_cache import BlockCache, make_chunks
 
     if not ctx.batches:
@@ -179,7 +181,7 @@ def measure_units(
             view = unit_weight(model, unit)
             with torch.no_grad():
                 original = view.detach().clone()
-            per_unit = partial(_in_option_groups, original, ctx.options)
+            per_unit = partial(_in_option_groups, original, ctx.options, unit, ctx.quantizer)
             block = cache.block_of(unit) if approx != "none" else None
             if block is None:
                 sums = per_unit(partial(runner.output_sums, unit, view, original, start=starts[r]))
@@ -187,7 +189,7 @@ def measure_units(
                 mid = n_opt // 2
                 errs = per_unit(partial(runner.block_sums, unit, view, original, block=block))
                 with torch.no_grad():
-                    q_mid = [fake_quantize(original, ctx.options[mid])]
+                    q_mid = [ctx.quantizer.quantize(unit, original, ctx.options[mid])]
                 (s_mid, n_mid), = runner.output_sums(unit, view, original, q_mid, starts[r])
                 gain = _gain(_cost_stats(s_mid, n_mid, origin, n_batches)[0],
                              _cost_stats(*errs[mid], origin, n_batches)[0])
@@ -219,20 +221,18 @@ QUANTIZED_BUDGET_BYTES = 256 * 2**20
 Sums = list[tuple[np.ndarray, np.ndarray]]
 
 
-def _in_option_groups(original: torch.Tensor, options: Sequence[QuantFormat],
-                      measure: Callable[[list[torch.Tensor]], Sums]) -> Sums:
+def _in_option_groups(original: torch.Tensor, options: Sequence[QuantFormat], unit: Unit,
+                      quantizer: Quantizer, measure: Callable[[list[torch.Tensor]], Sums]) -> Sums:
     """``measure`` over the unit's options in groups whose quantized weights fit
     :data:`QUANTIZED_BUDGET_BYTES` (each quantized once, reused for every chunk and pass of its
     group); the results of all options, in order. A small unit is one group: all its options."""
     import torch
 
-    from allocator.model.quant import fake_quantize
-
     per = max(1, QUANTIZED_BUDGET_BYTES // max(1, original.numel() * original.element_size()))
     out: Sums = []
     for g0 in range(0, len(options), per):
         with torch.no_grad():
-            quantized = [fake_quantize(original, fmt) for fmt in options[g0:g0 + per]]
+            quantized = [quantizer.quantize(unit, original, fmt) for fmt in options[g0:g0 + per]]
         out.extend(measure(quantized))
         del quantized
     return out
@@ -342,7 +342,6 @@ def _block_gain(runner: _Runner, ctx: EstimateContext, block: int, origin: np.nd
     import torch
 
     from allocator.core.units import unit_weight
-    from allocator.model.quant import fake_quantize
 
     cache = runner.cache
     unit = next(u for u in ctx.units if cache.block_of(u) == block)
@@ -350,7 +349,7 @@ def _block_gain(runner: _Runner, ctx: EstimateContext, block: int, origin: np.nd
     view = unit_weight(cache.model, unit)
     with torch.no_grad():
         original = view.detach().clone()
-        quantized = [fake_quantize(original, fmt)]
+        quantized = [ctx.quantizer.quantize(unit, original, fmt)]
     (s, n), = runner.output_sums(unit, view, original, quantized, cache.start_block(unit))
     (es, en), = runner.block_sums(unit, view, original, quantized, block)
     # Both as the estimator averages them (mean of per-batch means), so that the reference

@@ -65,6 +65,8 @@ from sensitivity._progress import progress_bar
 if TYPE_CHECKING:
     import torch
 
+    from allocator.model.quant import Quantizer
+
 __all__ = [
     "HessianProxyEstimator",
     "InputHessian",
@@ -244,10 +246,10 @@ def inverse_cholesky_diag(h: torch.Tensor, *, percdamp: float = 0.01) -> torch.T
     return torch.diag(torch.linalg.cholesky(inv, upper=True))
 
 
-def column_square_sums(model: torch.nn.Module, unit: Unit,
-                       options: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def column_square_sums(model: torch.nn.Module, unit: Unit, options: Sequence[Any],
+                       quantizer: Quantizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ_r W_rc²`` ([cols]) and ``Σ_r ΔW_{o,rc}²`` ([options, cols]), float64 sums of float32
-    squares, with the shared RTN quantizer.
+    squares, with ``quantizer`` (RTN by default).
 
     Both costs below are column-weighted sums of these, so one option's ΔW at a time is enough:
     the transient memory is one unit's weight, not options × weight in float64 (a 1B model's
@@ -255,13 +257,14 @@ def column_square_sums(model: torch.nn.Module, unit: Unit,
     import torch
 
     from allocator.core.units import unit_weight
-    from allocator.model.quant import fake_quantize
+    from allocator.model.quant import RtnQuantizer
 
+    q = quantizer or RtnQuantizer()
     w = unit_weight(model, unit).detach().float()
     w = w.reshape(w.shape[0], -1)
     sums = []
     for f in options:
-        d = fake_quantize(w, f) - w
+        d = q.quantize(unit, w, f) - w
         sums.append(torch.sum(d * d, dim=0, dtype=torch.float64))
         del d
     return torch.sum(w * w, dim=0, dtype=torch.float64), torch.stack(sums)
@@ -319,7 +322,7 @@ class SalienceEstimator(BatchAdditiveEstimator):
         cost = np.empty((len(ctx.units), len(ctx.options)))
         salience = np.empty(len(ctx.units))
         for i, unit in enumerate(ctx.units):
-            w2, d2 = column_square_sums(model, unit, ctx.options)
+            w2, d2 = column_square_sums(model, unit, ctx.options, ctx.quantizer)
             scale = inv_d2[unit.module][_cols(unit)].to(w2.device, w2.dtype)
             salience[i] = float(w2 @ scale)
             cost[i] = 0.5 * (d2 @ scale).cpu().numpy()
@@ -338,7 +341,7 @@ class HessianProxyEstimator(BatchAdditiveEstimator):
         diag = dict(_merged_hessians(model, partial))  # diagonals: d floats per module
         cost = np.empty((len(ctx.units), len(ctx.options)))
         for i, unit in enumerate(ctx.units):
-            _, d2 = column_square_sums(model, unit, ctx.options)
+            _, d2 = column_square_sums(model, unit, ctx.options, ctx.quantizer)
             h = diag[unit.module][_cols(unit)].to(d2.device, d2.dtype)
             cost[i] = (d2 @ h).cpu().numpy()
         return UnitCosts(cost=cost)

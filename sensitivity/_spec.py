@@ -97,6 +97,8 @@ class EstimateSpec:
         seed: seeds data order, probes and torch's RNG (restored afterwards).
         device: where the model and batches run (``cpu``, ``cuda``, ``cuda:1``).
         progress: show progress bars (stderr).
+        quantizer: how ΔW = Q_o(W) − W is formed: ``rtn`` (default) or ``gptq`` (GPTQ of each
+            unit from its input Hessian on the calibration data; docs/quantizer.md).
     """
 
     method: str
@@ -113,6 +115,7 @@ class EstimateSpec:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    quantizer: str = "rtn"
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -141,6 +144,11 @@ class EstimateSpec:
         object.__setattr__(self, "kinds", kinds)
         if isinstance(self.data, Path | str) and not str(self.data):
             raise InvalidParameterError("data path is empty; pass a text file or omit it")
+        from allocator.model.quant import QUANTIZERS
+
+        if self.quantizer not in QUANTIZERS:
+            raise InvalidParameterError(f"quantizer {self.quantizer!r} is unknown; choose one of "
+                                        f"{', '.join(QUANTIZERS)}")
         self.formats()  # a malformed option spec fails here, before any model is loaded
         check_estimator_params(self.method, self.params)
         self.estimator()  # and so does a bad parameter value (constructors only check and store)

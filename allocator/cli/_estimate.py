@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="calibration texts: .txt (one text per paragraph, blank-line "
                    "separated) or .jsonl with a 'text' field (default: the built-in corpus)")
     p.add_argument("--options", help="option spec, e.g. 'int2..8-g128-asym,fp16' (default)")
+    p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+                   help="how each ΔW = Q(W) − W is formed: rtn (default) or gptq (GPTQ of each "
+                   "unit from its input Hessian on the calibration data; docs/quantizer.md)")
     add_for_argument(p, "estimate")
     p.add_argument("--samples", type=int, default=32, help="calibration texts (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text (default 128)")
@@ -114,7 +117,8 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
         samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         include=tuple(args.include), exclude=tuple(args.exclude), groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
-        device=device_from_args(args), progress=not args.no_progress)
+        device=device_from_args(args), progress=not args.no_progress,
+        quantizer=getattr(args, "quantizer", "rtn"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +153,9 @@ def _run_sequential(args: argparse.Namespace, spec: EstimateSpec) -> int:
 
     if args.storage or args.workers != 1:
         raise InvalidParameterError("--sequential runs in one process; drop --storage / --workers")
+    if spec.quantizer != "rtn":
+        raise InvalidParameterError(f"--sequential forms ΔW with rtn only; drop --quantizer "
+                                    f"{spec.quantizer} or --sequential")
     if spec.method not in SEQUENTIAL:
         raise InvalidParameterError(f"--method {spec.method} has no sequential mode; use one of "
                                     f"{', '.join(SEQUENTIAL)}, or drop --sequential")

@@ -17,7 +17,9 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--estimator", default=estimator, help=f"sensitivity estimator (default {estimator})")
     p.add_argument("--solver", default="mckp", help="solver (default mckp, exact)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
-                   help="how the plan is applied (default rtn, the quantizer the costs assume)")
+                   help="the plan's quantizer, used by every stage: costs, candidate choice, "
+                   "refinement and apply (default rtn; gptq: GPTQ per unit from calibration "
+                   "Hessians, docs/quantizer.md)")
     p.add_argument("--options", help="candidate options (default 'dense': int2..8-g128-asym with g64 "
                    "and sym variants, docs/quality.md; 'default': int2..8-g128-asym + fp16)")
     add_for_argument(p, "estimate and solve over")

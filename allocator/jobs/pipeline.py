@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from allocator.backend import EvalReport
+    from allocator.model.quant import Quantizer
 
 __all__ = ["PlanResult", "RunConfig", "RunResult", "run_pipeline", "uniform_plans"]
 
@@ -244,7 +245,9 @@ def _data_info(cfg: RunConfig, calib: Any, evaluation: Any) -> dict[str, Any]:
             "calibration_batches": calib.metadata(), "evaluation_batches": evaluation.metadata()}
 
 
-def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]) -> CostTable:
+def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any],
+                   quantizer: Quantizer | None = None) -> CostTable:
+    """The run's cost table; ΔW with ``quantizer`` (built from ``cfg.method`` when None)."""
     from allocator.export.palettes import apply_palette, palette_options
     from sensitivity import EstimateSpec, estimate_loaded
 
@@ -252,8 +255,8 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
     spec = EstimateSpec(method=cfg.estimator, params=cfg.estimator_params,
                         options=palette_options(cfg.consumer, cfg.candidate_options),
                         samples=cfg.calib_samples, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                        seed=cfg.seed, progress=cfg.progress)
-    table = estimate_loaded(loaded, spec, units=list(units), calibration=calib)
+                        seed=cfg.seed, progress=cfg.progress, quantizer=cfg.method)
+    table = estimate_loaded(loaded, spec, units=list(units), calibration=calib, quantizer=quantizer)
     if cfg.consumer is None:
         return table
     from allocator.core.units import discover_units
@@ -308,9 +311,10 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
         say(f"{len(selection_units.excluded)} unit(s) left out of the budget: " + ", ".join(
             f"{u} ({why})" for u, why in list(selection_units.excluded.items())[:5])
             + (" …" if len(selection_units.excluded) > 5 else ""))
+    quantizer = _quantizer(loaded, cfg, calib, units, say)
     lap("load")
     say(f"estimating costs ({cfg.estimator}, {len(units)} units, {calib.n_samples} samples)")
-    table = estimate_table(loaded, calib, cfg, units)
+    table = estimate_table(loaded, calib, cfg, units, quantizer)
     lap("estimate")
     budget = Budget(bpw=cfg.bpw)
     say(f"solving at {cfg.bpw:g} bpw ({cfg.solver}) and computing the frontier")
@@ -325,7 +329,7 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     cands = {"table optimum": result.plan, **({"uniform ≤": below} if below is not None else {})}
     say(f"choosing among {len(cands)} measured candidates and refining at the plan "
         f"({cfg.refine_rounds} rounds, calibration data)")
-    selection = _select(loaded, cfg, cands, table, budget, calib, units)
+    selection = _select(loaded, cfg, cands, table, budget, calib, units, quantizer)
     lap("select+refine")
     state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
@@ -351,14 +355,25 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     return run
 
 
+def _quantizer(loaded: Any, cfg: RunConfig, calib: Any, units: Sequence[Any],
+               say: Callable[[str], None]) -> Quantizer:
+    """The plan's quantizer (``cfg.method``), shared by the estimate, the candidate choice and
+    refinement; GPTQ collects its input Hessians here in one full-precision pass."""
+    from allocator.model.quant import build_quantizer
+
+    if cfg.method != "rtn":
+        say(f"collecting {cfg.method} input Hessians ({calib.n_samples} samples, {len(units)} units)")
+    return build_quantizer(cfg.method, loaded.model, units, list(calib), kind=str(loaded.kind))
+
+
 def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: CostTable,
-            budget: Budget, calib: Any, units: Sequence[Any]) -> RefineResult:
+            budget: Budget, calib: Any, units: Sequence[Any], quantizer: Quantizer) -> RefineResult:
     from allocator.jobs.refine import refine_plan
 
     conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours,
                         time_limit=cfg.refine_time_limit)
     return refine_plan(loaded.model, cands, table, budget, list(calib), units, kind=loaded.kind,
-                       config=conf)
+                       config=conf, quantizer=quantizer)
 
 
 def _chosen(selection: RefineResult, mixed: PlanResult, below: PlanResult | None,

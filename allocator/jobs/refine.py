@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from allocator.core.units import Unit
+    from allocator.model.quant import Quantizer
 
 __all__ = ["RefineConfig", "RefineResult", "RefineRound", "RefineStatus", "move_priority",
            "refine_plan", "tie_groups", "trust_region_choice"]
@@ -227,24 +228,31 @@ class _Meter:
 
 
 class _Weights:
-    """Sets unit weights to Q_o(W_fp) and restores them; W_fp is kept once."""
+    """Sets unit weights to Q_o(W_fp) with the plan's quantizer and restores them; W_fp is kept
+    once. A unit already at the asked option is left alone, so a plan change re-quantizes only
+    the units that move (and the quantizer's cache answers a unit's earlier options)."""
 
-    def __init__(self, model: torch.nn.Module, units: Sequence[Unit]) -> None:
+    def __init__(self, model: torch.nn.Module, units: Sequence[Unit], quantizer: Quantizer) -> None:
         from allocator.core.units import unit_weight
 
+        self.units = {u.name: u for u in units}
         self.views = {u.name: unit_weight(model, u) for u in units}
         self.original = {k: v.detach().clone() for k, v in self.views.items()}
+        self.quantizer = quantizer
+        self.at: dict[str, str] = {}  #: unit → the option its weight holds now (absent: W_fp)
 
     def set(self, unit: str, option: str) -> None:
         import torch
 
         from allocator.core.formats import parse_format
-        from allocator.model.quant import fake_quantize
 
+        if self.at.get(unit) == option:
+            return
         fmt = parse_format(option)
         with torch.no_grad():
             w = self.original[unit]
-            self.views[unit].copy_(fake_quantize(w, fmt) if fmt.is_quantized else w.half().to(w.dtype))
+            self.views[unit].copy_(self.quantizer.quantize(self.units[unit], w, fmt))
+        self.at[unit] = option
 
     def set_plan(self, choice: Mapping[str, str]) -> None:
         for u, o in choice.items():
@@ -256,6 +264,7 @@ class _Weights:
         with torch.no_grad():
             for k, v in self.views.items():
                 v.copy_(self.original[k])
+        self.at.clear()
 
 
 # ---------------------------------------------------------------------------- driver
@@ -270,8 +279,13 @@ def refine_plan(
     kind: str,
     config: RefineConfig | None = None,
     on_round: Callable[[RefineRound], None] | None = None,
+    quantizer: Quantizer | None = None,
 ) -> RefineResult:
-    """Refine the best of ``plan`` around its own operating point (module docstring); RTN weights.
+    """Refine the best of ``plan`` around its own operating point (module docstring).
+
+    Unit weights are set with ``quantizer`` (RTN by default; the plan's own quantizer, e.g. a
+    :class:`allocator.model.quant.GptqQuantizer` for ``--method gptq``); only units whose
+    option changes are quantized again.
 
     ``plan`` may be several labelled candidates (e.g. the cost-table optimum and the uniform
     plan that fits): each is measured on ``batches`` and refinement starts from the lowest, so
@@ -290,7 +304,9 @@ def refine_plan(
     groups = tie_groups(table)
     sizes = {g: {str(o): float(v) for o, v in table.df[table.df["unit"].isin(members)]
                  .groupby("option")["size_bits"].sum().items()} for g, members in groups.items()}
-    weights = _Weights(model, [by_name[u] for u in table.units])
+    from allocator.model.quant import RtnQuantizer
+
+    weights = _Weights(model, [by_name[u] for u in table.units], quantizer or RtnQuantizer())
     rounds: list[RefineRound] = []
     status = RefineStatus.ROUND_LIMIT if cfg.rounds else RefineStatus.CONVERGED
     deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit

@@ -43,6 +43,7 @@ def run_summary(run: RunResult) -> dict[str, Any]:
     config["estimator_params"] = dict(run.config.estimator_params)
     config["include"], config["exclude"] = list(run.config.include), list(run.config.exclude)
     return {"config": config,
+            "quantizer": run.table.metadata.get("quantizer", "rtn"),
             "model_kind": str(run.model_kind), "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
             "error_ratio": run.error_ratio, "chosen": run.result.label,
             "worse_than_uniform": run.worse_than_uniform,

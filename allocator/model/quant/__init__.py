@@ -1,9 +1,34 @@
-"""The one RTN quantizer shared by the estimators and the quantization backend (torch, lazy), and
-llama.cpp's own quantizers (:mod:`allocator.model.quant.ggml`, GGUF block bytes)."""
+"""The plan's quantizers, shared by the estimators, the refiner and the backend (torch, lazy).
+
+* :mod:`.rtn` — round to nearest per group (:func:`fake_quantize`), the default;
+* :mod:`.gptq` — the GPTQ algorithm (:func:`gptq_quantize`, :class:`HessianAccumulator`);
+* :mod:`.ggml` — llama.cpp's own row quantizers, bit-exact, with GGUF block bytes
+  (:func:`quantize_ggml`, docs/ggml-quants.md);
+* :mod:`.quantizer` — the :class:`Quantizer` contract every stage forms ``Q_fmt(W)`` through, with
+  :class:`RtnQuantizer` and :class:`GptqQuantizer` (docs/quantizer.md).
+"""
 
 from __future__ import annotations
 
 from allocator.model.quant.ggml import GGML_BLOCKS, GgmlQuantized, dequantize_ggml, quantize_ggml
+from allocator.model.quant.gptq import (
+    ColumnFormats,
+    GptqConfig,
+    HessianAccumulator,
+    collect_hessians,
+    column_formats,
+    gptq_quantize,
+    hinv_cholesky,
+)
+from allocator.model.quant.quantizer import (
+    DEFAULT_CACHE_BYTES,
+    QUANTIZERS,
+    GptqQuantizer,
+    Quantizer,
+    RtnQuantizer,
+    build_quantizer,
+    gptq_quantizer,
+)
 from allocator.model.quant.rtn import (
     fake_quantize,
     fake_quantize_int,
@@ -13,11 +38,25 @@ from allocator.model.quant.rtn import (
 )
 
 __all__ = [
+    "DEFAULT_CACHE_BYTES",
     "GGML_BLOCKS",
     "GgmlQuantized",
+    "QUANTIZERS",
+    "ColumnFormats",
+    "GptqConfig",
+    "GptqQuantizer",
+    "HessianAccumulator",
+    "Quantizer",
+    "RtnQuantizer",
+    "build_quantizer",
+    "collect_hessians",
+    "column_formats",
     "dequantize_ggml",
     "fake_quantize",
     "fake_quantize_int",
+    "gptq_quantize",
+    "gptq_quantizer",
+    "hinv_cholesky",
     "quant_error",
     "quantize_ggml",
     "quantize_groups",

@@ -1,0 +1,80 @@
+"""The plan's quantizer in refinement and in ``run --method gptq`` (docs/quantizer.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from allocator import Budget  # noqa: E402
+from allocator.core.formats import parse_format  # noqa: E402
+from allocator.core.plan import BitPlan  # noqa: E402
+from allocator.core.units import discover_units  # noqa: E402
+from allocator.jobs.refine import RefineConfig, _Weights, refine_plan  # noqa: E402
+from allocator.model.quant import RtnQuantizer, gptq_quantizer  # noqa: E402
+from sensitivity import EstimateContext, get_estimator  # noqa: E402
+
+
+class _Counting(RtnQuantizer):
+    """RTN that counts its calls per (unit, option)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def quantize(self, unit, weight, fmt):  # type: ignore[no-untyped-def]
+        self.calls.append((unit.name, fmt.name))
+        return super().quantize(unit, weight, fmt)
+
+
+def test_weights_requantize_only_the_units_that_move(tiny) -> None:
+    units = discover_units(tiny.model)[:6]
+    q = _Counting()
+    w = _Weights(tiny.model, units, q)
+    a = dict.fromkeys((u.name for u in units), "int4-g128-asym")
+    w.set_plan(a)
+    assert len(q.calls) == 6
+    b = {**a, units[1].name: "int2-g128-asym", units[4].name: "int3-g128-asym"}
+    w.set_plan(b)
+    assert q.calls[6:] == [(units[1].name, "int2-g128-asym"), (units[4].name, "int3-g128-asym")]
+    w.restore()
+    w.set_plan(b)  # restored to full precision: everything is set again
+    assert len(q.calls) == 14
+
+
+def test_refine_with_gptq_quantizes_each_unit_option_once(tiny, tiny_calib) -> None:
+    model = tiny.model
+    units = [u for u in discover_units(model) if u.name.startswith("model.layers.0.")]
+    opts = [parse_format(o) for o in ("int2-g32-asym", "int3-g32-asym", "int4-g32-asym")]
+    q = gptq_quantizer(model, units, tiny_calib, kind="causal_lm")
+    ctx = EstimateContext(batches=tiny_calib, units=units, options=opts, model_kind="causal_lm",
+                          progress=False, quantizer=q)
+    table = get_estimator("salience").estimate(model, ctx)
+    after_estimate = q.computed
+    assert after_estimate == len(units) * len(opts)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = Budget(bpw=3.2)
+    plan = BitPlan.from_choice(table, dict.fromkeys(table.units, "int3-g32-asym"))
+    res = refine_plan(model, {"uniform": plan}, table, budget, tiny_calib, units, kind="causal_lm",
+                      config=RefineConfig(rounds=2, trust=1.0), quantizer=q)
+    assert res.rounds and res.error <= res.start_error
+    # every (unit, option) refinement asked for was already quantized: no GPTQ run twice
+    assert q.computed == after_estimate and set(q.runs.values()) == {1}
+    assert q.hits > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_run_tiny_llama_with_gptq_records_the_quantizer(tmp_path: Path) -> None:
+    from allocator.jobs.pipeline import RunConfig, run_pipeline
+
+    run = run_pipeline(RunConfig(model="tiny-llama", method="gptq", estimator="salience", bpw=3.25,
+                                 options="int2-g32-asym,int3-g32-asym,int4-g32-asym",
+                                 calib_samples=8, eval_samples=4, seq_len=32, batch_size=4,
+                                 refine_rounds=1, out=tmp_path, progress=False))
+    assert run.table.metadata["quantizer"] == "gptq"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quantizer"] == "gptq" and results["config"]["method"] == "gptq"
+    assert run.result.verified
