@@ -25,7 +25,9 @@ from sensitivity._driver import (
     run_prepared,
     seeded,
 )
-from sensitivity._measured import default_metric
+from sensitivity._hessian import first_order_graph, hutchinson_traces, hvp, rademacher_probes, unit_quadratics
+from sensitivity._loss import gradient_mode, unit_leaves
+from sensitivity._measured import default_metric, measure_units, merge_measured, shard_units
 from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL, estimate_sequential
 from sensitivity._sharded import (
     ShardedEstimateSpec,
@@ -73,6 +75,18 @@ __all__ = [
     "ShardOutcome",
     "ShardedEstimateSpec",
     "estimate_fingerprint",
+    # the parts under the estimators, for experiments and benchmarks: the shardable measuring
+    # loop of ``measured`` and the Hutchinson machinery (HVPs on the task loss) of the curvature ones
+    "measure_units",
+    "merge_measured",
+    "shard_units",
+    "first_order_graph",
+    "gradient_mode",
+    "hutchinson_traces",
+    "hvp",
+    "rademacher_probes",
+    "unit_leaves",
+    "unit_quadratics",
 ]
 
 #: name → "module:Class" (documented in each class's docstring with its paper).
