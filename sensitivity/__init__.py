@@ -36,9 +36,19 @@ from sensitivity._sharded import (
     run_shard_worker,
     run_sharded,
 )
-from sensitivity._spec import EstimateSpec, check_estimator_params, estimator_parameters
+from sensitivity._spec import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    EstimateSpec,
+    check_estimator_params,
+    estimator_parameters,
+)
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_SAMPLES",
+    "DEFAULT_SEQ_LEN",
     "ESTIMATORS",
     "EstimateSpec",
     "PreparedEstimate",
