@@ -9,7 +9,7 @@ so they must agree to float round-off; the script checks every unit within 3σ a
 
 * baseline — PyHessian's data-loader mode (``dataloader_hv_product``): for every probe, for
   every batch, forward + first-order backward with ``create_graph`` + one Hessian-vector product.
-* batched  — :func:`sensitivity._hessian.hutchinson_traces`: per batch, one first-order graph
+* batched  — :func:`sensitivity.hutchinson_traces`: per batch, one first-order graph
   shared by a round of probes (``probe_mode`` loop on the retained graph, and vmap
   ``is_grads_batched``).
 
@@ -68,8 +68,14 @@ def baseline(model, ctx, probes: int) -> np.ndarray:  # noqa: ANN001
     """One probe at a time, every batch's graph rebuilt for every probe (PyHessian loader mode)."""
     import torch
 
-    from sensitivity._hessian import _unit_quadratics, first_order_graph, hvp, rademacher_probes
-    from sensitivity._loss import gradient_mode, unit_leaves
+    from sensitivity import (
+        first_order_graph,
+        gradient_mode,
+        hvp,
+        rademacher_probes,
+        unit_leaves,
+        unit_quadratics,
+    )
 
     leaves, index = unit_leaves(model, ctx.units)
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -80,7 +86,7 @@ def baseline(model, ctx, probes: int) -> np.ndarray:  # noqa: ANN001
             acc, total = np.zeros(len(ctx.units)), 0
             for batch in ctx.batches:
                 grads, n = first_order_graph(model, batch, ctx.model_kind, leaves)
-                acc += n * _unit_quadratics(ctx.units, index, z, hvp(grads, leaves, z))
+                acc += n * unit_quadratics(ctx.units, index, z, hvp(grads, leaves, z))
                 total += n
             out.append(acc / total)
     return np.asarray(out)
@@ -89,7 +95,7 @@ def baseline(model, ctx, probes: int) -> np.ndarray:  # noqa: ANN001
 def main() -> None:
     import torch
 
-    from sensitivity._hessian import hutchinson_traces
+    from sensitivity import hutchinson_traces
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=int, default=16)

@@ -16,6 +16,7 @@ noise), the block-gain agreement, and the work in forward-pass equivalents again
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -30,6 +31,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T = TypeVar("T")
 
 
+def previous_cost_stats(sums: np.ndarray, counts: np.ndarray, origin: np.ndarray,
+                        n_batches: int) -> tuple[float, float, np.ndarray]:
+    """(cost, cost_std, per-batch means) from per-sample masked sums and counts, as the previous
+    loop computed them (kept here with it, so that the baseline does not move with the package)."""
+    b_sum = np.bincount(origin, weights=sums, minlength=n_batches)
+    b_cnt = np.bincount(origin, weights=counts, minlength=n_batches)
+    means = b_sum / np.maximum(b_cnt, 1.0)
+    cost = float(means.mean())
+    if n_batches >= 2:
+        std = float(means.std(ddof=1) / math.sqrt(n_batches))
+    else:
+        per_sample = sums / np.maximum(counts, 1.0)
+        n = len(per_sample)
+        std = float(per_sample.std(ddof=1) / math.sqrt(n)) if n >= 2 else 0.0
+    return cost, std, means
+
+
 def previous_measure(model: Any, ctx: Any, idx: list[int], metric: Any) -> tuple[np.ndarray, np.ndarray]:
     """The measuring loop as it was before issue 13: one forward pass per (unit, option, chunk)."""
     import torch
@@ -37,8 +55,7 @@ def previous_measure(model: Any, ctx: Any, idx: list[int], metric: Any) -> tuple
     from allocator.core.units import unit_weight
     from allocator.model.distortion import distortion, per_sample_sums
     from allocator.model.quant import fake_quantize
-    from sensitivity._activation_cache import BlockCache, make_chunks
-    from sensitivity._measured import _cost_stats
+    from sensitivity import BlockCache, make_chunks
 
     n_opt, n_batches = len(ctx.options), len(ctx.batches)
     cache = BlockCache(model, make_chunks(ctx.batches, max_tokens=8192), kind=ctx.model_kind)
@@ -63,7 +80,7 @@ def previous_measure(model: Any, ctx: Any, idx: list[int], metric: Any) -> tuple
             finally:
                 with torch.no_grad():
                     view.copy_(original)
-            cost[r, j], std[r, j], _ = _cost_stats(np.concatenate(sums), np.concatenate(counts),
+            cost[r, j], std[r, j], _ = previous_cost_stats(np.concatenate(sums), np.concatenate(counts),
                                                    origin, n_batches)
     return cost, std
 
@@ -88,9 +105,7 @@ def main() -> int:
     from allocator.core.formats import parse_options
     from allocator.core.units import discover_units
     from allocator.model.distortion import Metric
-    from sensitivity import EstimateContext
-    from sensitivity._activation_cache import BlockCache, make_chunks
-    from sensitivity._measured import measure_units, shard_units
+    from sensitivity import BlockCache, EstimateContext, make_chunks, measure_units, shard_units
 
     torch.manual_seed(0)
     model, texts, source, batches = minilm_batches(args.sequences, args.batch_size)

@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     from allocator.core.budget import Budget
     from allocator.core.plan import BitPlan
     from allocator.core.units import discover_units
-    from allocator.jobs.pipeline import RunConfig, _data, _load, estimate_table, uniform_plans
+    from allocator.jobs.pipeline import RunConfig, estimate_table, uniform_plans
+    from allocator.model.data import user_data_for
+    from allocator.model.loading import load_model
 
     models = args.models or (["minilm"] if args.quick else ["minilm", "tiny-llama"])
     estimators = args.estimators or (["hessian-proxy", "salience", "datafree"] if args.quick
@@ -118,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[str] = []
     for model_name in models:
         try:
-            loaded = _load(model_name)
+            loaded = load_model(model_name)
         except Exception as exc:  # a missing model is reported, not fatal
             skipped.append(f"model {model_name}: {exc}")
             continue
         cfg = RunConfig(model=model_name, calib_samples=n_cal, eval_samples=n_eval, progress=False,
                         out=None)
-        calib, held = _data(loaded, cfg)
+        common = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed}
+        calib = user_data_for(loaded, "calibration", n_cal, **common)
+        held = user_data_for(loaded, "evaluation", n_eval, **common)
         units = discover_units(loaded.model)
         state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
         ref = reference_outputs(loaded.model, list(held), kind=loaded.kind,

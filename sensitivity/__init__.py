@@ -25,7 +25,9 @@ from sensitivity._driver import (
     run_prepared,
     seeded,
 )
-from sensitivity._measured import default_metric
+from sensitivity._hessian import first_order_graph, hutchinson_traces, hvp, rademacher_probes, unit_quadratics
+from sensitivity._loss import gradient_mode, unit_leaves
+from sensitivity._measured import default_metric, measure_units, merge_measured, shard_units
 from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL, estimate_sequential
 from sensitivity._sharded import (
     ShardedEstimateSpec,
@@ -34,9 +36,19 @@ from sensitivity._sharded import (
     run_shard_worker,
     run_sharded,
 )
-from sensitivity._spec import EstimateSpec, check_estimator_params, estimator_parameters
+from sensitivity._spec import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    EstimateSpec,
+    check_estimator_params,
+    estimator_parameters,
+)
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_SAMPLES",
+    "DEFAULT_SEQ_LEN",
     "ESTIMATORS",
     "EstimateSpec",
     "PreparedEstimate",
@@ -73,6 +85,18 @@ __all__ = [
     "ShardOutcome",
     "ShardedEstimateSpec",
     "estimate_fingerprint",
+    # the parts under the estimators, for experiments and benchmarks: the shardable measuring
+    # loop of ``measured`` and the Hutchinson machinery (HVPs on the task loss) of the curvature ones
+    "measure_units",
+    "merge_measured",
+    "shard_units",
+    "first_order_graph",
+    "gradient_mode",
+    "hutchinson_traces",
+    "hvp",
+    "rademacher_probes",
+    "unit_leaves",
+    "unit_quadratics",
 ]
 
 #: name → "module:Class" (documented in each class's docstring with its paper).

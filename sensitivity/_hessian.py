@@ -214,7 +214,7 @@ def running_mean_converged(samples: np.ndarray, tol: float) -> int | None:
     return int(ok[0]) + 2 if ok.size else None
 
 
-def _unit_quadratics(units: Sequence[Any], index: Sequence[int], z: Sequence[torch.Tensor],
+def unit_quadratics(units: Sequence[Any], index: Sequence[int], z: Sequence[torch.Tensor],
                      hz: Sequence[torch.Tensor]) -> np.ndarray:
     """``z_iᵀ (H z)_i`` per unit: an unbiased estimate of Tr(H_i) (cross terms have mean 0)."""
     return np.array([float((unit_block(z[k], u) * unit_block(hz[k], u)).sum())
@@ -257,7 +257,7 @@ def hutchinson_traces(
             for grads, n in graphs(model, ctx, leaves, cached, cache_graphs):
                 total += n
                 for p, hz in _products(grads, leaves, probes, batched):
-                    acc[p] += n * _unit_quadratics(ctx.units, index, probes[p], hz)
+                    acc[p] += n * unit_quadratics(ctx.units, index, probes[p], hz)
             if total == 0:
                 raise InvalidParameterError("no calibration sample has a target; use longer texts")
             samples = np.concatenate([samples, acc / total])

@@ -28,21 +28,38 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("allocator", "sensitivity", "solvers")
 
-#: (layer, module-name prefixes), most specific prefix wins (see ``layer_of``).
-LAYERS: dict[str, tuple[str, ...]] = {
+#: layer of every folder that holds modules, by path; no prefix rule and no catch-all, so a module
+#: in a folder not listed here (a new package, a new sub-folder) has no layer and fails
+#: ``test_every_module_has_a_layer`` until it is placed.
+FOLDER_LAYERS: dict[str, str] = {
     # core types: formats, units, tables, budgets, plans, results, their files and table tools
-    "core": ("allocator", "allocator.core"),
+    "allocator/core": "core",
     # the model side: loading, outputs, data, the quantizer, unit selection, saving
-    "model": ("allocator.model",),
-    "estimators": ("sensitivity",),
-    "solvers": ("solvers",),
+    "allocator/model": "model",
+    "allocator/model/data": "model",
+    "allocator/model/quant": "model",
+    "sensitivity": "estimators",
+    "solvers": "solvers",
     # apply / verify / evaluate a plan on a model, the search evaluator, exporters, palettes
-    "backend": ("allocator.backend", "allocator.export"),
+    "allocator/backend": "backend",
+    "allocator/export": "backend",
     # orchestration: run / demo, refinement, the Bayesian search job
-    "jobs": ("allocator.jobs",),
+    "allocator/jobs": "jobs",
     # entry points: CLI, HTTP service and its client; shipped test helpers
-    "top": ("allocator.cli", "allocator.service", "allocator.testing"),
+    "allocator/cli": "top",
+    "allocator/service": "top",
+    "allocator/service/api": "top",
+    "allocator/service/api/routes": "top",
+    "allocator/service/core": "top",
+    "allocator/service/store": "top",
+    "allocator/testing": "top",
 }
+
+#: modules placed one by one: the top package only re-exports the core's public names, and its
+#: folder holds every other package, so it cannot be placed by folder.
+MODULE_LAYERS: dict[str, str] = {"allocator": "core"}
+
+LAYER_NAMES = ("core", "model", "estimators", "solvers", "backend", "jobs", "top")
 
 ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset({"core"}),
@@ -51,7 +68,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "solvers": frozenset({"core", "solvers"}),
     "backend": frozenset({"core", "model", "backend"}),
     "jobs": frozenset({"core", "model", "estimators", "solvers", "backend", "jobs"}),
-    "top": frozenset(LAYERS),
+    "top": frozenset(LAYER_NAMES),
 }
 
 #: Layers that must not import heavy packages at module level (a solver runs on a table alone,
@@ -71,26 +88,29 @@ class Import:
     target: str  #: the dotted name as written (module, or module.name for ``from m import name``)
     line: int
     top_level: bool  #: executed when the importer is imported (not in a function / TYPE_CHECKING)
+    type_checking: bool = False  #: under ``if TYPE_CHECKING:`` (for annotations; still a dependency)
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = ROOT) -> dict[str, Path]:
     out = {}
     for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
+        for path in sorted((root / pkg).rglob("*.py")):
             if "migrations" in path.parts:  # alembic scripts, run by alembic only
                 continue
-            out[_module_name(path)] = path
+            out[_module_name(path, root)] = path
     return out
 
 
 MODULES = _modules()
+#: benchmark scripts: not a layer, but they use the packages as a user would (public names only)
+BENCHMARKS = {_module_name(p): p for p in sorted((ROOT / "benchmarks").glob("*.py"))}
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -103,43 +123,52 @@ def _imports(name: str, path: Path) -> list[Import]:
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: list[Import] = []
 
-    def visit(node: ast.AST, top: bool) -> None:
+    def visit(node: ast.AST, top: bool, checking: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _is_type_checking(child):
+                for sub in child.body:  # never executed, but the module depends on these names
+                    visit_one(sub, False, True)
                 for sub in child.orelse:
-                    visit(sub, top)
-                continue  # annotations only: never executed
-            inner = top and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef |
-                                           ast.Lambda)
-            if isinstance(child, ast.Import):
-                found.extend(Import(name, a.name, child.lineno, top) for a in child.names)
-            elif isinstance(child, ast.ImportFrom):
-                if child.level:
-                    base = package.split(".")
-                    base = base[:len(base) - (child.level - 1)]
-                    module = ".".join(base + ([child.module] if child.module else []))
-                else:
-                    module = child.module or ""
-                found.append(Import(name, module, child.lineno, top))
-                found.extend(Import(name, f"{module}.{a.name}", child.lineno, top)
-                             for a in child.names)
-            visit(child, inner)
+                    visit_one(sub, top, checking)
+                continue
+            visit_one(child, top, checking)
 
-    visit(ast.parse(path.read_text(encoding="utf-8")), True)
+    def visit_one(child: ast.AST, top: bool, checking: bool) -> None:
+        inner = top and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        if isinstance(child, ast.Import):
+            found.extend(Import(name, a.name, child.lineno, top, checking) for a in child.names)
+        elif isinstance(child, ast.ImportFrom):
+            if child.level:
+                base = package.split(".")
+                base = base[:len(base) - (child.level - 1)]
+                module = ".".join(base + ([child.module] if child.module else []))
+            else:
+                module = child.module or ""
+            found.append(Import(name, module, child.lineno, top, checking))
+            found.extend(Import(name, f"{module}.{a.name}", child.lineno, top, checking)
+                         for a in child.names)
+        visit(child, inner, checking)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), True, False)
     return found
 
 
 IMPORTS = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
-def layer_of(module: str) -> str | None:
-    """The layer whose longest prefix matches ``module`` (None: not one of ours)."""
-    best: tuple[int, str] | None = None
-    for layer, prefixes in LAYERS.items():
-        for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[0]):
-                best = (len(p), layer)
-    return None if best is None else best[1]
+def layer_of(module: str, path: Path | None = None, root: Path = ROOT) -> str | None:
+    """The layer of ``module`` (its file ``path``, by default the one in ``MODULES``): its entry
+    in ``MODULE_LAYERS``, else its folder's in ``FOLDER_LAYERS``; None when neither places it."""
+    if module in MODULE_LAYERS:
+        return MODULE_LAYERS[module]
+    path = path if path is not None else MODULES.get(module)
+    if path is None:
+        return None
+    return FOLDER_LAYERS.get(path.parent.relative_to(root).as_posix())
+
+
+def _unplaced(modules: dict[str, Path], root: Path = ROOT) -> list[str]:
+    return [m for m, path in modules.items() if layer_of(m, path, root) is None]
 
 
 def _known_module(target: str) -> str | None:
@@ -153,8 +182,33 @@ def _known_module(target: str) -> str | None:
 
 
 def test_every_module_has_a_layer() -> None:
-    missing = [m for m in MODULES if layer_of(m) is None]
-    assert not missing, f"put these modules in a layer of tests/test_layers.py: {missing}"
+    missing = _unplaced(MODULES)
+    assert not missing, (f"put the folders of these modules in FOLDER_LAYERS of tests/test_layers.py "
+                         f"(and in docs/architecture.md): {missing}")
+
+
+def test_a_module_outside_the_placed_folders_has_no_layer(tmp_path: Path) -> None:
+    # the check itself: a tree with a module in a placed folder, a new sub-package, a stray
+    # module beside the top package's __init__ and a new folder of a plug-in package
+    for rel in ("allocator/__init__.py", "allocator/core/__init__.py", "allocator/core/fresh.py",
+                "allocator/newpkg/__init__.py", "allocator/newpkg/thing.py", "allocator/stray.py",
+                "sensitivity/__init__.py", "sensitivity/_sub/__init__.py", "solvers/__init__.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    modules = _modules(tmp_path)
+    assert sorted(_unplaced(modules, tmp_path)) == [
+        "allocator.newpkg", "allocator.newpkg.thing", "allocator.stray", "sensitivity._sub"]
+    assert layer_of("allocator.core.fresh", modules["allocator.core.fresh"], tmp_path) == "core"
+    assert layer_of("allocator", modules["allocator"], tmp_path) == "core"
+    assert layer_of("allocator.nowhere") is None  # not a module of this tree
+
+
+def test_the_layer_map_names_real_folders_and_layers() -> None:
+    # a stale entry would place modules that no longer exist (or a typo, none at all)
+    folders = {p.parent.relative_to(ROOT).as_posix() for p in MODULES.values()}
+    assert sorted(set(FOLDER_LAYERS) - folders) == []
+    assert set(FOLDER_LAYERS.values()) | set(MODULE_LAYERS.values()) <= set(LAYER_NAMES)
+    assert set(ALLOWED) == set(LAYER_NAMES) and set(MODULE_LAYERS) <= set(MODULES)
 
 
 def test_imports_respect_the_layers() -> None:
@@ -220,19 +274,37 @@ def test_private_modules_stay_inside_their_package() -> None:
 
 
 def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
-    # the checker itself: a solver importing an estimator module and torch, and a private name
+    # the checker itself: a solver importing an estimator module and torch, a private name, and
+    # an annotation-only import (checked, but not executed at import time)
     path = tmp_path / "bad.py"
-    path.write_text("import torch\nfrom sensitivity._base import BaseEstimator\n"
-                    "def f():\n    from allocator.backend._apply import apply_plan\n")
+    path.write_text("from typing import TYPE_CHECKING\nimport torch\n"
+                    "from sensitivity._base import BaseEstimator\n"
+                    "def f():\n    from allocator.backend._apply import apply_plan\n"
+                    "if TYPE_CHECKING:\n    from allocator.jobs import pipeline\n"
+                    "else:\n    import json\n")
     found = _imports("solvers._bad", path)
-    assert [(i.target, i.top_level) for i in found] == [
-        ("torch", True), ("sensitivity._base", True), ("sensitivity._base.BaseEstimator", True),
-        ("allocator.backend._apply", False), ("allocator.backend._apply.apply_plan", False)]
+    assert [(i.target, i.top_level, i.type_checking) for i in found[2:]] == [
+        ("torch", True, False), ("sensitivity._base", True, False),
+        ("sensitivity._base.BaseEstimator", True, False),
+        ("allocator.backend._apply", False, False), ("allocator.backend._apply.apply_plan", False, False),
+        ("allocator.jobs", False, True), ("allocator.jobs.pipeline", False, True),
+        ("json", True, False)]
     assert layer_of("sensitivity._base") not in ALLOWED["solvers"]
     assert _owner("sensitivity._base.BaseEstimator") == "sensitivity"
     assert _owner("allocator.backend._apply") == "allocator.backend"
     assert _owner("allocator.core.table._META_KEY") == "allocator.core"
     assert _owner("allocator.backend.apply_plan") is None
+
+
+def test_benchmarks_use_public_names_only() -> None:
+    # a benchmark measures what a user can call; a private import would also break silently
+    # when the package reorganizes its internals
+    bad = [f"{path.relative_to(ROOT)}:{imp.line}: imports {imp.target} (private to {owner}); "
+           f"use what {owner} exports"
+           for name, path in BENCHMARKS.items() for imp in _imports(name, path)
+           if (owner := _owner(imp.target)) is not None
+           and imp.target.split(".")[0] in PACKAGES]
+    assert BENCHMARKS and not bad, "\n".join(sorted(set(bad)))
 
 
 def test_loggers_are_named_after_their_module() -> None:

@@ -6,6 +6,7 @@ import argparse
 
 from allocator.cli._common import add_device_argument, console, device_from_args
 from allocator.cli._run import add_data_arguments
+from sensitivity import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 
 HELP = "apply a bit plan to a model (RTN or GPTQ fake quantization), verify, save"
 
@@ -14,8 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama)")
     p.add_argument("plan", help="plan.json")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantizer (default rtn)")
-    p.add_argument("--samples", type=int, default=32, help="GPTQ calibration samples (default 32)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"GPTQ calibration samples (default {DEFAULT_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--group-columns", type=int,
                    help="column-group width of [g=i] units (default: inferred from the plan)")
     add_data_arguments(p, calibration_only=True)

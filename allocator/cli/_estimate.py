@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from allocator.cli._common import add_device_argument, add_for_argument, console, device_from_args
+from sensitivity import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 
 if TYPE_CHECKING:
     from sensitivity import EstimateSpec
@@ -26,9 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how each ΔW = Q(W) − W is formed: rtn (default) or gptq (GPTQ of each "
                    "unit from its input Hessian on the calibration data; docs/quantizer.md)")
     add_for_argument(p, "estimate")
-    p.add_argument("--samples", type=int, default=32, help="calibration texts (default 32)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per text (default 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per batch (default 8)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"calibration texts (default {DEFAULT_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per text (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"texts per batch (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--groups", type=int, help="split weights into groups of G input columns")
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="only units matching this glob, e.g. 'model.layers.0.*' (a module "

@@ -6,6 +6,7 @@ import argparse
 
 from allocator.cli._common import add_device_argument, console, device_from_args
 from allocator.cli._run import add_data_arguments
+from sensitivity import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 
 HELP = "evaluate a plan (or plans) on held-out data: perplexity/KL, embedding cosine, retrieval"
 
@@ -15,8 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plans", nargs="+", help="plan.json file(s)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantizer (default rtn)")
     p.add_argument("--samples", type=int, default=64, help="held-out samples (default 64)")
-    p.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration samples")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"GPTQ calibration samples (default {DEFAULT_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--cache-dir", help="keep full-precision reference outputs here")
     add_data_arguments(p)
     add_device_argument(p)

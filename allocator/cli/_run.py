@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from allocator.cli._common import add_device_argument, add_for_argument, console, device_from_args
+from sensitivity import DEFAULT_SEQ_LEN
 
 HELP = "end-to-end: estimate, solve at a bpw, apply, evaluate vs uniform at equal size"
 
@@ -26,7 +27,8 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--samples", type=int, default=calib, help=f"calibration samples (default {calib})")
     p.add_argument("--eval-samples", type=int, default=evals,
                    help=f"held-out evaluation samples (default {evals})")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
     add_data_arguments(p)
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="only units whose name matches this glob, e.g. '*.attention.*' "
