@@ -1,6 +1,7 @@
 """Sensitivity estimators: (model, calibration data, candidate options) → CostTable.
 
-Estimators are registered by name; :func:`estimate` is the one driver. ``sensitivity`` depends
+Estimators are registered by name; :func:`estimate` (model, :class:`EstimateSpec`) → CostTable is
+the one entry point, whole-model, block by block (``sequential``) or sharded (``sharding``). ``sensitivity`` depends
 on ``allocator`` core types only and never imports ``solvers``.
 """
 
@@ -13,66 +14,49 @@ from allocator.core.errors import UnknownNameError
 from allocator.model.distortion import Metric, distortion, per_sample_sums
 from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
-from sensitivity._driver import (
-    PreparedEstimate,
-    build_estimate,
-    estimate_loaded,
-    estimate_spec,
-    load_data,
-    prepare,
-    prepare_estimate,
-    run_estimate,
-    run_prepared,
-    seeded,
-)
+from sensitivity._driver import PROVENANCE_KEYS, estimate, seeded
 from sensitivity._measured import default_metric
-from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL, estimate_sequential
-from sensitivity._sharded import (
-    ShardedEstimateSpec,
-    ShardOutcome,
-    estimate_fingerprint,
-    run_shard_worker,
-    run_sharded,
+from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL
+from sensitivity._sharded import ShardOutcome, ShardsPending
+from sensitivity._spec import (
+    EstimateSpec,
+    Execution,
+    Sharding,
+    check_estimator_params,
+    estimator_parameters,
+    sharded_methods,
 )
-from sensitivity._spec import EstimateSpec, check_estimator_params, estimator_parameters
 
 __all__ = [
-    "ESTIMATORS",
+    # the one entry point: estimate(model, EstimateSpec(...)) → CostTable
+    "estimate",
     "EstimateSpec",
-    "PreparedEstimate",
-    "build_estimate",
-    "check_estimator_params",
-    "estimate_loaded",
-    "estimate_spec",
-    "estimator_parameters",
-    "prepare",
-    "prepare_estimate",
-    "run_prepared",
-    "seeded",
+    "Execution",
+    "Sharding",
+    "ShardOutcome",
+    "ShardsPending",
+    "PROVENANCE_KEYS",
+    "SEQUENTIAL",
+    "LAYER_LOCAL",
+    "sharded_methods",
+    # estimators and the pieces to write one
+    "ESTIMATORS",
     "BaseEstimator",
     "BlockCache",
+    "EstimateContext",
     "Metric",
+    "UnitCosts",
+    "check_estimator_params",
     "default_metric",
     "distortion",
+    "estimator_class",
+    "estimator_parameters",
+    "get_estimator",
     "make_chunks",
     "per_sample_sums",
-    "EstimateContext",
-    "UnitCosts",
-    "estimate",
-    "SEQUENTIAL",
-    "estimate_sequential",
-    "load_data",
-    "LAYER_LOCAL",
-    "estimator_class",
-    "get_estimator",
     "quant_errors",
-    "run_estimate",
-    "run_shard_worker",
-    "run_sharded",
     "score_times_error",
-    "ShardOutcome",
-    "ShardedEstimateSpec",
-    "estimate_fingerprint",
+    "seeded",
 ]
 
 #: name → "module:Class" (documented in each class's docstring with its paper).
@@ -105,6 +89,3 @@ def get_estimator(name: str | BaseEstimator, **params: Any) -> BaseEstimator:
         return name
     return estimator_class(name)(**params)
 
-
-#: High-level driver (model + data + method → CostTable); see :func:`sensitivity._driver.run_estimate`.
-estimate = run_estimate
