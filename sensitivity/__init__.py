@@ -1,8 +1,8 @@
 """Sensitivity estimators: (model, calibration data, candidate options) → CostTable.
 
 Estimators are registered by name; :func:`estimate` (model, :class:`EstimateSpec`) → CostTable is
-the one entry point, whole-model, block by block (``sequential``) or sharded (``sharding``). ``sensitivity`` depends
-on ``allocator`` core types only and never imports ``solvers``.
+the one entry point, whole-model, block by block (``sequential``) or sharded (``sharding``).
+``sensitivity`` depends on ``allocator`` core types only and never imports ``solvers``.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import AllocatorError, InvalidParameterError
