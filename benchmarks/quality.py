@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from allocator.core.budget import Budget
     from allocator.core.plan import BitPlan
     from allocator.core.units import discover_units
-    from allocator.jobs.pipeline import RunConfig, _data, _load, estimate_table, uniform_plans
+    from allocator.jobs.pipeline import RunConfig, _data, _load, estimate_table, run_spec, uniform_plans
 
     models = args.models or (["minilm"] if args.quick else ["minilm", "tiny-llama"])
     estimators = args.estimators or (["hessian-proxy", "salience", "datafree"] if args.quick
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a missing model is reported, not fatal
             skipped.append(f"model {model_name}: {exc}")
             continue
-        cfg = RunConfig(model=model_name, calib_samples=n_cal, eval_samples=n_eval, progress=False,
-                        out=None)
+        cfg = RunConfig(model=model_name, estimate=run_spec(samples=n_cal, progress=False),
+                        eval_samples=n_eval, out=None)
         calib, held = _data(loaded, cfg)
         units = discover_units(loaded.model)
         state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         for est in estimators:
             t0 = time.perf_counter()
             try:
-                table = estimate_table(loaded, calib, RunConfig(model=model_name, estimator=est,
-                                                                calib_samples=n_cal, progress=False,
-                                                                out=None), units)
+                run_cfg = RunConfig(model=model_name, estimate=run_spec(est, samples=n_cal, progress=False),
+                                    out=None)
+                table = estimate_table(loaded, calib, run_cfg, units)
             except Exception as exc:
                 skipped.append(f"{model_name}/{est}: {type(exc).__name__}: {str(exc)[:120]}")
                 traceback.print_exc(limit=1, file=sys.stderr)
