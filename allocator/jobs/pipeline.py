@@ -100,10 +100,15 @@ class RunConfig:
     resume: bool = False
 
     @property
-    def candidate_options(self) -> str | Sequence[Any] | None:
-        """The estimate's ``options``, else the dense palette (unless a consumer fixes them)."""
+    def options(self) -> str | None:
+        """The estimate's option spec (a string: checked in ``__post_init__``)."""
         options = self.estimate.options
-        return options if options is not None or self.consumer else "dense"
+        return options if isinstance(options, str) else None
+
+    @property
+    def candidate_options(self) -> str | None:
+        """The estimate's ``options``, else the dense palette (unless a consumer fixes them)."""
+        return self.options if self.options is not None or self.consumer else "dense"
 
     def __post_init__(self) -> None:
         from sensitivity import EstimateSpec
@@ -120,13 +125,11 @@ class RunConfig:
         if self.consumer is not None:
             from allocator.export.palettes import palette_options
 
-            palette_options(self.consumer, self.estimate.options, groups)  # a consumer, no options/groups
+            palette_options(self.consumer, self.options, groups)  # a consumer, no options/groups
         elif groups is not None:
             from allocator.core.formats import check_group_columns, parse_options
 
-            options = self.candidate_options
-            check_group_columns(groups, parse_options(options) if isinstance(options, str)
-                                else self.estimate.formats())
+            check_group_columns(groups, parse_options(self.candidate_options))
         RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours,  # validates
                      time_limit=self.refine_time_limit)
         v = self.eval_samples
@@ -154,6 +157,9 @@ class RunConfig:
         if spec.units is not None:
             raise InvalidParameterError("a run selects its units itself: use include / exclude, "
                                         "not units")
+        if spec.options is not None and not isinstance(spec.options, str):
+            raise InvalidParameterError(f"a run's options are an option spec string such as "
+                                        f"'int2..8-g128-asym,fp16', got {spec.options!r}")
         if spec.data is not None and not isinstance(spec.data, str):
             raise InvalidParameterError(f"data must be a file path, got {spec.data!r}")
 
