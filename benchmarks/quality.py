@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from allocator.core.budget import Budget
     from allocator.core.plan import BitPlan
     from allocator.core.units import discover_units
-    from allocator.jobs.pipeline import RunConfig, estimate_table, uniform_plans
+    from allocator.jobs.pipeline import RunConfig, estimate_table, run_spec, uniform_plans
     from allocator.model.data import user_data_for
     from allocator.model.loading import load_model
 
@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a missing model is reported, not fatal
             skipped.append(f"model {model_name}: {exc}")
             continue
-        cfg = RunConfig(model=model_name, calib_samples=n_cal, eval_samples=n_eval, progress=False,
-                        out=None)
-        common = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed}
+        cfg = RunConfig(model=model_name, estimate=run_spec(samples=n_cal, progress=False),
+                        eval_samples=n_eval, out=None)
+        common = {"seq_len": cfg.estimate.seq_len, "batch_size": cfg.estimate.batch_size,
+                  "seed": cfg.estimate.seed}
         calib = user_data_for(loaded, "calibration", n_cal, **common)
         held = user_data_for(loaded, "evaluation", n_eval, **common)
         units = discover_units(loaded.model)
@@ -139,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         for est in estimators:
             t0 = time.perf_counter()
             try:
-                table = estimate_table(loaded, calib, RunConfig(model=model_name, estimator=est,
-                                                                calib_samples=n_cal, progress=False,
-                                                                out=None), units)
+                run_cfg = RunConfig(model=model_name, estimate=run_spec(est, samples=n_cal, progress=False),
+                                    out=None)
+                table = estimate_table(loaded, calib, run_cfg, units)
             except Exception as exc:
                 skipped.append(f"{model_name}/{est}: {type(exc).__name__}: {str(exc)[:120]}")
                 traceback.print_exc(limit=1, file=sys.stderr)

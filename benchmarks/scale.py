@@ -112,7 +112,7 @@ def one_batch_gb(loaded: Any, batch: int, seq_len: int) -> float:
 
 def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq_len: int,
           include: list[str] | None = None) -> None:
-    from sensitivity import run_estimate
+    from sensitivity import EstimateSpec, estimate
 
     loaded = build(config)
     if estimator == ONE_BATCH:
@@ -131,9 +131,9 @@ def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq
     for b in blocks:
         b.register_forward_pre_hook(count, with_kwargs=True)
     t0 = time.perf_counter()
-    table = run_estimate(loaded, method=estimator, samples=samples, seq_len=seq_len,
-                         batch_size=min(8, samples), estimator_params=params, progress=False,
-                         include=include)
+    table = estimate(loaded, EstimateSpec(method=estimator, samples=samples, seq_len=seq_len,
+                                          batch_size=min(8, samples), params=params, progress=False,
+                                          include=include))
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     meta = table.metadata

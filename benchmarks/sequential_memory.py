@@ -98,8 +98,10 @@ def run_mode(mode: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
                               model_kind="causal_lm", progress=False)
         get_estimator(mode.removeprefix("whole-")).estimate(load_model(path).model, ctx)
     elif mode.startswith("seq-"):
-        from sensitivity import estimate_sequential
+        from sensitivity._sequential import estimate_sequential
 
+        # the block-by-block estimator itself on ready batches (sensitivity.estimate with
+        # sequential=True also reads the whole checkpoint once more for the model's fingerprint)
         estimate_sequential(path, mode.removeprefix("seq-"), batches=calib, options=["int4-g128-asym"],
                             units=units)
     return {"mode": mode, "baseline_mb": round(base), "peak_mb": round(_rss_mb()),

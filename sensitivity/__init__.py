@@ -1,7 +1,8 @@
 """Sensitivity estimators: (model, calibration data, candidate options) → CostTable.
 
-Estimators are registered by name; :func:`estimate` is the one driver. ``sensitivity`` depends
-on ``allocator`` core types only and never imports ``solvers``.
+Estimators are registered by name; :func:`estimate` (model, :class:`EstimateSpec`) → CostTable is
+the one entry point, whole-model, block by block (``sequential``) or sharded (``sharding``).
+``sensitivity`` depends on ``allocator`` core types only and never imports ``solvers``.
 """
 
 from __future__ import annotations
@@ -13,78 +14,57 @@ from allocator.core.errors import UnknownNameError
 from allocator.model.distortion import Metric, distortion, per_sample_sums
 from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
-from sensitivity._driver import (
-    PreparedEstimate,
-    build_estimate,
-    estimate_loaded,
-    estimate_spec,
-    load_data,
-    prepare,
-    prepare_estimate,
-    run_estimate,
-    run_prepared,
-    seeded,
-)
+from sensitivity._driver import PROVENANCE_KEYS, estimate, seeded
 from sensitivity._hessian import first_order_graph, hutchinson_traces, hvp, rademacher_probes, unit_quadratics
 from sensitivity._loss import gradient_mode, unit_leaves
 from sensitivity._measured import default_metric, measure_units, merge_measured, shard_units
-from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL, estimate_sequential
-from sensitivity._sharded import (
-    ShardedEstimateSpec,
-    ShardOutcome,
-    estimate_fingerprint,
-    run_shard_worker,
-    run_sharded,
-)
+from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL
+from sensitivity._sharded import ShardOutcome, ShardsPending
 from sensitivity._spec import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     EstimateSpec,
+    Execution,
+    Sharding,
     check_estimator_params,
     estimator_parameters,
+    sharded_methods,
 )
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_SAMPLES",
     "DEFAULT_SEQ_LEN",
-    "ESTIMATORS",
+    # the one entry point: estimate(model, EstimateSpec(...)) → CostTable
+    "estimate",
     "EstimateSpec",
-    "PreparedEstimate",
-    "build_estimate",
-    "check_estimator_params",
-    "estimate_loaded",
-    "estimate_spec",
-    "estimator_parameters",
-    "prepare",
-    "prepare_estimate",
-    "run_prepared",
-    "seeded",
+    "Execution",
+    "Sharding",
+    "ShardOutcome",
+    "ShardsPending",
+    "PROVENANCE_KEYS",
+    "SEQUENTIAL",
+    "LAYER_LOCAL",
+    "sharded_methods",
+    # estimators and the pieces to write one
+    "ESTIMATORS",
     "BaseEstimator",
     "BlockCache",
+    "EstimateContext",
     "Metric",
+    "UnitCosts",
+    "check_estimator_params",
     "default_metric",
     "distortion",
+    "estimator_class",
+    "estimator_parameters",
+    "get_estimator",
     "make_chunks",
     "per_sample_sums",
-    "EstimateContext",
-    "UnitCosts",
-    "estimate",
-    "SEQUENTIAL",
-    "estimate_sequential",
-    "load_data",
-    "LAYER_LOCAL",
-    "estimator_class",
-    "get_estimator",
     "quant_errors",
-    "run_estimate",
-    "run_shard_worker",
-    "run_sharded",
     "score_times_error",
-    "ShardOutcome",
-    "ShardedEstimateSpec",
-    "estimate_fingerprint",
+    "seeded",
     # the parts under the estimators, for experiments and benchmarks: the shardable measuring
     # loop of ``measured`` and the Hutchinson machinery (HVPs on the task loss) of the curvature ones
     "measure_units",
@@ -129,6 +109,3 @@ def get_estimator(name: str | BaseEstimator, **params: Any) -> BaseEstimator:
         return name
     return estimator_class(name)(**params)
 
-
-#: High-level driver (model + data + method → CostTable); see :func:`sensitivity._driver.run_estimate`.
-estimate = run_estimate

@@ -1,9 +1,13 @@
-"""The high-level driver: (model, :class:`~sensitivity.EstimateSpec`) → validated CostTable.
+"""The one estimate driver: (model, :class:`~sensitivity.EstimateSpec`) → validated CostTable.
 
-:func:`run_estimate` loads the model (:func:`allocator.model.loading.load_model`) and calibration
+:func:`estimate` loads the model (:func:`allocator.model.loading.load_model`) and calibration
 batches (:class:`allocator.model.data.CalibrationData`: the built-in corpus, a text file or a list of
 texts), discovers the units, builds the :class:`~sensitivity.EstimateContext`, runs the named
-estimator and records the provenance in the table metadata.
+estimator and records the provenance in the table metadata. The spec's execution decides how:
+the whole model in this process, one block at a time (``sequential``,
+:mod:`sensitivity._sequential`) or in shards over worker processes (``sharding``,
+:mod:`sensitivity._sharded`); all three seed the same way and record the same provenance keys
+(:data:`PROVENANCE_KEYS`).
 
 Determinism: the sample order, the probes and every other random draw derive from ``seed``;
 torch's global RNG is seeded too (and restored afterwards) for anything an estimator or a model
@@ -14,17 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
-from allocator.core.formats import QuantFormat
 from allocator.core.table import CostTable
 from allocator.core.units import UnitKind
-from sensitivity._spec import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, EstimateSpec
+from sensitivity._spec import EstimateSpec, Execution
 
 if TYPE_CHECKING:
     import torch
@@ -35,21 +38,12 @@ if TYPE_CHECKING:
     from allocator.model.quant import Quantizer
     from sensitivity._base import BaseEstimator, EstimateContext
 
-__all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "DEFAULT_SAMPLES",
-    "DEFAULT_SEQ_LEN",
-    "PreparedEstimate",
-    "build_estimate",
-    "estimate_loaded",
-    "estimate_spec",
-    "load_data",
-    "prepare",
-    "prepare_estimate",
-    "run_estimate",
-    "run_prepared",
-    "seeded",
-]
+__all__ = ["PROVENANCE_KEYS", "PreparedEstimate", "estimate", "load_data", "plan_quantizer", "prepare",
+           "run_prepared", "seeded"]
+
+#: what every table's metadata records about where it came from, whichever execution built it
+PROVENANCE_KEYS = ("method", "model", "model_path", "model_kind", "model_fingerprint", "units_count",
+                   "filters", "data", "data_fingerprint", "quantizer")
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +115,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PreparedEstimate:
-    """What :func:`prepare_estimate` builds: :func:`run_prepared` runs it (or the sharded runner
-    splits ``ctx.units`` into shards first)."""
+    """What :func:`prepare` builds: :func:`run_prepared` runs it (or the sharded runner splits
+    ``ctx`` into shards first)."""
 
     loaded: LoadedModel
     estimator: BaseEstimator
@@ -131,16 +125,22 @@ class PreparedEstimate:
     spec: EstimateSpec
 
 
-def build_estimate(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
-                   calibration: Any, quantizer: Quantizer | None = None) -> PreparedEstimate:
-    """The context and the provenance of one estimate of ``loaded`` on ``calibration`` (ready
-    batches with ``fingerprint`` / ``metadata()``, or None for a data-free run), as given.
-    ``quantizer``: one already built (``run`` shares it with refinement), else ``spec.quantizer``
-    is built here on ``calibration``.
+def _provenance(spec: EstimateSpec, *, name: str, path: str, kind: str, fingerprint: str,
+                n_units: int, calibration: Any) -> dict[str, Any]:
+    """The :data:`PROVENANCE_KEYS` of one estimate (every execution ends here)."""
+    meta = {"method": spec.method, "model": name, "model_path": path, "model_kind": kind,
+            "model_fingerprint": fingerprint, "units_count": n_units, "filters": spec.filters(),
+            "data": calibration.metadata() if calibration is not None else None,
+            "data_fingerprint": calibration.fingerprint if calibration is not None else None,
+            "quantizer": spec.quantizer}
+    return meta
 
-    Every estimate path ends here (CLI, Python API, sharding, ``run`` / ``demo``, the service),
-    so tables record the same provenance keys whichever command built them.
-    """
+
+def _build(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
+           calibration: Any, quantizer: Quantizer | None = None) -> PreparedEstimate:
+    """The context and the provenance of one estimate of ``loaded`` on ``calibration`` (ready
+    batches with ``fingerprint`` / ``metadata()``, or None for a data-free run). ``quantizer``:
+    one already built (``run`` shares it with refinement), else ``spec.quantizer`` built here."""
     from sensitivity import EstimateContext
 
     estimator = spec.estimator()
@@ -148,17 +148,14 @@ def build_estimate(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[U
     batches = list(calibration) if calibration is not None else []
     if quantizer is None:
         quantizer = plan_quantizer(spec.quantizer, loaded, units, batches)
+    elif quantizer.name != spec.quantizer:
+        raise InvalidParameterError(f"the quantizer given is {quantizer.name!r} but the spec says "
+                                    f"{spec.quantizer!r}; make them agree")
     ctx = EstimateContext(batches=batches, units=list(units), options=spec.formats(), seed=spec.seed,
                           device=spec.device, model_kind=kind, progress=spec.progress,
                           quantizer=quantizer)
-    meta: dict[str, Any] = {
-        "method": spec.method, "model": loaded.name, "model_path": loaded.path, "model_kind": kind,
-        "model_fingerprint": loaded.fingerprint, "units_count": len(ctx.units),
-        "filters": spec.filters(),
-        "data": calibration.metadata() if calibration is not None else None,
-        "data_fingerprint": calibration.fingerprint if calibration is not None else None,
-        "quantizer": quantizer.name,
-    }
+    meta = _provenance(spec, name=loaded.name, path=loaded.path, kind=kind,
+                       fingerprint=loaded.fingerprint, n_units=len(ctx.units), calibration=calibration)
     return PreparedEstimate(loaded=loaded, estimator=estimator, ctx=ctx, metadata=meta, spec=spec)
 
 
@@ -180,20 +177,36 @@ def plan_quantizer(name: str, loaded: LoadedModel, units: Sequence[Unit],
         model.train(was_training)
 
 
-def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> PreparedEstimate:
-    """Load the model and data of ``spec``, discover the units and build the context; nothing
-    is estimated yet."""
+def _units(model: Any, spec: EstimateSpec) -> list[Unit]:
+    """The units of ``spec``: discovered (kinds, groups), kept by the globs (one syntax with
+    ``run``: :mod:`allocator.model.unit_select`), then ``spec.units`` when it names them."""
     from allocator.core.units import discover_units
     from allocator.model.unit_select import filter_units
+
+    kept = filter_units(discover_units(model, kinds=[UnitKind(k) for k in spec.kinds],
+                                       group_columns=spec.groups),
+                        spec.include, spec.exclude).units
+    if spec.units is None:
+        return list(kept)
+    names = {u.name for u in kept}
+    missing = [n for n in spec.units if n not in names]
+    if missing:
+        raise InvalidParameterError(f"unit {missing[0]!r} is not among the {len(names)} units the "
+                                    f"filters keep; pass names from the model's units or drop it")
+    wanted = set(spec.units)
+    return [u for u in kept if u.name in wanted]
+
+
+def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
+            quantizer: Quantizer | None = None) -> PreparedEstimate:
+    """Load the model and data of ``spec``, pick the units and build the context; nothing is
+    estimated yet (the sharded runner splits ``ctx`` before running it)."""
     from sensitivity import estimator_class
 
     # a data-free estimator still needs data for a quantizer that learns from it (GPTQ)
     needs_data = estimator_class(spec.method).needs_data or spec.quantizer != "rtn"
     loaded = _load(model, spec.device)
-    # the globs select among all units (allocator.model.unit_select: one syntax with `run`)
-    units = filter_units(discover_units(loaded.model, kinds=[UnitKind(k) for k in spec.kinds],
-                                        group_columns=spec.groups),
-                         spec.include, spec.exclude).units
+    units = _units(loaded.model, spec)
     cal = None
     if needs_data:
         cal = _image_data(spec.data, loaded, samples=spec.samples, batch_size=spec.batch_size,
@@ -203,7 +216,7 @@ def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> Prepa
                             samples=spec.samples, seq_len=spec.seq_len,
                             batch_size=spec.batch_size, seed=spec.seed)
         cal = cal.to(spec.device)
-    return build_estimate(loaded, spec, units=units, calibration=cal)
+    return _build(loaded, spec, units=units, calibration=cal, quantizer=quantizer)
 
 
 def run_prepared(prep: PreparedEstimate) -> CostTable:
@@ -218,99 +231,69 @@ def run_prepared(prep: PreparedEstimate) -> CostTable:
     return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
 
 
-def estimate_spec(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> CostTable:
-    """Estimate a cost table for ``model`` as ``spec`` says (see :class:`EstimateSpec`)."""
-    return run_prepared(prepare(model, spec))
-
-
-def estimate_loaded(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
-                    calibration: Any, quantizer: Quantizer | None = None) -> CostTable:
-    """Estimate on a model, units and calibration batches the caller already has (``run`` /
-    ``demo``), with the same seeding and provenance as :func:`estimate_spec`; ``quantizer``
-    as in :func:`build_estimate`."""
-    return run_prepared(build_estimate(loaded, spec, units=units, calibration=calibration,
-                                       quantizer=quantizer))
-
-
-def prepare_estimate(
-    model: str | Path | LoadedModel | None = None,
-    *,
-    method: str,
-    data: str | Path | Sequence[str] | CalibrationData | None = None,
-    options: str | Sequence[str] | Sequence[QuantFormat] | None = None,
-    samples: int = DEFAULT_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    groups: int | None = None,
-    kinds: Sequence[str] = ("linear",),
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-    estimator_params: Mapping[str, Any] | None = None,
-    quantizer: str = "rtn",
-) -> PreparedEstimate:
-    """:func:`prepare` with the :class:`EstimateSpec` spelled out as keyword arguments (see
-    :func:`run_estimate`)."""
-    spec = EstimateSpec(method=method, params=dict(estimator_params or {}), data=data,
-                        options=options, samples=samples, seq_len=seq_len, batch_size=batch_size,
-                        include=include, exclude=exclude, groups=groups, kinds=tuple(kinds),
-                        seed=seed, device=device, progress=progress, quantizer=quantizer)
-    return prepare(model, spec)
-
-
-def run_estimate(
-    model: str | Path | LoadedModel | None = None,
-    *,
-    method: str,
-    data: str | Path | Sequence[str] | CalibrationData | None = None,
-    options: str | Sequence[str] | Sequence[QuantFormat] | None = None,
-    samples: int = DEFAULT_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    groups: int | None = None,
-    kinds: Sequence[str] = ("linear",),
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-    estimator_params: Mapping[str, Any] | None = None,
-    quantizer: str = "rtn",
-) -> CostTable:
-    """Estimate a cost table for ``model`` with the estimator named ``method``.
-
-    The keyword arguments are the fields of :class:`EstimateSpec` (``estimator_params`` is its
-    ``params``); :func:`estimate_spec` takes a ready spec.
+def estimate(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
+             quantizer: Quantizer | None = None) -> CostTable:
+    """Estimate a cost table for ``model`` as ``spec`` says.
 
     Args:
-        model: a local Hugging Face model directory, ``"minilm"`` / ``"tiny-llama"`` (bundled),
-            a :class:`~allocator.model.loading.LoadedModel`, or None (MiniLM).
-        method: estimator name (``sensitivity.ESTIMATORS``).
-        data: None (built-in corpus, calibration split), a text file (.txt: one text per
-            blank-line-separated paragraph; .jsonl: a "text" field per line), a
-            list of texts, or ready :class:`~allocator.model.data.CalibrationData`.
-        options: option spec (``"int2..8-g128-asym,fp16"``), labels or formats; None = default.
-        samples, seq_len, batch_size: calibration size (texts, tokens per text, texts per batch).
-        include, exclude: glob patterns on unit names, one or several (``'*.attention.*'``,
-            ``'pooler'``: a module selects everything under it), as ``bitalloc run`` takes
-            them; groups: split weights into groups of this many input columns (SliM-LLM
-            style units); kinds: module kinds to quantize.
-        seed: seeds data order, probes and torch's RNG (restored afterwards).
-        device: where the model and batches run (``cpu``, ``cuda``, ``cuda:1``).
-        progress: show progress bars (stderr).
-        estimator_params: keyword arguments of the estimator's constructor (checked by name).
-        quantizer: ``rtn`` (default) or ``gptq``: the quantizer every ΔW is formed with.
+        model: a local Hugging Face model directory, ``"minilm"`` / ``"tiny-llama"`` /
+            ``"vit-digits"`` (bundled), a loaded :class:`~allocator.model.loading.LoadedModel`
+            (whole-model execution only), or None (MiniLM).
+        spec: what to estimate and how it executes (:class:`~sensitivity.EstimateSpec`).
+        quantizer: a ready :class:`~allocator.model.quant.Quantizer` of kind ``spec.quantizer``
+            to form ΔW with (``run`` shares its cache with refinement); None builds one.
 
     Raises:
         UnknownNameError, InvalidParameterError, ModelError: with one-line messages.
+        ShardsPending: a sharded spec whose shards are not all complete yet (nothing failed).
     """
-    return run_prepared(prepare_estimate(
-        model, method=method, data=data, options=options, samples=samples, seq_len=seq_len,
-        batch_size=batch_size, include=include, exclude=exclude, groups=groups, kinds=kinds,
-        seed=seed, device=device, progress=progress, estimator_params=estimator_params,
-        quantizer=quantizer))
+    if not isinstance(spec, EstimateSpec):
+        raise InvalidParameterError(f"spec must be a sensitivity.EstimateSpec, got {spec!r}")
+    if spec.execution is Execution.SEQUENTIAL:
+        return _estimate_sequential(model, spec)
+    if spec.execution is Execution.SHARDED:
+        from sensitivity._sharded import ShardJob, ShardsPending, run_shards
+
+        outcome = run_shards(ShardJob(model=_path(model, "a sharded estimate"), spec=spec))
+        if outcome.table is None:
+            raise ShardsPending(outcome)
+        return outcome.table
+    if quantizer is not None and spec.execution is not Execution.WHOLE:
+        raise InvalidParameterError("a ready quantizer is only taken by a whole-model estimate; "
+                                    "drop it or the sequential / sharded execution")
+    return run_prepared(prepare(model, spec, quantizer=quantizer))
+
+
+def _path(model: Any, what: str) -> str:
+    from allocator.model.loading import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        raise InvalidParameterError(f"{what} reads the model from its directory: pass its path or "
+                                    f"name ({model.path!r}), not a loaded model")
+    return "minilm" if model is None else str(model)
+
+
+def _estimate_sequential(model: Any, spec: EstimateSpec) -> CostTable:
+    """The table with one block in memory (:func:`sensitivity._sequential.estimate_sequential`),
+    on the same calibration batches, seed and provenance keys as the whole-model run."""
+    from allocator.model.sequential import SequentialModel
+    from sensitivity._sequential import SEQUENTIAL, estimate_sequential
+
+    if spec.method not in SEQUENTIAL:
+        raise InvalidParameterError(f"--method {spec.method} has no sequential mode; use one of "
+                                    f"{', '.join(SEQUENTIAL)}, or drop --sequential")
+    seq = SequentialModel(_path(model, "a sequential estimate"), device=spec.device)
+    units = _units(seq.model, spec)
+    calib = load_data(spec.data, seq.tokenizer, kind=str(seq.kind), samples=spec.samples,
+                      seq_len=spec.seq_len, batch_size=spec.batch_size, seed=spec.seed)
+    meta = _provenance(spec, name=seq.name, path=str(seq.path), kind=str(seq.kind),
+                       fingerprint=seq.fingerprint(), n_units=len(units), calibration=calib)
+    start = time.perf_counter()
+    with seeded(spec.seed):
+        table = estimate_sequential(seq, spec.estimator(), batches=list(calib.to(spec.device)),
+                                    options=spec.formats(), units=units, seed=spec.seed,
+                                    device=spec.device, metadata=meta)
+    return CostTable(table.df, {**table.metadata, "seconds": round(time.perf_counter() - start, 3)})
 
 
 def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int,

@@ -1,11 +1,12 @@
 """Shard an estimate over worker processes that share an Optuna storage.
 
-A :class:`ShardedEstimateSpec` says everything a worker needs (model, data, options, filters,
-storage URL, study name), so a worker on another machine joins with the same spec:
+An :class:`~sensitivity.EstimateSpec` with a :class:`~sensitivity.Sharding` says everything a
+worker needs (model, data, options, filters, storage URL, study name), so a worker on another
+machine joins with the same spec (:func:`sensitivity.estimate` dispatches it here):
 ``bitalloc estimate tiny-llama --method measured --storage postgresql://... --study s1
 --workers 4``. Every worker loads the model and data, discovers the units and checks the
 study's fingerprint; the shards are claimed from the queue of :mod:`sensitivity.shard_queue`.
-Two ways to split (:func:`sharded_methods` lists the methods):
+Two ways to split (:func:`sensitivity._spec.sharded_methods` lists the methods):
 
 * ``measured`` shards by **unit**: the units are split by
   :func:`sensitivity._measured.shard_units`, each claimed shard is measured with
@@ -43,13 +44,13 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import AllocatorError, InvalidParameterError
 from allocator.core.table import CostTable
 from sensitivity import shard_queue as q
-from sensitivity._spec import EstimateSpec
+from sensitivity._spec import EstimateSpec, Sharding
 
 if TYPE_CHECKING:
     import optuna
@@ -57,8 +58,8 @@ if TYPE_CHECKING:
     from sensitivity._driver import PreparedEstimate
     from sensitivity._measured import MeasuredEstimator
 
-__all__ = ["ShardOutcome", "ShardedEstimateSpec", "estimate_fingerprint", "run_shard_worker",
-           "run_sharded", "sharded_methods"]
+__all__ = ["ShardJob", "ShardOutcome", "ShardsPending", "estimate_fingerprint", "run_shard_worker",
+           "run_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -71,71 +72,33 @@ PARTIAL_CHUNK_CHARS = 1 << 18
 MAX_PARTIAL_BYTES = 64 << 20
 
 
-def sharded_methods() -> tuple[str, ...]:
-    """The registered methods that shard with their default parameters: ``measured`` (by unit)
-    and every batch-additive estimator (by batch)."""
-    from sensitivity import ESTIMATORS, get_estimator
-
-    return tuple(n for n in ESTIMATORS if n == "measured" or get_estimator(n).batch_additive())
-
-
 def _by_batch(spec: EstimateSpec) -> bool:
     """Whether ``spec`` shards by calibration batch (else by unit: ``measured``)."""
     return spec.method != "measured"
 
 
-def check_shardable(spec: EstimateSpec) -> None:
-    """Refuse an estimator that can be sharded neither by unit nor by batch (one line)."""
-    if spec.method == "measured" or spec.estimator().batch_additive():
-        return
-    params = f" with {dict(spec.params)}" if spec.params else ""
-    raise InvalidParameterError(
-        f"{spec.method!r}{params} is not batch-additive, so it cannot be sharded; shardable: "
-        f"{', '.join(sharded_methods())}")
-
-
 @dataclass(frozen=True, kw_only=True)
-class ShardedEstimateSpec:
-    """Everything a shard worker needs: the model, the :class:`~sensitivity.EstimateSpec`
-    (``measured`` or a batch-additive method, :func:`sharded_methods`) and the queue; plain
-    data so it crosses process boundaries.
-
-    ``study`` names the Optuna study ``estimate-<study>`` (default: the fingerprint's first 12
-    hex digits, so identical commands meet in one study). ``n_shards`` None takes the study's
-    count when joining, else ``SHARDS_PER_WORKER`` × local workers.
-    """
+class ShardJob:
+    """Everything a shard worker needs: the model (a path or name: every worker loads it) and
+    the :class:`~sensitivity.EstimateSpec` with its :class:`~sensitivity.Sharding`; plain data
+    so it crosses process boundaries."""
 
     model: str
-    estimate: EstimateSpec = field(
-        default_factory=lambda: EstimateSpec(method="measured", progress=False))
-    storage: str | None = None
-    study: str | None = None
-    n_shards: int | None = None
-    stale_after_s: float = 120.0
-    wait: bool = False  #: poll until every shard is complete (taking over stale ones)
-    poll_s: float = 5.0
-    max_shards: int | None = None  #: stop each worker process after this many shards
+    spec: EstimateSpec
 
     def __post_init__(self) -> None:
-        n = self.n_shards
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise InvalidParameterError(f"shards must be an int ≥ 1, got {n!r}")
-        if not self.stale_after_s > 0:
-            raise InvalidParameterError(f"stale_after_s must be > 0, got {self.stale_after_s!r}")
-        if not self.poll_s > 0:
-            raise InvalidParameterError(f"poll_s must be > 0, got {self.poll_s!r}")
-        m = self.max_shards
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise InvalidParameterError(f"max_shards must be an int ≥ 1, got {m!r}")
-        if not isinstance(self.estimate, EstimateSpec):
-            raise InvalidParameterError(f"estimate must be an EstimateSpec, got {self.estimate!r}")
-        check_shardable(self.estimate)
-        if self.estimate.params.get("workers", 1) != 1:
-            raise InvalidParameterError("--param workers is the in-process pool; with --storage "
-                                        "use --workers W (processes sharing the queue)")
-        if self.study is not None and not self.study.strip():
-            raise InvalidParameterError("study name is empty; pass --study NAME or omit it")
-        q.storage_kind(self.storage)  # a malformed URL fails here, before any model is loaded
+        if not isinstance(self.model, str | os.PathLike):
+            raise InvalidParameterError(
+                f"a sharded estimate loads the model in every worker: pass its directory or "
+                f"name, not {type(self.model).__name__}")
+        object.__setattr__(self, "model", os.fspath(self.model))
+        if self.spec.sharding is None:
+            raise InvalidParameterError("this spec has no sharding; pass sharding=Sharding(...)")
+
+    @property
+    def sharding(self) -> Sharding:
+        assert self.spec.sharding is not None  # checked above
+        return self.spec.sharding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +110,20 @@ class ShardOutcome:
     measured: int  #: shards measured (or, by batch, computed) by this run's processes
     pending: tuple[int, ...]  #: shards not complete yet (running elsewhere, or failed)
     table: CostTable | None
+
+
+class ShardsPending(AllocatorError):
+    """:func:`sensitivity.estimate` of a sharded spec whose shards are not all complete yet
+    (running elsewhere, or stopped by ``max_shards``): nothing failed; ``outcome`` says which are
+    pending, and re-running the same spec (or ``wait``) writes the table."""
+
+    def __init__(self, outcome: ShardOutcome) -> None:
+        done = outcome.n_shards - len(outcome.pending)
+        super().__init__(f"{outcome.study}: {done}/{outcome.n_shards} shards complete "
+                         f"({outcome.measured} here); shards {list(outcome.pending)} are running "
+                         f"elsewhere. The run that finishes the last one writes the table; re-run "
+                         f"the same estimate (or wait) to get it")
+        self.outcome = outcome
 
 
 def estimate_fingerprint(prep: PreparedEstimate) -> str:
@@ -165,12 +142,13 @@ def estimate_fingerprint(prep: PreparedEstimate) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _prepare(spec: ShardedEstimateSpec, progress: bool) -> PreparedEstimate:
+def _prepare(job: ShardJob, progress: bool) -> PreparedEstimate:
     from sensitivity._driver import prepare
 
-    params = {k: v for k, v in spec.estimate.params.items() if k != "workers"}
-    return prepare(spec.model, dataclasses.replace(spec.estimate, params=params,
-                                                   progress=progress))
+    # each worker prepares the whole-model estimate and runs its shards of it
+    params = {k: v for k, v in job.spec.params.items() if k != "workers"}
+    return prepare(job.model, dataclasses.replace(job.spec, params=params, progress=progress,
+                                                  sharding=None))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -184,18 +162,19 @@ class _Queue:
     shards: list[list[int]]
 
 
-def _open(spec: ShardedEstimateSpec, prep: PreparedEstimate, storage: optuna.storages.BaseStorage,
+def _open(job: ShardJob, prep: PreparedEstimate, storage: optuna.storages.BaseStorage,
           default_shards: int) -> _Queue:
     from sensitivity._measured import shard_units
 
     fp = estimate_fingerprint(prep)
-    name = STUDY_PREFIX + (spec.study.strip() if spec.study else fp[:12])
+    sh = job.sharding
+    name = STUDY_PREFIX + (sh.study.strip() if sh.study else fp[:12])
     summary = {"model": prep.loaded.name, "units": len(prep.ctx.units),
                "options": ",".join(o.name for o in prep.ctx.options), "method": prep.spec.method}
     by_batch = _by_batch(prep.spec)
     if by_batch:  # more shards than batches would only leave shards empty
         default_shards = max(1, min(default_shards, len(prep.ctx.batches)))
-    study, n_shards = q.open_queue(storage, name, fingerprint=fp, n_shards=spec.n_shards,
+    study, n_shards = q.open_queue(storage, name, fingerprint=fp, n_shards=sh.n_shards,
                                    default_shards=default_shards, summary=summary)
     # the same interleaved split for batches as for units (a short last batch lands anywhere)
     shards = shard_units(len(prep.ctx.batches) if by_batch else len(prep.ctx.units), n_shards)
@@ -203,7 +182,7 @@ def _open(spec: ShardedEstimateSpec, prep: PreparedEstimate, storage: optuna.sto
         biggest = max(len(s) for s in shards) * len(prep.ctx.options)
         # refuse before measuring, not after: a float of 17 digits and an exponent per entry
         q.check_payload_size(0, "cost", [-1.2345678901234567e-05] * biggest)
-    q.requeue_stale(storage, study, spec.stale_after_s)
+    q.requeue_stale(storage, study, sh.stale_after_s)
     q.ensure_queue(study, len(shards))
     return _Queue(storage=storage, study=study, name=name, shards=shards)
 
@@ -260,12 +239,12 @@ def _measure_units(prep: PreparedEstimate, units: list[int]) -> tuple[dict[str, 
     return payload, seconds
 
 
-def _work(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue, worker: int,
+def _work(job: ShardJob, prep: PreparedEstimate, queue: _Queue, worker: int,
           run_id: str) -> int:
     """Claim and run shards until none is waiting; returns how many this worker recorded."""
     owner = f"{socket.gethostname()}:{os.getpid()}:{run_id}:{worker}"
-    beat = max(0.5, min(30.0, spec.stale_after_s / 4))
-    done, cap = 0, spec.max_shards
+    beat = max(0.5, min(30.0, job.sharding.stale_after_s / 4))
+    done, cap = 0, job.sharding.max_shards
     while (cap is None or done < cap) and (c := q.claim(queue.study, len(queue.shards), owner)):
         log.info("%s: worker %d measures shard %d/%d", queue.name, worker, c.shard + 1,
                  len(queue.shards))
@@ -279,46 +258,42 @@ def _work(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue, work
     return done
 
 
-def run_shard_worker(spec: ShardedEstimateSpec, worker: int = 0, *,
+def run_shard_worker(job: ShardJob, worker: int = 0, *,
                      default_shards: int = SHARDS_PER_WORKER, run_id: str | None = None) -> int:
     """Join (or create) the queue and run shards until none is waiting (a spawned local
-    process); returns the number of shards it recorded. Other machines use :func:`run_sharded`."""
-    prep = _prepare(spec, progress=False)
-    queue = _open(spec, prep, q.open_storage(spec.storage), default_shards)
-    return _work(spec, prep, queue, worker, run_id or uuid.uuid4().hex[:12])
+    process); returns the number of shards it recorded. Other machines use :func:`run_shards`."""
+    prep = _prepare(job, progress=False)
+    queue = _open(job, prep, q.open_storage(job.sharding.storage), default_shards)
+    return _work(job, prep, queue, worker, run_id or uuid.uuid4().hex[:12])
 
 
-def _worker_entry(spec: ShardedEstimateSpec, worker: int, threads: int, default_shards: int,
+def _worker_entry(job: ShardJob, worker: int, threads: int, default_shards: int,
                   run_id: str, verbosity: int) -> None:
     import optuna
     import torch
 
     optuna.logging.set_verbosity(verbosity)  # spawned: the parent's setting is not inherited
     torch.set_num_threads(threads)
-    run_shard_worker(spec, worker, default_shards=default_shards,
-                     run_id=run_id)
+    run_shard_worker(job, worker, default_shards=default_shards, run_id=run_id)
 
 
-def run_sharded(spec: ShardedEstimateSpec, *, workers: int = 1) -> ShardOutcome:
-    """Run the shards with ``workers`` processes on this machine (others may join); merge when
-    every shard is complete."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise InvalidParameterError(f"workers must be an int ≥ 1, got {workers!r}")
-    if workers > 1 and spec.storage is None:
-        raise InvalidParameterError("several workers need shared storage: pass --storage "
-                                    "sqlite:///estimate.db or a PostgreSQL URL")
+def run_shards(job: ShardJob) -> ShardOutcome:
+    """Run the shards with ``sharding.workers`` processes on this machine (others may join);
+    merge when every shard is complete. :func:`sensitivity.estimate` calls it for a spec with
+    ``sharding``; the outcome says what is still pending elsewhere."""
     import optuna
     import torch
 
-    prep = _prepare(spec, progress=spec.estimate.progress)
-    storage = q.open_storage(spec.storage)
+    workers = job.sharding.workers
+    prep = _prepare(job, progress=job.spec.progress)
+    storage = q.open_storage(job.sharding.storage)
     default_shards = SHARDS_PER_WORKER * workers
-    queue = _open(spec, prep, storage, default_shards)  # before the children: one creator
+    queue = _open(job, prep, storage, default_shards)  # before the children: one creator
     threads = max(1, torch.get_num_threads() // workers)
     run_id = uuid.uuid4().hex[:12]  # in every owner token of this run's processes
     ctx = mp.get_context("spawn")  # torch and fork do not mix
     procs = [ctx.Process(target=_worker_entry,
-                         args=(spec, w, threads, default_shards, run_id,
+                         args=(job, w, threads, default_shards, run_id,
                                optuna.logging.get_verbosity()))
              for w in range(1, workers)]
     for p in procs:
@@ -326,15 +301,15 @@ def run_sharded(spec: ShardedEstimateSpec, *, workers: int = 1) -> ShardOutcome:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _work(spec, prep, queue, 0, run_id)
+        _work(job, prep, queue, 0, run_id)
     finally:
         torch.set_num_threads(before)
         for p in procs:
             p.join()
     failed = [p.exitcode for p in procs if p.exitcode]
-    if spec.wait:
-        _wait(spec, prep, queue, run_id)
-    outcome = _outcome(spec, prep, queue, run_id)
+    if job.sharding.wait:
+        _wait(job, prep, queue, run_id)
+    outcome = _outcome(job, prep, queue, run_id)
     if failed and outcome.table is None:
         raise AllocatorError(f"{len(failed)} estimate worker(s) failed (exit codes {failed}); shards "
                              f"{list(outcome.pending)} are not measured: fix the error above and "
@@ -342,25 +317,25 @@ def run_sharded(spec: ShardedEstimateSpec, *, workers: int = 1) -> ShardOutcome:
     return outcome
 
 
-def _wait(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue, run_id: str) -> None:
+def _wait(job: ShardJob, prep: PreparedEstimate, queue: _Queue, run_id: str) -> None:
     """Poll until every shard is complete, measuring any that go stale or fail meanwhile."""
     while q.completed_payloads(queue.study, len(queue.shards))[1]:
-        time.sleep(spec.poll_s)
-        q.requeue_stale(queue.storage, queue.study, spec.stale_after_s)
+        time.sleep(job.sharding.poll_s)
+        q.requeue_stale(queue.storage, queue.study, job.sharding.stale_after_s)
         q.ensure_queue(queue.study, len(queue.shards))
-        _work(spec, prep, queue, 0, run_id)
+        _work(job, prep, queue, 0, run_id)
 
 
-def _outcome(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
+def _outcome(job: ShardJob, prep: PreparedEstimate, queue: _Queue,
              run_id: str) -> ShardOutcome:
     done, pending = q.completed_payloads(queue.study, len(queue.shards))
-    table = None if pending else _merge(spec, prep, queue, done)
+    table = None if pending else _merge(job, prep, queue, done)
     mine = sum(1 for a in done.values() if f":{run_id}:" in str(a.get("owner", "")))
     return ShardOutcome(study=queue.name, n_shards=len(queue.shards), measured=mine,
                         pending=tuple(pending), table=table)
 
 
-def _merge(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
+def _merge(job: ShardJob, prep: PreparedEstimate, queue: _Queue,
            done: Mapping[int, Mapping[str, Any]]) -> CostTable:
     """One table from every shard's rows, as the single-process estimator would write it."""
     if _by_batch(prep.spec):
@@ -368,7 +343,7 @@ def _merge(spec: ShardedEstimateSpec, prep: PreparedEstimate, queue: _Queue,
     else:
         table = _merge_rows(prep, queue, done)
     seconds = sum(float(done[k]["seconds"]) for k in done)
-    sharded = {"n_shards": len(queue.shards), "storage": q.storage_kind(spec.storage),
+    sharded = {"n_shards": len(queue.shards), "storage": q.storage_kind(job.sharding.storage),
                "study": queue.name, "hosts": sorted({str(done[k]["host"]) for k in done}),
                "shard_seconds": round(seconds, 3), "by": "batch" if _by_batch(prep.spec) else "unit"}
     return CostTable(table.df, {**table.metadata, "sharded": sharded, "seconds": round(seconds, 3)})

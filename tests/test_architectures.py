@@ -25,7 +25,7 @@ from allocator.core.units import UnitKind, discover_units, unit_weight  # noqa: 
 from allocator.export import model_info  # noqa: E402
 from allocator.model.data import CalibrationData, data_for  # noqa: E402
 from allocator.model.loading import LoadedModel, default_model_path, load_model, tiny_lm_path  # noqa: E402
-from sensitivity import run_estimate  # noqa: E402
+from sensitivity import EstimateSpec, estimate  # noqa: E402
 
 H, LAYERS = 64, 2
 LM = dict(num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=128)
@@ -84,8 +84,10 @@ def _calibration(loaded: LoadedModel) -> CalibrationData:
 
 
 def _estimate(loaded: LoadedModel, method: str = "gauss-newton", **kw: Any) -> Any:
-    return run_estimate(loaded, method=method, samples=4, seq_len=24, batch_size=4, progress=False,
-                        options=["int2-g32-asym", "int4-g32-asym", "int8-g32-asym"], **kw)
+    return estimate(loaded, EstimateSpec(method=method, samples=4, seq_len=24, batch_size=4,
+                                         progress=False,
+                                         options=["int2-g32-asym", "int4-g32-asym", "int8-g32-asym"],
+                                         **kw))
 
 
 def test_units_estimate_apply_verify(arch: tuple[str, LoadedModel]) -> None:
@@ -192,5 +194,6 @@ def test_image_classifier_without_data_is_refused_with_the_fix(tmp_path: Path) -
     config = json.loads((path / "config.json").read_text())
     del config["bitalloc_data"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidParameterError, match=r"no built-in data.*bitalloc_data.*estimate_loaded"):
+    with pytest.raises(InvalidParameterError,
+                       match=r"no built-in data.*bitalloc_data.*sensitivity.estimate\(loaded"):
         data_for(load_model(path), "calibration", 4)

@@ -35,7 +35,7 @@ from allocator.model.loading import (  # noqa: E402
     model_fingerprint,
     vit_digits_path,
 )
-from sensitivity import ESTIMATORS, EstimateContext, get_estimator, run_estimate  # noqa: E402
+from sensitivity import ESTIMATORS, EstimateContext, EstimateSpec, estimate, get_estimator  # noqa: E402
 
 OPTIONS = "int2-g32-asym,int4-g32-asym,int8-g32-asym"
 
@@ -149,8 +149,8 @@ def test_every_estimator_gives_a_valid_table_on_image_batches(vit: LoadedModel, 
 
 
 def test_driver_estimates_vit_digits_on_its_calibration_images() -> None:
-    table = run_estimate("vit-digits", method="salience", options=OPTIONS, samples=8,
-                         batch_size=4, progress=False)
+    table = estimate("vit-digits", EstimateSpec(method="salience", options=OPTIONS, samples=8,
+                                                batch_size=4, progress=False))
     assert table.n_units >= 24
     data = table.metadata["data"]
     assert data["source"] == "sklearn.datasets.load_digits:calibration" and data["n_samples"] == 8

@@ -10,7 +10,7 @@ from allocator.cli._common import add_device_argument, add_for_argument, console
 from sensitivity import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 
 if TYPE_CHECKING:
-    from sensitivity import EstimateSpec
+    from sensitivity import EstimateSpec, Sharding
 
 HELP = "estimate a cost table (unit × option sensitivities) for a model"
 
@@ -71,21 +71,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop each local worker after N shards (bounded jobs; re-run to go on)")
 
 
-def sharded(args: argparse.Namespace, spec: EstimateSpec) -> bool:
-    """Whether the sharding flags are in use (they need ``measured``, sharded by unit, or a
-    batch-additive estimator, sharded by calibration batch)."""
+def sharding(args: argparse.Namespace, method: str) -> Sharding | None:
+    """The :class:`~sensitivity.Sharding` of the sharding flags, None when none is used (they
+    need ``measured``, sharded by unit, or a batch-additive estimator, sharded by batch)."""
     from allocator.core.errors import InvalidParameterError
+    from sensitivity import Sharding, get_estimator
 
     used = [f for f, on in (("--storage", args.storage is not None), ("--study", args.study is not None),
                             ("--shards", args.shards is not None), ("--workers", args.workers != 1),
                             ("--wait", args.wait), ("--max-shards", args.max_shards is not None))
             if on]
-    if used and spec.method != "measured" and not spec.estimator().batch_additive():
+    if not used:
+        return None
+    if method != "measured" and not get_estimator(method).batch_additive():
         raise InvalidParameterError(
             f"{used[0]} shards 'measured' (by unit) and the batch-additive estimators (by batch), "
-            f"not {spec.method!r}, whose statistics do not add over batches; drop {used[0]} or "
+            f"not {method!r}, whose statistics do not add over batches; drop {used[0]} or "
             "use another --method")
-    return bool(used)
+    if args.sequential:
+        raise InvalidParameterError("--sequential runs in one process; drop --storage / --workers")
+    return Sharding(storage=args.storage, study=args.study, n_shards=args.shards,
+                    workers=args.workers, stale_after_s=args.stale_after, wait=args.wait,
+                    max_shards=args.max_shards)
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -105,8 +112,9 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 
 
 def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec:
-    """The one :class:`~sensitivity.EstimateSpec` of the command line (``--param`` names are
-    checked against the estimator's declared parameters here, before any model loads)."""
+    """The one :class:`~sensitivity.EstimateSpec` of the command line, execution included
+    (``--param`` names are checked against the estimator's declared parameters here, before any
+    model loads)."""
     from allocator.core.errors import InvalidParameterError
     from sensitivity import ESTIMATORS, EstimateSpec, check_estimator_params
 
@@ -116,67 +124,46 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
             check_estimator_params(args.method, params)
         except InvalidParameterError as exc:
             raise InvalidParameterError(f"--param: {exc}") from None
+    shards = sharding(args, args.method) if args.method in ESTIMATORS else None
     return EstimateSpec(
         method=args.method, params=params, data=args.data, options=options,
         samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
         include=tuple(args.include), exclude=tuple(args.exclude), groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
         device=device_from_args(args), progress=not args.no_progress,
-        quantizer=getattr(args, "quantizer", "rtn"))
+        quantizer=args.quantizer, sequential=args.sequential, sharding=shards)
 
 
 def run(args: argparse.Namespace) -> int:
     from allocator.export.palettes import palette_options, table_for_model
-    from sensitivity import estimate_spec as run_spec
+    from sensitivity import ShardsPending, estimate
 
     consumer = getattr(args, "consumer", None)
     options = palette_options(consumer, args.options, args.groups)
     spec = estimate_spec(args, options)
-    if args.sequential:
-        return _run_sequential(args, spec)
-    is_sharded = sharded(args, spec)
-    if is_sharded:
-        return _run_sharded(args, spec)
-    table = run_spec(args.model, spec)
+    if spec.sharding is not None and not getattr(args, "verbose", False):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one summary line, not per trial
+    try:
+        table = estimate(args.model, spec)
+    except ShardsPending as pending:
+        out = pending.outcome
+        console().print(f"{out.study}: {out.n_shards - len(out.pending)}/{out.n_shards} shards "
+                        f"complete ({out.measured} here); shards {list(out.pending)} are running "
+                        f"elsewhere. The command that finishes the last one writes the table; re-run "
+                        f"this one (or add --wait) to write it to {args.output}")
+        return 0
     table = table_for_model(table, consumer, args.model)
     path = table.save(args.output)
     meta = table.metadata
-    console().print(f"{args.method}: {table.n_units} units × {len(table.options)} options, "
-                    f"{table.total_params:,} params, {meta.get('seconds', 0):.1f} s -> {path}")
+    how = {"sequential": " (sequential)", "sharded": ""}.get(str(spec.execution), "")
+    shards = meta.get("sharded")
+    where = (f", {shards['n_shards']} shards in {shards['study']}" if shards else "")
+    peak = (f", peak {meta['peak_params']:,} parameters in memory" if "peak_params" in meta else "")
+    console().print(f"{args.method}{how}: {table.n_units} units × {len(table.options)} options{where}, "
+                    f"{table.total_params:,} params{peak}, {meta.get('seconds', 0):.1f} s -> {path}")
     _say_consumer(table)
-    return 0
-
-
-def _run_sequential(args: argparse.Namespace, spec: EstimateSpec) -> int:
-    """``--sequential``: the table with one block loaded at a time (:func:`estimate_sequential`)."""
-    from allocator.core.errors import InvalidParameterError
-    from allocator.core.units import discover_units
-    from allocator.model.sequential import SequentialModel
-    from allocator.model.unit_select import filter_units
-    from sensitivity import SEQUENTIAL, estimate_sequential, load_data
-
-    if args.storage or args.workers != 1:
-        raise InvalidParameterError("--sequential runs in one process; drop --storage / --workers")
-    if spec.quantizer != "rtn":
-        raise InvalidParameterError(f"--sequential forms ΔW with rtn only; drop --quantizer "
-                                    f"{spec.quantizer} or --sequential")
-    if spec.method not in SEQUENTIAL:
-        raise InvalidParameterError(f"--method {spec.method} has no sequential mode; use one of "
-                                    f"{', '.join(SEQUENTIAL)}, or drop --sequential")
-    seq = SequentialModel(args.model, device=spec.device)
-    units = filter_units(discover_units(seq.model, group_columns=spec.groups), spec.include,
-                         spec.exclude).units
-    # the same batches as the whole-model `estimate` (sensitivity.load_data), so tables compare
-    calib = load_data(spec.data, seq.tokenizer, kind=str(seq.kind), samples=spec.samples,
-                      seq_len=spec.seq_len, batch_size=spec.batch_size, seed=spec.seed)
-    table = estimate_sequential(seq, spec.estimator(), batches=list(calib.to(spec.device)),
-                                options=spec.formats(), units=units, seed=spec.seed,
-                                device=spec.device,
-                                metadata={"method": spec.method, "model_path": str(args.model),
-                                          "data": calib.metadata(), "data_fingerprint": calib.fingerprint})
-    path = table.save(args.output)
-    console().print(f"{spec.method} (sequential): {table.n_units} units × {len(table.options)} "
-                    f"options, peak {table.metadata['peak_params']:,} parameters in memory -> {path}")
     return 0
 
 
@@ -191,32 +178,3 @@ def _say_consumer(table: Any) -> None:
     more = f" (+{len(dropped) - 3} more)" if len(dropped) > 3 else ""
     console().print(f"for {consumer}: {len(table.options)} options, {ties} tie group(s){left}{more}",
                     markup=False)
-
-
-def _run_sharded(args: argparse.Namespace, estimate: EstimateSpec) -> int:
-    from sensitivity import ShardedEstimateSpec, run_sharded
-
-    spec = ShardedEstimateSpec(
-        model=args.model, estimate=estimate, storage=args.storage, study=args.study,
-        n_shards=args.shards, stale_after_s=args.stale_after, wait=args.wait,
-        max_shards=args.max_shards)
-    if not getattr(args, "verbose", False):
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one summary line, not per trial
-    out = run_sharded(spec, workers=args.workers)
-    done = out.n_shards - len(out.pending)
-    if out.table is None:
-        console().print(f"{out.study}: {done}/{out.n_shards} shards complete ({out.measured} here); "
-                        f"shards {list(out.pending)} are running elsewhere. The command that "
-                        f"finishes the last one writes the table; re-run this one (or add --wait) "
-                        f"to write it to {args.output}")
-        return 0
-    from allocator.export.palettes import table_for_model
-
-    table = table_for_model(out.table, getattr(args, "consumer", None), args.model)
-    path = table.save(args.output)
-    console().print(f"{args.method}: {table.n_units} units × {len(table.options)} options, "
-                    f"{out.n_shards} shards in {out.study} ({out.measured} here), "
-                    f"{table.metadata.get('seconds', 0):.1f} s -> {path}")
-    return 0

@@ -57,7 +57,14 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--refine-time", type=float, default=300.0,
                    help="seconds for measuring the candidates and refining; the best measured "
                    "plan so far is kept (default 300)")
-    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--out", default=out, help=f"output directory (default {out}); each stage's "
+                   "output lands there as soon as it exists (table.parquet first)")
+    p.add_argument("--table", metavar="FILE",
+                   help="start from this saved cost table (of this model and these units) and skip "
+                        "the estimate")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse OUT/table.parquet of an earlier run when it was estimated for this "
+                        "model and these settings (refused otherwise); estimate when there is none")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -84,19 +91,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> Any:
-    from allocator.jobs.pipeline import RunConfig
+    """The :class:`~allocator.jobs.pipeline.RunConfig` of the flags; the estimate's flags map
+    onto its :class:`~sensitivity.EstimateSpec` (:func:`~allocator.jobs.pipeline.run_spec`)."""
+    from allocator.jobs.pipeline import RunConfig, run_spec
 
     device_from_args(args, cpu_only=getattr(args, "device_verb", "run"))
-    return RunConfig(model=model, bpw=args.bpw, estimator=args.estimator, solver=args.solver,
-                     method=args.method, options=args.options, consumer=args.consumer,
-                     calib_samples=args.samples,
-                     eval_samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed,
+    spec = run_spec(args.estimator, options=args.options, samples=args.samples,
+                    seq_len=args.seq_len, seed=args.seed, progress=not args.no_progress,
+                    data=args.data, include=tuple(args.include), exclude=tuple(args.exclude),
+                    groups=args.groups)
+    return RunConfig(model=model, bpw=args.bpw, estimate=spec, solver=args.solver,
+                     method=args.method, consumer=args.consumer, eval_samples=args.eval_samples,
                      refine_rounds=args.refine_rounds, refine_neighbours=args.refine_neighbours,
-                     refine_time_limit=args.refine_time,
-                     out=Path(args.out), progress=not args.no_progress, data=args.data,
-                     eval_data=args.eval_data, include=tuple(args.include),
-                     exclude=tuple(args.exclude), drop_inert=not args.keep_inert,
-                     groups=args.groups)
+                     refine_time_limit=args.refine_time, out=Path(args.out),
+                     eval_data=args.eval_data, drop_inert=not args.keep_inert,
+                     table=args.table, resume=args.resume)
 
 
 def execute(cfg: Any) -> int:

@@ -13,6 +13,7 @@ that brackets the budget from above (``uniform >``, larger than the budget) for 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
 from allocator.jobs.refine import RefineConfig, RefineResult
 from allocator.jobs.report import plan_label, write_outputs
+from allocator.jobs.stages import StageWriter, check_saved_table, expected_provenance
 from allocator.model.loading import ModelKind
 
 if TYPE_CHECKING:
@@ -34,89 +36,133 @@ if TYPE_CHECKING:
 
     from allocator.backend import EvalReport
     from allocator.model.quant import Quantizer
+    from sensitivity import EstimateSpec
 
-__all__ = ["PlanResult", "RunConfig", "RunResult", "run_pipeline", "uniform_plans"]
+__all__ = ["DEFAULT_RUN_BATCH_SIZE", "DEFAULT_RUN_ESTIMATOR", "PlanResult", "RunConfig", "RunResult",
+           "run_pipeline", "run_spec", "uniform_plans"]
 
 log = logging.getLogger(__name__)
 
 
+#: texts per calibration batch of ``run`` / ``demo`` (``bitalloc estimate`` takes
+#: ``sensitivity._spec.DEFAULT_BATCH_SIZE``): the run's batches also feed GPTQ and the refinement,
+#: and its results were measured with this size
+DEFAULT_RUN_BATCH_SIZE = 16
+DEFAULT_RUN_ESTIMATOR = "gauss-newton"
+
+
+def run_spec(method: str = DEFAULT_RUN_ESTIMATOR, **fields: Any) -> EstimateSpec:
+    """The :class:`~sensitivity.EstimateSpec` of a run: ``fields`` as given, the batch size
+    :data:`DEFAULT_RUN_BATCH_SIZE` unless set. ``options`` None is the dense palette (unless
+    the run has a consumer); ``data`` is the user's text file, split into calibration and
+    held-out shares when there is no ``eval_data`` (:mod:`allocator.model.data.user`)."""
+    from sensitivity import EstimateSpec
+
+    return EstimateSpec(method=method, **{"batch_size": DEFAULT_RUN_BATCH_SIZE, **fields})
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Settings of one end-to-end run (CLI flags of ``bitalloc run`` map 1:1)."""
+    """Settings of one end-to-end run; the CLI flags of ``bitalloc run`` map onto them (the
+    estimate's onto :attr:`estimate`).
+
+    ``estimate`` says what to estimate, as ``bitalloc estimate`` does (:func:`run_spec`: the
+    estimator, its parameters, options, calibration size, data file, unit globs, groups, seed,
+    progress); it runs on the whole model on the CPU, on the units the run selects (the globs,
+    then units that cannot affect the output left out unless ``drop_inert`` is False).
+    """
 
     model: str = "minilm"
     bpw: float = 3.0
-    estimator: str = "gauss-newton"
-    estimator_params: Mapping[str, Any] = field(default_factory=dict)
+    estimate: EstimateSpec = field(default_factory=run_spec)
     solver: str = "mckp"
     method: str = "rtn"
-    options: str | None = None
     #: export target whose options and ties the table takes (``allocator.export.palettes``); the
     #: plan then exports to it without --lossy, within the budget of its own accounting
     consumer: str | None = None
-    calib_samples: int = 32
     eval_samples: int = 128
-    seq_len: int = 128
-    batch_size: int = 16
-    seed: int = 0
     #: operating-point refinement rounds on calibration data (0: only pick the best candidate)
     refine_rounds: int = 4
     refine_neighbours: int = 1
     #: seconds for the refinement rounds; the best measured plan so far is handed out (None: no limit)
     refine_time_limit: float | None = 300.0
     out: Path | None = Path("bitalloc-demo")
-    progress: bool = True
-    #: the user's calibration / held-out text files (None: the built-in corpus); --data alone is
-    #: split by text hash into calibration and held-out shares (allocator.model.data.user)
-    data: str | None = None
+    #: the user's held-out text file (None: the held-out share of ``estimate.data``, else the
+    #: built-in corpus' evaluation split)
     eval_data: str | None = None
-    #: glob patterns on unit names: units matching one of ``include`` (all when empty) and none
-    #: of ``exclude`` go into the budget
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
     #: leave units whose output cannot reach the measured output out of the budget
     drop_inert: bool = True
-    #: split every Linear into units of G input columns (SliM-LLM-style group mixing): a denser
-    #: allocation for bitalloc's own backend; consumers store one setting per module, so such
-    #: plans export only with --lossy (None: one unit per module)
-    groups: int | None = None
+    #: start from this saved cost table instead of estimating (``run --table FILE``); it must
+    #: be a table of this model and of the units the run selects
+    #: (:func:`allocator.jobs.stages.check_saved_table`)
+    table: Path | None = None
+    #: reuse ``out/table.parquet`` when its provenance matches this run's model and estimate
+    #: (refused in one line when it does not; estimated as usual when there is none)
+    resume: bool = False
+
+    @property
+    def options(self) -> str | None:
+        """The estimate's option spec (a string: checked in ``__post_init__``)."""
+        options = self.estimate.options
+        return options if isinstance(options, str) else None
 
     @property
     def candidate_options(self) -> str | None:
-        """``options``, else the dense palette (unless a consumer fixes the options)."""
+        """The estimate's ``options``, else the dense palette (unless a consumer fixes them)."""
         return self.options if self.options is not None or self.consumer else "dense"
 
     def __post_init__(self) -> None:
+        from sensitivity import EstimateSpec
+
+        if not isinstance(self.estimate, EstimateSpec):
+            raise InvalidParameterError(f"estimate must be a sensitivity.EstimateSpec (run_spec(...)), "
+                                        f"got {self.estimate!r}")
         if not self.bpw > 0:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
         if self.method not in ("rtn", "gptq"):
             raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
-        if self.groups is not None and (isinstance(self.groups, bool) or not isinstance(self.groups, int)
-                                        or self.groups < 1):
-            raise InvalidParameterError(f"groups must be an int ≥ 1 (input columns per unit), "
-                                        f"got {self.groups!r}")
+        self._check_estimate()
+        groups = self.estimate.groups
         if self.consumer is not None:
             from allocator.export.palettes import palette_options
 
-            palette_options(self.consumer, self.options, self.groups)  # a consumer, no options/groups
-        elif self.groups is not None:
+            palette_options(self.consumer, self.options, groups)  # a consumer, no options/groups
+        elif groups is not None:
             from allocator.core.formats import check_group_columns, parse_options
 
-            check_group_columns(self.groups, parse_options(self.candidate_options))
+            check_group_columns(groups, parse_options(self.candidate_options))
         RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours,  # validates
                      time_limit=self.refine_time_limit)
-        for name in ("calib_samples", "eval_samples", "seq_len", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (2 if name == "eval_samples" else 1):
-                raise InvalidParameterError(f"{name} must be a positive int, got {v!r}")
-        for name in ("data", "eval_data"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise InvalidParameterError(f"{name} must be a file path, got {getattr(self, name)!r}")
-        for name in ("include", "exclude"):
-            pats = getattr(self, name)
-            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
-                raise InvalidParameterError(f"{name} must be a tuple of glob patterns, got {pats!r}")
-            object.__setattr__(self, name, tuple(pats))
+        v = self.eval_samples
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise InvalidParameterError(f"eval_samples must be an int ≥ 2, got {v!r}")
+        if self.eval_data is not None and not isinstance(self.eval_data, str):
+            raise InvalidParameterError(f"eval_data must be a file path, got {self.eval_data!r}")
+        if self.table is not None:
+            object.__setattr__(self, "table", Path(self.table))
+            if not self.table.is_file():
+                raise InvalidParameterError(f"--table {str(self.table)!r} does not exist; pass a "
+                                            f"saved table.parquet (or drop --table)")
+        if self.resume and (self.table is not None or self.out is None):
+            raise InvalidParameterError("--resume reuses OUT/table.parquet: give --out and drop --table")
+
+    def _check_estimate(self) -> None:
+        """What a run's estimate cannot be: it needs the whole model here (it applies the plan)."""
+        spec = self.estimate
+        if spec.sequential or spec.sharding is not None:
+            raise InvalidParameterError("a run estimates on the whole model in one process; drop "
+                                        "sequential / sharding (estimate the table with `bitalloc "
+                                        "estimate`, then `bitalloc run --table FILE`)")
+        if spec.device != "cpu":
+            raise InvalidParameterError(f"a run runs on the CPU, got device {spec.device!r}")
+        if spec.units is not None:
+            raise InvalidParameterError("a run selects its units itself: use include / exclude, "
+                                        "not units")
+        if spec.options is not None and not isinstance(spec.options, str):
+            raise InvalidParameterError(f"a run's options are an option spec string such as "
+                                        f"'int2..8-g128-asym,fp16', got {spec.options!r}")
+        if spec.data is not None and not isinstance(spec.data, str):
+            raise InvalidParameterError(f"data must be a file path, got {spec.data!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,9 +266,10 @@ def _load(spec: str) -> Any:
 def _data(loaded: Any, cfg: RunConfig) -> tuple[Any, Any]:
     from allocator.model.data import user_data_for
 
-    common: dict[str, Any] = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-                              "seed": cfg.seed, "data": cfg.data, "eval_data": cfg.eval_data}
-    return (user_data_for(loaded, "calibration", cfg.calib_samples, **common),
+    spec = cfg.estimate
+    common: dict[str, Any] = {"seq_len": spec.seq_len, "batch_size": spec.batch_size,
+                              "seed": spec.seed, "data": spec.data, "eval_data": cfg.eval_data}
+    return (user_data_for(loaded, "calibration", spec.samples, **common),
             user_data_for(loaded, "evaluation", cfg.eval_samples, **common))
 
 
@@ -231,32 +278,36 @@ def _units(loaded: Any, cfg: RunConfig, calib: Any) -> Any:
     from allocator.core.units import discover_units
     from allocator.model.unit_select import select_units
 
+    spec = cfg.estimate
     batch = next(iter(calib)) if cfg.drop_inert else None
-    return select_units(loaded, discover_units(loaded.model, group_columns=cfg.groups),
-                        include=cfg.include,
-                        exclude=cfg.exclude, batch=batch)
+    found = discover_units(loaded.model, kinds=spec.kinds, group_columns=spec.groups)
+    return select_units(loaded, found, include=spec.include or (), exclude=spec.exclude or (),
+                        batch=batch)
 
 
 def _data_info(cfg: RunConfig, calib: Any, evaluation: Any) -> dict[str, Any]:
     from allocator.model.data import data_description
 
-    words = data_description(cfg.data, cfg.eval_data)
+    words = data_description(cfg.estimate.data, cfg.eval_data)
     return {"calibration": words["calibration"], "evaluation": words["evaluation"],
             "calibration_batches": calib.metadata(), "evaluation_batches": evaluation.metadata()}
 
 
 def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any],
                    quantizer: Quantizer | None = None) -> CostTable:
-    """The run's cost table; ΔW with ``quantizer`` (built from ``cfg.method`` when None)."""
-    from allocator.export.palettes import apply_palette, palette_options
-    from sensitivity import EstimateSpec, estimate_loaded
+    """The run's cost table: :func:`sensitivity.estimate` (the one driver, as ``bitalloc
+    estimate``: seeded, same provenance keys) on the loaded model, the run's calibration batches
+    and the units it selected, ΔW with the run's quantizer (``cfg.method``; built
+    when None); then the consumer's palette and ties."""
+    import dataclasses
 
-    # The one estimate driver (as `bitalloc estimate`): seeded, same provenance keys.
-    spec = EstimateSpec(method=cfg.estimator, params=cfg.estimator_params,
-                        options=palette_options(cfg.consumer, cfg.candidate_options),
-                        samples=cfg.calib_samples, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                        seed=cfg.seed, progress=cfg.progress, quantizer=cfg.method)
-    table = estimate_loaded(loaded, spec, units=list(units), calibration=calib, quantizer=quantizer)
+    from allocator.export.palettes import apply_palette, palette_options
+    from sensitivity import estimate
+
+    spec = dataclasses.replace(cfg.estimate, data=calib, units=tuple(u.name for u in units),
+                               options=palette_options(cfg.consumer, cfg.candidate_options),
+                               quantizer=cfg.method)
+    table = estimate(loaded, spec, quantizer=quantizer)
     if cfg.consumer is None:
         return table
     from allocator.core.units import discover_units
@@ -274,7 +325,7 @@ def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state
     model: torch.nn.Module = loaded.model
     model.load_state_dict(state)
     apply_plan(model, plan, method=cfg.method, calibration=list(calib), units=units,
-               progress=cfg.progress)
+               progress=cfg.estimate.progress)
     check = verify(model, plan, units=units)
     report = evaluate(model, list(evaluation), ref)
     model.load_state_dict(state)
@@ -313,24 +364,34 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
             + (" …" if len(selection_units.excluded) > 5 else ""))
     quantizer = _quantizer(loaded, cfg, calib, units, say)
     lap("load")
-    say(f"estimating costs ({cfg.estimator}, {len(units)} units, {calib.n_samples} samples)")
-    table = estimate_table(loaded, calib, cfg, units, quantizer)
+    write = StageWriter(cfg.out, cfg)
+    table = _saved_table(cfg, loaded, calib, units, say)
+    if table is None:
+        say(f"estimating costs ({cfg.estimate.method}, {len(units)} units, {calib.n_samples} samples)")
+        table = estimate_table(loaded, calib, cfg, units, quantizer)
     lap("estimate")
+    write.table(table)
+    write.progress("estimate", secs)
     budget = Budget(bpw=cfg.bpw)
     say(f"solving at {cfg.bpw:g} bpw ({cfg.solver}) and computing the frontier")
-    result = solvers.solve(table, budget, solver=cfg.solver, seed=cfg.seed)
+    result = solvers.solve(table, budget, solver=cfg.solver, seed=cfg.estimate.seed)
     if result.plan is None:
         raise InfeasibleBudgetError(
             f"no plan fits {cfg.bpw:g} bpw (status {result.status}); raise --bpw "
             f"(the smallest option set needs {_min_bpw(table):.4g} bpw)")
     front = solvers.frontier(table, budgets=[budget])
     lap("solve")
+    write.frontier(front)
+    write.progress("solve", secs)
     below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
     cands = {"table optimum": result.plan, **({"uniform ≤": below} if below is not None else {})}
     say(f"choosing among {len(cands)} measured candidates and refining at the plan "
         f"({cfg.refine_rounds} rounds, calibration data)")
     selection = _select(loaded, cfg, cands, table, budget, calib, units, quantizer)
     lap("select+refine")
+    write.candidates(selection)
+    write.plan(selection.plan)
+    write.progress("select+refine", secs)
     state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
                             model_fingerprint=loaded.fingerprint)
@@ -351,7 +412,7 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
                     plan_label(run.uniform_below.plan) if run.uniform_below else "",
                     run.result.report.error, run.uniform_below.report.error if run.uniform_below else 0)
     if cfg.out is not None:
-        run = write_outputs(run, front, cfg.out)
+        run = write_outputs(run, front, cfg.out, files=write.files)
     return run
 
 
@@ -364,6 +425,27 @@ def _quantizer(loaded: Any, cfg: RunConfig, calib: Any, units: Sequence[Any],
     if cfg.method != "rtn":
         say(f"collecting {cfg.method} input Hessians ({calib.n_samples} samples, {len(units)} units)")
     return build_quantizer(cfg.method, loaded.model, units, list(calib), kind=str(loaded.kind))
+
+
+def _saved_table(cfg: RunConfig, loaded: Any, calib: Any, units: Sequence[Any],
+                 say: Stage) -> CostTable | None:
+    """The table of ``--table`` / ``--resume`` once it is checked against this run, else None."""
+    from allocator.export.palettes import palette_options
+
+    path = cfg.table if cfg.table is not None else (
+        cfg.out / "table.parquet" if cfg.resume and cfg.out is not None else None)
+    if path is None or not path.is_file():
+        return None
+    table = CostTable.load(path)
+    options = [f.name for f in dataclasses.replace(
+        cfg.estimate, options=palette_options(cfg.consumer, cfg.candidate_options)).formats()]
+    expected = expected_provenance(cfg, model_fingerprint=loaded.fingerprint,
+                                   data_fingerprint=calib.fingerprint, options=options)
+    check_saved_table(table, path, units=[u.name for u in units], expected=expected,
+                      strict=cfg.table is None)
+    say(f"using the saved table {path} ({table.n_units} units × {len(table.options)} options; "
+        f"no estimate)")
+    return table
 
 
 def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: CostTable,

@@ -16,8 +16,10 @@ __all__ = ["excluded_lines", "frontier_title", "plan_label", "report_markdown", 
            "selection_lines", "write_outputs"]
 
 
-def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
-    """plan.json, table.parquet, frontier.png, results.json and report.md in ``out``."""
+def write_outputs(run: RunResult, front: Any, out: Path | str,
+                  files: Mapping[str, Path] | None = None) -> RunResult:
+    """plan.json (the plan handed out), frontier.png, results.json (complete) and report.md in
+    ``out``, beside what the stages already wrote there (``files``: table.parquet, ...)."""
     import json
     from dataclasses import replace
 
@@ -25,24 +27,24 @@ def write_outputs(run: RunResult, front: Any, out: Path | str) -> RunResult:
 
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    files = {"plan": run.result.plan.save(d / "plan.json"), "table": run.table.save(d / "table.parquet"),
-             "frontier": _plot(run, front, d / "frontier.png")}
-    files["results"] = d / "results.json"
-    atomic_write_text(files["results"], json.dumps(run_summary(run), indent=1, default=str))
-    files["report"] = d / "report.md"
-    atomic_write_text(files["report"], report_markdown(run))
-    return replace(run, files=files)
+    done = dict(files or {})
+    if "table" not in done:
+        done["table"] = run.table.save(d / "table.parquet")
+    done |= {"plan": run.result.plan.save(d / "plan.json"),
+             "frontier": _plot(run, front, d / "frontier.png"), "results": d / "results.json"}
+    atomic_write_text(done["results"], json.dumps(run_summary(run), indent=1, default=str))
+    done["report"] = d / "report.md"
+    atomic_write_text(done["report"], report_markdown(run))
+    return replace(run, files=done)
 
 
 def run_summary(run: RunResult) -> dict[str, Any]:
     """``results.json``: the configuration, timings, every candidate's calibration error, the
     rows evaluated on held-out data and whether the handed-out plan lost to uniform (JSON-able;
     the service's run job returns the same)."""
-    config: dict[str, Any] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(run.config).items()
-                              if k != "progress"}
-    config["estimator_params"] = dict(run.config.estimator_params)
-    config["include"], config["exclude"] = list(run.config.include), list(run.config.exclude)
-    return {"config": config,
+    from allocator.jobs.stages import config_summary
+
+    return {"stage": "done", "complete": True, "config": config_summary(run.config),
             "quantizer": run.table.metadata.get("quantizer", "rtn"),
             "model_kind": str(run.model_kind), "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
             "error_ratio": run.error_ratio, "chosen": run.result.label,
@@ -109,7 +111,7 @@ def report_markdown(run: RunResult) -> str:
         f"# bitalloc run: {c.model} at {c.bpw:g} bpw", "",
         f"- model kind: {run.model_kind}; units: {run.table.n_units}; "
         f"params quantized: {run.table.total_params:,}",
-        f"- estimator: `{c.estimator}` on {c.calib_samples} calibration samples "
+        f"- estimator: `{c.estimate.method}` on {c.estimate.samples} calibration samples "
         f"({run.data_info.get('calibration', 'built-in corpus, calibration split')}); "
         f"solver: `{c.solver}`; apply: `{c.method}`",
         f"- evaluation: {m.n_samples} held-out samples ("

@@ -228,6 +228,28 @@ class SequentialModel:
                     t = f.get_tensor(key).to(device=self.device, dtype=self.dtype)
                     mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
 
+    def fingerprint(self) -> str:
+        """:func:`~allocator.model.loading.model_fingerprint` of the whole model (the hash
+        ``load_model`` records), one parameter read from the files at a time."""
+        import hashlib
+        from contextlib import ExitStack
+
+        import torch
+        from safetensors import safe_open
+
+        h = hashlib.sha256()
+        with ExitStack() as stack:
+            files = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                     for f in set(self._files.values())}
+            for name, p in self.model.named_parameters():  # tied weights once, as model_fingerprint
+                t = p.detach() if p.device.type != "meta" else \
+                    files[self._files[name]].get_tensor(name).to(dtype=self.dtype)
+                t = t.cpu().contiguous()
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+                if t.numel():
+                    h.update(t.view(-1).view(torch.uint8).numpy().data)
+        return h.hexdigest()
+
     def head(self) -> torch.nn.Module | None:
         """The output head (``get_output_embeddings``), when the model has one."""
         import torch

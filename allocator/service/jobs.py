@@ -26,8 +26,9 @@ from typing import Any
 from allocator.core.errors import InvalidParameterError
 from allocator.service.core.errors import ServiceError
 
-__all__ = ["JOB_KINDS", "JobCancelled", "JobFailure", "JobKind", "Progress", "get_job_kind",
-           "load_job_modules", "register_job_kind", "resolve_model_path"]
+__all__ = ["JOB_KINDS", "JobCancelled", "JobFailure", "JobKind", "Progress", "estimate_request_keys",
+           "estimate_spec_of", "get_job_kind", "load_job_modules", "register_job_kind",
+           "resolve_model_path"]
 
 #: progress(fraction in [0, 1], message)
 Progress = Callable[[float, str], None]
@@ -117,16 +118,29 @@ def resolve_model_path(model: Any, roots: list[Path]) -> Path:
 
 
 # ----------------------------------------------------------------- estimate
-_ESTIMATE_KEYS = {"model", "method", "options", "seed", "samples", "seq_len", "device", "params",
-                  "name", "consumer", "data", "include", "exclude"}
+#: keys of an ``estimate`` job that are not fields of the spec
+_ESTIMATE_JOB_KEYS = frozenset({"model", "name", "consumer"})
+#: spec fields the server decides (progress bars) or refuses (a client picking the worker's
+#: database for a shard queue)
+_ESTIMATE_SERVER_FIELDS = frozenset({"progress", "sharding"})
+
+
+def estimate_request_keys() -> frozenset[str]:
+    """The keys an ``estimate`` job takes: the :class:`sensitivity.EstimateSpec` fields (``params``
+    = the estimator's parameters) but ``progress`` / ``sharding``, plus ``model``, ``name`` and
+    ``consumer``; generated from the spec, so a new field is a new job parameter."""
+    from sensitivity import EstimateSpec
+
+    return (EstimateSpec.field_names() - _ESTIMATE_SERVER_FIELDS) | _ESTIMATE_JOB_KEYS
 
 
 def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any]:
-    unknown = set(params) - _ESTIMATE_KEYS
+    keys = estimate_request_keys()
+    unknown = set(params) - keys
     if unknown:
         raise ServiceError(422, "invalid_parameter",
                            f"unknown estimate parameter(s) {sorted(unknown)}; "
-                           f"known: {sorted(_ESTIMATE_KEYS)}")
+                           f"known: {sorted(keys)}")
     out = dict(params)
     out["model"] = str(resolve_model_path(params.get("model"), roots))
     from allocator.service.data_param import refuse_nested_data, service_data
@@ -148,42 +162,58 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
             check_patterns(params.get(key), f"params.{key}")
         except InvalidParameterError as exc:
             raise ServiceError(422, "invalid_parameter", str(exc)) from None
+    from allocator.core.errors import UnknownNameError
+
     if out.get("consumer") is not None:
-        from allocator.core.errors import UnknownNameError
         from allocator.export.palettes import palette_options
 
         try:  # the palette fixes the options: a consumer plus options is refused
             palette_options(str(out["consumer"]), out.get("options"))
         except (UnknownNameError, InvalidParameterError) as exc:
             raise ServiceError(422, "invalid_parameter", f"params.consumer: {exc}") from None
+    try:  # every field as the spec checks it, at submission rather than on the worker
+        _job_spec(out)
+    except ImportError:
+        pass  # no estimators in this process: the worker checks (estimator_unavailable)
+    except UnknownNameError as exc:
+        raise ServiceError(422, "unknown_name", str(exc)) from None
+    except InvalidParameterError as exc:
+        raise ServiceError(422, "invalid_parameter", f"bad estimate parameters: {exc}") from None
     return out
 
 
 def estimate_spec_of(params: Mapping[str, Any]) -> Any:
-    """The :class:`sensitivity.EstimateSpec` of an ``estimate`` job.
-
-    ``options``, ``seed``, ``samples``, ``seq_len``, ``device``, ``include`` / ``exclude`` (glob
-    patterns on unit names, one string or a list, as ``bitalloc run`` takes them) and ``data``
-    (checked by :func:`allocator.service.data_param.service_data`) are top-level job parameters;
-    ``params`` holds the estimator's parameters (checked by name against its constructor) and,
-    as before, may also set any other field of the spec (``batch_size``, ``include``, ...) or
-    give the estimator's parameters as ``estimator_params``.
-    """
+    """The :class:`sensitivity.EstimateSpec` of an ``estimate`` job: every key but ``model``,
+    ``name`` and ``consumer`` is the spec field of that name (:func:`estimate_request_keys`);
+    ``params`` holds the estimator's parameters only (checked by name against its constructor).
+    ``data`` was checked by :func:`allocator.service.data_param.service_data`."""
     from sensitivity import EstimateSpec
 
     inner = params.get("params", {})
     if not isinstance(inner, Mapping):
         raise InvalidParameterError(f"params.params must be an object, got {inner!r}")
-    fields = EstimateSpec.field_names() - {"method", "params"}
-    spec: dict[str, Any] = {k: params[k] for k in ("options", "seed", "samples", "seq_len", "device",
-                                                   "data", "include", "exclude") if k in params}
-    est: dict[str, Any] = dict(inner.get("estimator_params") or {})
-    for key, value in inner.items():
-        if key in fields:
-            spec[key] = tuple(value) if key == "kinds" and isinstance(value, list) else value
-        elif key != "estimator_params":
-            est[key] = value
-    return EstimateSpec(method=str(params.get("method", "datafree")), params=est, **spec)
+    fields = EstimateSpec.field_names()
+    misplaced = sorted(k for k in inner if k in fields or k == "estimator_params")
+    if misplaced:
+        raise InvalidParameterError(
+            f"params.params.{misplaced[0]} is not an estimator parameter; params.params holds "
+            f"the estimator's own parameters, the estimate's fields go at the top level "
+            f"(params.{misplaced[0]})")
+    spec = {k: v for k, v in params.items()
+            if k in fields and k not in _ESTIMATE_SERVER_FIELDS and k not in ("method", "params")}
+    if isinstance(spec.get("kinds"), list):
+        spec["kinds"] = tuple(spec["kinds"])
+    return EstimateSpec(method=str(params.get("method", "datafree")), params=dict(inner), **spec)
+
+
+def _job_spec(params: Mapping[str, Any]) -> Any:
+    """The job's spec, the consumer's palette (``allocator.export.palettes``) as its options."""
+    consumer = params.get("consumer")
+    if consumer is not None:
+        from allocator.export.palettes import palette_options
+
+        params = {**params, "options": palette_options(str(consumer), params.get("options"))}
+    return estimate_spec_of(params)
 
 
 def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threading.Event) -> dict[str, Any]:
@@ -198,11 +228,7 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
         raise JobFailure("unknown_name", f"unknown estimator {method!r}; choose one of {sorted(ESTIMATORS)}")
     consumer = params.get("consumer")
     try:
-        if consumer is not None:  # the consumer's palette (allocator.export.palettes) as the options
-            from allocator.export.palettes import palette_options
-
-            params = {**params, "options": palette_options(str(consumer), params.get("options"))}
-        spec = estimate_spec_of(params)
+        spec = _job_spec(params)
     except InvalidParameterError as exc:
         raise JobFailure("invalid_parameter", f"bad estimate parameters: {exc}") from None
     progress(0.0, f"estimating {method} costs of {Path(str(params['model'])).name}")
@@ -215,7 +241,7 @@ def _run_estimate(params: Mapping[str, Any], progress: Progress, cancel: threadi
     except InvalidParameterError as exc:
         raise JobFailure("invalid_parameter", str(exc)) from None
     try:
-        table = sensitivity.estimate_spec(str(params["model"]), spec)
+        table = sensitivity.estimate(str(params["model"]), spec)
     except ModuleNotFoundError as exc:  # e.g. the driver or torch not installed
         raise JobFailure("estimator_unavailable", f"estimation needs a missing module: {exc.name}") from None
     if consumer is not None:  # the consumer's ties, accounting and left-out units

@@ -117,13 +117,8 @@ def _validate_run(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any
     refuse_nested_data(params)  # the calibration text: inline, or a file under a model root
     if "data" in params:
         out["data"] = service_data(params["data"], roots)
-    try:  # RunConfig and the estimate spec check the rest (consumer vs options, estimator names)
-        cfg = run_config_of(out, data=None)
-        from allocator.export.palettes import palette_options
-        from sensitivity import EstimateSpec
-
-        EstimateSpec(method=cfg.estimator, params=cfg.estimator_params,
-                     options=palette_options(cfg.consumer, cfg.candidate_options))
+    try:  # RunConfig and its estimate spec check the rest (consumer vs options, estimator names)
+        run_config_of(out, data=None)
     except (InvalidParameterError, UnknownNameError) as exc:
         raise _bad(f"bad run parameters: {exc}") from None
     out["budget"] = {"bpw": float(bpw)}
@@ -135,18 +130,22 @@ def run_config_of(params: Mapping[str, Any], *, data: str | None) -> Any:
 
     ``data`` is the calibration file the pipeline reads (inline texts are written to one first).
     """
-    from allocator.jobs.pipeline import RunConfig
+    from allocator.jobs.pipeline import DEFAULT_RUN_ESTIMATOR, RunConfig, run_spec
 
-    kw: dict[str, Any] = {k: params[k] for k, _ in _INTS if params.get(k) is not None}
+    # the job's keys keep their names (calib_samples, estimator, ...): they map onto the spec
+    spec_keys = {"calib_samples": "samples", "seq_len": "seq_len", "seed": "seed"}
+    fields: dict[str, Any] = {new: params[old] for old, new in spec_keys.items()
+                              if params.get(old) is not None}
+    kw: dict[str, Any] = {k: params[k] for k in ("eval_samples", "refine_rounds")
+                          if params.get(k) is not None}
     if "refine_time_limit" in params:
         kw["refine_time_limit"] = params["refine_time_limit"]
-    return RunConfig(model=str(params["model"]), bpw=float(params["bpw"]),
-                     estimator=str(params.get("estimator", "gauss-newton")),
-                     estimator_params=dict(params.get("estimator_params") or {}),
-                     options=params.get("options"), consumer=params.get("consumer"),
-                     include=tuple(params.get("include") or ()),
-                     exclude=tuple(params.get("exclude") or ()),
-                     data=data, out=None, progress=False, **kw)
+    spec = run_spec(str(params.get("estimator", DEFAULT_RUN_ESTIMATOR)),
+                    params=dict(params.get("estimator_params") or {}), options=params.get("options"),
+                    include=tuple(params.get("include") or ()),
+                    exclude=tuple(params.get("exclude") or ()), data=data, progress=False, **fields)
+    return RunConfig(model=str(params["model"]), bpw=float(params["bpw"]), estimate=spec,
+                     consumer=params.get("consumer"), out=None, **kw)
 
 
 def _write_texts(texts: list[str], folder: str) -> str:

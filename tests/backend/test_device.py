@@ -28,9 +28,9 @@ def plan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mixed int4 / int8 / fp16 plan for the bundled tiny-llama (datafree costs, CPU)."""
     import solvers
     from allocator.core.budget import Budget
-    from sensitivity import run_estimate
+    from sensitivity import EstimateSpec, estimate
 
-    table = run_estimate("tiny-llama", method="datafree", options=OPTIONS, progress=False)
+    table = estimate("tiny-llama", EstimateSpec(method="datafree", options=OPTIONS, progress=False))
     plan = solvers.solve(table, Budget(bpw=6.0)).plan
     assert plan is not None and len(set(plan.choice.values())) > 1
     return Path(plan.save(tmp_path_factory.mktemp("device") / "plan.json"))

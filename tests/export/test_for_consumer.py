@@ -20,7 +20,7 @@ from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
 from allocator.export import ModelInfo, export_plan, model_info
 from allocator.export.palettes import PALETTES, apply_palette, palette_for, table_for
-from allocator.jobs.pipeline import RunConfig
+from allocator.jobs.pipeline import RunConfig, run_spec
 
 CONSUMERS = sorted(PALETTES)
 _ACCOUNTED = re.compile(r"accounting: .*?: ([0-9.]+) bpw over the (\d+) planned modules")
@@ -209,7 +209,7 @@ def test_unknown_consumer_and_options_with_for() -> None:
     with pytest.raises(UnknownNameError, match="unknown consumer 'vllm'"):
         palette_for("vllm")
     with pytest.raises(InvalidParameterError, match="drop --options"):
-        RunConfig(consumer="hqq", options="int4-g128-asym")
+        RunConfig(consumer="hqq", estimate=run_spec(options="int4-g128-asym"))
     with pytest.raises(UnknownNameError):
         RunConfig(consumer="nope")
     assert RunConfig(consumer="hqq").consumer == "hqq"
@@ -257,9 +257,9 @@ def test_run_pipeline_for_consumer(consumer: str) -> None:
     from allocator.jobs.pipeline import run_pipeline
 
     bpw = 5.0
-    run = run_pipeline(RunConfig(model="tiny-llama", estimator="datafree", consumer=consumer, bpw=bpw,
-                                 calib_samples=4, eval_samples=4, seq_len=32, batch_size=4,
-                                 refine_rounds=1, out=None, progress=False))
+    spec = run_spec("datafree", samples=4, seq_len=32, batch_size=4, progress=False)
+    run = run_pipeline(RunConfig(model="tiny-llama", estimate=spec, consumer=consumer, bpw=bpw,
+                                 eval_samples=4, refine_rounds=1, out=None))
     assert run.table.metadata["consumer"] == consumer
     assert run.uniform_below is not None  # GGUF / HQQ options give a uniform baseline too
     info = model_info("tiny-llama")

@@ -13,7 +13,7 @@ from _tiny import tiny_llama  # noqa: E402
 
 from allocator.core.errors import InvalidParameterError, ModelError, UnknownNameError  # noqa: E402
 from allocator.model.loading import LoadedModel, ModelKind, load_model, model_fingerprint  # noqa: E402
-from sensitivity import estimate, run_estimate  # noqa: E402
+from sensitivity import EstimateSpec, estimate  # noqa: E402
 
 # The contract (columns, finite costs, seeds, needs-data, parameters) of every registered
 # estimator is tests/sensitivity/test_estimator_conformance.py; here the driver runs the curvature family
@@ -55,9 +55,10 @@ class _ByteTokenizer:
 
 def _table(loaded, method, **kw):
     kw.setdefault("options", OPTIONS)
-    return run_estimate(loaded, method=method, samples=kw.pop("samples", 4), seq_len=16,
+    spec = EstimateSpec(method=method, samples=kw.pop("samples", 4), seq_len=16,
                         batch_size=kw.pop("batch_size", 2), progress=False,
-                        estimator_params=PARAMS.get(method), **kw)
+                        params=PARAMS.get(method, {}), **kw)
+    return estimate(loaded, spec)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -111,13 +112,20 @@ def test_texts_and_file_data_and_single_last_batch(minilm, tmp_path) -> None:
     np.testing.assert_allclose(t1.df["cost"], t2.df["cost"], rtol=1e-9)
 
 
-def test_module_level_estimate_is_the_driver() -> None:
-    assert estimate is run_estimate
+def test_one_estimate_entry_point() -> None:
+    import sensitivity
+
+    entry = [n for n in sensitivity.__all__ if callable(getattr(sensitivity, n))
+             and n.startswith(("estimate", "run_", "prepare"))]
+    assert entry == ["estimate"]
+    for gone in ("run_estimate", "prepare_estimate", "estimate_spec", "estimate_loaded",
+                 "estimate_sequential", "run_sharded"):
+        assert not hasattr(sensitivity, gone), gone
 
 
 def test_bad_inputs(minilm, tmp_path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
-        run_estimate(str(tmp_path / "nope"), method="fisher", progress=False)
+        estimate(str(tmp_path / "nope"), EstimateSpec(method="fisher", progress=False))
     with pytest.raises(ModelError, match="matches include"):
         _table(minilm, "fisher", include="no_such_module")
     with pytest.raises(UnknownNameError, match="unknown estimator"):
@@ -149,4 +157,4 @@ def test_no_linear_units() -> None:
     loaded = LoadedModel(model=model, tokenizer=None, kind=ModelKind.GENERIC, name="bag", path="",
                          fingerprint=model_fingerprint(model))
     with pytest.raises(ModelError, match="no linear modules"):
-        run_estimate(loaded, method="fisher", data=["a b c"], progress=False)
+        estimate(loaded, EstimateSpec(method="fisher", data=["a b c"], progress=False))

@@ -55,17 +55,13 @@ def test_spec_rejects_bad_fields_by_name() -> None:
     assert spec.kinds == ("linear",) and spec.estimator().params()["probes"] == 3
 
 
-def test_keyword_api_spells_out_exactly_the_spec() -> None:
-    # run_estimate / prepare_estimate are EstimateSpec as keyword arguments: they cannot drift
+def test_one_entry_point_takes_the_spec() -> None:
+    # sensitivity.estimate(model, spec) is the one way in: no keyword-spelled copy to drift
     import inspect
 
-    from sensitivity import EstimateSpec, prepare_estimate, run_estimate
+    from sensitivity import estimate
 
-    fields = (EstimateSpec.field_names() - {"params"}) | {"estimator_params"}
-    for fn in (run_estimate, prepare_estimate):
-        kw = {n for n, p in inspect.signature(fn).parameters.items()
-              if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        assert kw == fields, (fn.__name__, sorted(kw ^ fields))
+    assert list(inspect.signature(estimate).parameters) == ["model", "spec"]
 
 
 def test_cli_help_names_every_estimator() -> None:

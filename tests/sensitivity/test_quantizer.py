@@ -144,13 +144,15 @@ def test_gauss_newton_with_gptq_equals_the_table_from_gptq_deltas_by_hand() -> N
 
 
 def test_default_context_uses_rtn_and_tables_record_the_quantizer(tiny) -> None:
-    from sensitivity import EstimateSpec, run_estimate
+    from dataclasses import replace
+
+    from sensitivity import EstimateSpec, estimate
 
     assert isinstance(EstimateContext(batches=[], units=[], options=OPTIONS).quantizer, RtnQuantizer)
-    kw = dict(method="datafree", options="int2..4-g32-asym", samples=4, seq_len=32, batch_size=4,
-              include="model.layers.0.mlp.*", progress=False, estimator_params={"score": "mse"})
-    rtn = run_estimate(tiny, **kw)
-    gptq = run_estimate(tiny, **kw, quantizer="gptq")  # data-free, but GPTQ loads calibration data
+    spec = EstimateSpec(method="datafree", options="int2..4-g32-asym", samples=4, seq_len=32, batch_size=4,
+                        include="model.layers.0.mlp.*", progress=False, params={"score": "mse"})
+    rtn = estimate(tiny, spec)
+    gptq = estimate(tiny, replace(spec, quantizer="gptq"))  # data-free, but GPTQ loads calibration data
     assert rtn.metadata["quantizer"] == "rtn" and gptq.metadata["quantizer"] == "gptq"
     # GPTQ trades weight error for output error: its relative weight MSE is larger
     assert (gptq.df["cost"].to_numpy() >= rtn.df["cost"].to_numpy() - 1e-12).all()

@@ -98,3 +98,21 @@ def test_encoder_blocks_too() -> None:
         with pytest.raises(InvalidParameterError, match="neither in a block"):
             estimate_sequential("minilm", "hessian-proxy", batches=calib, options=OPTIONS,
                                 units=outside)
+
+
+def test_the_driver_dispatches_sequential_with_the_same_seed_and_provenance() -> None:
+    """``sensitivity.estimate`` with ``sequential=True``: the whole-model table, and the same
+    provenance keys and values (the model's fingerprint read block by block), kinds honoured."""
+    from sensitivity import PROVENANCE_KEYS, EstimateSpec, estimate
+
+    spec = EstimateSpec(method="gauss-newton", params={"probes": 1}, samples=4, seq_len=16,
+                        batch_size=2, options=OPTIONS[:2], progress=False, seed=3)
+    whole = estimate("tiny-llama", spec)
+    seq = estimate("tiny-llama", EstimateSpec(**{**vars(spec), "sequential": True}))
+    assert {k: seq.metadata[k] for k in PROVENANCE_KEYS} == {k: whole.metadata[k] for k in PROVENANCE_KEYS}
+    assert seq.metadata["sequential"] is True and seq.metadata["seed"] == 3
+    np.testing.assert_allclose(seq.df["cost"].to_numpy(), whole.df["cost"].to_numpy(), rtol=1e-4)
+    with pytest.raises(InvalidParameterError, match="no sequential mode"):
+        estimate("tiny-llama", EstimateSpec(method="measured", sequential=True, progress=False))
+    with pytest.raises(InvalidParameterError, match="reads the model from its directory"):
+        estimate(load_model("tiny-llama"), EstimateSpec(**{**vars(spec), "sequential": True}))

@@ -89,9 +89,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("optuna")
 
 from allocator import CostTable  # noqa: E402
-from sensitivity import EstimateSpec, ShardedEstimateSpec, run_shard_worker, run_sharded  # noqa: E402
+from sensitivity import EstimateSpec, Sharding  # noqa: E402
 from sensitivity import shard_queue as q  # noqa: E402
-from sensitivity._sharded import sharded_methods  # noqa: E402
+from sensitivity._sharded import ShardJob, run_shard_worker, run_shards  # noqa: E402
+from sensitivity._spec import sharded_methods  # noqa: E402
 
 
 def _cases() -> list[tuple[str, dict[str, Any]]]:
@@ -107,20 +108,27 @@ CASES = _cases()
 
 def _reference(method: str, params: dict[str, Any]) -> CostTable:
     from allocator.core.errors import ModelError
-    from sensitivity import run_estimate
+    from sensitivity import estimate
 
     try:
-        return run_estimate("tiny-llama", method=method, estimator_params=params, progress=False,
-                            **KW)
+        return estimate("tiny-llama", EstimateSpec(method=method, params=params, progress=False, **KW))
     except ModelError as exc:
         pytest.skip(f"the bundled tiny Llama is missing: {exc}")
 
 
-def _spec(method: str, params: dict[str, Any], storage: str | None, **kw: Any) -> ShardedEstimateSpec:
-    estimate = EstimateSpec(method=method, params=params, progress=False, **KW)
+def _spec(method: str, params: dict[str, Any], storage: str | None, **kw: Any) -> ShardJob:
     kw.setdefault("n_shards", N_SHARDS)
-    return ShardedEstimateSpec(model="tiny-llama", estimate=estimate, storage=storage, study="b",
-                               **kw)
+    sharding = Sharding(storage=storage, study="b", **kw)
+    estimate = EstimateSpec(method=method, params=params, progress=False, sharding=sharding, **KW)
+    return ShardJob(model="tiny-llama", spec=estimate)
+
+
+def run_sharded(job: ShardJob, *, workers: int) -> Any:
+    """The outcome of ``job`` with ``workers`` local processes (sensitivity.estimate's sharded path)."""
+    import dataclasses
+
+    sharding = dataclasses.replace(job.sharding, workers=workers)
+    return run_shards(ShardJob(model=job.model, spec=dataclasses.replace(job.spec, sharding=sharding)))
 
 
 def _close(a: Any, b: Any, path: str = "") -> None:
@@ -197,8 +205,7 @@ def test_not_batch_additive_is_refused() -> None:
     for method, params in (("hessian-eig", {}), ("hessian-trace", {}),
                            ("hessian-trace", {"curvature": "hessian"}), ("lim", {})):
         with pytest.raises(InvalidParameterError, match="not batch-additive"):
-            ShardedEstimateSpec(model="tiny-llama",
-                                estimate=EstimateSpec(method=method, params=params))
+            EstimateSpec(method=method, params=params, sharding=Sharding())
     assert {"measured", "gauss-newton", "fisher", "salience", "hessian-proxy",
             "relevance"} <= set(sharded_methods())
     assert not {"hessian-eig", "hessian-trace", "datafree", "lim", "zd"} & set(sharded_methods())

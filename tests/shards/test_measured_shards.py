@@ -16,8 +16,9 @@ pytest.importorskip("optuna")
 from allocator import CostTable  # noqa: E402
 from allocator.cli import main  # noqa: E402
 from allocator.core.errors import InvalidParameterError  # noqa: E402
-from sensitivity import EstimateSpec, ShardedEstimateSpec, run_sharded  # noqa: E402
+from sensitivity import EstimateSpec, Sharding  # noqa: E402
 from sensitivity import shard_queue as q  # noqa: E402
+from sensitivity._sharded import ShardJob, run_shards  # noqa: E402
 
 # Block 0 of the tiny Llama (7 units) × 2 options on 4 short texts: seconds, not minutes.
 KW = {"samples": 4, "seq_len": 16, "batch_size": 2, "include": r"layers\.0\.",
@@ -28,18 +29,27 @@ N_SHARDS = 4
 @pytest.fixture(scope="module")
 def reference() -> CostTable:
     from allocator.core.errors import ModelError
-    from sensitivity import run_estimate
+    from sensitivity import estimate
 
     try:
-        return run_estimate("tiny-llama", method="measured", progress=False, **KW)
+        return estimate("tiny-llama", EstimateSpec(method="measured", progress=False, **KW))  # type: ignore[arg-type]
     except ModelError as exc:
         pytest.skip(f"the bundled tiny Llama is missing: {exc}")
 
 
-def _spec(storage: str | None, study: str | None = "t", **kw: object) -> ShardedEstimateSpec:
-    estimate = EstimateSpec(method="measured", progress=False, **KW)  # type: ignore[arg-type]
-    return ShardedEstimateSpec(model="tiny-llama", estimate=estimate, storage=storage, study=study,
-                               n_shards=kw.pop("n_shards", N_SHARDS), **kw)  # type: ignore[arg-type]
+def _spec(storage: str | None, study: str | None = "t", workers: int = 1, **kw: object) -> ShardJob:
+    sharding = Sharding(storage=storage, study=study, n_shards=kw.pop("n_shards", N_SHARDS),  # type: ignore[arg-type]
+                        workers=workers, **kw)  # type: ignore[arg-type]
+    estimate = EstimateSpec(method="measured", progress=False, sharding=sharding, **KW)  # type: ignore[arg-type]
+    return ShardJob(model="tiny-llama", spec=estimate)
+
+
+def run_sharded(job: ShardJob, *, workers: int) -> object:
+    """The outcome of ``job`` with ``workers`` local processes (sensitivity.estimate's sharded path)."""
+    import dataclasses
+
+    sharding = dataclasses.replace(job.sharding, workers=workers)
+    return run_shards(ShardJob(model=job.model, spec=dataclasses.replace(job.spec, sharding=sharding)))
 
 
 def assert_same_table(got: CostTable, ref: CostTable) -> None:
@@ -171,13 +181,30 @@ def test_cli_writes_the_table_and_refuses_bad_flags(tmp_path: Path, reference: C
 
 def test_bad_specs() -> None:
     with pytest.raises(InvalidParameterError, match="shards must be an int ≥ 1, got 0"):
-        ShardedEstimateSpec(model="tiny-llama", n_shards=0)
+        Sharding(n_shards=0)
     with pytest.raises(InvalidParameterError, match="not a database URL"):
-        ShardedEstimateSpec(model="tiny-llama", storage="nonsense")
+        Sharding(storage="nonsense")
     with pytest.raises(InvalidParameterError, match="no parameter 'max_probes'"):
-        ShardedEstimateSpec(model="tiny-llama",
-                            estimate=EstimateSpec(method="measured", params={"max_probes": 3}))
+        EstimateSpec(method="measured", params={"max_probes": 3}, sharding=Sharding())
     with pytest.raises(InvalidParameterError, match="'hessian-eig' is not batch-additive"):
-        ShardedEstimateSpec(model="tiny-llama", estimate=EstimateSpec(method="hessian-eig"))
+        EstimateSpec(method="hessian-eig", sharding=Sharding())
     with pytest.raises(InvalidParameterError, match="workers must be an int ≥ 1"):
-        run_sharded(ShardedEstimateSpec(model="tiny-llama"), workers=0)
+        Sharding(workers=0)
+    with pytest.raises(InvalidParameterError, match="sequential runs in one process"):
+        EstimateSpec(method="measured", sharding=Sharding(), sequential=True)
+
+
+def test_estimate_dispatches_a_sharded_spec_and_says_what_is_pending(tmp_path: Path,
+                                                                   reference: CostTable) -> None:
+    from sensitivity import ShardsPending, estimate
+
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    job = _spec(url, study="d", max_shards=1)
+    with pytest.raises(ShardsPending, match="1/4 shards complete") as info:
+        estimate("tiny-llama", job.spec)
+    assert len(info.value.outcome.pending) == N_SHARDS - 1
+    import dataclasses
+
+    table = estimate("tiny-llama", dataclasses.replace(job.spec, sharding=Sharding(storage=url, study="d")))
+    assert_same_table(table, reference)
+    assert set(reference.metadata) | {"sharded"} == set(table.metadata)

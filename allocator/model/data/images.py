@@ -189,7 +189,8 @@ def data_for(loaded: Any, split: str, n_samples: int, *, seq_len: int = 128,
         raise InvalidParameterError(
             f"model {getattr(loaded, 'name', '?')!r} has no tokenizer and no built-in data (only "
             "8×8 grey-image classifiers whose config.json sets \"bitalloc_data\": \"sklearn-digits\" "
-            "have); pass its batches from Python: sensitivity.estimate_loaded(..., calibration=batches)")
+            "have); pass its batches from Python: sensitivity.estimate(loaded, EstimateSpec(..., "
+            "data=batches))")
     return CalibrationData.from_corpus(loaded.tokenizer, split=split, n_samples=n_samples,
                                        seq_len=seq_len, batch_size=batch_size, seed=seed,
                                        pack=loaded.kind == ModelKind.CAUSAL_LM)
