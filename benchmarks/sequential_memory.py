@@ -98,12 +98,12 @@ def run_mode(mode: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
                               model_kind="causal_lm", progress=False)
         get_estimator(mode.removeprefix("whole-")).estimate(load_model(path).model, ctx)
     elif mode.startswith("seq-"):
-        from sensitivity._sequential import estimate_sequential
+        from sensitivity import EstimateSpec, estimate
 
-        # the block-by-block estimator itself on ready batches (sensitivity.estimate with
-        # sequential=True also reads the whole checkpoint once more for the model's fingerprint)
-        estimate_sequential(path, mode.removeprefix("seq-"), batches=calib, options=["int4-g128-asym"],
-                            units=units)
+        # the public entry point; its fingerprint reads the checkpoint one tensor at a time
+        estimate(path, EstimateSpec(method=mode.removeprefix("seq-"), options="int4-g128-asym",
+                                    samples=args.samples, seq_len=args.seq_len, batch_size=4, sequential=True,
+                                    progress=False))
     return {"mode": mode, "baseline_mb": round(base), "peak_mb": round(_rss_mb()),
             "wall_s": round(time.perf_counter() - t0, 1)}
 

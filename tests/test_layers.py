@@ -38,6 +38,7 @@ FOLDER_LAYERS: dict[str, str] = {
     "allocator/model": "model",
     "allocator/model/data": "model",
     "allocator/model/quant": "model",
+    "allocator/model/quant/ggml": "model",
     "sensitivity": "estimators",
     "solvers": "solvers",
     # apply / verify / evaluate a plan on a model, the search evaluator, exporters, palettes

@@ -121,6 +121,11 @@ class RunConfig:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
         if self.method not in ("rtn", "gptq"):
             raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        if self.estimate.quantizer not in ("rtn", self.method):
+            # the run forms every ΔW with the quantizer it applies the plan with (``method``)
+            raise InvalidParameterError(f"the estimate's quantizer {self.estimate.quantizer!r} is not the "
+                                        f"run's method {self.method!r}; pass --method "
+                                        f"{self.estimate.quantizer}")
         self._check_estimate()
         groups = self.estimate.groups
         if self.consumer is not None:

@@ -68,12 +68,12 @@ def test_refine_with_gptq_quantizes_each_unit_option_once(tiny, tiny_calib) -> N
 
 
 def test_run_tiny_llama_with_gptq_records_the_quantizer(tmp_path: Path) -> None:
-    from allocator.jobs.pipeline import RunConfig, run_pipeline
+    from allocator.jobs.pipeline import RunConfig, run_pipeline, run_spec
 
-    run = run_pipeline(RunConfig(model="tiny-llama", method="gptq", estimator="salience", bpw=3.25,
-                                 options="int2-g32-asym,int3-g32-asym,int4-g32-asym",
-                                 calib_samples=8, eval_samples=4, seq_len=32, batch_size=4,
-                                 refine_rounds=1, out=tmp_path, progress=False))
+    spec = run_spec("salience", options="int2-g32-asym,int3-g32-asym,int4-g32-asym", samples=8,
+                    seq_len=32, batch_size=4, progress=False)
+    run = run_pipeline(RunConfig(model="tiny-llama", method="gptq", bpw=3.25, estimate=spec,
+                                 eval_samples=4, refine_rounds=1, out=tmp_path))
     assert run.table.metadata["quantizer"] == "gptq"
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quantizer"] == "gptq" and results["config"]["method"] == "gptq"
