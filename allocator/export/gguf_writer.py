@@ -132,7 +132,8 @@ def _add_hparams(w: Any, config: Any, name: str, file_type: int) -> None:
         w.add_value_length(head_dim)
 
 
-def _tensor_data(gguf: Any, w: torch.Tensor, ggml_type: str, importance: torch.Tensor | None) -> tuple[Any, Any]:
+def _tensor_data(gguf: Any, w: torch.Tensor, ggml_type: str,
+                 importance: torch.Tensor | None) -> tuple[Any, Any]:
     """(array, raw_dtype) for ``GGUFWriter.add_tensor``; raw_dtype None lets gguf-py infer F32/F16."""
     import torch
 
@@ -188,7 +189,7 @@ def write_gguf(plan: BitPlan, model: str | Path, path: str | Path, *, lossy: boo
     if outtype not in OUTTYPES:
         raise ExportError(f"llamacpp: outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     loaded = load_model(model, kind="causal_lm")
-    config = loaded.model.config
+    config: Any = loaded.model.config
     if getattr(config, "model_type", None) != "llama":
         raise ExportError(f"llamacpp: --gguf writes Llama-family models; {loaded.name!r} is "
                           f"{getattr(config, 'model_type', None)!r}")

@@ -61,7 +61,8 @@ def _mixed(model: torch.nn.Module) -> dict[str, str]:
     return pick
 
 
-def _check_file(path: Path, model_dir: Path, model: torch.nn.Module, pick: dict[str, str], tied: bool) -> None:
+def _check_file(path: Path, model_dir: Path, model: torch.nn.Module, pick: dict[str, str],
+                tied: bool) -> None:
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     reader = gguf.GGUFReader(path)
