@@ -93,8 +93,12 @@ def _planned_types(ctx: ExportContext, settings: Mapping[str, Setting], tensors:
     return out
 
 
-def _file_type(gguf: Any, types: Mapping[str, str], params: Mapping[str, int]) -> int:
-    """``general.file_type``: the ftype of the quantized type holding the most weights."""
+def _file_type(gguf: Any, plan: BitPlan, types: Mapping[str, str], params: Mapping[str, int]) -> int:
+    """``general.file_type``: a preset plan's own ftype, else the ftype of the quantized type holding
+    the most weights (llama.cpp only displays it)."""
+    preset = plan.solver.params.get("preset") if plan.solver.name == "llamacpp-preset" else None
+    if preset is not None and hasattr(gguf.LlamaFileType, f"MOSTLY_{preset}"):
+        return int(getattr(gguf.LlamaFileType, f"MOSTLY_{preset}"))
     by_type: dict[str, int] = {}
     for t, ty in types.items():
         by_type[ty] = by_type.get(ty, 0) + params[t]
@@ -214,7 +218,7 @@ def write_gguf(plan: BitPlan, model: str | Path, path: str | Path, *, lossy: boo
     out = Path(path)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
-        _add_hparams(writer, config, loaded.name, _file_type(gguf, types, params))
+        _add_hparams(writer, config, loaded.name, _file_type(gguf, plan, types, params))
         if any(t not in ("f16", "bf16", "f32") for t in types.values()):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(writer, Path(loaded.path), int(config.vocab_size))

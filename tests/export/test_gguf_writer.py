@@ -171,7 +171,23 @@ def test_cli_gguf_and_errors(tmp_path, capsys) -> None:
     out = tmp_path / "m.gguf"
     assert main(["export", str(plan_path), "--to", "llamacpp", "--model", "tiny-llama",
                  "--gguf", str(out), "--base", "q8_0"]) == 0
-    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors} == {"Q8_0", "F32"}
+    reader = gguf.GGUFReader(out)
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     assert "wrote" in capsys.readouterr().out
     assert main(["export", str(plan_path), "--to", "hqq", "--model", "tiny-llama", "--gguf", str(out)]) == 2
     assert "--to llamacpp" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _has_ggml_module(), reason="K-quants need llama.cpp's quantizers "
+                    "(allocator.model.quant.ggml), not in this build")
+def test_preset_plan_as_gguf(tmp_path) -> None:
+    from allocator.export import llamacpp_preset_plan
+
+    plan = llamacpp_preset_plan("tiny-llama", "Q4_K_M")
+    write_gguf(plan, "tiny-llama", tmp_path / "q4km.gguf")
+    reader = gguf.GGUFReader(tmp_path / "q4km.gguf")
+    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    assert {gguf_name(u, False): o.lower() for u, o in plan.choice.items()}.items() <= types.items()
+    assert types["token_embd.weight"] == "f16"  # not a plan unit: the converter's outtype
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
