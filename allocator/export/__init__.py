@@ -3,8 +3,9 @@
 Targets (``EXPORTERS``): ``gptqmodel`` (``QuantizeConfig.dynamic``), ``llmcompressor``
 (recipe with ``config_groups``), ``autoround`` (``layer_config``), ``hqq`` (per-tag
 ``dynamic_config``), ``llamacpp`` (``llama-quantize --tensor-type-file``) and ``torchao``
-(``FqnToConfig``). Formats and matching rules follow ``shared/reference/export-formats.md``;
-user documentation is ``docs/exports.md``.
+(``FqnToConfig``); :func:`write_gguf` writes the quantized model itself as a llama.cpp GGUF file and
+:func:`llamacpp_preset_plan` gives ``llama-quantize``'s presets as plans. Formats and matching
+rules follow ``shared/reference/export-formats.md``; user documentation is ``docs/exports.md``.
 
 Every export either expresses the plan exactly or raises :class:`~allocator.core.errors.ExportError`
 naming what the target cannot hold. ``lossy=True`` allows the documented fallbacks only (raise
@@ -32,10 +33,14 @@ from allocator.export._common import (
     skip_setting,
 )
 from allocator.export._model import ModelInfo, model_info
+from allocator.export.gguf_writer import GgufFile, write_gguf
+from allocator.export.llamacpp_presets import PRESETS as LLAMACPP_PRESETS
+from allocator.export.llamacpp_presets import llamacpp_preset_plan
 
-__all__ = ["EXPORTERS", "ExportResult", "Exporter", "ModelInfo", "Setting", "export_plan",
-           "fused_name", "get_exporter", "gguf_setting", "int_setting", "model_info", "module_of",
-           "skip_setting", "write_export", "write_result"]
+__all__ = ["EXPORTERS", "LLAMACPP_PRESETS", "ExportResult", "Exporter", "GgufFile", "ModelInfo", "Setting",
+           "export_plan", "fused_name", "get_exporter", "gguf_setting", "int_setting",
+           "llamacpp_preset_plan", "model_info", "module_of", "skip_setting", "write_export",
+           "write_gguf", "write_result"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,7 +31,8 @@ from allocator.export._common import (
     weighted_bpw,
 )
 
-__all__ = ["EXPORTER", "LOSSY_INT_TO_GGUF", "LlamaCppExporter", "gguf_bpw", "gguf_tensor_name"]
+__all__ = ["EXPORTER", "LOSSY_INT_TO_GGUF", "LlamaCppExporter", "gguf_bpw", "gguf_tensor_name",
+           "tensor_settings"]
 
 #: lossy only: integer option → the K-quant with at least its payload bits (7 → q8_0)
 LOSSY_INT_TO_GGUF = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 7: "q8_0", 8: "q8_0"}
@@ -104,30 +105,41 @@ def _convert(ctx: ExportContext, unit: str, fmt: QuantFormat) -> Setting:
     return s
 
 
+def tensor_settings(ctx: ExportContext, *, tied: bool = False
+                    ) -> tuple[dict[str, Setting], dict[str, list[str]], str]:
+    """The plan's settings per module, made equal within each GGUF tensor (refused, or raised
+    to the highest with ``--lossy``), with GGUF tensor → its modules and the architecture.
+
+    ``tied``: the model ties ``lm_head`` to the embedding, so both are the one ``token_embd``.
+    """
+    settings = module_settings(ctx, lambda u, f: _convert(ctx, u, f))
+    experts = sorted(n for n in settings if _EXPERT.search(n))
+    if experts:
+        raise ctx.fail(f"unit {experts[0]!r} is one expert; GGUF stacks all experts of a layer in "
+                       "one tensor (ffn_*_exps), so per-expert settings cannot be expressed")
+    names = set(settings) | (ctx.model_names or frozenset())
+    arch = ctx.arch or detect_arch(names)
+    n_blocks = 1 + max((int(m) for n in names for m in re.findall(r"\.(\d+)\.", n)), default=0)
+    tensors: dict[str, list[str]] = defaultdict(list)
+    for n in sorted(settings):
+        t = gguf_tensor_name(n, arch, n_blocks)
+        if t is None:
+            hint = ("" if arch == "llama" else
+                    " (non-llama names need `pip install gguf` for gguf-py's name map)")
+            raise ctx.fail(f"unit {n!r} has no GGUF tensor in the {arch!r} name map{hint}")
+        tensors["token_embd" if tied and t == "output" else t].append(n)
+    settings = merge_groups(ctx, settings, {t: ms for t, ms in tensors.items() if len(ms) > 1},
+                            "GGUF tensor")
+    return settings, dict(tensors), arch
+
+
 class LlamaCppExporter:
     NAME = "llamacpp"
     SUFFIX = ".txt"
     BASE_HELP = "llama-quantize ftype for tensors not in the file (default Q8_0; must be quantized)"
 
     def export(self, ctx: ExportContext, base: str | None) -> ExportResult:
-        settings = module_settings(ctx, lambda u, f: _convert(ctx, u, f))
-        experts = sorted(n for n in settings if _EXPERT.search(n))
-        if experts:
-            raise ctx.fail(f"unit {experts[0]!r} is one expert; GGUF stacks all experts of a layer in "
-                           "one tensor (ffn_*_exps), so per-expert settings cannot be expressed")
-        names = set(settings) | (ctx.model_names or frozenset())
-        arch = ctx.arch or detect_arch(names)
-        n_blocks = 1 + max((int(m) for n in names for m in re.findall(r"\.(\d+)\.", n)), default=0)
-        tensors: dict[str, list[str]] = defaultdict(list)
-        for n in sorted(settings):
-            t = gguf_tensor_name(n, arch, n_blocks)
-            if t is None:
-                hint = ("" if arch == "llama" else
-                        " (non-llama names need `pip install gguf` for gguf-py's name map)")
-                raise ctx.fail(f"unit {n!r} has no GGUF tensor in the {arch!r} name map{hint}")
-            tensors[t].append(n)
-        settings = merge_groups(ctx, settings, {t: ms for t, ms in tensors.items() if len(ms) > 1},
-                                "GGUF tensor")
+        settings, tensors, arch = tensor_settings(ctx)
         self._check_rows(ctx, settings)
         by_type: dict[str, list[str]] = defaultdict(list)
         for t, ms in tensors.items():
