@@ -300,10 +300,10 @@ class _Runner:
                 unit, view, original, quantized,
                 lambda ci, n: cache.outputs_from(ci, start, repeat=n)):
             rows = _chunk_rows(cache.chunks[ci].batch)
+            ref = cache.reference[ci]  # read once per pass (it may come from disk)
             with torch.inference_mode():
                 for k, j in enumerate(group):
-                    s, n = per_sample_sums(distortion(self.met, cache.reference[ci],
-                                                      out[k * rows:(k + 1) * rows]),
+                    s, n = per_sample_sums(distortion(self.met, ref, out[k * rows:(k + 1) * rows]),
                                            cache.chunks[ci].mask)
                     parts[j].append((s.cpu().numpy(), n.cpu().numpy()))
             self.forwards += len(group) * frac * self.tokens[ci] / self.total_tokens

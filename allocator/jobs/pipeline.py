@@ -14,7 +14,6 @@ that brackets the budget from above (``uniform >``, larger than the budget) for 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +154,11 @@ class RunResult:
     excluded: Mapping[str, str] = field(default_factory=dict)
     #: where calibration / held-out data came from, in words, and their batches' provenance
     data_info: Mapping[str, Any] = field(default_factory=dict)
+    #: peak resident memory (MiB) of each stage of ``seconds`` (:mod:`allocator.core.rss`); where
+    #: ``peak_rss_per_stage`` is False the platform cannot reset the mark and each value is the
+    #: process's peak so far
+    peak_rss_mb: Mapping[str, float] = field(default_factory=dict)
+    peak_rss_per_stage: bool = True
 
     @property
     def result(self) -> PlanResult:
@@ -265,7 +269,8 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
 
 
 def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: dict[str, Any],
-                   calib: Any, evaluation: Any, ref: Any, units: Sequence[Any]) -> PlanResult:
+                   calib: Any, evaluation: Any, ref: Any, units: Sequence[Any],
+                   lap: Stage) -> PlanResult:
     from allocator.backend import apply_plan, evaluate, verify
 
     model: torch.nn.Module = loaded.model
@@ -273,8 +278,10 @@ def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state
     apply_plan(model, plan, method=cfg.method, calibration=list(calib), units=units,
                progress=cfg.progress)
     check = verify(model, plan, units=units)
+    lap("apply")
     report = evaluate(model, list(evaluation), ref)
     model.load_state_dict(state)
+    lap("evaluate")
     return PlanResult(label=label, plan=plan, report=report, verified=check.ok,
                       mismatches=[str(m) for m in check.mismatches])
 
@@ -287,16 +294,11 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     """
     import solvers
     from allocator.backend import reference_outputs
+    from allocator.core.rss import StageMeter
 
     say = on_stage or (lambda msg: log.info("%s", msg))
-    secs: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        secs[name] = now - t
-        t = now
+    meter = StageMeter()  # seconds and peak RSS per stage, in results.json
+    lap = meter.lap
 
     say(f"loading {cfg.model}")
     loaded = _load(cfg.model)
@@ -326,22 +328,23 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     say(f"choosing among {len(cands)} measured candidates and refining at the plan "
         f"({cfg.refine_rounds} rounds, calibration data)")
     selection = _select(loaded, cfg, cands, table, budget, calib, units)
-    lap("select+refine")
-    state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    lap("refine")
+    state = _state_copy(loaded.model)
     ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
                             model_fingerprint=loaded.fingerprint)
     fp_metrics = _fp_metrics(ref, evaluation)
+    lap("evaluate")
     say(f"applying ({cfg.method}) and evaluating on {evaluation.n_samples} held-out samples")
-    args = (loaded, cfg, state, calib, evaluation, ref, units)
+    args = (loaded, cfg, state, calib, evaluation, ref, units, lap)
     mixed = _evaluate_plan("mixed", result.plan, *args)
     ub = _evaluate_plan("uniform ≤", below, *args) if below is not None else None
     ua = _evaluate_plan("uniform >", above, *args) if above is not None else None
     chosen = _chosen(selection, mixed, ub, args)
-    lap("apply+evaluate")
     run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
-                    uniform_below=ub, uniform_above=ua, seconds=secs, fp_metrics=fp_metrics,
+                    uniform_below=ub, uniform_above=ua, seconds=meter.seconds, fp_metrics=fp_metrics,
                     chosen=chosen, selection=selection, excluded=dict(selection_units.excluded),
-                    data_info=_data_info(cfg, calib, evaluation))
+                    data_info=_data_info(cfg, calib, evaluation), peak_rss_mb=meter.peaks,
+                    peak_rss_per_stage=meter.per_stage)
     if run.worse_than_uniform:
         log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
                     plan_label(run.uniform_below.plan) if run.uniform_below else "",
@@ -371,6 +374,19 @@ def _chosen(selection: RefineResult, mixed: PlanResult, below: PlanResult | None
             return PlanResult(label=label, plan=done.plan, report=done.report,
                               verified=done.verified, mismatches=done.mismatches)
     return _evaluate_plan(f"chosen (refined from {selection.start_label})", selection.plan, *args)
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, Any]:
+    """A copy of the state dict to restore after each plan; tied weights (one tensor under two
+    names, e.g. a head tied to the embedding) are copied once."""
+    copies: dict[Any, Any] = {}
+    state: dict[str, Any] = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), str(v.dtype)) if v.numel() else id(v)
+        if key not in copies:
+            copies[key] = v.detach().clone()
+        state[k] = copies[key]
+    return state
 
 
 def _min_bpw(table: CostTable) -> float:

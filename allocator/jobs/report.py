@@ -43,7 +43,9 @@ def run_summary(run: RunResult) -> dict[str, Any]:
     config["estimator_params"] = dict(run.config.estimator_params)
     config["include"], config["exclude"] = list(run.config.include), list(run.config.exclude)
     return {"config": config,
-            "model_kind": str(run.model_kind), "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
+            "model_kind": str(run.model_kind), "seconds": dict(run.seconds),
+            "peak_rss_mb": dict(run.peak_rss_mb), "peak_rss_per_stage": run.peak_rss_per_stage,
+            "fp": dict(run.fp_metrics),
             "error_ratio": run.error_ratio, "chosen": run.result.label,
             "worse_than_uniform": run.worse_than_uniform,
             "selection": run.selection.to_dict() if run.selection is not None else None,
