@@ -31,6 +31,7 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
 from allocator.model.distortion import Metric, distortion, per_sample_sums
+from allocator.model.outputs import tokens_within
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
@@ -163,6 +164,9 @@ def measure_units(
     was_training = model.training
     model.eval()
     torch.manual_seed(ctx.seed)
+    # a chunk's logits (and its stacked options') within OUTPUT_CHUNK_BYTES: a large vocabulary
+    # gets smaller chunks
+    max_tokens = tokens_within(model, ctx.model_kind, max_tokens)
     try:
         cache = BlockCache(model, make_chunks(ctx.batches, max_tokens=max_tokens), kind=ctx.model_kind)
         origin = torch.cat([c.origin.cpu() for c in cache.chunks]).numpy()

@@ -268,19 +268,19 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
                          model_names=everything)
 
 
-def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: dict[str, Any],
+def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: Any,
                    calib: Any, evaluation: Any, ref: Any, units: Sequence[Any],
                    lap: Stage) -> PlanResult:
     from allocator.backend import apply_plan, evaluate, verify
 
     model: torch.nn.Module = loaded.model
-    model.load_state_dict(state)
+    state.restore(model)
     apply_plan(model, plan, method=cfg.method, calibration=list(calib), units=units,
                progress=cfg.progress)
     check = verify(model, plan, units=units)
     lap("apply")
     report = evaluate(model, list(evaluation), ref)
-    model.load_state_dict(state)
+    state.restore(model)
     lap("evaluate")
     return PlanResult(label=label, plan=plan, report=report, verified=check.ok,
                       mismatches=[str(m) for m in check.mismatches])
@@ -329,7 +329,10 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
         f"({cfg.refine_rounds} rounds, calibration data)")
     selection = _select(loaded, cfg, cands, table, budget, calib, units)
     lap("refine")
-    state = _state_copy(loaded.model)
+    from allocator.model.output_store import TensorStash
+
+    # the full-precision weights, restored after each plan: on disk, not a second model in memory
+    state = TensorStash(loaded.model.state_dict())
     ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
                             model_fingerprint=loaded.fingerprint)
     fp_metrics = _fp_metrics(ref, evaluation)
@@ -374,19 +377,6 @@ def _chosen(selection: RefineResult, mixed: PlanResult, below: PlanResult | None
             return PlanResult(label=label, plan=done.plan, report=done.report,
                               verified=done.verified, mismatches=done.mismatches)
     return _evaluate_plan(f"chosen (refined from {selection.start_label})", selection.plan, *args)
-
-
-def _state_copy(model: torch.nn.Module) -> dict[str, Any]:
-    """A copy of the state dict to restore after each plan; tied weights (one tensor under two
-    names, e.g. a head tied to the embedding) are copied once."""
-    copies: dict[Any, Any] = {}
-    state: dict[str, Any] = {}
-    for k, v in model.state_dict().items():
-        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), str(v.dtype)) if v.numel() else id(v)
-        if key not in copies:
-            copies[key] = v.detach().clone()
-        state[k] = copies[key]
-    return state
 
 
 def _min_bpw(table: CostTable) -> float:

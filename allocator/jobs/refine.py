@@ -185,10 +185,12 @@ class _Meter:
 
     def __init__(self, model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], *, kind: str,
                  max_tokens: int) -> None:
+        from allocator.model.outputs import tokens_within
         from sensitivity import BlockCache, make_chunks
 
         self.model, self.kind = model, kind
-        self.chunks = make_chunks(batches, max_tokens=max_tokens)
+        # a chunk's logits within OUTPUT_CHUNK_BYTES: a large vocabulary gets smaller chunks
+        self.chunks = make_chunks(batches, max_tokens=tokens_within(model, kind, max_tokens))
         self.cache: Any = BlockCache(model, self.chunks, kind=kind)
         self.reference = self.cache.reference  # the full-precision outputs, chunk by chunk
         self.forwards = 0
@@ -255,13 +257,15 @@ class _ErrorSums:
 
 
 class _Weights:
-    """Sets unit weights to Q_o(W_fp) and restores them; W_fp is kept once."""
+    """Sets unit weights to Q_o(W_fp) and restores them; W_fp is kept once, on disk (read back
+    one unit at a time: not a second copy of the model in memory)."""
 
     def __init__(self, model: torch.nn.Module, units: Sequence[Unit]) -> None:
         from allocator.core.units import unit_weight
+        from allocator.model.output_store import TensorStash
 
         self.views = {u.name: unit_weight(model, u) for u in units}
-        self.original = {k: v.detach().clone() for k, v in self.views.items()}
+        self.original = TensorStash(self.views)
 
     def set(self, unit: str, option: str) -> None:
         import torch

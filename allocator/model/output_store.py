@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
@@ -26,7 +26,7 @@ from allocator.core.errors import InvalidParameterError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_MEMORY_BYTES", "OutputStore"]
+__all__ = ["DEFAULT_MEMORY_BYTES", "OutputStore", "TensorStash"]
 
 #: bytes of outputs an :class:`OutputStore` keeps in memory before it writes items to disk
 DEFAULT_MEMORY_BYTES = 128 * 2**20
@@ -59,7 +59,10 @@ class OutputStore(Sequence["torch.Tensor"]):
             self._dir = Path(tempfile.mkdtemp(prefix="bitalloc-outputs-"))
             weakref.finalize(self, shutil.rmtree, self._dir, True)
         path = self._dir / f"{len(self._items)}.pt"
-        torch.save(t.contiguous(), path)
+        t = t.contiguous()
+        if t.untyped_storage().nbytes() != size:  # a view: torch.save would write its whole storage
+            t = t.clone()
+        torch.save(t, path)
         self._items.append(path)
         self.spilled_bytes += size
 
@@ -92,3 +95,40 @@ class OutputStore(Sequence["torch.Tensor"]):
     def spilled(self) -> bool:
         """Whether any item is on disk."""
         return self._dir is not None
+
+
+class TensorStash:
+    """Copies of named tensors on disk (one file each), read back one at a time: a model's
+    full-precision weights to restore after quantizing it, without a second model in memory.
+
+    Tensors that share memory (a head tied to the embedding) are written once.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._store = OutputStore(memory_bytes=0)
+        self._index: dict[str, int] = {}
+        seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], str], int] = {}
+        for name, t in tensors.items():
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+            if t.numel() == 0 or key not in seen:
+                seen[key] = len(self._store)
+                self._store.append(t.detach().clone() if t.numel() == 0 else t)
+            self._index[name] = seen[key]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._store[self._index[name]]
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Copy every stashed tensor back into ``model``'s state (same names)."""
+        import torch
+
+        state = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name in self._index:
+                state[name].data.copy_(self[name])
