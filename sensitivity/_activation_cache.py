@@ -18,13 +18,14 @@ per-batch statistics are unchanged.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.units import Unit
+from allocator.model.output_store import OutputStore
 from allocator.model.outputs import forward_outputs
 
 if TYPE_CHECKING:
@@ -235,18 +236,23 @@ def _detach_tree(obj: Any) -> Any:
 class BlockCache:
     """Reference outputs and per-block outputs of every chunk (see the module docstring).
 
-    Memory: the outputs of every block for every token (n_blocks × tokens × hidden floats) plus
-    the reference outputs (tokens × vocabulary floats for a causal LM).
+    Memory: the outputs of every block for every token (n_blocks × tokens × hidden floats); the
+    reference outputs (tokens × vocabulary floats for a causal LM) go to an
+    :class:`~allocator.model.output_store.OutputStore` (in memory up to its budget, the rest on
+    disk, read back one chunk at a time). With ``on_output``, each chunk's output is handed to
+    it as ``on_output(chunk, output)`` (the chunk with its token mask) instead of being kept:
+    ``reference`` stays empty.
     """
 
-    def __init__(self, model: torch.nn.Module, chunks: Sequence[Chunk], *, kind: str) -> None:
+    def __init__(self, model: torch.nn.Module, chunks: Sequence[Chunk], *, kind: str,
+                 on_output: Callable[[Chunk, torch.Tensor], None] | None = None) -> None:
         import torch
 
         self.model, self.kind = model, kind
         found = find_blocks(model)
         self.prefix, self.blocks = (found[0], list(found[1])) if found else ("", [])
         self.block_out: list[list[Any]] = []  # [chunk][block]
-        self.reference: list[torch.Tensor] = []
+        self.reference = OutputStore()
         self.chunks: list[Chunk] = []
         order: list[str] = []
         for ci, chunk in enumerate(chunks):
@@ -260,9 +266,13 @@ class BlockCache:
                 self.prefix, self.blocks = "", []
                 outs = []
             self.block_out.append(outs)
-            self.reference.append(ref)
             self.chunks.append(Chunk(batch=chunk.batch, origin=chunk.origin,
                                      mask=_output_mask(chunk.batch, ref)))
+            if on_output is not None:
+                on_output(self.chunks[-1], ref)
+            else:
+                self.reference.append(ref)
+            del ref
         if not self.blocks:
             self.block_out = [[] for _ in self.chunks]
         self._order = order

@@ -31,6 +31,7 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
 from allocator.model.distortion import Metric, distortion, per_sample_sums
+from allocator.model.outputs import tokens_within
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
@@ -165,6 +166,9 @@ def measure_units(
     was_training = model.training
     model.eval()
     torch.manual_seed(ctx.seed)
+    # a chunk's logits (and its stacked options') within OUTPUT_CHUNK_BYTES: a large vocabulary
+    # gets smaller chunks
+    max_tokens = tokens_within(model, ctx.model_kind, max_tokens)
     try:
         cache = BlockCache(model, make_chunks(ctx.batches, max_tokens=max_tokens), kind=ctx.model_kind)
         origin = torch.cat([c.origin.cpu() for c in cache.chunks]).numpy()
@@ -300,10 +304,10 @@ class _Runner:
                 unit, view, original, quantized,
                 lambda ci, n: cache.outputs_from(ci, start, repeat=n)):
             rows = _chunk_rows(cache.chunks[ci].batch)
+            ref = cache.reference[ci]  # read once per pass (it may come from disk)
             with torch.inference_mode():
                 for k, j in enumerate(group):
-                    s, n = per_sample_sums(distortion(self.met, cache.reference[ci],
-                                                      out[k * rows:(k + 1) * rows]),
+                    s, n = per_sample_sums(distortion(self.met, ref, out[k * rows:(k + 1) * rows]),
                                            cache.chunks[ci].mask)
                     parts[j].append((s.cpu().numpy(), n.cpu().numpy()))
             self.forwards += len(group) * frac * self.tokens[ci] / self.total_tokens

@@ -1,7 +1,8 @@
 """One estimate request, validated once: :class:`EstimateSpec`.
 
 The CLI (``bitalloc estimate``), the Python API (:func:`sensitivity.estimate`, which also runs the
-sequential and sharded executions the spec asks for), ``run`` / ``demo`` (:func:`allocator.jobs.pipeline.estimate_table`) and the service's ``estimate`` job
+sequential and sharded executions the spec asks for), ``run`` / ``demo``
+(:func:`allocator.jobs.pipeline.estimate_table`) and the service's ``estimate`` job
 all describe what to estimate with this one frozen object, so a parameter means the same thing
 (and is checked the same way) wherever it comes from.
 

@@ -12,8 +12,11 @@ Metrics by model kind (``error`` is the one the pipeline compares plans by):
 * ``classifier`` — accuracy against labels when the batches carry ``labels`` (else agreement
   with the full-precision argmax) and the KL of the class distributions (``error`` = KL).
 
-Full-precision reference outputs are cached in memory by (model fingerprint, data fingerprint,
-kind), and optionally on disk under ``cache_dir``.
+Full-precision reference outputs are kept per batch in an
+:class:`~allocator.model.output_store.OutputStore` (in memory up to a budget, on disk past it: a
+128k-vocabulary model's held-out logits do not fit in memory, and KL needs every position's whole
+distribution), cached by (model fingerprint, data fingerprint, kind), and optionally on disk under
+``cache_dir``. :func:`evaluate` streams: one batch's outputs and its reference at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.loading import ModelKind
+from allocator.model.output_store import OutputStore
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +49,8 @@ __all__ = [
 _KINDS = tuple(k.value for k in ModelKind)
 _CACHE: dict[str, ReferenceOutputs] = {}
 _CACHE_MAX = 8
+#: resident bytes of the cached references beyond which the oldest are dropped (the newest stays)
+_CACHE_RESIDENT_MAX = 256 * 2**20
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -77,14 +83,26 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
     """(Σ −log p(x_{t+1} | x_≤t), number of targets) over positions with mask[t] = mask[t+1] = 1."""
     import torch
 
-    lp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
     tgt = input_ids[:, 1:]
-    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    # rows in blocks: a float64 log-softmax of a whole batch is B·T·V·8 bytes (0.8 GB for 16 × 128
+    # tokens of a 49152 vocabulary); every position's value is the same either way
+    width = max(1, (logits.shape[1] - 1) * logits.shape[-1])
+    step = max(1, _NLL_BLOCK_ELEMENTS // width)
+    parts = []
+    for r in range(0, logits.shape[0], step):
+        lp = torch.log_softmax(logits[r:r + step, :-1].double(), dim=-1)
+        parts.append(-lp.gather(-1, tgt[r:r + step].unsqueeze(-1)).squeeze(-1))
+        del lp
+    nll = torch.cat(parts) if parts else torch.zeros(tgt.shape, dtype=torch.float64)
     if mask is None:
         valid = torch.ones_like(tgt, dtype=torch.bool)
     else:
         valid = mask[:, 1:].bool() & mask[:, :-1].bool()
     return float(nll[valid].sum()), int(valid.sum())
+
+
+#: float64 elements of one block of rows in :func:`next_token_nll` (32 MiB)
+_NLL_BLOCK_ELEMENTS = 1 << 22
 
 
 def retrieval_agreement(ref: torch.Tensor, emb: torch.Tensor, *, k: int = 5,
@@ -157,36 +175,67 @@ def reference_outputs(
         if key in _CACHE:
             return _CACHE[key]
         if cache_dir is not None:
-            path = Path(cache_dir) / f"ref-{key}.pt"
-            if path.is_file():
-                # CPU copies (see below): a cache written on a GPU machine loads on any machine
-                outs = torch.load(path, weights_only=True, map_location="cpu")
-                ref = ReferenceOutputs(kind=kind, key=key, outputs=outs)
+            folder = Path(cache_dir) / f"ref-{key}"
+            if (folder / "done").is_file():
+                ref = ReferenceOutputs(kind=kind, key=key, outputs=_load_outputs(folder))
                 _remember(key, ref)
                 return ref
     fwd = forward or _forward
     was_training = model.training
     model.eval()
+    outs = OutputStore()
     try:
         with torch.inference_mode():
-            # kept on the CPU: logits of every held-out batch would hold GPU memory for the whole
+            # CPU copies: logits of every held-out batch would hold GPU memory for the whole
             # evaluation; evaluate() moves each one to where the quantized outputs are
-            outs = [fwd(model, b, kind).cpu() for b in batches]
+            for b in batches:
+                outs.append(fwd(model, b, kind))
     finally:
         model.train(was_training)
     ref = ReferenceOutputs(kind=kind, key=key, outputs=outs)
     if key is not None:
         _remember(key, ref)
         if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            torch.save(list(outs), Path(cache_dir) / f"ref-{key}.pt")
+            _save_outputs(outs, Path(cache_dir) / f"ref-{key}")
     return ref
+
+
+def _save_outputs(outs: Sequence[torch.Tensor], folder: Path) -> None:
+    """One file per batch (read back one at a time), then ``done`` (a folder without it is
+    incomplete and recomputed)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, out in enumerate(outs):
+        torch.save(out.contiguous(), folder / f"{i}.pt")
+    (folder / "done").write_text(str(len(outs)), encoding="ascii")
+
+
+def _load_outputs(folder: Path) -> OutputStore:
+    """The batches of a ``cache_dir`` folder, into a store (CPU: a cache written on a GPU machine
+    loads on any machine)."""
+    import torch
+
+    n = int((folder / "done").read_text(encoding="ascii"))
+    store = OutputStore()
+    for i in range(n):
+        store.append(torch.load(folder / f"{i}.pt", weights_only=True, map_location="cpu", mmap=True))
+    return store
+
+
+def _resident(ref: ReferenceOutputs) -> int:
+    outs = ref.outputs
+    if isinstance(outs, OutputStore):
+        return outs.resident_bytes
+    return sum(o.numel() * o.element_size() for o in outs)
 
 
 def _remember(key: str, ref: ReferenceOutputs) -> None:
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = ref
+    while len(_CACHE) > 1 and sum(_resident(r) for r in _CACHE.values()) > _CACHE_RESIDENT_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
 
 
 def _check_kind(kind: str) -> None:
@@ -214,20 +263,82 @@ def evaluate(
         )
     fwd = forward or _forward
     kind = reference.kind
+    sums = _Sums(kind)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            outs = [fwd(model, b, kind) for b in batches]
+            # one batch at a time: its outputs and its reference (CPU copy, compared where the
+            # model's outputs are), reduced to sums before the next batch
+            for b, r in zip(batches, reference.outputs, strict=True):
+                o = fwd(model, b, kind)
+                sums.add(b, r.to(o.device), o)
+                del o, r
     finally:
         model.train(was_training)
-    # the references are CPU copies: compare where the model's outputs are
-    refs = [r.to(o.device) for r, o in zip(reference.outputs, outs, strict=True)]
     if kind == "encoder":
-        return _encoder_report(refs, outs, k=k, n_queries=n_queries)
-    if kind == ModelKind.CAUSAL_LM:
-        return _causal_report(batches, refs, outs)
-    return _classifier_report(batches, refs, outs)
+        return _encoder_report(sums.refs, sums.outs, k=k, n_queries=n_queries)
+    return sums.report()
+
+
+class _Sums:
+    """Running sums of the per-batch metrics (in batch order, as one pass over a list would)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.refs: list[torch.Tensor] = []  # encoder embeddings ([B, H], small): kept for retrieval
+        self.outs: list[torch.Tensor] = []
+        self.nll = self.nll_fp = self.kl_sum = self.correct = self.agree = 0.0
+        self.n_tgt = self.n_tok = self.n = 0
+        self.labelled = True
+
+    def add(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
+        if self.kind == "encoder":
+            self.refs.append(r)
+            self.outs.append(o)
+        elif self.kind == ModelKind.CAUSAL_LM:
+            self._add_causal(b, r, o)
+        else:
+            self._add_classifier(b, r, o)
+
+    def _add_causal(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
+        from allocator.model.distortion import kl_divergence
+
+        mask = b.get("attention_mask")
+        s, c = next_token_nll(o, b["input_ids"], mask)
+        s_fp, _ = next_token_nll(r, b["input_ids"], mask)
+        self.nll, self.nll_fp, self.n_tgt = self.nll + s, self.nll_fp + s_fp, self.n_tgt + c
+        kl = kl_divergence(r, o)
+        m = mask.bool() if mask is not None else None
+        self.kl_sum += float(kl[m].sum() if m is not None else kl.sum())
+        self.n_tok += int(m.sum()) if m is not None else int(kl.numel())
+        self.n += int(o.shape[0])
+
+    def _add_classifier(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
+        from allocator.model.distortion import kl_divergence
+
+        r2, o2 = r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])
+        pred = o2.argmax(-1)
+        self.agree += float((pred == r2.argmax(-1)).sum())
+        self.kl_sum += float(kl_divergence(r2, o2).sum())
+        y = b.get("labels", b.get("label"))
+        self.labelled = self.labelled and y is not None
+        if self.labelled:
+            self.correct += float((pred == y.reshape(-1)).sum())
+        self.n += int(o2.shape[0])
+
+    def report(self) -> EvalReport:
+        if self.kind == ModelKind.CAUSAL_LM:
+            metrics = {"perplexity": math.exp(self.nll / max(self.n_tgt, 1)),
+                       "perplexity_fp": math.exp(self.nll_fp / max(self.n_tgt, 1)),
+                       "kl": self.kl_sum / max(self.n_tok, 1)}
+            return EvalReport(kind=ModelKind.CAUSAL_LM.value, metrics=metrics, error_metric="kl",
+                              n_samples=self.n, n_tokens=self.n_tok)
+        n = max(self.n, 1)
+        metrics = {"agreement": self.agree / n, "kl": self.kl_sum / n}
+        if self.labelled:
+            metrics["accuracy"] = self.correct / n
+        return EvalReport(kind="classifier", metrics=metrics, error_metric="kl", n_samples=self.n)
 
 
 def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *, k: int,
@@ -242,47 +353,3 @@ def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], 
                f"retrieval@{k}": retrieval_agreement(ref, emb, k=k, n_queries=n_queries)}
     return EvalReport(kind="encoder", metrics=metrics, error_metric="cos_distance",
                       n_samples=int(ref.shape[0]))
-
-
-def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
-                   outs: Sequence[torch.Tensor]) -> EvalReport:
-    from allocator.model.distortion import kl_divergence
-
-    nll = nll_fp = kl_sum = 0.0
-    n_tgt = n_tok = n = 0
-    for b, r, o in zip(batches, refs, outs, strict=True):
-        mask = b.get("attention_mask")
-        s, c = next_token_nll(o, b["input_ids"], mask)
-        s_fp, _ = next_token_nll(r, b["input_ids"], mask)
-        nll, nll_fp, n_tgt = nll + s, nll_fp + s_fp, n_tgt + c
-        kl = kl_divergence(r, o)
-        m = mask.bool() if mask is not None else None
-        kl_sum += float(kl[m].sum() if m is not None else kl.sum())
-        n_tok += int(m.sum()) if m is not None else int(kl.numel())
-        n += int(o.shape[0])
-    metrics = {"perplexity": math.exp(nll / max(n_tgt, 1)),
-               "perplexity_fp": math.exp(nll_fp / max(n_tgt, 1)), "kl": kl_sum / max(n_tok, 1)}
-    return EvalReport(kind=ModelKind.CAUSAL_LM.value, metrics=metrics, error_metric="kl",
-                      n_samples=n, n_tokens=n_tok)
-
-
-def _classifier_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
-                       outs: Sequence[torch.Tensor]) -> EvalReport:
-    from allocator.model.distortion import kl_divergence
-
-    correct = agree = kl_sum = 0.0
-    n = 0
-    labelled = all("labels" in b or "label" in b for b in batches)
-    for b, r, o in zip(batches, refs, outs, strict=True):
-        r2, o2 = r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])
-        pred = o2.argmax(-1)
-        agree += float((pred == r2.argmax(-1)).sum())
-        kl_sum += float(kl_divergence(r2, o2).sum())
-        if labelled:
-            y = b.get("labels", b.get("label"))
-            correct += float((pred == y.reshape(-1)).sum())
-        n += int(o2.shape[0])
-    metrics = {"agreement": agree / max(n, 1), "kl": kl_sum / max(n, 1)}
-    if labelled:
-        metrics["accuracy"] = correct / max(n, 1)
-    return EvalReport(kind="classifier", metrics=metrics, error_metric="kl", n_samples=n)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +206,11 @@ class RunResult:
     excluded: Mapping[str, str] = field(default_factory=dict)
     #: where calibration / held-out data came from, in words, and their batches' provenance
     data_info: Mapping[str, Any] = field(default_factory=dict)
+    #: peak resident memory (MiB) of each stage of ``seconds`` (:mod:`allocator.core.rss`); where
+    #: ``peak_rss_per_stage`` is False the platform cannot reset the mark and each value is the
+    #: process's peak so far
+    peak_rss_mb: Mapping[str, float] = field(default_factory=dict)
+    peak_rss_per_stage: bool = True
 
     @property
     def result(self) -> PlanResult:
@@ -323,17 +327,20 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
                          model_names=everything)
 
 
-def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: dict[str, Any],
-                   calib: Any, evaluation: Any, ref: Any, units: Sequence[Any]) -> PlanResult:
+def _evaluate_plan(label: str, plan: BitPlan, loaded: Any, cfg: RunConfig, state: Any,
+                   calib: Any, evaluation: Any, ref: Any, units: Sequence[Any],
+                   lap: Stage) -> PlanResult:
     from allocator.backend import apply_plan, evaluate, verify
 
     model: torch.nn.Module = loaded.model
-    model.load_state_dict(state)
+    state.restore(model)
     apply_plan(model, plan, method=cfg.method, calibration=list(calib), units=units,
                progress=cfg.estimate.progress)
     check = verify(model, plan, units=units)
+    lap("apply")
     report = evaluate(model, list(evaluation), ref)
-    model.load_state_dict(state)
+    state.restore(model)
+    lap("evaluate")
     return PlanResult(label=label, plan=plan, report=report, verified=check.ok,
                       mismatches=[str(m) for m in check.mismatches])
 
@@ -346,16 +353,11 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     """
     import solvers
     from allocator.backend import reference_outputs
+    from allocator.core.rss import StageMeter
 
     say = on_stage or (lambda msg: log.info("%s", msg))
-    secs: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        secs[name] = now - t
-        t = now
+    meter = StageMeter()  # seconds and peak RSS per stage, in results.json
+    lap = meter.lap
 
     say(f"loading {cfg.model}")
     loaded = _load(cfg.model)
@@ -376,7 +378,7 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
         table = estimate_table(loaded, calib, cfg, units, quantizer)
     lap("estimate")
     write.table(table)
-    write.progress("estimate", secs)
+    write.progress("estimate", meter)
     budget = Budget(bpw=cfg.bpw)
     say(f"solving at {cfg.bpw:g} bpw ({cfg.solver}) and computing the frontier")
     result = solvers.solve(table, budget, solver=cfg.solver, seed=cfg.estimate.seed)
@@ -387,31 +389,35 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     front = solvers.frontier(table, budgets=[budget])
     lap("solve")
     write.frontier(front)
-    write.progress("solve", secs)
+    write.progress("solve", meter)
     below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
     cands = {"table optimum": result.plan, **({"uniform ≤": below} if below is not None else {})}
     say(f"choosing among {len(cands)} measured candidates and refining at the plan "
         f"({cfg.refine_rounds} rounds, calibration data)")
     selection = _select(loaded, cfg, cands, table, budget, calib, units, quantizer)
-    lap("select+refine")
+    lap("refine")
     write.candidates(selection)
     write.plan(selection.plan)
-    write.progress("select+refine", secs)
-    state = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    write.progress("refine", meter)
+    from allocator.model.output_store import TensorStash
+
+    # the full-precision weights, restored after each plan: on disk, not a second model in memory
+    state = TensorStash(loaded.model.state_dict())
     ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
                             model_fingerprint=loaded.fingerprint)
     fp_metrics = _fp_metrics(ref, evaluation)
+    lap("evaluate")
     say(f"applying ({cfg.method}) and evaluating on {evaluation.n_samples} held-out samples")
-    args = (loaded, cfg, state, calib, evaluation, ref, units)
+    args = (loaded, cfg, state, calib, evaluation, ref, units, lap)
     mixed = _evaluate_plan("mixed", result.plan, *args)
     ub = _evaluate_plan("uniform ≤", below, *args) if below is not None else None
     ua = _evaluate_plan("uniform >", above, *args) if above is not None else None
     chosen = _chosen(selection, mixed, ub, args)
-    lap("apply+evaluate")
     run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
-                    uniform_below=ub, uniform_above=ua, seconds=secs, fp_metrics=fp_metrics,
+                    uniform_below=ub, uniform_above=ua, seconds=meter.seconds, fp_metrics=fp_metrics,
                     chosen=chosen, selection=selection, excluded=dict(selection_units.excluded),
-                    data_info=_data_info(cfg, calib, evaluation))
+                    data_info=_data_info(cfg, calib, evaluation), peak_rss_mb=meter.peaks,
+                    peak_rss_per_stage=meter.per_stage)
     if run.worse_than_uniform:
         log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
                     plan_label(run.uniform_below.plan) if run.uniform_below else "",

@@ -186,23 +186,29 @@ class _Meter:
 
     def __init__(self, model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], *, kind: str,
                  max_tokens: int) -> None:
+        from allocator.model.outputs import tokens_within
         from sensitivity import BlockCache, make_chunks
 
         self.model, self.kind = model, kind
-        self.chunks = make_chunks(batches, max_tokens=max_tokens)
-        fp = BlockCache(model, self.chunks, kind=kind)
-        self.reference = fp.reference
-        self.cache = fp
+        # a chunk's logits within OUTPUT_CHUNK_BYTES: a large vocabulary gets smaller chunks
+        self.chunks = make_chunks(batches, max_tokens=tokens_within(model, kind, max_tokens))
+        self.cache: Any = BlockCache(model, self.chunks, kind=kind)
+        self.reference = self.cache.reference  # the full-precision outputs, chunk by chunk
         self.forwards = 0
 
     def rebuild(self) -> float:
-        """Cache every block at the model's current weights; returns the current distortion."""
+        """Cache every block at the model's current weights; returns the current distortion.
+
+        The outputs of that forward are compared chunk by chunk as they come, not kept."""
         from sensitivity import BlockCache
 
-        self.cache = BlockCache(self.model, self.chunks, kind=self.kind)
-        own, self.cache.reference = self.cache.reference, self.reference
+        self.cache = None  # the old cache's block outputs go before the new ones are recorded
+        sums = _ErrorSums(self.kind)
+        self.cache = BlockCache(self.model, self.chunks, kind=self.kind,
+                                on_output=lambda chunk, out: sums.add(self.reference[len(sums)],
+                                                                      out, chunk.mask))
         self.forwards += 1
-        return self._error(lambda ci: own[ci])
+        return sums.value
 
     def error_from(self, start: int) -> float:
         self.forwards += 1
@@ -215,29 +221,55 @@ class _Meter:
     def _error(self, outputs: Callable[[int], torch.Tensor]) -> float:
         import torch
 
-        from sensitivity import default_metric, distortion, per_sample_sums
-
-        met = default_metric(self.kind)
-        total = count = 0.0
+        sums = _ErrorSums(self.kind)
         with torch.inference_mode():
             for ci, chunk in enumerate(self.cache.chunks):
-                s, n = per_sample_sums(distortion(met, self.reference[ci], outputs(ci)), chunk.mask)
-                total += float(s.sum())
-                count += float(n.sum())
-        return total / max(count, 1.0)
+                sums.add(self.reference[ci], outputs(ci), chunk.mask)
+        return sums.value
+
+
+class _ErrorSums:
+    """Token- (or sample-) mean distortion accumulated chunk by chunk, in chunk order."""
+
+    def __init__(self, kind: str) -> None:
+        from sensitivity import default_metric
+
+        self.metric = default_metric(kind)
+        self.total = self.count = 0.0
+        self.chunks = 0
+
+    def add(self, reference: torch.Tensor, output: torch.Tensor, mask: torch.Tensor | None) -> None:
+        import torch
+
+        from sensitivity import distortion, per_sample_sums
+
+        with torch.inference_mode():
+            s, n = per_sample_sums(distortion(self.metric, reference, output), mask)
+        self.total += float(s.sum())
+        self.count += float(n.sum())
+        self.chunks += 1
+
+    def __len__(self) -> int:
+        return self.chunks
+
+    @property
+    def value(self) -> float:
+        return self.total / max(self.count, 1.0)
 
 
 class _Weights:
     """Sets unit weights to Q_o(W_fp) with the plan's quantizer and restores them; W_fp is kept
-    once. A unit already at the asked option is left alone, so a plan change re-quantizes only
-    the units that move (and the quantizer's cache answers a unit's earlier options)."""
+    once, on disk (read back one unit at a time: not a second copy of the model in memory). A
+    unit already at the asked option is left alone, so a plan change re-quantizes only the units
+    that move (and the quantizer's cache answers a unit's earlier options)."""
 
     def __init__(self, model: torch.nn.Module, units: Sequence[Unit], quantizer: Quantizer) -> None:
         from allocator.core.units import unit_weight
+        from allocator.model.output_store import TensorStash
 
         self.units = {u.name: u for u in units}
         self.views = {u.name: unit_weight(model, u) for u in units}
-        self.original = {k: v.detach().clone() for k, v in self.views.items()}
+        self.original = TensorStash(self.views)
         self.quantizer = quantizer
         self.at: dict[str, str] = {}  #: unit → the option its weight holds now (absent: W_fp)
 

@@ -46,7 +46,9 @@ def run_summary(run: RunResult) -> dict[str, Any]:
 
     return {"stage": "done", "complete": True, "config": config_summary(run.config),
             "quantizer": run.table.metadata.get("quantizer", "rtn"),
-            "model_kind": str(run.model_kind), "seconds": dict(run.seconds), "fp": dict(run.fp_metrics),
+            "model_kind": str(run.model_kind), "seconds": dict(run.seconds),
+            "peak_rss_mb": dict(run.peak_rss_mb), "peak_rss_per_stage": run.peak_rss_per_stage,
+            "fp": dict(run.fp_metrics),
             "error_ratio": run.error_ratio, "chosen": run.result.label,
             "worse_than_uniform": run.worse_than_uniform,
             "selection": run.selection.to_dict() if run.selection is not None else None,

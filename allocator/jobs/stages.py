@@ -24,6 +24,7 @@ from allocator.core.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     from allocator.core.plan import BitPlan
+    from allocator.core.rss import StageMeter
     from allocator.core.table import CostTable
     from allocator.jobs.pipeline import RunConfig
     from allocator.jobs.refine import RefineResult
@@ -66,11 +67,12 @@ class StageWriter:
         atomic_write_text(path, json.dumps(doc, indent=1, default=str))
         self.files[key] = path
 
-    def progress(self, stage: str, seconds: Mapping[str, float]) -> None:
-        """``results.json`` so far: the settings, the stages finished and their seconds."""
+    def progress(self, stage: str, meter: StageMeter) -> None:
+        """``results.json`` so far: the settings, the stages finished, their seconds and peak RSS."""
         self._json("results", "results.json", {"stage": stage, "complete": False,
                                                "config": config_summary(self.cfg),
-                                               "seconds": dict(seconds)})
+                                               "seconds": dict(meter.seconds),
+                                               "peak_rss_mb": dict(meter.peaks)})
 
     def table(self, table: CostTable) -> None:
         if self.dir is not None:

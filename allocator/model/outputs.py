@@ -22,10 +22,34 @@ from allocator.model.loading import ModelKind
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NON_INPUT_KEYS", "forward_outputs", "mean_pool_normalize", "model_inputs"]
+__all__ = ["NON_INPUT_KEYS", "OUTPUT_CHUNK_BYTES", "forward_outputs", "mean_pool_normalize",
+           "model_inputs", "output_width", "tokens_within"]
 
 #: Batch keys that are targets or bookkeeping, never model inputs.
 NON_INPUT_KEYS: frozenset[str] = frozenset({"labels", "label", "idx", "text"})
+
+#: float32 bytes of per-token outputs one forward may produce in the chunked consumers (block cache,
+#: refinement): a causal LM's logits are the vocabulary per token, 4096 tokens of a 128k vocabulary
+#: are 2.1 GB
+OUTPUT_CHUNK_BYTES = 256 * 2**20
+
+
+def output_width(model: Any, kind: str) -> int | None:
+    """Floats per token of a causal LM's output (its vocabulary); None for outputs per sample."""
+    if kind != ModelKind.CAUSAL_LM:
+        return None
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    width = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(width) if isinstance(width, int) and width > 0 else None
+
+
+def tokens_within(model: Any, kind: str, max_tokens: int, budget: int = OUTPUT_CHUNK_BYTES) -> int:
+    """``max_tokens``, lowered so that one forward's per-token outputs fit ``budget`` bytes."""
+    width = output_width(model, kind)
+    if width is None:
+        return max_tokens
+    return max(1, min(max_tokens, budget // (4 * width)))
+
 
 def model_inputs(batch: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The keyword arguments of ``model(**...)`` for ``batch``: targets dropped, and no KV cache

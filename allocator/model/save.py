@@ -99,10 +99,22 @@ def save_model(loaded: LoadedModel, out: str | Path) -> Path:
 
 
 def _save_pretrained(loaded: LoadedModel, where: Path) -> None:
-    save = getattr(loaded.model, "save_pretrained", None)
+    model = loaded.model
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if _is_gguf(quant):
+        # transformers refuses to save a GGUF-loaded model: the same weights in a fresh one
+        from allocator.model.smollm2 import plain_copy
+
+        model = plain_copy(model)
+    save = getattr(model, "save_pretrained", None)
     if not callable(save):
         raise ModelError(f"model {loaded.name!r} has no save_pretrained; it cannot be saved as a "
                          f"Hugging Face folder")
     save(str(where))
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(where))
+
+
+def _is_gguf(quant: Any) -> bool:
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gguf"
