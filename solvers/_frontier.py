@@ -134,7 +134,7 @@ class Frontier:
         return pd.DataFrame(cols)
 
     def save_csv(self, path: str | Path) -> Path:
-        from allocator.core.io import atomic_path
+        from allocator.core.atomic import atomic_path
 
         p = Path(path)
         with atomic_path(p) as tmp:  # a failed write never leaves a truncated CSV

@@ -191,7 +191,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
 
     ``overrides`` are Settings fields (``create_app(db_url="sqlite:///x.db", token=...)``).
     """
-    from allocator import __version__
+    from allocator.core.version import __version__
     from allocator.service.api.main import api_router
 
     settings = ensure_token(settings if settings is not None else Settings(**overrides))

@@ -51,7 +51,7 @@ def _export_targets() -> list[str]:
 @router.get("/version", response_model=VersionPublic)
 def version() -> VersionPublic:
     """Library and API versions, solvers, job kinds and export targets of this server."""
-    from allocator import __version__
+    from allocator.core.version import __version__
 
     return VersionPublic(version=__version__, api=API_VERSION, solvers=_solvers(),
                          job_kinds=sorted(JOB_KINDS), export_targets=_export_targets())
