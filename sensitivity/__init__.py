@@ -6,10 +6,6 @@ on ``allocator`` core types only and never imports ``solvers``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from allocator.core.errors import UnknownNameError
 from allocator.model.distortion import Metric, distortion, per_sample_sums
 from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
@@ -26,6 +22,7 @@ from sensitivity._driver import (
     seeded,
 )
 from sensitivity._measured import default_metric
+from sensitivity._registry import ESTIMATORS, estimator_class, get_estimator
 from sensitivity._sequential import LAYER_LOCAL, SEQUENTIAL, estimate_sequential
 from sensitivity._sharded import (
     ShardedEstimateSpec,
@@ -74,37 +71,6 @@ __all__ = [
     "ShardedEstimateSpec",
     "estimate_fingerprint",
 ]
-
-#: name → "module:Class" (documented in each class's docstring with its paper).
-ESTIMATORS: dict[str, str] = {
-    "hessian-trace": "sensitivity._hessian_trace:HessianTraceEstimator",
-    "hessian-eig": "sensitivity._hessian_eig:HessianEigEstimator",
-    "fisher": "sensitivity._fisher:FisherEstimator",
-    "gauss-newton": "sensitivity._gauss_newton:GaussNewtonEstimator",
-    "salience": "sensitivity._salience:SalienceEstimator",
-    "hessian-proxy": "sensitivity._salience:HessianProxyEstimator",
-    "relevance": "sensitivity._relevance:RelevanceEstimator",
-    "measured": "sensitivity._measured:MeasuredEstimator",
-    "datafree": "sensitivity._datafree:DataFreeEstimator",
-    "lim": "sensitivity._datafree:LimEstimator",
-    "zd": "sensitivity._datafree:ZdEstimator",
-}
-
-
-def estimator_class(name: str) -> type[BaseEstimator]:
-    if name not in ESTIMATORS:
-        raise UnknownNameError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
-    module, cls = ESTIMATORS[name].split(":")
-    found: type[BaseEstimator] = getattr(importlib.import_module(module), cls)
-    return found
-
-
-def get_estimator(name: str | BaseEstimator, **params: Any) -> BaseEstimator:
-    """An estimator instance from a name (constructor ``params`` passed on) or an instance."""
-    if isinstance(name, BaseEstimator):
-        return name
-    return estimator_class(name)(**params)
-
 
 #: High-level driver (model + data + method → CostTable); see :func:`sensitivity._driver.run_estimate`.
 estimate = run_estimate

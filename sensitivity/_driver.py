@@ -138,7 +138,7 @@ def build_estimate(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[U
     Every estimate path ends here (CLI, Python API, sharding, ``run`` / ``demo``, the service),
     so tables record the same provenance keys whichever command built them.
     """
-    from sensitivity import EstimateContext
+    from sensitivity._base import EstimateContext
 
     estimator = spec.estimator()
     kind = str(loaded.kind)
@@ -160,7 +160,7 @@ def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec) -> Prepa
     is estimated yet."""
     from allocator.core.units import discover_units
     from allocator.model.unit_select import filter_units
-    from sensitivity import estimator_class
+    from sensitivity._registry import estimator_class
 
     needs_data = estimator_class(spec.method).needs_data
     loaded = _load(model, spec.device)

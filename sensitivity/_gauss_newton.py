@@ -42,7 +42,7 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.units import unit_weight
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 from sensitivity._base import EstimateContext, SampleMeanEstimator, UnitCosts
 from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_bytes, delta_groups
 from sensitivity._loss import differentiable_attention, gradient_mode, unit_block, unit_leaves

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError, ModelError
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 from allocator.model.outputs import model_inputs
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError, ModelError
 from allocator.core.units import Unit, is_linear_like
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
 
 if TYPE_CHECKING:

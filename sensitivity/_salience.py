@@ -57,7 +57,7 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError, ModelError
 from allocator.core.units import Unit, UnitKind
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
 from sensitivity._deltas import balanced_groups, check_delta_budget
 from sensitivity._progress import progress_bar

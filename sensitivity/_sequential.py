@@ -79,7 +79,7 @@ def estimate_sequential(
     """
     from allocator.core.units import discover_units
     from allocator.model.sequential import SequentialModel
-    from sensitivity import get_estimator
+    from sensitivity._registry import get_estimator
 
     est = get_estimator(estimator)
     curvature = _curvature_terms(est)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 from sensitivity._base import EstimateContext, UnitCosts
 from sensitivity._deltas import delta_groups
 from sensitivity._gauss_newton import _cotangents, output_metric, pair_curvature, quant_deltas

@@ -74,7 +74,7 @@ MAX_PARTIAL_BYTES = 64 << 20
 def sharded_methods() -> tuple[str, ...]:
     """The registered methods that shard with their default parameters: ``measured`` (by unit)
     and every batch-additive estimator (by batch)."""
-    from sensitivity import ESTIMATORS, get_estimator
+    from sensitivity._registry import ESTIMATORS, get_estimator
 
     return tuple(n for n in ESTIMATORS if n == "measured" or get_estimator(n).batch_additive())
 
@@ -402,7 +402,7 @@ def _merge_rows(prep: PreparedEstimate, queue: _Queue,
                 done: Mapping[int, Mapping[str, Any]]) -> CostTable:
     import numpy as np
 
-    from sensitivity import UnitCosts
+    from sensitivity._base import UnitCosts
     from sensitivity._measured import MeasuredRows, merge_measured
 
     parts = []

@@ -61,7 +61,7 @@ def estimator_parameters(cls: type[BaseEstimator]) -> frozenset[str] | None:
 def check_estimator_params(method: str, params: Mapping[str, Any]) -> None:
     """Raise one-line InvalidParameterError / UnknownNameError for an unknown estimator or an
     estimator parameter its constructor does not declare."""
-    from sensitivity import estimator_class
+    from sensitivity._registry import estimator_class
 
     cls = estimator_class(method)
     declared = estimator_parameters(cls)
@@ -159,7 +159,7 @@ class EstimateSpec:
 
     def estimator(self) -> BaseEstimator:
         """A fresh estimator instance for :attr:`method` with :attr:`params`."""
-        from sensitivity import get_estimator
+        from sensitivity._registry import get_estimator
 
         return get_estimator(self.method, **dict(self.params))
 

@@ -20,6 +20,7 @@ from allocator.core.result import SolveStatus
 from solvers._base import RawSolution
 from solvers._hull import lagrangian_value
 from solvers._problem import Problem
+from solvers._registry import SOLVERS, solver_class
 
 if TYPE_CHECKING:
     from solvers._mckp import MckpConfig
@@ -260,8 +261,6 @@ def _handoff(problem: Problem, incumbent: np.ndarray | None, ub: float, lb: floa
              stats: dict[str, float]) -> RawSolution | None:
     """Solve with the ``ilp`` solver when it is installed; keep the better plan."""
     import importlib.util
-
-    from solvers import SOLVERS, solver_class
 
     module = SOLVERS["ilp"].split(":")[0]
     if importlib.util.find_spec(module) is None:

@@ -12,6 +12,7 @@ own (a package re-exporting its modules would otherwise be a cycle with each of 
 from __future__ import annotations
 
 import ast
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +175,7 @@ def test_type_checking_cycles_are_reported() -> None:
     found = cycles(both)
     print("cycles closed only by TYPE_CHECKING imports:", *map(_show, found), sep="\n  ")
     for cycle in found:  # each needs a TYPE_CHECKING edge, or the run-time test above fails
-        assert any(b in typing_only[a] and b not in run[a] for a, b in zip(cycle, cycle[1:]))
+        assert any(b in typing_only[a] and b not in run[a] for a, b in pairwise(cycle))
 
 
 def test_the_checker_finds_a_cycle(tmp_path: Path) -> None:

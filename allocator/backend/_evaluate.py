@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.core.errors import InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import torch

@@ -27,7 +27,7 @@ from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
 from allocator.jobs.refine import RefineConfig, RefineResult
 from allocator.jobs.report import plan_label, write_outputs
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.data.batches import BatchSequence, _check_int, batches_fingerprint
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import numpy as np

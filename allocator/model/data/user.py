@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.data.batches import read_text_file
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 
 __all__ = ["HELD_OUT_SHARE", "data_description", "overlap", "split_user_texts", "user_data_for",
            "user_split_of"]
