@@ -135,8 +135,9 @@ def estimate_sequential(
 def _curvature_terms(est: BaseEstimator) -> tuple[Any, bool, int, float] | None:
     """(per-(sample, probe) term, squared deltas, probes, delta budget in MiB) of a
     sampled-curvature estimator, else None."""
+    from sensitivity._curvature.terms import gn_diagonal_terms, gn_quadratic_terms
     from sensitivity._fisher import FisherEstimator
-    from sensitivity._gauss_newton import GaussNewtonEstimator, gn_diagonal_terms, gn_quadratic_terms
+    from sensitivity._gauss_newton import GaussNewtonEstimator
 
     if isinstance(est, GaussNewtonEstimator):
         return gn_quadratic_terms, False, est.probes, est.delta_budget_mb

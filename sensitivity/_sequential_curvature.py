@@ -1,6 +1,6 @@
 """``gauss-newton`` and ``fisher`` block by block: the sampled curvature without the whole model.
 
-The whole-model estimators (:mod:`sensitivity._gauss_newton`) take, per calibration row s and
+The whole-model estimators (:mod:`sensitivity._curvature`) take, per calibration row s and
 output probe k, one backward ``g_{s,k} = Jᵀ v_{s,k}`` and reduce each unit's block of it. A
 backward factors over the blocks: the cotangent at block i's output, ``δ_{i+1}``, gives block i's
 weight gradients and the cotangent at its input, ``δ_i = (∂ block_i / ∂ x)ᵀ δ_{i+1}``. So on a
@@ -34,8 +34,9 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError
 from allocator.model.kind import ModelKind
 from sensitivity._base import EstimateContext, UnitCosts
-from sensitivity._deltas import delta_groups
-from sensitivity._gauss_newton import _cotangents, output_metric, pair_curvature, quant_deltas
+from sensitivity._curvature.output_metric import output_metric, row_cotangents
+from sensitivity._curvature.sampling import pair_curvature
+from sensitivity._deltas import delta_groups, quant_deltas
 from sensitivity._loss import differentiable_attention, unit_block
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def curvature_sequential(seq: SequentialModel, ctx: EstimateContext, by_block: M
     for b, (batch, h) in enumerate(zip(ctx.batches, final, strict=True)):
         with torch.no_grad():
             out = _outputs(seq, h, batch, kind)
-        drawn, row_counts = _cotangents(out, batch, kind, metric, probes, ctx.batch_generator(b))
+        drawn, row_counts = row_cotangents(out, batch, kind, metric, probes, ctx.batch_generator(b))
         rows = [r for r in range(out.shape[0]) if row_counts[r] > 0]
         pairs.append([(r, k) for r in rows for k in range(probes)])
         cots.append([drawn[r][k] for r, k in pairs[-1]])

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from allocator.core.atomic import atomic_write_text
-from allocator.core.budget import SIZE_RTOL, Budget
+from allocator.core.budget import CAP_ATOL, SIZE_RTOL, Budget
 from allocator.core.errors import InvalidPlanError, UnknownNameError
 from allocator.core.formats import FormatKind, parse_format
 from allocator.core.json_io import dump_json, parse_json
@@ -337,7 +337,7 @@ def check_rows(table: CostTable, rows: np.ndarray, budget: Budget | None) -> lis
             problems.append(f"budget caps unknown column {col!r}")
             continue
         used = float(df[col].to_numpy()[idx].sum())
-        if used > hi * (1 + SIZE_RTOL) + 1e-12:
+        if used > hi * (1 + SIZE_RTOL) + CAP_ATOL:
             problems.append(f"{col} {used:.6g} exceeds the cap {hi:.6g}")
     return problems
 

@@ -49,7 +49,7 @@ class ServiceClientError(AllocatorError):
 def _default_token() -> str | None:
     if os.environ.get("BITALLOC_TOKEN"):
         return os.environ["BITALLOC_TOKEN"]
-    from allocator.service.core.config import default_db_url
+    from allocator.service.infra.config import default_db_url
 
     path = Path(default_db_url().removeprefix("sqlite:///")).with_suffix(".token")
     return path.read_text().strip() if path.is_file() else None

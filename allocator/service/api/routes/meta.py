@@ -7,7 +7,7 @@ from sqlalchemy import func, select, text
 
 from allocator.service.api.routes import errors
 from allocator.service.deps import DbDep, ReadAuth
-from allocator.service.jobs import JOB_KINDS
+from allocator.service.job_kinds import JOB_KINDS
 from allocator.service.schemas import HealthPublic, SolverInfoPublic, VersionPublic
 from allocator.service.store.models import JobRecord
 

@@ -11,8 +11,8 @@ from allocator.core.plan import BitPlan
 from allocator.core.result import SolveResult
 from allocator.core.table import CostTable
 from allocator.service.api.routes import errors
-from allocator.service.core.errors import ServiceError
 from allocator.service.deps import DbDep, ReadAuth, WriteAuth
+from allocator.service.infra.errors import ServiceError
 from allocator.service.schemas import (
     ErrorBody,
     ExportPublic,
