@@ -16,51 +16,19 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from allocator.core.errors import ExportError, UnknownNameError
 from allocator.core.plan import BitPlan
-from allocator.export._common import (
-    ExportContext,
-    Setting,
-    fused_name,
-    gguf_setting,
-    int_setting,
-    module_of,
-    skip_setting,
-)
+from allocator.export._exporter import ExportContext, Exporter, ExportResult, module_of
+from allocator.export._grouping import fused_name
 from allocator.export._model import ModelInfo, model_info
+from allocator.export._settings import Setting, gguf_setting, int_setting, skip_setting
 
 __all__ = ["EXPORTERS", "ExportResult", "Exporter", "ModelInfo", "Setting", "export_plan",
            "fused_name", "get_exporter", "gguf_setting", "int_setting", "model_info", "module_of",
            "skip_setting", "write_export", "write_result"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExportResult:
-    """The exported text (``text``, for the main file), extra files and what to tell the user.
-
-    ``files`` maps a file-name suffix (``".json"``) to the content of a companion file written
-    next to the main one. ``changed`` lists, in lossy mode, unit → (planned, exported) labels.
-    """
-
-    target: str
-    text: str
-    suffix: str
-    files: Mapping[str, str] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    changed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-
-
-class Exporter(Protocol):
-    NAME: str
-    SUFFIX: str
-    #: what ``base`` means for this target, or None when it takes none
-    BASE_HELP: str | None
-
-    def export(self, ctx: ExportContext, base: str | None) -> ExportResult: ...
 
 
 #: target name → module defining ``EXPORTER`` (imported on use).
