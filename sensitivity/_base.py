@@ -31,7 +31,8 @@ import numpy as np
 from allocator.core.errors import EstimatorUnavailableError, InvalidParameterError
 from allocator.core.formats import QuantFormat
 from allocator.core.table import CostTable
-from allocator.core.units import Unit
+from allocator.core.units import Unit, unit_weight
+from allocator.model.quant import quant_error
 
 if TYPE_CHECKING:
     import torch
@@ -376,9 +377,6 @@ def mean_and_sem(s1: np.ndarray, s2: np.ndarray, n: int, pos: int) -> tuple[np.n
 
 def quant_errors(model: torch.nn.Module, units: Sequence[Unit], options: Iterable[QuantFormat]) -> np.ndarray:
     """‖Q_b(W_i) − W_i‖²_F for every unit i and option b, with the shared RTN quantizer."""
-    from allocator.core.units import unit_weight
-    from allocator.model.quant import quant_error
-
     opts = list(options)
     out = np.empty((len(units), len(opts)))
     for i, unit in enumerate(units):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
 from allocator.core.units import Unit, unit_weight
+from allocator.model.quant import fake_quantize
 
 if TYPE_CHECKING:
     import torch
@@ -97,8 +98,6 @@ def quant_deltas(model: torch.nn.Module, ctx: EstimateContext, *,
 def weight_deltas(weight: torch.Tensor, options: Sequence[Any], *, squared: bool) -> torch.Tensor:
     """``Q_o(W) − W`` (or its square) of a 2-D weight view, float32 [options, out, cols]."""
     import torch
-
-    from allocator.model.quant import fake_quantize
 
     with torch.no_grad():
         w = weight.detach().float()

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
+from allocator.model.outputs import forward_outputs
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
 from sensitivity._curvature.output_metric import output_metric, row_cotangents
 from sensitivity._curvature.reductions import unit_reduction
@@ -59,7 +60,7 @@ from sensitivity._hessian import (
     hutchinson_traces,
     trace_and_sem,
 )
-from sensitivity._loss import differentiable_attention, gradient_mode, unit_leaves
+from sensitivity._loss import differentiable_attention, gradient_mode, sample_count, unit_leaves
 from sensitivity._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -112,8 +113,6 @@ def gn_trace_probes(model: torch.nn.Module, ctx: EstimateContext, rule: ProbeRul
     ``chunk × per_round ×`` the unit weights).
     """
     import torch
-
-    from allocator.model.outputs import forward_outputs
 
     check_per_sample(per_sample)
     metric = output_metric(ctx.model_kind)
@@ -299,6 +298,4 @@ class HessianTraceEstimator(BaseEstimator):
 
 
 def _rows(batch: Any) -> int:
-    from sensitivity._loss import sample_count
-
     return int(sample_count(batch))

@@ -30,7 +30,10 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
+from allocator.core.units import get_module, unit_weight
 from allocator.model.distortion import Metric, distortion, per_sample_sums
+from allocator.model.quant import fake_quantize
+from sensitivity._activation_cache import BlockCache, _rows, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
@@ -145,10 +148,6 @@ def measure_units(
     import torch
     from tqdm.auto import tqdm
 
-    from allocator.core.units import unit_weight
-    from allocator.model.quant import fake_quantize
-    from sensitivity._activation_cache import BlockCache, make_chunks
-
     if not ctx.batches:
         raise InvalidParameterError(
             "estimator 'measured' needs calibration data; pass --data or use the built-in corpus"
@@ -226,8 +225,6 @@ def _in_option_groups(original: torch.Tensor, options: Sequence[QuantFormat],
     group); the results of all options, in order. A small unit is one group: all its options."""
     import torch
 
-    from allocator.model.quant import fake_quantize
-
     per = max(1, QUANTIZED_BUDGET_BYTES // max(1, original.numel() * original.element_size()))
     out: Sums = []
     for g0 in range(0, len(options), per):
@@ -265,8 +262,6 @@ class _Runner:
                 quantized: list[torch.Tensor], run: Any) -> Iterator[tuple[int, list[int], Any]]:
         """(chunk, option indices, stacked output of ``run(ci, n)``) for every pass of the unit."""
         import torch
-
-        from allocator.core.units import get_module
 
         module = get_module(self.cache.model, unit.module)
         batchable = True
@@ -341,9 +336,6 @@ def _block_gain(runner: _Runner, ctx: EstimateContext, block: int, origin: np.nd
     """g_k = cost / e of the first unit of block k at the middle option, measured exactly once."""
     import torch
 
-    from allocator.core.units import unit_weight
-    from allocator.model.quant import fake_quantize
-
     cache = runner.cache
     unit = next(u for u in ctx.units if cache.block_of(u) == block)
     fmt = ctx.options[len(ctx.options) // 2]
@@ -408,8 +400,6 @@ def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 
 
 def _chunk_rows(batch: Any) -> int:
-    from sensitivity._activation_cache import _rows
-
     return _rows(batch)
 
 

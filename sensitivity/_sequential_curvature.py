@@ -33,11 +33,12 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from allocator.model.kind import ModelKind
+from allocator.model.outputs import mean_pool_normalize
 from sensitivity._base import EstimateContext, UnitCosts
 from sensitivity._curvature.output_metric import output_metric, row_cotangents
 from sensitivity._curvature.sampling import pair_curvature
 from sensitivity._deltas import delta_groups, quant_deltas
-from sensitivity._loss import differentiable_attention, unit_block
+from sensitivity._loss import differentiable_attention, unit_block, unit_leaves
 
 if TYPE_CHECKING:
     import torch
@@ -138,8 +139,6 @@ class _Stage:
                units: Sequence[Unit], back: list[list[torch.Tensor]] | None) -> None:
         import torch
 
-        from sensitivity._loss import unit_leaves
-
         sub = dataclasses.replace(self.ctx, units=list(units))
         deltas = quant_deltas(self.model, sub, squared=self.squared) if units else []
         leaves, index = unit_leaves(self.model, units) if units else ([], [])
@@ -171,8 +170,6 @@ class _Stage:
 
 def _outputs(seq: SequentialModel, h: torch.Tensor, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
     """What the evaluator compares, from the last block's output ``h``."""
-    from allocator.model.outputs import mean_pool_normalize
-
     norm = seq.final_norm()
     if kind == ModelKind.CAUSAL_LM:
         head = seq.head()

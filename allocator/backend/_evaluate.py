@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
+from allocator.model.distortion import cosine_distance, kl_divergence
 from allocator.model.kind import ModelKind
+from allocator.model.outputs import forward_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -133,8 +135,6 @@ def clear_reference_cache() -> None:
 
 
 def _forward(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
-    from allocator.model.outputs import forward_outputs
-
     return forward_outputs(model, batch, kind).detach().float()
 
 
@@ -234,8 +234,6 @@ def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], 
                     n_queries: int | None) -> EvalReport:
     import torch
 
-    from allocator.model.distortion import cosine_distance
-
     ref, emb = torch.cat(list(refs)), torch.cat(list(outs))
     cos_d = cosine_distance(ref, emb)
     metrics = {"cosine": float(1 - cos_d.mean()), "cos_distance": float(cos_d.mean()),
@@ -246,8 +244,6 @@ def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], 
 
 def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
                    outs: Sequence[torch.Tensor]) -> EvalReport:
-    from allocator.model.distortion import kl_divergence
-
     nll = nll_fp = kl_sum = 0.0
     n_tgt = n_tok = n = 0
     for b, r, o in zip(batches, refs, outs, strict=True):
@@ -268,8 +264,6 @@ def _causal_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Te
 
 def _classifier_report(batches: Sequence[Mapping[str, Any]], refs: Sequence[torch.Tensor],
                        outs: Sequence[torch.Tensor]) -> EvalReport:
-    from allocator.model.distortion import kl_divergence
-
     correct = agree = kl_sum = 0.0
     n = 0
     labelled = all("labels" in b or "label" in b for b in batches)

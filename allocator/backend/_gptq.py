@@ -30,8 +30,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from allocator.backend._resolve import module_weight
 from allocator.core.errors import BackendError, InvalidParameterError
 from allocator.core.formats import FormatKind, QuantFormat
+from allocator.model.quant import rtn_grid
 
 if TYPE_CHECKING:
     import torch
@@ -143,8 +145,6 @@ def column_formats(cols: int, segments: Sequence[tuple[int, int, QuantFormat]]) 
 
 
 def _grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from allocator.model.quant import rtn_grid
-
     return rtn_grid(w, bits=bits, symmetric=symmetric)
 
 
@@ -275,8 +275,6 @@ def collect_hessians(
         return add
 
     for name in modules:
-        from allocator.backend._resolve import module_weight
-
         mod = model.get_submodule(name)
         w = module_weight(model, name)
         acc[name] = HessianAccumulator(int(w[0].numel()), device=w.device)

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from allocator.core.errors import InvalidCostTableError, InvalidParameterError
-from allocator.core.formats import QuantFormat
+from allocator.core.errors import InvalidCostTableError, InvalidParameterError, UnknownNameError
+from allocator.core.formats import QuantFormat, StorageConvention, parse_format
 from allocator.core.table_format import TABLE_FORMAT, TABLE_VERSION, read_table_file, write_table_file
 from allocator.core.version import __version__
 
@@ -197,9 +197,6 @@ class CostTable:
         GPTQ-convention labels (``-gptq``) may add up to 32 bits per weight for the ``g_idx``.
         Unknown (custom) labels cannot be checked and are taken as given.
         """
-        from allocator.core.errors import UnknownNameError
-        from allocator.core.formats import StorageConvention, parse_format
-
         n = len(index.options)
         lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
         for code, label in enumerate(index.options):
@@ -307,8 +304,6 @@ class CostTable:
 
         ``resources`` maps an extra column name to an (n_units × n_options) array.
         """
-        from allocator.core.formats import parse_format
-
         fmts = [o if isinstance(o, QuantFormat) else parse_format(o) for o in options]
         n, k = len(units), len(fmts)
         c = np.asarray(cost, dtype=np.float64)

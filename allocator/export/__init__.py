@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from allocator.core.atomic import atomic_write_text
 from allocator.core.errors import ExportError, UnknownNameError
 from allocator.core.plan import BitPlan
 from allocator.export._exporter import ExportContext, Exporter, ExportResult, module_of
@@ -90,8 +91,6 @@ def export_plan(
 def write_result(result: ExportResult, path: str | Path) -> list[Path]:
     """Write ``result.text`` to ``path`` and each companion file next to it (``plan.py`` →
     ``plan.json``); returns every path written."""
-    from allocator.core.atomic import atomic_write_text
-
     p = Path(path)
     written = [atomic_write_text(p, result.text)]  # a failed write never leaves half a config
     for suffix, text in result.files.items():

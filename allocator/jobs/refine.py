@@ -38,8 +38,12 @@ import numpy as np
 
 from allocator.core.budget import Budget
 from allocator.core.errors import InvalidParameterError
+from allocator.core.formats import parse_format
 from allocator.core.plan import BitPlan, SolverInfo
 from allocator.core.table import CostTable
+from allocator.core.units import unit_weight
+from allocator.model.quant import fake_quantize
+from sensitivity import BlockCache, default_metric, distortion, make_chunks, per_sample_sums
 
 if TYPE_CHECKING:
     import torch
@@ -185,8 +189,6 @@ class _Meter:
 
     def __init__(self, model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], *, kind: str,
                  max_tokens: int) -> None:
-        from sensitivity import BlockCache, make_chunks
-
         self.model, self.kind = model, kind
         self.chunks = make_chunks(batches, max_tokens=max_tokens)
         fp = BlockCache(model, self.chunks, kind=kind)
@@ -196,8 +198,6 @@ class _Meter:
 
     def rebuild(self) -> float:
         """Cache every block at the model's current weights; returns the current distortion."""
-        from sensitivity import BlockCache
-
         self.cache = BlockCache(self.model, self.chunks, kind=self.kind)
         own, self.cache.reference = self.cache.reference, self.reference
         self.forwards += 1
@@ -214,8 +214,6 @@ class _Meter:
     def _error(self, outputs: Callable[[int], torch.Tensor]) -> float:
         import torch
 
-        from sensitivity import default_metric, distortion, per_sample_sums
-
         met = default_metric(self.kind)
         total = count = 0.0
         with torch.inference_mode():
@@ -230,16 +228,11 @@ class _Weights:
     """Sets unit weights to Q_o(W_fp) and restores them; W_fp is kept once."""
 
     def __init__(self, model: torch.nn.Module, units: Sequence[Unit]) -> None:
-        from allocator.core.units import unit_weight
-
         self.views = {u.name: unit_weight(model, u) for u in units}
         self.original = {k: v.detach().clone() for k, v in self.views.items()}
 
     def set(self, unit: str, option: str) -> None:
         import torch
-
-        from allocator.core.formats import parse_format
-        from allocator.model.quant import fake_quantize
 
         fmt = parse_format(option)
         with torch.no_grad():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError, ModelError
+from allocator.model.device import check_device
 from allocator.model.kind import ModelKind
 from allocator.model.outputs import forward_outputs
 
@@ -187,8 +188,6 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *, device: st
     """
     import torch  # noqa: F401  (fail early with the usual ImportError if torch is missing)
     import transformers
-
-    from allocator.model.device import check_device
 
     device = check_device(device, flag="device")
 

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from allocator.core.errors import AllocatorError
+from allocator.core.version import __version__
 from allocator.service.deps import Db
 from allocator.service.infra.auth import host_error, needs_token, token_error
 from allocator.service.infra.config import Settings, ensure_token
@@ -191,7 +192,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
 
     ``overrides`` are Settings fields (``create_app(db_url="sqlite:///x.db", token=...)``).
     """
-    from allocator.core.version import __version__
     from allocator.service.api.main import api_router
 
     settings = ensure_token(settings if settings is not None else Settings(**overrides))

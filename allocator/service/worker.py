@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from allocator.core.budget import Budget
 from allocator.core.result import SolveResult
 from allocator.core.table import CostTable
 from allocator.service.infra.config import Settings
@@ -171,8 +172,6 @@ class Worker:
     def _store_one(session: Session, job: Mapping[str, Any], params: Mapping[str, Any],
                    stored: Mapping[str, Any], key: str, value: CostTable | SolveResult,
                    *, name: str) -> dict[str, Any]:
-        from allocator.core.budget import Budget
-
         if isinstance(value, CostTable):
             rec, _ = repo.add_table(session, table=value, name=name)
             return {f"{key}_id": rec.id}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
+from allocator.model.outputs import forward_outputs
 from sensitivity._base import EstimateContext
 from sensitivity._curvature.output_metric import output_metric, row_cotangents
 from sensitivity._curvature.reductions import Reduction, UnitReduction, streamed_reduce
@@ -74,8 +75,6 @@ def pair_stream(model: torch.nn.Module, ctx: EstimateContext, reduce: Reduction,
                 chunk: int, per_sample: str, label: str) -> Iterator[tuple[int, torch.Tensor]]:
     """Per calibration row with a counted output position, in data order: (its positions,
     ``r(g_{row,k})`` stacked over the probes k). The engine of :func:`sampled_curvature`."""
-    from allocator.model.outputs import forward_outputs
-
     if per_sample not in PER_SAMPLE_MODES:
         raise InvalidParameterError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
     metric = output_metric(ctx.model_kind)
