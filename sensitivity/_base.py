@@ -307,7 +307,7 @@ class BatchAdditiveEstimator(BaseEstimator):
 
 class SampleMeanEstimator(BatchAdditiveEstimator):
     """A batch-additive estimator whose ``_costs`` is a mean over calibration samples s (the
-    sampled Gauss–Newton family, :func:`sensitivity._gauss_newton.sampled_curvature`):
+    sampled Gauss–Newton family, :func:`sensitivity._curvature.sampling.sampled_curvature`):
 
         cost = S₁/P,  cost_std = (N/P)·√(v/N),  v = (S₂/N − (S₁/N)²)·N/(N − 1)  (0 if N = 1),
 

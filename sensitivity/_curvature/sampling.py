@@ -50,7 +50,7 @@ class SampledCurvature:
 def sampled_curvature(model: torch.nn.Module, ctx: EstimateContext, reduce: Reduction, *,
                       probes: int = 2, chunk: int = 1, per_sample: str = "auto",
                       label: str = "gauss-newton") -> SampledCurvature:
-    """Stream ``r(g_{s,k})`` over every calibration sample s and output probe k (module doc).
+    """Stream ``r(g_{s,k})`` over every calibration sample s and output probe k (package doc).
 
     ``chunk`` rows share one forward; each (row, probe) gets its own backward on the retained
     graph (``per_sample="loop"``) or one vmapped backward per forward (``"vmap"``). The draws
@@ -96,7 +96,7 @@ def pair_stream(model: torch.nn.Module, ctx: EstimateContext, reduce: Reduction,
 
 def curvature_from_sums(s1: torch.Tensor | None, s2: torch.Tensor | None, n_samples: int, n_positions: int,
                probes: int, metric: str) -> SampledCurvature:
-    """Mean and standard error over samples from the per-sample sums S₁, S₂ (module doc)."""
+    """Mean and standard error over samples from the per-sample sums S₁, S₂ (package doc)."""
     if s1 is None or s2 is None or n_positions == 0:
         raise InvalidParameterError("no calibration sample has an output position to compare; "
                                     "pass non-empty texts")
