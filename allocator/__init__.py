@@ -5,8 +5,6 @@ Importing :mod:`allocator` is cheap: torch, pulp, cvxpy and optuna load only whe
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from allocator.core.budget import Budget
 from allocator.core.errors import (
     AllocatorError,
@@ -28,6 +26,7 @@ from allocator.core.formats import DEFAULT_OPTIONS, FormatKind, QuantFormat, par
 from allocator.core.plan import Assignment, BitPlan, check_plan
 from allocator.core.result import SolveResult, SolveStatus
 from allocator.core.table import CostTable
+from allocator.core.version import __version__
 
 __all__ = [
     "DEFAULT_OPTIONS",

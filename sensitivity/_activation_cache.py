@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
-from allocator.core.units import Unit
+from allocator.core.units import Unit, get_module
 from allocator.model.output_store import OutputStore
 from allocator.model.outputs import forward_outputs
 
@@ -413,8 +413,6 @@ def _width(batch: Mapping[str, Any]) -> int:
 def _modules_sharing_weight(model: torch.nn.Module, module: str) -> list[str]:
     """``module`` plus every module that owns a parameter stored in the same memory."""
     import torch
-
-    from allocator.core.units import get_module
 
     w = get_module(model, module).weight
     if not isinstance(w, torch.Tensor):

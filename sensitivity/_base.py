@@ -31,7 +31,7 @@ import numpy as np
 from allocator.core.errors import EstimatorUnavailableError, InvalidParameterError
 from allocator.core.formats import QuantFormat
 from allocator.core.table import CostTable
-from allocator.core.units import Unit
+from allocator.core.units import Unit, unit_weight
 from allocator.model.quant import Quantizer, RtnQuantizer
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ class BatchAdditiveEstimator(BaseEstimator):
 
 class SampleMeanEstimator(BatchAdditiveEstimator):
     """A batch-additive estimator whose ``_costs`` is a mean over calibration samples s (the
-    sampled Gauss–Newton family, :func:`sensitivity._gauss_newton.sampled_curvature`):
+    sampled Gauss–Newton family, :func:`sensitivity._curvature.sampling.sampled_curvature`):
 
         cost = S₁/P,  cost_std = (N/P)·√(v/N),  v = (S₂/N − (S₁/N)²)·N/(N − 1)  (0 if N = 1),
 
@@ -382,8 +382,6 @@ def quant_errors(model: torch.nn.Module, units: Sequence[Unit], options: Iterabl
                  quantizer: Quantizer | None = None) -> np.ndarray:
     """‖Q_b(W_i) − W_i‖²_F for every unit i and option b, with ``quantizer`` (default RTN)."""
     import torch
-
-    from allocator.core.units import unit_weight
 
     q = quantizer or RtnQuantizer()
     opts = list(options)

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from allocator.core.errors import InvalidParameterError
-from allocator.core.units import Unit
+from allocator.core.errors import InvalidParameterError, ModelError
+from allocator.core.units import Unit, unit_weight
+from allocator.model.outputs import model_inputs
+from sensitivity._activation_cache import find_blocks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors
 
 if TYPE_CHECKING:
@@ -82,8 +84,6 @@ def zd_share(w: torch.Tensor, *, threshold: float = 1.0) -> float:
 def relative_errors(model: torch.nn.Module, units: Sequence[Unit], options: Sequence[Any],
                     quantizer: Quantizer | None = None) -> np.ndarray:
     """‖Q_b(W_i) − W_i‖² / ‖W_i‖² for every unit i and option b (0 for an all-zero weight)."""
-    from allocator.core.units import unit_weight
-
     err = quant_errors(model, units, options, quantizer)
     norms = np.array([float(unit_weight(model, u).detach().double().pow(2).sum()) for u in units])
     return err / np.where(norms > 0, norms, 1.0)[:, None]
@@ -119,8 +119,6 @@ class DataFreeEstimator(BaseEstimator):
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         import torch
 
-        from allocator.core.units import unit_weight
-
         if self.score == "mse":
             return UnitCosts(cost=relative_errors(model, ctx.units, ctx.options, ctx.quantizer))
         cost = np.zeros((len(ctx.units), len(ctx.options)))
@@ -154,9 +152,6 @@ class ZdEstimator(BaseEstimator):
     def scores(self, model: torch.nn.Module, units: Sequence[Unit]) -> np.ndarray:
         import torch
 
-        from allocator.core.units import unit_weight
-        from sensitivity._activation_cache import find_blocks
-
         found = find_blocks(model) if self.per == "block" else None
         prefix, n_blocks = (found[0], len(found[1])) if found else ("", 0)
         groups: dict[str, list[int]] = {}
@@ -179,10 +174,6 @@ class ZdEstimator(BaseEstimator):
 def lim_scores(model: torch.nn.Module, ctx: EstimateContext) -> tuple[np.ndarray, np.ndarray]:
     """(LIM per block, LIM per unit): LIM_k = −mean_tokens cos(x_in, x_out) of block k."""
     import torch
-
-    from allocator.core.errors import ModelError
-    from allocator.model.outputs import model_inputs
-    from sensitivity._activation_cache import find_blocks
 
     if not ctx.batches:
         raise InvalidParameterError(

@@ -17,14 +17,20 @@ the uint8 → float conversion dominating; one more pass over the data costs far
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
-from allocator.core.units import Unit
+from allocator.core.units import Unit, unit_weight
+from allocator.model.quant import Quantizer, RtnQuantizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from sensitivity._base import EstimateContext
 
 __all__ = ["DEFAULT_DELTA_BUDGET_MB", "balanced_groups", "check_delta_budget", "delta_bytes",
-           "delta_groups"]
+           "delta_groups", "quant_deltas", "weight_deltas"]
 
 #: Default ceiling for the float32 deltas held by one pass, in MiB.
 DEFAULT_DELTA_BUDGET_MB = 1024
@@ -78,3 +84,34 @@ def check_delta_budget(value: Any, *, name: str = "delta_budget_mb",
         raise InvalidParameterError(
             f"{name} must be a number > 0 (MiB of {held} held per pass), got {value!r}")
     return int(value * 2**20)
+
+
+def quant_deltas(model: torch.nn.Module, ctx: EstimateContext, *,
+                 squared: bool = False) -> list[torch.Tensor]:
+    """``ΔW = Q_o(W) − W`` (or ``ΔW²``) per unit stacked over options, float32 [options, out,
+    cols], with the plan's quantizer (``ctx.quantizer``: RTN by default,
+    :class:`allocator.model.quant.Quantizer`), on the weight's device. 4 bytes × options per
+    weight: callers hold them under a budget (:func:`delta_groups`)."""
+    return [weight_deltas(unit, unit_weight(model, unit), ctx.options, ctx.quantizer, squared=squared)
+            for unit in ctx.units]
+
+
+def weight_deltas(unit: Unit, weight: torch.Tensor, options: Sequence[Any], quantizer: Quantizer, *,
+                  squared: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``Q_o(W) − W`` (or its square) of a unit's 2-D weight view, float32 [options, out, cols];
+    only ``rows`` [lo, hi) of it when given. RTN quantizes those rows alone; another quantizer
+    the whole unit (cached), then the rows — GPTQ and ggml treat rows independently too, so they
+    are the rows of the whole."""
+    import torch
+
+    lo, hi = rows if rows is not None else (0, int(weight.shape[0]))
+    with torch.no_grad():
+        full = weight.detach().float()
+        w = full[lo:hi]
+        # filled in place: a list of options then torch.stack would hold the deltas twice
+        d = torch.empty((len(options), *w.shape), dtype=torch.float32, device=w.device)
+        for o, fmt in enumerate(options):
+            d[o] = (quantizer.quantize(unit, w, fmt) if isinstance(quantizer, RtnQuantizer)
+                    else quantizer.quantize(unit, full, fmt)[lo:hi])
+            d[o] -= w
+        return d.square_() if squared else d

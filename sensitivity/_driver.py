@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.core.errors import InvalidParameterError
 from allocator.core.table import CostTable
 from allocator.core.units import UnitKind
-from sensitivity._spec import EstimateSpec, Execution
+from sensitivity._spec import EstimateSpec
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from allocator.model.quant import Quantizer
     from sensitivity._base import BaseEstimator, EstimateContext
 
-__all__ = ["PROVENANCE_KEYS", "PreparedEstimate", "estimate", "load_data", "plan_quantizer", "prepare",
-           "run_prepared", "seeded"]
+__all__ = ["PROVENANCE_KEYS", "PreparedEstimate", "load_data", "plan_quantizer", "prepare", "provenance",
+           "run_prepared", "seeded", "spec_units"]
 
 #: what every table's metadata records about where it came from, whichever execution built it
 PROVENANCE_KEYS = ("method", "model", "model_path", "model_kind", "model_fingerprint", "units_count",
@@ -125,7 +125,7 @@ class PreparedEstimate:
     spec: EstimateSpec
 
 
-def _provenance(spec: EstimateSpec, *, name: str, path: str, kind: str, fingerprint: str,
+def provenance(spec: EstimateSpec, *, name: str, path: str, kind: str, fingerprint: str,
                 n_units: int, calibration: Any) -> dict[str, Any]:
     """The :data:`PROVENANCE_KEYS` of one estimate (every execution ends here)."""
     meta = {"method": spec.method, "model": name, "model_path": path, "model_kind": kind,
@@ -141,7 +141,7 @@ def _build(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
     """The context and the provenance of one estimate of ``loaded`` on ``calibration`` (ready
     batches with ``fingerprint`` / ``metadata()``, or None for a data-free run). ``quantizer``:
     one already built (``run`` shares it with refinement), else ``spec.quantizer`` built here."""
-    from sensitivity import EstimateContext
+    from sensitivity._base import EstimateContext
 
     estimator = spec.estimator()
     kind = str(loaded.kind)
@@ -154,7 +154,7 @@ def _build(loaded: LoadedModel, spec: EstimateSpec, *, units: Sequence[Unit],
     ctx = EstimateContext(batches=batches, units=list(units), options=spec.formats(), seed=spec.seed,
                           device=spec.device, model_kind=kind, progress=spec.progress,
                           quantizer=quantizer)
-    meta = _provenance(spec, name=loaded.name, path=loaded.path, kind=kind,
+    meta = provenance(spec, name=loaded.name, path=loaded.path, kind=kind,
                        fingerprint=loaded.fingerprint, n_units=len(ctx.units), calibration=calibration)
     return PreparedEstimate(loaded=loaded, estimator=estimator, ctx=ctx, metadata=meta, spec=spec)
 
@@ -177,7 +177,7 @@ def plan_quantizer(name: str, loaded: LoadedModel, units: Sequence[Unit],
         model.train(was_training)
 
 
-def _units(model: Any, spec: EstimateSpec) -> list[Unit]:
+def spec_units(model: Any, spec: EstimateSpec) -> list[Unit]:
     """The units of ``spec``: discovered (kinds, groups), kept by the globs (one syntax with
     ``run``: :mod:`allocator.model.unit_select`), then ``spec.units`` when it names them."""
     from allocator.core.units import discover_units
@@ -201,12 +201,12 @@ def prepare(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
             quantizer: Quantizer | None = None) -> PreparedEstimate:
     """Load the model and data of ``spec``, pick the units and build the context; nothing is
     estimated yet (the sharded runner splits ``ctx`` before running it)."""
-    from sensitivity import estimator_class
+    from sensitivity._registry import estimator_class
 
     # a data-free estimator still needs data for a quantizer that learns from it (GPTQ)
     needs_data = estimator_class(spec.method).needs_data or spec.quantizer != "rtn"
     loaded = _load(model, spec.device)
-    units = _units(loaded.model, spec)
+    units = spec_units(loaded.model, spec)
     cal = None
     if needs_data:
         cal = _image_data(spec.data, loaded, samples=spec.samples, batch_size=spec.batch_size,
@@ -229,71 +229,6 @@ def run_prepared(prep: PreparedEstimate) -> CostTable:
     log.info("%s: %d units × %d options in %.1f s", prep.spec.method, len(prep.ctx.units),
              len(prep.ctx.options), seconds)
     return CostTable(table.df, {**table.metadata, "seconds": round(seconds, 3)})
-
-
-def estimate(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
-             quantizer: Quantizer | None = None) -> CostTable:
-    """Estimate a cost table for ``model`` as ``spec`` says.
-
-    Args:
-        model: a local Hugging Face model directory, ``"minilm"`` / ``"tiny-llama"`` /
-            ``"vit-digits"`` (bundled), a loaded :class:`~allocator.model.loading.LoadedModel`
-            (whole-model execution only), or None (MiniLM).
-        spec: what to estimate and how it executes (:class:`~sensitivity.EstimateSpec`).
-        quantizer: a ready :class:`~allocator.model.quant.Quantizer` of kind ``spec.quantizer``
-            to form ΔW with (``run`` shares its cache with refinement); None builds one.
-
-    Raises:
-        UnknownNameError, InvalidParameterError, ModelError: with one-line messages.
-        ShardsPending: a sharded spec whose shards are not all complete yet (nothing failed).
-    """
-    if not isinstance(spec, EstimateSpec):
-        raise InvalidParameterError(f"spec must be a sensitivity.EstimateSpec, got {spec!r}")
-    if spec.execution is Execution.SEQUENTIAL:
-        return _estimate_sequential(model, spec)
-    if spec.execution is Execution.SHARDED:
-        from sensitivity._sharded import ShardJob, ShardsPending, run_shards
-
-        outcome = run_shards(ShardJob(model=_path(model, "a sharded estimate"), spec=spec))
-        if outcome.table is None:
-            raise ShardsPending(outcome)
-        return outcome.table
-    if quantizer is not None and spec.execution is not Execution.WHOLE:
-        raise InvalidParameterError("a ready quantizer is only taken by a whole-model estimate; "
-                                    "drop it or the sequential / sharded execution")
-    return run_prepared(prepare(model, spec, quantizer=quantizer))
-
-
-def _path(model: Any, what: str) -> str:
-    from allocator.model.loading import LoadedModel
-
-    if isinstance(model, LoadedModel):
-        raise InvalidParameterError(f"{what} reads the model from its directory: pass its path or "
-                                    f"name ({model.path!r}), not a loaded model")
-    return "minilm" if model is None else str(model)
-
-
-def _estimate_sequential(model: Any, spec: EstimateSpec) -> CostTable:
-    """The table with one block in memory (:func:`sensitivity._sequential.estimate_sequential`),
-    on the same calibration batches, seed and provenance keys as the whole-model run."""
-    from allocator.model.sequential import SequentialModel
-    from sensitivity._sequential import SEQUENTIAL, estimate_sequential
-
-    if spec.method not in SEQUENTIAL:
-        raise InvalidParameterError(f"--method {spec.method} has no sequential mode; use one of "
-                                    f"{', '.join(SEQUENTIAL)}, or drop --sequential")
-    seq = SequentialModel(_path(model, "a sequential estimate"), device=spec.device)
-    units = _units(seq.model, spec)
-    calib = load_data(spec.data, seq.tokenizer, kind=str(seq.kind), samples=spec.samples,
-                      seq_len=spec.seq_len, batch_size=spec.batch_size, seed=spec.seed)
-    meta = _provenance(spec, name=seq.name, path=str(seq.path), kind=str(seq.kind),
-                       fingerprint=seq.fingerprint(), n_units=len(units), calibration=calib)
-    start = time.perf_counter()
-    with seeded(spec.seed):
-        table = estimate_sequential(seq, spec.estimator(), batches=list(calib.to(spec.device)),
-                                    options=spec.formats(), units=units, seed=spec.seed,
-                                    device=spec.device, metadata=meta)
-    return CostTable(table.df, {**table.metadata, "seconds": round(time.perf_counter() - start, 3)})
 
 
 def _image_data(data: Any, loaded: LoadedModel, *, samples: int, batch_size: int,

@@ -4,7 +4,7 @@ Two targets (``FisherEstimator(target=...)``):
 
 * ``"model"`` (default) — the *true* Fisher of the model's own output distribution, i.e. the
   diagonal of the Gauss–Newton form of the distortion plans are judged by
-  (:mod:`sensitivity._gauss_newton`): ``cost(i, b) = ½ Σ_j GN_jj ΔW_j²`` with
+  (:mod:`sensitivity._curvature`): ``cost(i, b) = ½ Σ_j GN_jj ΔW_j²`` with
   ``GN_jj = E[g_j²]``, ``g = Jᵀ v`` for sampled output cotangents v (``E[v vᵀ] = H_D``). Per
   model kind: causal LM — token-mean KL(P_fp ‖ P_q), labels y ~ P_fp per token; classifier —
   per-example KL, y ~ P_fp; encoder — 1 − cos of the pooled embedding, v = (I − ê êᵀ) z/‖e‖. No
@@ -42,14 +42,10 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from sensitivity._base import EstimateContext, Partial, SampleMeanEstimator, UnitCosts, mean_and_sem
-from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups
-from sensitivity._gauss_newton import (
-    SplitTerm,
-    check_probes,
-    curvature_in_passes,
-    gn_diagonal_terms,
-    quant_deltas,
-)
+from sensitivity._curvature.passes import SplitTerm, curvature_in_passes
+from sensitivity._curvature.sampling import check_probes
+from sensitivity._curvature.terms import gn_diagonal_terms
+from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups, quant_deltas
 from sensitivity._loss import (
     differentiable_attention,
     gradient_mode,

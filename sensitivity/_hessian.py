@@ -37,7 +37,13 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from sensitivity._base import EstimateContext
-from sensitivity._loss import gradient_mode, unit_block, unit_leaves
+from sensitivity._loss import (
+    differentiable_attention,
+    gradient_mode,
+    per_sample_losses,
+    unit_block,
+    unit_leaves,
+)
 from sensitivity._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -145,8 +151,6 @@ def first_order_graph(model: torch.nn.Module, batch: Any, kind: str,
     their Hessian block is zero.
     """
     import torch
-
-    from sensitivity._loss import differentiable_attention, per_sample_losses
 
     with differentiable_attention():
         losses = per_sample_losses(model, batch, kind)

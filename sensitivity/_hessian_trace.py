@@ -3,7 +3,7 @@
 Two curvatures (``HessianTraceEstimator(curvature=...)``):
 
 * ``"gauss-newton"`` (default) — Tr(GN_i) of the Gauss–Newton form of the output distortion
-  plans are judged by (:mod:`sensitivity._gauss_newton`): ``Tr(GN_i) = E‖g_i‖²`` with
+  plans are judged by (:mod:`sensitivity._curvature`): ``Tr(GN_i) = E‖g_i‖²`` with
   ``g = Jᵀ v`` for sampled output cotangents (``E[v vᵀ] = H_D``). Per model kind: causal LM —
   token-mean KL(P_fp ‖ P_q) (y ~ P_fp per token, the true Fisher); classifier — per-example KL;
   encoder — 1 − cos of the pooled embedding. PSD, so a trace is never negative; no labels.
@@ -47,18 +47,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
+from allocator.model.outputs import forward_outputs
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
-from sensitivity._gauss_newton import (
-    _VMAP_BELOW,
-    _cotangents,
-    _row_chunks,
-    check_per_sample,
-    check_probes,
-    gn_trace_terms,
-    output_metric,
-    pair_terms,
-    unit_reduction,
-)
+from sensitivity._curvature.output_metric import output_metric, row_cotangents
+from sensitivity._curvature.reductions import unit_reduction
+from sensitivity._curvature.sampling import VMAP_BELOW, check_per_sample, check_probes, pair_terms, row_chunks
+from sensitivity._curvature.terms import gn_trace_terms
 from sensitivity._hessian import (
     ProbeRule,
     batched_products,
@@ -66,7 +60,7 @@ from sensitivity._hessian import (
     hutchinson_traces,
     trace_and_sem,
 )
-from sensitivity._loss import differentiable_attention, gradient_mode, unit_leaves
+from sensitivity._loss import differentiable_attention, gradient_mode, sample_count, unit_leaves
 from sensitivity._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -120,14 +114,12 @@ def gn_trace_probes(model: torch.nn.Module, ctx: EstimateContext, rule: ProbeRul
     """
     import torch
 
-    from allocator.model.outputs import forward_outputs
-
     check_per_sample(per_sample)
     metric = output_metric(ctx.model_kind)
     leaves, index = unit_leaves(model, ctx.units)
     n_weights = sum(t.numel() for t in leaves)
     batched = per_sample == "vmap" or (per_sample == "auto" and (
-        not ctx.device.startswith("cpu") or n_weights < _VMAP_BELOW))
+        not ctx.device.startswith("cpu") or n_weights < VMAP_BELOW))
     reduce = unit_reduction(ctx.units, index, lambda g, i: gn_trace_terms(g))
     samples = np.zeros((0, len(ctx.units)))
     n_samples = n_positions = 0
@@ -140,11 +132,11 @@ def gn_trace_probes(model: torch.nn.Module, ctx: EstimateContext, rule: ProbeRul
             sums: torch.Tensor | None = None
             n_samples = n_positions = 0
             for batch in ctx.batches:
-                for sub in _row_chunks(batch, chunk):
+                for sub in row_chunks(batch, chunk):
                     with differentiable_attention():
                         out = forward_outputs(model, sub, ctx.model_kind)
                     # one cotangent per row from each pass's own generator
-                    draws = [_cotangents(out, sub, ctx.model_kind, metric, 1, g) for g in gens]
+                    draws = [row_cotangents(out, sub, ctx.model_kind, metric, 1, g) for g in gens]
                     counts = draws[0][1]
                     cots = [[d[0][r][0] for d in draws] for r in range(out.shape[0])]
                     terms = _pass_norms(out, leaves, cots, counts, reduce, batched)
@@ -306,6 +298,4 @@ class HessianTraceEstimator(BaseEstimator):
 
 
 def _rows(batch: Any) -> int:
-    from sensitivity._loss import sample_count
-
     return int(sample_count(batch))

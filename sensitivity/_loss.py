@@ -36,7 +36,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError, ModelError
-from allocator.model.loading import ModelKind
+from allocator.core.units import get_module
+from allocator.model.kind import ModelKind
 from allocator.model.outputs import model_inputs
 
 if TYPE_CHECKING:
@@ -208,8 +209,6 @@ def unit_leaves(model: torch.nn.Module, units: Any) -> tuple[list[torch.Tensor],
     (see :func:`unit_block`).
     """
     import torch
-
-    from allocator.core.units import get_module
 
     leaves: list[torch.Tensor] = []
     where: dict[int, int] = {}

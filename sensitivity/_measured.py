@@ -30,8 +30,10 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
+from allocator.core.units import get_module, unit_weight
 from allocator.model.distortion import Metric, distortion, per_sample_sums
 from allocator.model.outputs import tokens_within
+from sensitivity._activation_cache import BlockCache, _rows, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
@@ -148,9 +150,6 @@ def measure_units(
     """
     import torch
     from tqdm.auto import tqdm
-
-    from allocator.core.units import unit_weight
-    from sensitivity._activation_cache import BlockCache, make_chunks
 
     if not ctx.batches:
         raise InvalidParameterError(
@@ -270,8 +269,6 @@ class _Runner:
         """(chunk, option indices, stacked output of ``run(ci, n)``) for every pass of the unit."""
         import torch
 
-        from allocator.core.units import get_module
-
         module = get_module(self.cache.model, unit.module)
         batchable = True
         for ci, chunk in enumerate(self.cache.chunks):
@@ -345,8 +342,6 @@ def _block_gain(runner: _Runner, ctx: EstimateContext, block: int, origin: np.nd
     """g_k = cost / e of the first unit of block k at the middle option, measured exactly once."""
     import torch
 
-    from allocator.core.units import unit_weight
-
     cache = runner.cache
     unit = next(u for u in ctx.units if cache.block_of(u) == block)
     fmt = ctx.options[len(ctx.options) // 2]
@@ -411,8 +406,6 @@ def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 
 
 def _chunk_rows(batch: Any) -> int:
-    from sensitivity._activation_cache import _rows
-
     return _rows(batch)
 
 

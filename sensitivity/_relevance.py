@@ -41,8 +41,10 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError, ModelError
 from allocator.core.units import Unit, is_linear_like
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
+from allocator.model.outputs import model_inputs
 from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
+from sensitivity._datafree import relative_errors
 
 if TYPE_CHECKING:
     import torch
@@ -172,8 +174,6 @@ def lrp_mode(model: torch.nn.Module, *, epsilon: float = 1e-6) -> Iterator[None]
 def _explained(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
     """The scalar f whose relevance is propagated (see module doc)."""
     import torch
-
-    from allocator.model.outputs import model_inputs
 
     out = model(**model_inputs(batch, kind))
     logits = getattr(out, "logits", None)
@@ -308,8 +308,6 @@ class RelevanceEstimator(BatchAdditiveEstimator):
         return Partial(sums={"relevance": np.array([totals[m] for m in sorted(totals)])})
 
     def _finish(self, model: torch.nn.Module, ctx: EstimateContext, partial: Partial) -> UnitCosts:
-        from sensitivity._datafree import relative_errors
-
         modules = sorted({u.module for u in ctx.units})  # the order of _partial's array
         sums = np.asarray(partial.sums["relevance"], dtype=np.float64)
         if sums.shape != (len(modules),):

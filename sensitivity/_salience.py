@@ -56,8 +56,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError, ModelError
-from allocator.core.units import Unit, UnitKind
-from allocator.model.loading import ModelKind
+from allocator.core.units import Unit, UnitKind, get_module, unit_weight, weight_view
+from allocator.model.kind import ModelKind
 from sensitivity._base import BatchAdditiveEstimator, EstimateContext, Partial, UnitCosts
 from sensitivity._deltas import balanced_groups, check_delta_budget
 from sensitivity._progress import progress_bar
@@ -156,8 +156,6 @@ def check_tokens(tokens: Mapping[str, int]) -> None:
 
 def unit_module_widths(model: torch.nn.Module, ctx: EstimateContext) -> dict[str, int]:
     """Input width of every module a unit of ``ctx`` lives in, in unit order (Linear only)."""
-    from allocator.core.units import get_module, weight_view
-
     widths: dict[str, int] = {}
     for unit in ctx.units:
         if unit.kind is not UnitKind.LINEAR:
@@ -174,8 +172,6 @@ def input_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: bool,
     """The streaming sums of the inputs of ``modules`` (default: every unit's module) over
     ``ctx.batches`` (not normalised); one forward per batch."""
     import torch
-
-    from allocator.core.units import get_module
 
     widths = unit_module_widths(model, ctx)
     stats = {name: InputHessian(widths[name], diagonal=diagonal,
@@ -200,8 +196,6 @@ def input_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: bool,
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
-    from allocator.core.units import weight_view
-
     return weight_view(module).device
 
 
@@ -215,8 +209,6 @@ def _partial_sums(model: torch.nn.Module, ctx: EstimateContext, *, diagonal: boo
 def _merged_hessians(model: torch.nn.Module, partial: Partial) -> Iterator[tuple[str, torch.Tensor]]:
     """(module, H) from merged sums, one module at a time, on the module's device (float64)."""
     import torch
-
-    from allocator.core.units import get_module
 
     tokens = {k.removeprefix("tokens:"): int(v) for k, v in partial.counts.items()}
     check_tokens(tokens)
@@ -256,7 +248,6 @@ def column_square_sums(model: torch.nn.Module, unit: Unit, options: Sequence[Any
     32000 × 2048 head would need 4 GB)."""
     import torch
 
-    from allocator.core.units import unit_weight
     from allocator.model.quant import RtnQuantizer
 
     q = quantizer or RtnQuantizer()

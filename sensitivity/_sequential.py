@@ -79,7 +79,7 @@ def estimate_sequential(
     """
     from allocator.core.units import discover_units
     from allocator.model.sequential import SequentialModel
-    from sensitivity import get_estimator
+    from sensitivity._registry import get_estimator
 
     est = get_estimator(estimator)
     curvature = _curvature_terms(est)
@@ -135,8 +135,9 @@ def estimate_sequential(
 def _curvature_terms(est: BaseEstimator) -> tuple[Any, bool, int, float] | None:
     """(per-(sample, probe) term, squared deltas, probes, delta budget in MiB) of a
     sampled-curvature estimator, else None."""
+    from sensitivity._curvature.terms import gn_diagonal_terms, gn_quadratic_terms
     from sensitivity._fisher import FisherEstimator
-    from sensitivity._gauss_newton import GaussNewtonEstimator, gn_diagonal_terms, gn_quadratic_terms
+    from sensitivity._gauss_newton import GaussNewtonEstimator
 
     if isinstance(est, GaussNewtonEstimator):
         return gn_quadratic_terms, False, est.probes, est.delta_budget_mb

@@ -1,6 +1,6 @@
 """``gauss-newton`` and ``fisher`` block by block: the sampled curvature without the whole model.
 
-The whole-model estimators (:mod:`sensitivity._gauss_newton`) take, per calibration row s and
+The whole-model estimators (:mod:`sensitivity._curvature`) take, per calibration row s and
 output probe k, one backward ``g_{s,k} = Jᵀ v_{s,k}`` and reduce each unit's block of it. A
 backward factors over the blocks: the cotangent at block i's output, ``δ_{i+1}``, gives block i's
 weight gradients and the cotangent at its input, ``δ_i = (∂ block_i / ∂ x)ᵀ δ_{i+1}``. So on a
@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
+from allocator.model.outputs import mean_pool_normalize
 from sensitivity._base import EstimateContext, UnitCosts
-from sensitivity._deltas import delta_groups
-from sensitivity._gauss_newton import _cotangents, output_metric, pair_curvature, quant_deltas
-from sensitivity._loss import differentiable_attention, unit_block
+from sensitivity._curvature.output_metric import output_metric, row_cotangents
+from sensitivity._curvature.sampling import pair_curvature
+from sensitivity._deltas import delta_groups, quant_deltas
+from sensitivity._loss import differentiable_attention, unit_block, unit_leaves
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +78,7 @@ def curvature_sequential(seq: SequentialModel, ctx: EstimateContext, by_block: M
     for b, (batch, h) in enumerate(zip(ctx.batches, final, strict=True)):
         with torch.no_grad():
             out = _outputs(seq, h, batch, kind)
-        drawn, row_counts = _cotangents(out, batch, kind, metric, probes, ctx.batch_generator(b))
+        drawn, row_counts = row_cotangents(out, batch, kind, metric, probes, ctx.batch_generator(b))
         rows = [r for r in range(out.shape[0]) if row_counts[r] > 0]
         pairs.append([(r, k) for r in rows for k in range(probes)])
         cots.append([drawn[r][k] for r, k in pairs[-1]])
@@ -137,8 +139,6 @@ class _Stage:
                units: Sequence[Unit], back: list[list[torch.Tensor]] | None) -> None:
         import torch
 
-        from sensitivity._loss import unit_leaves
-
         sub = dataclasses.replace(self.ctx, units=list(units))
         deltas = quant_deltas(self.model, sub, squared=self.squared) if units else []
         leaves, index = unit_leaves(self.model, units) if units else ([], [])
@@ -170,8 +170,6 @@ class _Stage:
 
 def _outputs(seq: SequentialModel, h: torch.Tensor, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
     """What the evaluator compares, from the last block's output ``h``."""
-    from allocator.model.outputs import mean_pool_normalize
-
     norm = seq.final_norm()
     if kind == ModelKind.CAUSAL_LM:
         head = seq.head()

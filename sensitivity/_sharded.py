@@ -47,9 +47,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import sensitivity.shard_queue as q
 from allocator.core.errors import AllocatorError, InvalidParameterError
 from allocator.core.table import CostTable
-from sensitivity import shard_queue as q
 from sensitivity._spec import EstimateSpec, Sharding
 
 if TYPE_CHECKING:
@@ -377,7 +377,7 @@ def _merge_rows(prep: PreparedEstimate, queue: _Queue,
                 done: Mapping[int, Mapping[str, Any]]) -> CostTable:
     import numpy as np
 
-    from sensitivity import UnitCosts
+    from sensitivity._base import UnitCosts
     from sensitivity._measured import MeasuredRows, merge_measured
 
     parts = []

@@ -69,7 +69,7 @@ def estimator_parameters(cls: type[BaseEstimator]) -> frozenset[str] | None:
 def check_estimator_params(method: str, params: Mapping[str, Any]) -> None:
     """Raise one-line InvalidParameterError / UnknownNameError for an unknown estimator or an
     estimator parameter its constructor does not declare."""
-    from sensitivity import estimator_class
+    from sensitivity._registry import estimator_class
 
     cls = estimator_class(method)
     declared = estimator_parameters(cls)
@@ -85,7 +85,7 @@ def check_estimator_params(method: str, params: Mapping[str, Any]) -> None:
 def sharded_methods() -> tuple[str, ...]:
     """The registered methods that shard with their default parameters: ``measured`` (by unit)
     and every batch-additive estimator (by batch)."""
-    from sensitivity import ESTIMATORS, get_estimator
+    from sensitivity._registry import ESTIMATORS, get_estimator
 
     return tuple(n for n in ESTIMATORS if n == "measured" or get_estimator(n).batch_additive())
 
@@ -140,7 +140,7 @@ class Sharding:
     max_shards: int | None = None
 
     def __post_init__(self) -> None:
-        from sensitivity import shard_queue
+        import sensitivity.shard_queue as shard_queue
 
         if self.n_shards is not None:
             _int("shards", self.n_shards, 1)
@@ -288,7 +288,7 @@ class EstimateSpec:
 
     def estimator(self) -> BaseEstimator:
         """A fresh estimator instance for :attr:`method` with :attr:`params`."""
-        from sensitivity import get_estimator
+        from sensitivity._registry import get_estimator
 
         return get_estimator(self.method, **dict(self.params))
 

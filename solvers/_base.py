@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from allocator.core.budget import SIZE_RTOL, Budget
+from allocator.core.budget import CAP_ATOL, SIZE_RTOL, Budget
 from allocator.core.errors import AllocatorError, SolverUnavailableError
 from allocator.core.plan import BitPlan, SolverInfo, check_rows
 from allocator.core.result import SolveResult, SolveStatus
@@ -120,7 +120,7 @@ class BaseSolver(abc.ABC):
             )
         for name, cap in problem.caps.items():
             least = float(np.where(problem.valid, problem.resources[name], np.inf).min(axis=1).sum())
-            if least > cap * (1 + SIZE_RTOL) + 1e-12:
+            if least > cap * (1 + SIZE_RTOL) + CAP_ATOL:
                 return SolveResult(
                     status=SolveStatus.INFEASIBLE, solver=self.name,
                     message=f"cap {name}={cap:.6g} is below the smallest achievable {least:.6g}",

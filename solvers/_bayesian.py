@@ -33,6 +33,7 @@ from allocator.core.errors import InvalidParameterError
 from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._problem import Problem
+from solvers._registry import get_solver
 from solvers._search_space import (
     Granularity,
     ParamSpace,
@@ -118,8 +119,6 @@ class BayesianSolver(BaseSolver):
 
     def _solve(self, problem: Problem, *, seed: int | None) -> RawSolution:
         import optuna
-
-        from solvers import get_solver
 
         start = get_solver("mckp").solve(problem.table, problem.budget)
         if start.plan is None:

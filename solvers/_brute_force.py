@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from allocator.core.budget import SIZE_RTOL
+from allocator.core.budget import CAP_ATOL, SIZE_RTOL
 from allocator.core.errors import InvalidParameterError
 from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
@@ -66,8 +66,8 @@ class BruteForceSolver(BaseSolver):
         mats = [problem.cost, problem.size, *(problem.resources[k] for k in sorted(problem.caps))]
         caps = [math.inf, problem.cap, *(problem.caps[k] for k in sorted(problem.caps))]
         # the central check's tolerances (allocator.core.plan.check_rows): relative, plus an
-        # absolute 1e-12 on resource caps (which may be 0)
-        slack = [0.0, 0.0, *([1e-12] * len(problem.caps))]
+        # absolute one on resource caps (which may be 0)
+        slack = [0.0, 0.0, *([CAP_ATOL] * len(problem.caps))]
         tables = [m[rows, pad] for m in mats]
         best: tuple[float, int] | None = None
         for start in range(0, total, _CHUNK):

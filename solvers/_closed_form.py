@@ -36,8 +36,9 @@ import numpy as np
 
 from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
-from solvers._greedy import ZERO_CAP, repair
+from solvers._greedy import repair
 from solvers._problem import Problem
+from solvers._tolerances import ZERO_CAP
 
 __all__ = ["ClosedFormSolver", "CvxpySolver", "b_of_theta", "fit_c", "water_fill"]
 

@@ -28,12 +28,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from allocator.core.atomic import atomic_path
 from allocator.core.budget import Budget
 from allocator.core.errors import InvalidParameterError
 from allocator.core.plan import BitPlan, SolverInfo, plan_rows
+from allocator.core.result import SolveStatus
 from allocator.core.table import CostTable
-from solvers._frontier_plot import MeasuredLike, MeasuredPoint, load_measured
+from solvers._frontier_plot import MeasuredLike, MeasuredPoint, load_measured, plot_html, plot_static
 from solvers._hull import lower_hulls
+from solvers._mckp import MckpSolver
 from solvers._problem import Problem, build_problem
 
 if TYPE_CHECKING:
@@ -134,8 +137,6 @@ class Frontier:
         return pd.DataFrame(cols)
 
     def save_csv(self, path: str | Path) -> Path:
-        from allocator.core.io import atomic_path
-
         p = Path(path)
         with atomic_path(p) as tmp:  # a failed write never leaves a truncated CSV
             self.to_frame().to_csv(tmp, index=False)
@@ -150,8 +151,6 @@ class Frontier:
         lower edge is clipped above 0), and ``measured`` points — :class:`MeasuredPoint` or
         ``(bpw, error[, label])`` tuples — are drawn on top.
         """
-        from solvers._frontier_plot import plot_static
-
         return plot_static(self, path, measured=measured, band_sigma=band_sigma,
                            log_cost=log_cost)
 
@@ -162,8 +161,6 @@ class Frontier:
         plotly.js is embedded (works offline); hovering a point shows bpw, size, cost, σ and
         kind. Needs ``plotly`` (the ``search`` extra).
         """
-        from solvers._frontier_plot import plot_html
-
         return plot_html(self, path, measured=measured, band_sigma=band_sigma,
                          log_cost=log_cost)
 
@@ -236,9 +233,6 @@ def compute_frontier(table: CostTable, *, budgets: Sequence[Budget] | None = Non
     Ties are respected (the sweep runs on tie groups, via :func:`build_problem` with a budget
     that allows everything). Exact points whose budget is infeasible are left out.
     """
-    from allocator.core.result import SolveStatus
-    from solvers._mckp import MckpSolver
-
     loose = Budget(bpw=1e12)
     problem = build_problem(table, loose)
     n = problem.n_items

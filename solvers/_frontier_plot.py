@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from allocator.core.atomic import atomic_path
 from allocator.core.errors import InvalidParameterError
-from allocator.core.io import atomic_path
 
 if TYPE_CHECKING:
     from solvers._frontier import Frontier

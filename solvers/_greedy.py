@@ -24,14 +24,10 @@ import numpy as np
 from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._problem import Problem
+from solvers._tolerances import CAP_RTOL, ZERO_CAP
 
-__all__ = ["ZERO_CAP", "GreedySolver", "Knapsack", "repair", "shrink_to_fit", "spend_leftover"]
+__all__ = ["GreedySolver", "Knapsack", "repair", "shrink_to_fit", "spend_leftover"]
 
-#: Normalised use above 1 + this counts as a violation (the central check allows 1e-9).
-_TOL = 1e-12
-#: Caps at or below this are zero caps: every slot that uses the resource is forbidden (dividing
-#: by a subnormal cap would overflow).
-ZERO_CAP = 1e-12
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,7 +75,7 @@ class Knapsack:
 
 
 def _fits(du: tuple[float, ...] | list[float], used: list[float], skip: list[bool]) -> bool:
-    return all(s or u + d <= 1.0 + _TOL for u, d, s in zip(used, du, skip, strict=True))
+    return all(s or u + d <= 1.0 + CAP_RTOL for u, d, s in zip(used, du, skip, strict=True))
 
 
 def _shrink_move(ks: Knapsack, i: int, cur: int, viol: list[bool],
@@ -108,7 +104,7 @@ def shrink_to_fit(ks: Knapsack, choice: np.ndarray) -> np.ndarray | None:
     choice = choice.copy()
     used = ks.used(choice)
     while True:
-        viol = [u > 1.0 + _TOL for u in used]
+        viol = [u > 1.0 + CAP_RTOL for u in used]
         if not any(viol):
             return choice
         heap = []
@@ -129,7 +125,7 @@ def shrink_to_fit(ks: Knapsack, choice: np.ndarray) -> np.ndarray | None:
                 continue
             choice[i] = j
             used = [a + d for a, d in zip(used, du, strict=True)]
-            changed = any(v and u <= 1.0 + _TOL for v, u in zip(viol, used, strict=True))
+            changed = any(v and u <= 1.0 + CAP_RTOL for v, u in zip(viol, used, strict=True))
             mv = _shrink_move(ks, i, j, viol, used)
             if mv is not None and not changed:
                 heapq.heappush(heap, (mv[0], i, mv[1]))

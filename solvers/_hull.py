@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from solvers._tolerances import CAP_RTOL
+
 __all__ = ["Hull", "LpGreedy", "lagrangian_value", "lower_hulls", "lp_greedy"]
 
 
@@ -171,9 +173,9 @@ def lp_greedy(hull: Hull, size: np.ndarray, cap: float) -> LpGreedy:
     """
     n = hull.vertices.shape[1]
     base = float(size[np.arange(n), hull.start].sum())
-    # Round-off of the sums: a prefix fits if within 1e-12 relative of the cap (the central
-    # plan check allows 1e-9).
-    room = cap - base + abs(cap) * 1e-12
+    # Round-off of the sums: a prefix fits if within CAP_RTOL of the cap (the central plan
+    # check allows SIZE_RTOL).
+    room = cap - base + abs(cap) * CAP_RTOL
     eff, ds = hull.eff, hull.ds
     total = float(ds.sum())
     if total <= room:

@@ -31,8 +31,9 @@ from allocator.core.budget import SIZE_RTOL
 from allocator.core.errors import InvalidParameterError, SolverUnavailableError
 from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
-from solvers._greedy import ZERO_CAP
+from solvers._hull import lagrangian_value, lower_hulls, lp_greedy
 from solvers._problem import Problem
+from solvers._tolerances import CAP_RTOL, ZERO_CAP
 
 __all__ = ["STATUS_MAP", "IlpBackend", "IlpConfig", "IlpSolver"]
 
@@ -167,7 +168,7 @@ class IlpSolver(BaseSolver):
             excess = model.excess(choice)
             if not np.any(excess > 0):
                 break
-            shrink += excess + 1e-12  # rows are scaled to rhs 1: excess is relative
+            shrink += excess + CAP_RTOL  # rows are scaled to rhs 1: excess is relative
         else:
             return RawSolution(status=SolveStatus.ERROR, stats=stats,
                                message="backend kept returning plans over a cap")
@@ -288,8 +289,6 @@ def _lagrangian_bound(problem: Problem) -> float | None:
 
     Dropping the resource rows only relaxes the problem, so the bound holds with caps too.
     """
-    from solvers._hull import lagrangian_value, lower_hulls, lp_greedy
-
     hull = lower_hulls(problem.size, problem.cost)
     lam = lp_greedy(hull, problem.size, problem.cap).lam
     value, _ = lagrangian_value(problem.cost, [problem.size], [lam], [problem.cap])

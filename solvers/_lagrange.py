@@ -20,6 +20,8 @@ from allocator.core.result import SolveStatus
 from solvers._base import RawSolution
 from solvers._hull import lagrangian_value
 from solvers._problem import Problem
+from solvers._registry import SOLVERS, solver_class
+from solvers._tolerances import CAP_RTOL, OBJECTIVE_RTOL
 
 if TYPE_CHECKING:
     from solvers._mckp import MckpConfig
@@ -65,7 +67,7 @@ def optimise_multipliers(cost: np.ndarray, weights: list[np.ndarray], caps: list
                 mult[k] = hi
             value, _ = lagrangian_value(cost, weights, mult, caps)
             best = max(best, value)
-        if best - before <= 1e-12 * max(1.0, abs(best)):
+        if best - before <= OBJECTIVE_RTOL * max(1.0, abs(best)):
             break
     value, _ = lagrangian_value(cost, weights, mult, caps)
     return mult, value
@@ -98,7 +100,7 @@ def repair(cost: np.ndarray, weights: list[np.ndarray], caps: list[float],
         _, pen = lagrangian_value(cost, weights, m, caps)
         cand = np.argmin(pen, axis=1)
         used = [float(w[rows, cand].sum()) for w in weights]
-        over = [u > b * (1 + 1e-12) for u, b in zip(used, caps, strict=True)]
+        over = [u > b * (1 + CAP_RTOL) for u, b in zip(used, caps, strict=True)]
         if not any(over):
             choice = cand
             break
@@ -115,7 +117,7 @@ def _improve(cost: np.ndarray, weights: list[np.ndarray], caps: list[float],
     rows = np.arange(cost.shape[0])
     choice = choice.copy()
     for _ in range(10_000):
-        slack = [b * (1 + 1e-12) - float(w[rows, choice].sum()) for w, b in zip(weights, caps,
+        slack = [b * (1 + CAP_RTOL) - float(w[rows, choice].sum()) for w, b in zip(weights, caps,
                                                                                 strict=True)]
         gain = cost[rows, choice][:, None] - cost
         ok = np.isfinite(cost) & (gain > 0)
@@ -139,7 +141,7 @@ def solve_multi(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSoluti
         rc = np.nan_to_num(pen - pen.min(axis=1, keepdims=True), nan=np.inf)
     incumbent = repair(cost, weights, caps, mult)
     ub = float(cost[rows, incumbent].sum()) if incumbent is not None else np.inf
-    tol = 1e-12 * (float(np.abs(pen.min(axis=1)).sum()) + sum(m * b for m, b in zip(mult, caps,
+    tol = OBJECTIVE_RTOL * (float(np.abs(pen.min(axis=1)).sum()) + sum(m * b for m, b in zip(mult, caps,
                                                                                    strict=True)))
     eps = _SEARCH_SHARE * cfg.rel_gap * abs(ub) if np.isfinite(ub) else 0.0
     g = ub - eps - lb + tol
@@ -200,7 +202,7 @@ def _branch_and_bound(problem: Problem, weights: list[np.ndarray], caps: list[fl
     for p in range(m - 1, -1, -1):
         arr = np.array(wv[p])
         lo[p], hi[p] = lo[p + 1] + arr.min(axis=0), hi[p + 1] + arr.max(axis=0)
-    cap_tol = [b * (1 + 1e-12) for b in caps]
+    cap_tol = [b * (1 + CAP_RTOL) for b in caps]
     best_r, best_pick = g, None
     pick = [0] * m
     used, r_sum, nodes = list(used0), 0.0, 0
@@ -260,8 +262,6 @@ def _handoff(problem: Problem, incumbent: np.ndarray | None, ub: float, lb: floa
              stats: dict[str, float]) -> RawSolution | None:
     """Solve with the ``ilp`` solver when it is installed; keep the better plan."""
     import importlib.util
-
-    from solvers import SOLVERS, solver_class
 
     module = SOLVERS["ilp"].split(":")[0]
     if importlib.util.find_spec(module) is None:

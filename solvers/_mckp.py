@@ -30,6 +30,7 @@ from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._hull import lagrangian_value, lower_hulls, lp_greedy
 from solvers._problem import Problem
+from solvers._tolerances import CAP_RTOL, OBJECTIVE_RTOL
 
 __all__ = ["MckpConfig", "MckpSolver", "pareto_core_dp"]
 
@@ -130,7 +131,7 @@ def _solve_single(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSolu
                            message="budget does not bind", stats=stats)
     rc = pen - pen.min(axis=1, keepdims=True)
     # Round-off of LB and of the reduced costs, relative to the magnitudes summed.
-    tol = 1e-12 * (float(np.abs(pen.min(axis=1)).sum()) + lp.lam * cap)
+    tol = OBJECTIVE_RTOL * (float(np.abs(pen.min(axis=1)).sum()) + lp.lam * cap)
     alt = np.partition(rc, 1, axis=1)[:, 1] if problem.n_slots > 1 else np.full(len(rc), np.inf)
     fixed = np.argmin(rc, axis=1)
     certified, rounds, core_cap, states = False, 0, cfg.first_core, 0
@@ -190,7 +191,7 @@ def pareto_core_dp(core: np.ndarray, fixed: np.ndarray, size: np.ndarray, cost: 
     rest = np.ones(n, dtype=bool)
     rest[core] = False
     base_s = float(size[rows[rest], fixed[rest]].sum())
-    cap_tol = cap + abs(cap) * 1e-12
+    cap_tol = cap + abs(cap) * CAP_RTOL
     if len(core) == 0:
         return (fixed.copy() if base_s <= cap_tol else None), True, 1
     keep = rc[core] < g

@@ -21,6 +21,7 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from solvers._problem import Problem
+from solvers._tolerances import CAP_RTOL
 
 __all__ = ["Granularity", "ParamSpace", "SearchSpace", "build_param_space", "build_search_space", "fill",
            "lower_hull", "repair", "slots_of"]
@@ -99,7 +100,7 @@ def repair(problem: Problem, space: SearchSpace, choice: np.ndarray) -> np.ndarr
     choice = choice.copy()
     idx = np.arange(problem.n_items)
     size = float(problem.size[idx, choice].sum())
-    while size > problem.cap * (1 + 1e-12):
+    while size > problem.cap * (1 + CAP_RTOL):
         best, best_ratio = -1, np.inf
         for i in range(problem.n_items):
             cand = space.candidates[i]
@@ -132,7 +133,7 @@ def fill(problem: Problem, space: SearchSpace, choice: np.ndarray) -> np.ndarray
     """
     choice = choice.copy()
     idx = np.arange(problem.n_items)
-    slack = problem.cap * (1 + 1e-12) - float(problem.size[idx, choice].sum())
+    slack = problem.cap * (1 + CAP_RTOL) - float(problem.size[idx, choice].sum())
     while True:
         best, best_gain, best_slot = -1, 0.0, -1
         for i, cand in enumerate(space.candidates):

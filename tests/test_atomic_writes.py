@@ -116,3 +116,47 @@ def test_compare_csv_is_atomic(tmp_path, monkeypatch):  # type: ignore[no-untype
     assert main(["compare", *paths, "--csv", str(out)]) != 0
     assert out.read_text() == OLD
     assert _left(tmp_path) == ["pairs.csv", "t0.parquet", "t1.parquet"]
+
+
+def _half_text_then_fail(self: Path, *_a: Any, **_k: Any) -> None:
+    with open(self, "w") as fh:
+        fh.write("half a file")
+    raise OSError("No space left on device")
+
+
+def test_tables_and_plans_use_the_one_writer(tmp_path, umask022, monkeypatch):  # type: ignore[no-untyped-def]
+    # CostTable.save (parquet, CSV + sidecar, JSON) and BitPlan.save go through allocator.core.atomic:
+    # every file is fsync'd before the rename makes it visible, the umask is read but never set to
+    # 0 (which races with other threads creating files), and a failed write keeps the old file.
+    import pyarrow.parquet as pq
+
+    import solvers
+    from allocator import Budget, CostTable
+    from allocator.core.plan import BitPlan
+
+    real_fsync, real_umask = os.fsync, os.umask
+    synced: list[int] = []
+    umasks: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "umask", lambda m: (umasks.append(m), real_umask(m))[1])
+    table = synth_table(n_units=4, n_options=3, seed=0)
+    plan = solvers.solve(table, Budget(bpw=4.0)).plan
+    paths = [table.save(tmp_path / f"t{s}") for s in (".parquet", ".csv", ".json")]
+    paths.append(plan.save(tmp_path / "plan.json"))
+    assert len(synced) == 5  # parquet, CSV, its sidecar, JSON, plan
+    assert 0 not in umasks
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "plan.json", "t.csv", "t.json", "t.meta.json", "t.parquet"]
+    assert all(_mode(p) == 0o644 for p in tmp_path.iterdir())
+    assert CostTable.load(paths[0]).fingerprint == table.fingerprint
+    assert BitPlan.load(paths[3]).choice == plan.choice
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(pq, "write_table", _half_then_fail)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", _half_then_fail)
+    monkeypatch.setattr(Path, "write_text", _half_text_then_fail)
+    for path, save in [(paths[0], table.save), (paths[1], table.save), (paths[2], table.save),
+                       (paths[3], plan.save)]:
+        with pytest.raises(OSError, match="No space"):
+            save(path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -40,6 +40,7 @@ FOLDER_LAYERS: dict[str, str] = {
     "allocator/model/quant": "model",
     "allocator/model/quant/ggml": "model",
     "sensitivity": "estimators",
+    "sensitivity/_curvature": "estimators",
     "solvers": "solvers",
     # apply / verify / evaluate a plan on a model, the search evaluator, exporters, palettes
     "allocator/backend": "backend",
@@ -51,7 +52,7 @@ FOLDER_LAYERS: dict[str, str] = {
     "allocator/service": "top",
     "allocator/service/api": "top",
     "allocator/service/api/routes": "top",
-    "allocator/service/core": "top",
+    "allocator/service/infra": "top",
     "allocator/service/store": "top",
     "allocator/testing": "top",
 }

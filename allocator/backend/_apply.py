@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from allocator.backend._gptq import block_stages, collect_hessians, column_formats, gptq_quantize
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan, check_plan
 from allocator.core.units import is_linear_like
+from allocator.model.quant import fake_quantize
 
 if TYPE_CHECKING:
     import torch
@@ -138,8 +140,6 @@ def _weight2d(model: torch.nn.Module, module: str) -> torch.Tensor:
 
 
 def _apply_rtn(model: torch.nn.Module, resolved: Sequence[ResolvedUnit]) -> None:
-    from allocator.model.quant import fake_quantize
-
     for u in resolved:
         view = _weight2d(model, u.module)[:, u.lo:u.hi]
         view.copy_(fake_quantize(view.detach(), u.fmt))
@@ -149,8 +149,6 @@ def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
                 calibration: Sequence[Mapping[str, Any]], cfg: Any,
                 forward: Callable[[Mapping[str, Any]], Any], progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
-
-    from allocator.backend._gptq import block_stages, collect_hessians, column_formats, gptq_quantize
 
     by_module: dict[str, list[ResolvedUnit]] = {}
     for u in resolved:

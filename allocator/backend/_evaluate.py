@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.loading import ModelKind
+from allocator.model.distortion import cosine_distance, kl_divergence
+from allocator.model.kind import ModelKind
 from allocator.model.output_store import OutputStore
+from allocator.model.outputs import forward_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -151,8 +153,6 @@ def clear_reference_cache() -> None:
 
 
 def _forward(model: torch.nn.Module, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
-    from allocator.model.outputs import forward_outputs
-
     return forward_outputs(model, batch, kind).detach().float()
 
 
@@ -302,7 +302,6 @@ class _Sums:
             self._add_classifier(b, r, o)
 
     def _add_causal(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
-        from allocator.model.distortion import kl_divergence
 
         mask = b.get("attention_mask")
         s, c = next_token_nll(o, b["input_ids"], mask)
@@ -315,7 +314,6 @@ class _Sums:
         self.n += int(o.shape[0])
 
     def _add_classifier(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
-        from allocator.model.distortion import kl_divergence
 
         r2, o2 = r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])
         pred = o2.argmax(-1)
@@ -344,8 +342,6 @@ class _Sums:
 def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *, k: int,
                     n_queries: int | None) -> EvalReport:
     import torch
-
-    from allocator.model.distortion import cosine_distance
 
     ref, emb = torch.cat(list(refs)), torch.cat(list(outs))
     cos_d = cosine_distance(ref, emb)

@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, _unit_report
+from allocator.backend._gptq import GptqConfig, collect_hessians, column_formats, gptq_quantize
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan, check_plan
 from allocator.core.units import is_linear_like
+from allocator.model.sequential import SequentialModel
 
 if TYPE_CHECKING:
     import torch
@@ -100,9 +102,6 @@ def apply_plan_sequential(
         InvalidPlanError: the plan does not fit the model or the table.
         BackendError: a planned module is not a Linear of a block or the output head.
     """
-    from allocator.backend._gptq import GptqConfig, collect_hessians
-    from allocator.model.sequential import SequentialModel  # noqa: F811  (runtime import)
-
     if not calibration:
         raise InvalidParameterError("sequential GPTQ needs calibration batches; pass calibration=...")
     if save_dir is None and not keep_weights:
@@ -206,8 +205,6 @@ def _quantize_module(root: torch.nn.Module, rel: str, name: str, units: Sequence
                      reports: dict[str, UnitApplied]) -> None:
     """GPTQ one module in place and record each of its units' report (against the float weight)."""
     import torch
-
-    from allocator.backend._gptq import column_formats, gptq_quantize
 
     w = module_weight(root, rel)
     original = w.detach().clone()

@@ -16,10 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from allocator.backend import ReferenceOutputs, evaluate, module_weight
 from allocator.core.errors import InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
-from allocator.model.loading import ModelKind
+from allocator.core.units import discover_units
+from allocator.model.data import user_data_for
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import torch
@@ -65,8 +68,6 @@ class ModelEvaluator:
         device: str = "cpu",
     ) -> None:
         from allocator.backend import reference_outputs
-        from allocator.core.units import discover_units
-        from allocator.model.data import user_data_for
         from allocator.model.loading import load_model
 
         if samples < 1:
@@ -99,8 +100,6 @@ class ModelEvaluator:
 
     def evaluate_steps(self, choice: Mapping[str, str]) -> Iterator[float]:
         """Running error after each batch; the last value equals ``self(choice)``."""
-        from allocator.backend import ReferenceOutputs, evaluate
-
         with self._applied(choice):
             errors: list[float] = []
             weights: list[float] = []
@@ -150,8 +149,6 @@ class _Applied:
 
     def __exit__(self, *exc: object) -> None:
         import torch
-
-        from allocator.backend import module_weight
 
         with torch.no_grad():
             for m in self.modules:

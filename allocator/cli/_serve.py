@@ -39,7 +39,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from pydantic_settings import SettingsError
 
     from allocator.core.errors import InvalidParameterError
-    from allocator.service.core.config import Settings, ensure_token
+    from allocator.service.infra.config import Settings, ensure_token
 
     keys = ("host", "port", "db_url", "token", "workers", "model_roots", "job_modules",
             "stale_after_s", "heartbeat_s")
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
-    from allocator.service.core.config import token_file
+    from allocator.service.infra.config import token_file
     from allocator.service.main import create_app
 
     app = create_app(settings)

@@ -9,10 +9,12 @@ from typing import Any
 
 from allocator.core.errors import InvalidBudgetError
 
-__all__ = ["SIZE_RTOL", "Budget"]
+__all__ = ["CAP_ATOL", "SIZE_RTOL", "Budget"]
 
 #: Relative slack when comparing a plan's size or resources with a cap (float sums differ by order).
 SIZE_RTOL = 1e-9
+#: Absolute slack on top of it for the resource caps, which may be 0.
+CAP_ATOL = 1e-12
 
 
 def _positive(name: str, value: float | None) -> None:

@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from allocator.core.budget import SIZE_RTOL, Budget
+from allocator.core.atomic import atomic_write_text
+from allocator.core.budget import CAP_ATOL, SIZE_RTOL, Budget
 from allocator.core.errors import InvalidPlanError, UnknownNameError
 from allocator.core.formats import FormatKind, parse_format
+from allocator.core.json_io import dump_json, parse_json
 from allocator.core.table import CostTable
 
 __all__ = [
@@ -149,17 +151,10 @@ class BitPlan:
 
     def to_json(self, indent: int | None = 1) -> str:
         """The plan document; NaN/inf anywhere is refused (``Infinity`` is not JSON)."""
-        from allocator.core.io import dump_json
-
         return dump_json(self.to_dict(), what="bit plan", error=InvalidPlanError, indent=indent)
 
     def save(self, path: str | Path) -> Path:
-        from allocator.core.io import _atomic_write
-
-        p = Path(path)
-        text = self.to_json()
-        _atomic_write(p, lambda tmp: tmp.write_text(text))
-        return p
+        return atomic_write_text(Path(path), self.to_json())
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> BitPlan:
@@ -201,8 +196,6 @@ class BitPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> BitPlan:
-        from allocator.core.io import parse_json
-
         p = Path(path)
         if not p.is_file():
             raise InvalidPlanError(f"plan file {str(p)!r} does not exist")
@@ -344,7 +337,7 @@ def check_rows(table: CostTable, rows: np.ndarray, budget: Budget | None) -> lis
             problems.append(f"budget caps unknown column {col!r}")
             continue
         used = float(df[col].to_numpy()[idx].sum())
-        if used > hi * (1 + SIZE_RTOL) + 1e-12:
+        if used > hi * (1 + SIZE_RTOL) + CAP_ATOL:
             problems.append(f"{col} {used:.6g} exceeds the cap {hi:.6g}")
     return problems
 

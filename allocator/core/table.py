@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from allocator.core.errors import InvalidCostTableError, InvalidParameterError
-from allocator.core.formats import QuantFormat
+from allocator.core.errors import InvalidCostTableError, InvalidParameterError, UnknownNameError
+from allocator.core.formats import QuantFormat, StorageConvention, parse_format
+from allocator.core.table_format import TABLE_FORMAT, TABLE_VERSION, read_table_file, write_table_file
+from allocator.core.version import __version__
 
 __all__ = [
     "MAX_TOTAL_PARAMS",
@@ -33,11 +35,8 @@ __all__ = [
     "TableIndex",
 ]
 
-TABLE_FORMAT = "bitalloc.cost_table"
-TABLE_VERSION = 1
 REQUIRED_COLUMNS: tuple[str, ...] = ("unit", "params", "option", "bits", "size_bits", "cost")
 _RESERVED = (*REQUIRED_COLUMNS, "cost_std", "tie")
-_META_KEY = b"bitalloc"
 #: Largest Σ params over a table's units (2**53): totals stay exact in float64 and far from the
 #: int64 wrap-around, so bpw = Σ size_bits / Σ params is always meaningful.
 MAX_TOTAL_PARAMS = 2**53
@@ -74,12 +73,6 @@ def _build_index(df: pd.DataFrame) -> TableIndex:
                       np.asarray(o_codes, np.int64), np.asarray(o_names, dtype=object))
 
 
-def _library_version() -> str:
-    from allocator import __version__
-
-    return __version__
-
-
 class CostTable:
     """A validated, immutable cost table with its metadata.
 
@@ -105,7 +98,7 @@ class CostTable:
             **dict(metadata or {}),
         }
         self.metadata.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
-        self.metadata.setdefault("library_version", _library_version())
+        self.metadata.setdefault("library_version", __version__)
         self._fingerprint: str | None = None
 
     # ---------------------------------------------------------------- validation
@@ -204,9 +197,6 @@ class CostTable:
         GPTQ-convention labels (``-gptq``) may add up to 32 bits per weight for the ``g_idx``.
         Unknown (custom) labels cannot be checked and are taken as given.
         """
-        from allocator.core.errors import UnknownNameError
-        from allocator.core.formats import StorageConvention, parse_format
-
         n = len(index.options)
         lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
         for code, label in enumerate(index.options):
@@ -314,8 +304,6 @@ class CostTable:
 
         ``resources`` maps an extra column name to an (n_units × n_options) array.
         """
-        from allocator.core.formats import parse_format
-
         fmts = [o if isinstance(o, QuantFormat) else parse_format(o) for o in options]
         n, k = len(units), len(fmts)
         c = np.asarray(cost, dtype=np.float64)
@@ -431,13 +419,9 @@ class CostTable:
     # ---------------------------------------------------------------- IO
     def save(self, path: str | Path) -> Path:
         """Write ``.parquet`` (default), ``.csv`` (+ ``.meta.json`` sidecar) or ``.json``."""
-        from allocator.core.io import save_table
-
-        return save_table(self, Path(path))
+        return write_table_file(self._df, self.metadata, Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> CostTable:
         """Read and validate a table written by :meth:`save` (or by hand in the same schema)."""
-        from allocator.core.io import load_table
-
-        return load_table(Path(path))
+        return cls(*read_table_file(Path(path)))

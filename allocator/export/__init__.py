@@ -17,22 +17,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from allocator.core.atomic import atomic_write_text
 from allocator.core.errors import ExportError, UnknownNameError
 from allocator.core.plan import BitPlan
-from allocator.export._common import (
-    ExportContext,
-    Setting,
-    fused_name,
-    gguf_setting,
-    int_setting,
-    module_of,
-    skip_setting,
-)
+from allocator.export._exporter import ExportContext, Exporter, ExportResult, module_of
+from allocator.export._grouping import fused_name
 from allocator.export._model import ModelInfo, model_info
+from allocator.export._settings import Setting, gguf_setting, int_setting, skip_setting
 from allocator.export.gguf_writer import GgufFile, write_gguf
 from allocator.export.llamacpp_presets import PRESETS as LLAMACPP_PRESETS
 from allocator.export.llamacpp_presets import llamacpp_preset_plan
@@ -41,31 +35,6 @@ __all__ = ["EXPORTERS", "LLAMACPP_PRESETS", "ExportResult", "Exporter", "GgufFil
            "export_plan", "fused_name", "get_exporter", "gguf_setting", "int_setting",
            "llamacpp_preset_plan", "model_info", "module_of", "skip_setting", "write_export",
            "write_gguf", "write_result"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExportResult:
-    """The exported text (``text``, for the main file), extra files and what to tell the user.
-
-    ``files`` maps a file-name suffix (``".json"``) to the content of a companion file written
-    next to the main one. ``changed`` lists, in lossy mode, unit → (planned, exported) labels.
-    """
-
-    target: str
-    text: str
-    suffix: str
-    files: Mapping[str, str] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    changed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-
-
-class Exporter(Protocol):
-    NAME: str
-    SUFFIX: str
-    #: what ``base`` means for this target, or None when it takes none
-    BASE_HELP: str | None
-
-    def export(self, ctx: ExportContext, base: str | None) -> ExportResult: ...
 
 
 #: target name → module defining ``EXPORTER`` (imported on use).
@@ -127,8 +96,6 @@ def export_plan(
 def write_result(result: ExportResult, path: str | Path) -> list[Path]:
     """Write ``result.text`` to ``path`` and each companion file next to it (``plan.py`` →
     ``plan.json``); returns every path written."""
-    from allocator.core.atomic import atomic_write_text
-
     p = Path(path)
     written = [atomic_write_text(p, result.text)]  # a failed write never leaves half a config
     for suffix, text in result.files.items():

@@ -12,17 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from allocator.export import ExportResult
-from allocator.export._common import (
-    ExportContext,
-    Setting,
-    enforce_fusion,
-    int_of,
-    module_settings,
-    needs_shape,
-    plan_header,
-    weighted_bpw,
-)
+from allocator.export._exporter import ExportContext, ExportResult
+from allocator.export._grouping import enforce_fusion, module_settings
+from allocator.export._report import needs_shape, plan_header, weighted_bpw
+from allocator.export._settings import Setting, int_of
 
 __all__ = ["EXPORTER", "AutoRoundExporter", "autoround_bpw", "layer_value"]
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     import torch
 
     from allocator.core.plan import BitPlan
-    from allocator.export._common import ExportContext, Setting
+    from allocator.export._exporter import ExportContext
+    from allocator.export._settings import Setting
 
 __all__ = ["OUTTYPES", "GgufFile", "permute_rotary", "write_gguf"]
 
@@ -184,7 +185,7 @@ def write_gguf(plan: BitPlan, model: str | Path, path: str | Path, *, lossy: boo
             quantize; DependencyUnavailableError: gguf-py is missing.
     """
     from allocator.core.atomic import atomic_path
-    from allocator.export._common import ExportContext
+    from allocator.export._exporter import ExportContext
     from allocator.export.gguf_vocab import add_vocab
     from allocator.export.llamacpp import tensor_settings
     from allocator.model.loading import load_model

@@ -15,20 +15,11 @@ from typing import Any
 
 from allocator.core.errors import UnknownNameError
 from allocator.core.formats import parse_format
-from allocator.export import ExportResult
-from allocator.export._common import (
-    ExportContext,
-    Setting,
-    anchored_patterns,
-    enforce_fusion,
-    fusion_groups,
-    group_by_setting,
-    int_of,
-    module_settings,
-    needs_shape,
-    plan_header,
-    weighted_bpw,
-)
+from allocator.export._exporter import ExportContext, ExportResult
+from allocator.export._grouping import enforce_fusion, fusion_groups, module_settings
+from allocator.export._patterns import anchored_patterns
+from allocator.export._report import needs_shape, plan_header, weighted_bpw
+from allocator.export._settings import Setting, group_by_setting, int_of
 
 __all__ = ["EXPORTER", "GptqModelExporter", "gptq_bpw"]
 

@@ -15,18 +15,10 @@ from collections import defaultdict
 from typing import Any
 
 from allocator.core.formats import QuantFormat
-from allocator.export import ExportResult
-from allocator.export._common import (
-    ExportContext,
-    Setting,
-    int_of,
-    int_setting,
-    merge_groups,
-    module_settings,
-    needs_shape,
-    plan_header,
-    weighted_bpw,
-)
+from allocator.export._exporter import ExportContext, ExportResult
+from allocator.export._grouping import merge_groups, module_settings
+from allocator.export._report import needs_shape, plan_header, weighted_bpw
+from allocator.export._settings import Setting, int_of, int_setting
 
 __all__ = ["EXPORTER", "HQQ_BITS", "HqqExporter", "hqq_bpw", "name_to_linear_tag"]
 

@@ -17,19 +17,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from allocator.core.formats import GGUF_TYPES, FormatKind, QuantFormat, StorageConvention
-from allocator.export import ExportResult
-from allocator.export._common import (
-    INT_EXACT_GGUF,
-    ExportContext,
-    Setting,
-    anchored_patterns,
-    gguf_setting,
-    merge_groups,
-    module_settings,
-    plan_header,
-    skip_setting,
-    weighted_bpw,
-)
+from allocator.export._exporter import ExportContext, ExportResult
+from allocator.export._grouping import merge_groups, module_settings
+from allocator.export._patterns import anchored_patterns
+from allocator.export._report import plan_header, weighted_bpw
+from allocator.export._settings import INT_EXACT_GGUF, Setting, gguf_setting, skip_setting
 
 __all__ = ["EXPORTER", "LOSSY_INT_TO_GGUF", "LlamaCppExporter", "gguf_bpw", "gguf_tensor_name",
            "tensor_settings"]

@@ -13,19 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from allocator.export import ExportResult
-from allocator.export._common import (
-    ExportContext,
-    Setting,
-    anchored_patterns,
-    enforce_fusion,
-    group_by_setting,
-    int_of,
-    module_settings,
-    needs_shape,
-    plan_header,
-    weighted_bpw,
-)
+from allocator.export._exporter import ExportContext, ExportResult
+from allocator.export._grouping import enforce_fusion, module_settings
+from allocator.export._patterns import anchored_patterns
+from allocator.export._report import needs_shape, plan_header, weighted_bpw
+from allocator.export._settings import Setting, group_by_setting, int_of
 
 __all__ = ["EXPORTER", "LlmCompressorExporter", "config_groups", "pack_quantized_bpw", "weights_args"]
 

@@ -27,6 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError, UnknownNameError
 from allocator.core.formats import GGUF_TYPES, FormatKind, QuantFormat, parse_format
+from allocator.core.table import CostTable
+from allocator.export import EXPORTERS, fused_name, gguf_setting, int_setting, model_info, skip_setting
+from allocator.export.hqq import name_to_linear_tag
+from allocator.export.llamacpp import detect_arch, gguf_tensor_name
 
 if TYPE_CHECKING:
     from allocator.core.table import CostTable
@@ -62,8 +66,6 @@ class Palette:
         """The consumer's own bits per weight of ``option`` (the exporter's accounting)."""
         import importlib
 
-        from allocator.export import EXPORTERS
-
         module = importlib.import_module(EXPORTERS[self.name])
         bpw: Callable[[Setting, Shape | None], float] = getattr(module, _BPW[self.name])
         return bpw(_setting(parse_format(option)), shape)
@@ -75,8 +77,6 @@ _BPW = {"gptqmodel": "gptq_bpw", "autoround": "autoround_bpw", "hqq": "hqq_bpw",
 
 
 def _setting(fmt: QuantFormat) -> Setting:
-    from allocator.export import gguf_setting, int_setting, skip_setting
-
     if fmt.kind is FormatKind.FLOAT:
         return skip_setting(fmt.name)
     if fmt.kind is FormatKind.GGUF:
@@ -101,8 +101,6 @@ def _gguf_rows(fmt: QuantFormat, shape: Shape | None) -> bool:
 
 
 def _hqq_tie(unit: str, units: frozenset[str]) -> str | None:
-    from allocator.export.hqq import name_to_linear_tag
-
     return "hqq:" + name_to_linear_tag(unit)
 
 
@@ -113,15 +111,11 @@ def _hqq_drop(unit: str, units: frozenset[str]) -> str | None:
 
 
 def _gguf_arch(units: frozenset[str]) -> tuple[str, int]:
-    from allocator.export.llamacpp import detect_arch
-
     n_blocks = 1 + max((int(m) for n in units for m in re.findall(r"\.(\d+)\.", n)), default=0)
     return detect_arch(units), n_blocks
 
 
 def _gguf_tensor(unit: str, units: frozenset[str]) -> str | None:
-    from allocator.export.llamacpp import gguf_tensor_name
-
     arch, n_blocks = _gguf_arch(units)
     return gguf_tensor_name(unit, arch, n_blocks)
 
@@ -215,8 +209,6 @@ def palette_for(name: str) -> Palette:
 
 def _ties(palette: Palette, units: list[str]) -> dict[str, str]:
     """unit → tie id: the consumer's groups joined with runtime fusion where it applies."""
-    from allocator.export import fused_name
-
     present = frozenset(units)
     keys: dict[str, list[str]] = defaultdict(list)
     for u in units:
@@ -277,8 +269,6 @@ def apply_palette(table: CostTable, name: str, *, shapes: Mapping[str, tuple[int
         InvalidParameterError: the table was made for another consumer, has column-group
             units, lacks shapes the accounting needs, or holds none of the palette's options.
     """
-    from allocator.core.table import CostTable
-
     palette = palette_for(name)
     made_for = table.metadata.get("consumer")
     if made_for is not None and made_for != name:
@@ -369,7 +359,6 @@ def table_for_model(table: CostTable, name: str | None, model: str) -> CostTable
     ``tiny-llama``), built on the meta device; ``table`` unchanged when ``name`` is None."""
     if name is None:
         return table
-    from allocator.export import model_info
 
     info = model_info(model, table.units)
     return apply_palette(table, name, shapes=info.shapes, model_names=info.names)

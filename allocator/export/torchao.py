@@ -24,18 +24,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from allocator.export import ExportResult
-from allocator.export._common import (
-    ExportContext,
-    Setting,
-    enforce_fusion,
-    group_by_setting,
-    int_of,
-    module_settings,
-    needs_shape,
-    plan_header,
-    weighted_bpw,
-)
+from allocator.export._exporter import ExportContext, ExportResult
+from allocator.export._grouping import enforce_fusion, module_settings
+from allocator.export._report import needs_shape, plan_header, weighted_bpw
+from allocator.export._settings import Setting, group_by_setting, int_of
 
 __all__ = ["EXPORTER", "INT4_GROUP_SIZES", "TorchaoExporter", "config_description", "int4_packed",
            "intx_unpacked_bpw", "torchao_bpw"]

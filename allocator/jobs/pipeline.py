@@ -28,7 +28,7 @@ from allocator.core.table import CostTable
 from allocator.jobs.refine import RefineConfig, RefineResult
 from allocator.jobs.report import plan_label, write_outputs
 from allocator.jobs.stages import StageWriter, check_saved_table, expected_provenance
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import torch

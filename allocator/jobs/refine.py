@@ -38,8 +38,11 @@ import numpy as np
 
 from allocator.core.budget import Budget
 from allocator.core.errors import InvalidParameterError
+from allocator.core.formats import parse_format
 from allocator.core.plan import BitPlan, SolverInfo
 from allocator.core.table import CostTable
+from allocator.core.units import unit_weight
+from sensitivity import BlockCache, default_metric, distortion, make_chunks, per_sample_sums
 
 if TYPE_CHECKING:
     import torch
@@ -187,7 +190,6 @@ class _Meter:
     def __init__(self, model: torch.nn.Module, batches: Sequence[Mapping[str, Any]], *, kind: str,
                  max_tokens: int) -> None:
         from allocator.model.outputs import tokens_within
-        from sensitivity import BlockCache, make_chunks
 
         self.model, self.kind = model, kind
         # a chunk's logits within OUTPUT_CHUNK_BYTES: a large vocabulary gets smaller chunks
@@ -200,8 +202,6 @@ class _Meter:
         """Cache every block at the model's current weights; returns the current distortion.
 
         The outputs of that forward are compared chunk by chunk as they come, not kept."""
-        from sensitivity import BlockCache
-
         self.cache = None  # the old cache's block outputs go before the new ones are recorded
         sums = _ErrorSums(self.kind)
         self.cache = BlockCache(self.model, self.chunks, kind=self.kind,
@@ -232,7 +232,6 @@ class _ErrorSums:
     """Token- (or sample-) mean distortion accumulated chunk by chunk, in chunk order."""
 
     def __init__(self, kind: str) -> None:
-        from sensitivity import default_metric
 
         self.metric = default_metric(kind)
         self.total = self.count = 0.0
@@ -241,7 +240,6 @@ class _ErrorSums:
     def add(self, reference: torch.Tensor, output: torch.Tensor, mask: torch.Tensor | None) -> None:
         import torch
 
-        from sensitivity import distortion, per_sample_sums
 
         with torch.inference_mode():
             s, n = per_sample_sums(distortion(self.metric, reference, output), mask)
@@ -264,7 +262,6 @@ class _Weights:
     that move (and the quantizer's cache answers a unit's earlier options)."""
 
     def __init__(self, model: torch.nn.Module, units: Sequence[Unit], quantizer: Quantizer) -> None:
-        from allocator.core.units import unit_weight
         from allocator.model.output_store import TensorStash
 
         self.units = {u.name: u for u in units}
@@ -275,8 +272,6 @@ class _Weights:
 
     def set(self, unit: str, option: str) -> None:
         import torch
-
-        from allocator.core.formats import parse_format
 
         if self.at.get(unit) == option:
             return

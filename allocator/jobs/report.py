@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from allocator.core.atomic import atomic_write_text
+
 if TYPE_CHECKING:
     from allocator.core.plan import BitPlan
     from allocator.jobs.pipeline import RunResult
@@ -22,8 +24,6 @@ def write_outputs(run: RunResult, front: Any, out: Path | str,
     ``out``, beside what the stages already wrote there (``files``: table.parquet, ...)."""
     import json
     from dataclasses import replace
-
-    from allocator.core.atomic import atomic_write_text
 
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,10 @@ from typing import Any
 
 from allocator.core.budget import Budget
 from allocator.core.errors import BackendError, InfeasibleBudgetError, InvalidParameterError, PlanCheckError
-from allocator.core.plan import BitPlan
+from allocator.core.plan import BitPlan, check_plan
 from allocator.core.result import SolveResult
 from allocator.core.table import CostTable
+from solvers import BayesianSolver, build_problem, pareto_front, search_space
 
 __all__ = ["EvaluatorKind", "ParetoPoint", "SearchSpec", "make_evaluator", "run_pareto", "run_search",
            "run_worker"]
@@ -107,8 +108,6 @@ class LazyModelEvaluator:
 
 def run_worker(spec: SearchSpec, worker: int = 0) -> SolveResult:
     """Join (or create) the study and run trials until the study has ``n_trials``."""
-    from solvers import BayesianSolver
-
     table = CostTable.load(spec.table_path)
     solver = BayesianSolver(evaluator=make_evaluator(spec, table), n_trials=spec.n_trials, radius=spec.radius,
                             storage=spec.storage, study_name=spec.study, prune=spec.prune,
@@ -169,8 +168,6 @@ def run_pareto(spec: SearchSpec, *, population_size: int = 20) -> list[ParetoPoi
     does not (it cannot, unless the search is broken) raises instead of being returned.
     """
     import solvers
-    from allocator.core.plan import check_plan
-    from solvers import build_problem, pareto_front, search_space
 
     table = CostTable.load(spec.table_path)
     budget = Budget.from_dict(spec.budget)

@@ -23,11 +23,13 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError, ModelError
+from allocator.model.device import check_device
+from allocator.model.kind import ModelKind
+from allocator.model.outputs import forward_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -52,19 +54,6 @@ MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-
 TINY_LM_NAMES = ("tiny-llama", "tiny_llama", "tinyllama")
 VIT_DIGITS_NAMES = ("vit-digits", "vit_digits")
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
-
-
-class ModelKind(StrEnum):
-    """What a model's quality output is (see ``model_forward_outputs``)."""
-
-    CAUSAL_LM = "causal_lm"
-    """Next-token logits ``[B, T, V]``."""
-    ENCODER = "encoder"
-    """Mean-pooled, L2-normalised sentence embeddings ``[B, H]``."""
-    CLASSIFIER = "classifier"
-    """Class logits ``[B, C]``."""
-    GENERIC = "generic"
-    """Logits when the model returns them, else the encoder rule."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -209,8 +198,6 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *, device: st
     import torch  # noqa: F401  (fail early with the usual ImportError if torch is missing)
     import transformers
 
-    from allocator.model.device import check_device
-
     device = check_device(device, flag="device")
 
     name, path = _resolve(path_or_name)
@@ -248,6 +235,4 @@ def model_forward_outputs(loaded: LoadedModel, batch: Any) -> torch.Tensor:
 
     Gradients are not disabled: wrap the call in ``torch.inference_mode()`` when not needed.
     """
-    from allocator.model.outputs import forward_outputs
-
     return forward_outputs(loaded.model, dict(batch), loaded.kind)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import ModelError
-from allocator.model.loading import ModelKind
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import torch

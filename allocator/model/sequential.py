@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import ModelError
+from allocator.model.loading import _dtype, _read_config, _resolve, detect_kind
 
 if TYPE_CHECKING:
     import torch
@@ -144,8 +145,6 @@ class SequentialModel:
     def __init__(self, path: str | os.PathLike[str], *, dtype: Any = "float32",
                  device: str = "cpu") -> None:
         import transformers
-
-        from allocator.model.loading import _dtype, _read_config, _resolve, detect_kind
 
         self.name, self.path = _resolve(path)  # bundled names (tiny-llama) work as in load_model
         config_dict = _read_config(self.path)

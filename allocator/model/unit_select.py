@@ -35,6 +35,8 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError, ModelError
+from allocator.core.units import discover_units, get_module
+from allocator.model.loading import model_forward_outputs
 
 if TYPE_CHECKING:
     from allocator.core.units import Unit
@@ -190,9 +192,6 @@ def inert_units(loaded: LoadedModel, batch: Mapping[str, Any],
     """Names of the units (of ``units``; default: all linear units) whose module output cannot
     reach the measured output of ``loaded`` on ``batch`` (see the module docstring)."""
     import torch
-
-    from allocator.core.units import discover_units, get_module
-    from allocator.model.loading import model_forward_outputs
 
     model = loaded.model
     units = list(units) if units is not None else discover_units(model)

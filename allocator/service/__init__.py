@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from allocator.service.core.config import Settings
+    from allocator.service.infra.config import Settings
 
 __all__ = ["create_app"]
 

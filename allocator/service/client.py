@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import AllocatorError
+from allocator.core.plan import BitPlan
+from allocator.core.table import CostTable
+from allocator.service.parquet import table_from_parquet, table_to_parquet
 
 if TYPE_CHECKING:
     import httpx
@@ -49,7 +52,7 @@ class ServiceClientError(AllocatorError):
 def _default_token() -> str | None:
     if os.environ.get("BITALLOC_TOKEN"):
         return os.environ["BITALLOC_TOKEN"]
-    from allocator.service.core.config import default_db_url
+    from allocator.service.infra.config import default_db_url
 
     path = Path(default_db_url().removeprefix("sqlite:///")).with_suffix(".token")
     return path.read_text().strip() if path.is_file() else None
@@ -127,11 +130,7 @@ class Client:
         """Upload a table object or file (.parquet/.csv/.json); identical tables deduplicate."""
         import json
 
-        from allocator.core.table import CostTable
-
         if isinstance(table, CostTable):
-            from allocator.service.parquet import table_to_parquet
-
             content, filename = table_to_parquet(table), f"{name or 'table'}.parquet"
         else:
             p = Path(table)
@@ -153,8 +152,6 @@ class Client:
         return out
 
     def download_table(self, table_id: str) -> CostTable:
-        from allocator.service.parquet import table_from_parquet
-
         r = self._request("GET", f"/tables/{table_id}/data", params={"format": "parquet"})
         return table_from_parquet(r.content)
 
@@ -176,8 +173,6 @@ class Client:
     @staticmethod
     def bitplan(plan: Mapping[str, Any]) -> BitPlan:
         """The :class:`~allocator.core.plan.BitPlan` inside a plan response."""
-        from allocator.core.plan import BitPlan
-
         if plan.get("plan") is None:
             raise ServiceClientError(409, "plan_has_no_assignments", f"plan status is {plan.get('status')}")
         return BitPlan.from_dict(plan["plan"])

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from allocator.service.core.errors import ServiceError
+from allocator.service.infra.errors import ServiceError
+from allocator.service.model_roots import resolve_model_path
 
 __all__ = ["MAX_INLINE_CHARS", "MAX_INLINE_TEXTS", "refuse_nested_data", "service_data"]
 
@@ -31,8 +32,6 @@ def service_data(value: Any, roots: list[Path]) -> list[str] | str | None:
         ServiceError: 422 for a malformed value, 403 for a path outside the roots, 404 for a
             file that does not exist there.
     """
-    from allocator.service.jobs import resolve_model_path
-
     if value is None:
         return None
     if isinstance(value, list):

@@ -12,8 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from allocator.service.core.auth import token_error
-from allocator.service.core.config import Settings
+from allocator.service.infra.auth import token_error
+from allocator.service.infra.config import Settings
 from allocator.service.store.db import is_sqlite
 from allocator.service.store.repo import TableCache
 

@@ -14,11 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from allocator.core.errors import AllocatorError
-from allocator.service.core.auth import host_error, needs_token, token_error
-from allocator.service.core.config import Settings, ensure_token
-from allocator.service.core.errors import ServiceError, domain_error, error_body
+from allocator.core.version import __version__
 from allocator.service.deps import Db
-from allocator.service.jobs import load_job_modules
+from allocator.service.infra.auth import host_error, needs_token, token_error
+from allocator.service.infra.config import Settings, ensure_token
+from allocator.service.infra.errors import ServiceError, domain_error, error_body
+from allocator.service.job_kinds import load_job_modules
 from allocator.service.store.db import make_engine, migrate
 from allocator.service.store.repo import TableCache
 
@@ -191,7 +192,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
 
     ``overrides`` are Settings fields (``create_app(db_url="sqlite:///x.db", token=...)``).
     """
-    from allocator import __version__
     from allocator.service.api.main import api_router
 
     settings = ensure_token(settings if settings is not None else Settings(**overrides))

@@ -7,8 +7,8 @@ held-out data. The worker stores the table (``table_id``) and the plan handed ou
 the rest of the result mirrors ``results.json`` of ``bitalloc run``. A handed-out plan that
 measured worse than uniform on held-out data carries a ``warning``, so it is never silent.
 
-Registered by :mod:`allocator.service.jobs` (which imports this module at its end), so the kind
-exists wherever ``estimate`` and ``search`` do.
+Registered by :mod:`allocator.service.job_kinds` with ``estimate`` and ``search``, so the kind
+exists wherever they do.
 """
 
 from __future__ import annotations
@@ -22,17 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from allocator.core.errors import InvalidParameterError, UnknownNameError
-from allocator.service.core.errors import ServiceError
-from allocator.service.jobs import (
-    JobCancelled,
-    JobFailure,
-    JobKind,
-    Progress,
-    register_job_kind,
-    resolve_model_path,
-)
+from allocator.service.data_param import refuse_nested_data, service_data
+from allocator.service.infra.errors import ServiceError
+from allocator.service.job_registry import JobCancelled, JobFailure, JobKind, Progress
+from allocator.service.model_roots import resolve_model_path
 
-__all__ = ["RUN_KEYS", "run_config_of"]
+__all__ = ["RUN_KEYS", "RUN_KIND", "run_config_of"]
 
 RUN_KEYS = frozenset({"model", "bpw", "estimator", "estimator_params", "options", "consumer",
                       "calib_samples", "eval_samples", "seq_len", "seed", "refine_rounds",
@@ -112,8 +107,6 @@ def _validate_run(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any
     for key in ("include", "exclude"):
         if key in params:
             out[key] = _patterns(params[key], key)
-    from allocator.service.data_param import refuse_nested_data, service_data
-
     refuse_nested_data(params)  # the calibration text: inline, or a file under a model root
     if "data" in params:
         out["data"] = service_data(params["data"], roots)
@@ -207,4 +200,5 @@ def _run_run(params: Mapping[str, Any], progress: Progress, cancel: threading.Ev
     return out
 
 
-register_job_kind(JobKind("run", _run_run, _validate_run))
+#: registered with the other built-in kinds by :mod:`allocator.service.job_kinds`
+RUN_KIND = JobKind("run", _run_run, _validate_run)

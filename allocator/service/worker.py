@@ -21,13 +21,13 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from allocator.core.budget import Budget
 from allocator.core.result import SolveResult
 from allocator.core.table import CostTable
-from allocator.service.core.config import Settings
-from allocator.service.core.errors import ServiceError, domain_error
-from allocator.service.jobs import JOB_KINDS, JobCancelled, JobFailure, get_job_kind, load_job_modules
-from allocator.service.store import jobs as jobstore
-from allocator.service.store import repo
+from allocator.service.infra.config import Settings
+from allocator.service.infra.errors import ServiceError, domain_error
+from allocator.service.job_kinds import JOB_KINDS, JobCancelled, JobFailure, get_job_kind, load_job_modules
+from allocator.service.store import job_queue, repo
 from allocator.service.store.db import is_sqlite, make_engine, migrate
 
 __all__ = ["Worker", "jsonable", "run_worker_process"]
@@ -97,8 +97,8 @@ class Worker:
 
     def run_once(self) -> bool:
         """Reap lost jobs, claim one and run it; returns whether a job ran."""
-        jobstore.reap_lost_jobs(self.engine, stale_after_s=self.settings.stale_after_s)
-        job = jobstore.claim_job(self.engine, worker=self.ident, kinds=sorted(JOB_KINDS))
+        job_queue.reap_lost_jobs(self.engine, stale_after_s=self.settings.stale_after_s)
+        job = job_queue.claim_job(self.engine, worker=self.ident, kinds=sorted(JOB_KINDS))
         if job is None:
             return False
         self._execute(job)
@@ -108,16 +108,16 @@ class Worker:
         run = _Run()
         beat = threading.Thread(target=self._heartbeat, args=(job["id"], run), daemon=True)
         beat.start()
-        status, result, error = jobstore.JobStatus.SUCCEEDED, None, None
+        status, result, error = job_queue.JobStatus.SUCCEEDED, None, None
         try:
             result = self._call(job, run)
         except JobCancelled:
-            status = jobstore.JobStatus.CANCELLED
+            status = job_queue.JobStatus.CANCELLED
         except JobFailure as exc:
-            status, error = jobstore.JobStatus.FAILED, (exc.code, str(exc))
+            status, error = job_queue.JobStatus.FAILED, (exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code, the worker lives on
             err = domain_error(exc)
-            status, error = jobstore.JobStatus.FAILED, (err.code, err.message)
+            status, error = job_queue.JobStatus.FAILED, (err.code, err.message)
         finally:
             run.done.set()
             beat.join()
@@ -125,13 +125,13 @@ class Worker:
             logger.warning("job %s was taken from %s (declared lost); dropping its outcome",
                            job["id"], self.ident)
             return
-        if status is jobstore.JobStatus.CANCELLED:
+        if status is job_queue.JobStatus.CANCELLED:
             message = "cancelled"
         elif error is not None:
             message = f"failed: {error[0]}"
         else:
             message = "done"
-        jobstore.finish_job(self.engine, job_id=job["id"], worker=self.ident, status=status,
+        job_queue.finish_job(self.engine, job_id=job["id"], worker=self.ident, status=status,
                             result=result, error=error, message=message)
 
     def _call(self, job: dict[str, Any], run: _Run) -> dict[str, Any]:
@@ -172,8 +172,6 @@ class Worker:
     def _store_one(session: Session, job: Mapping[str, Any], params: Mapping[str, Any],
                    stored: Mapping[str, Any], key: str, value: CostTable | SolveResult,
                    *, name: str) -> dict[str, Any]:
-        from allocator.core.budget import Budget
-
         if isinstance(value, CostTable):
             rec, _ = repo.add_table(session, table=value, name=name)
             return {f"{key}_id": rec.id}
@@ -189,7 +187,7 @@ class Worker:
     def _heartbeat(self, job_id: str, run: _Run) -> None:
         while not run.done.wait(self.settings.heartbeat_s):
             try:
-                owned, cancel = jobstore.heartbeat(self.engine, job_id=job_id, worker=self.ident,
+                owned, cancel = job_queue.heartbeat(self.engine, job_id=job_id, worker=self.ident,
                                                    progress=run.progress, message=run.message)
             except Exception:  # a missed beat is not fatal; staleness needs several
                 logger.exception("heartbeat for %s failed", job_id)

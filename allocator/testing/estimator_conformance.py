@@ -40,7 +40,8 @@ import pytest
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat, parse_options
 from allocator.core.table import REQUIRED_COLUMNS, CostTable
-from allocator.core.units import Unit
+from allocator.core.units import Unit, discover_units
+from sensitivity import EstimateContext, EstimateSpec, check_estimator_params, estimator_parameters, seeded
 
 if TYPE_CHECKING:
     import torch
@@ -87,8 +88,6 @@ def tiny_case(kind: str = "causal_lm", *, seed: int = 0) -> EstimatorCase:
     import torch
     import transformers
 
-    from allocator.core.units import discover_units
-
     torch.manual_seed(seed)
     if kind == "causal_lm":
         vocab = 13
@@ -118,8 +117,6 @@ def tiny_case(kind: str = "causal_lm", *, seed: int = 0) -> EstimatorCase:
 def context(case: EstimatorCase, *, seed: int = 0,
             batches: Sequence[Mapping[str, Any]] | None = None) -> EstimateContext:
     """The estimate context of ``case`` (its batches unless ``batches`` is given)."""
-    from sensitivity import EstimateContext
-
     return EstimateContext(batches=list(case.batches if batches is None else batches),
                            units=list(case.units), options=list(case.options), seed=seed,
                            model_kind=case.kind, progress=False)
@@ -127,8 +124,6 @@ def context(case: EstimatorCase, *, seed: int = 0,
 
 def run_seeded(estimator: BaseEstimator, case: EstimatorCase, *, seed: int = 0) -> CostTable:
     """One estimate as the driver runs it: torch's RNG seeded (and restored afterwards)."""
-    from sensitivity import seeded
-
     with seeded(seed):
         return estimator.estimate(case.model, context(case, seed=seed))
 
@@ -161,8 +156,6 @@ class EstimatorConformance:
                                    rtol=1e-9, atol=0.0)
 
     def test_needs_data_contract(self, estimator: BaseEstimator, case: EstimatorCase) -> None:
-        from sensitivity import seeded
-
         ctx = context(case, batches=[])
         if estimator.needs_data:
             with pytest.raises(InvalidParameterError) as info:
@@ -177,8 +170,6 @@ class EstimatorConformance:
 
     def test_declared_parameters_are_recorded(self, estimator: BaseEstimator,
                                               table: CostTable) -> None:
-        from sensitivity import estimator_parameters
-
         declared = estimator_parameters(type(estimator))
         if declared is None:
             pytest.skip(f"{type(estimator).__name__} takes **kwargs: no declared parameters")
@@ -187,7 +178,6 @@ class EstimatorConformance:
 
     def test_unknown_parameter_is_rejected_by_name(self, estimator: BaseEstimator) -> None:
         import sensitivity
-        from sensitivity import EstimateSpec, check_estimator_params, estimator_parameters
 
         if estimator_parameters(type(estimator)) is None:
             pytest.skip(f"{type(estimator).__name__} takes **kwargs: anything is accepted")

@@ -31,6 +31,7 @@ from allocator.core.budget import Budget
 from allocator.core.errors import InvalidBudgetError, InvalidCostTableError
 from allocator.core.plan import BitPlan, check_plan
 from allocator.core.result import SolveResult, SolveStatus
+from allocator.core.synth import synth_table
 from allocator.core.table import CostTable
 from allocator.testing._cases import (
     KNOWN_ANSWER_CASES,
@@ -194,8 +195,6 @@ class SolverConformance:
 
     def test_same_result_twice(self, solver: Any) -> None:
         """Property: solving the same problem twice (same seed) gives the same plan."""
-        from allocator.core.synth import synth_table
-
         table = synth_table(n_units=14, n_options=4, seed=3, ties=True)
         budget = Budget(bpw=3.6)
         a, b = solver.solve(table, budget, seed=0), solver.solve(table, budget, seed=0)
@@ -206,8 +205,6 @@ class SolverConformance:
 
     def test_infeasible_budget_reports_smallest(self, solver: Any) -> None:
         """Property: below the smallest plan → ``infeasible`` with that plan's budget."""
-        from allocator.core.synth import synth_table
-
         table = synth_table(n_units=14, n_options=3, seed=1)
         smallest = table.df.groupby("unit")["size_bits"].min().sum()
         for budget, want in ((Budget(bpw=1.0), smallest / table.total_params),

@@ -7,7 +7,7 @@ import pytest
 from allocator.core.errors import ExportError
 from allocator.core.units import discover_units
 from allocator.export import export_plan
-from allocator.export._common import fused_name
+from allocator.export._grouping import fused_name
 
 from .conftest import expected_int, linear_names, make_plan, random_pick, shapes_of
 from .consumers import BASE, gptqmodel_resolve, vllm_gptq_override

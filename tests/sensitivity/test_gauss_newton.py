@@ -25,7 +25,7 @@ from allocator.model.distortion import cosine_distance, kl_divergence  # noqa: E
 from allocator.model.outputs import forward_outputs  # noqa: E402
 from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import ESTIMATORS, EstimateContext, get_estimator, quant_errors  # noqa: E402
-from sensitivity._gauss_newton import (  # noqa: E402
+from sensitivity._curvature.output_metric import (  # noqa: E402
     cosine_cotangent,
     cosine_output_hessian,
     kl_cotangent,
@@ -314,7 +314,7 @@ def test_streamed_reduce_equals_autograd_and_keeps_a_callers_gradients() -> None
     """The loop mode reduces each weight's gradient as autograd accumulates it and drops it:
     same terms as torch.autograd.grad of every leaf at once, an unreachable leaf counts as zero,
     and gradients the caller had on the weights are put back."""
-    from sensitivity._gauss_newton import UnitReduction, streamed_reduce
+    from sensitivity._curvature.reductions import UnitReduction, streamed_reduce
 
     model = tiny_llama(hidden=12, layers=2)
     units = discover_units(model, group_columns=8, include=r"q_proj|down_proj|lm_head")

@@ -17,8 +17,12 @@ from allocator.core.formats import parse_format, parse_options  # noqa: E402
 from allocator.core.units import discover_units  # noqa: E402
 from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
-from sensitivity._deltas import delta_bytes, delta_groups  # noqa: E402
-from sensitivity._gauss_newton import quant_deltas, row_pieces  # noqa: E402
+from sensitivity._curvature.passes import row_pieces  # noqa: E402
+from sensitivity._deltas import (  # noqa: E402
+    delta_bytes,
+    delta_groups,
+    quant_deltas,  # noqa: E402
+)
 
 OPTIONS = [*parse_options("int2..4-g8-asym"), parse_format("int3-g5-sym"), parse_format("int8-ch-sym"),
            parse_format("q4_K"), parse_format("fp16"), parse_format("bf16")]

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from allocator.core.synth import synth_table  # noqa: E402
 from allocator.core.table import CostTable  # noqa: E402
-from allocator.service.core.config import Settings  # noqa: E402
+from allocator.service.infra.config import Settings  # noqa: E402
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 sys.path.insert(0, str(PLUGINS))  # the test job kinds, importable here and in subprocesses

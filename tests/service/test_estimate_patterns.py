@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from allocator.service.jobs import estimate_spec_of
+from allocator.service.job_kinds import estimate_spec_of
 from tests.service.conftest import wait_job
 
 

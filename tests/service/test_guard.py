@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from allocator.service.core.config import Settings
+from allocator.service.infra.config import Settings
 from tests.service.conftest import AUTH, BASE, TOKEN
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from allocator.service.store import jobs as jobstore
+from allocator.service.store import job_queue as jobstore
 from allocator.service.worker import Worker
 from tests.service.conftest import upload, wait_job
 

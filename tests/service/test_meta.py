@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from allocator.service.core.config import Settings, ensure_token, token_file
+from allocator.service.infra.config import Settings, ensure_token, token_file
 from tests.service.conftest import AUTH, BASE, TOKEN
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from allocator.core.errors import InvalidCostTableError
-from allocator.core.table import _META_KEY
+from allocator.core.table_format import _META_KEY
 from allocator.service.parquet import (
     ParquetTooLarge,
     check_parquet_size,

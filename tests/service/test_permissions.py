@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from allocator.service.core.config import Settings
+from allocator.service.infra.config import Settings
 from tests.service.conftest import upload
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from allocator.service.core.errors import ServiceError
-from allocator.service.jobs import JOB_KINDS, JobCancelled
+from allocator.service.infra.errors import ServiceError
+from allocator.service.job_kinds import JOB_KINDS, JobCancelled
 from tests.service.conftest import wait_job
 
 TINY_LLAMA = Path(__file__).resolve().parents[2] / "allocator" / "assets" / "tiny-llama"

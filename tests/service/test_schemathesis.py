@@ -9,7 +9,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from allocator.service.core.config import Settings  # noqa: E402
+from allocator.service.infra.config import Settings  # noqa: E402
 from tests.service.conftest import AUTH, TOKEN  # noqa: E402
 
 

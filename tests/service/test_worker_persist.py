@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from allocator.core.budget import Budget
 from allocator.core.synth import synth_table
-from allocator.service.core.config import Settings
+from allocator.service.infra.config import Settings
 from allocator.service.store import repo
 from allocator.service.store.db import migrate
 from allocator.service.worker import Worker

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.data.batches import BatchSequence, _check_int, batches_fingerprint
-from allocator.model.loading import ModelKind
+from allocator.model.data.batches import BatchSequence, CalibrationData, _check_int, batches_fingerprint
+from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import numpy as np
@@ -181,8 +181,6 @@ def data_for(loaded: Any, split: str, n_samples: int, *, seq_len: int = 128,
     the built-in text corpus (:class:`~allocator.model.data.CalibrationData`, packed for causal LMs,
     exactly as the pipeline builds them).
     """
-    from allocator.model.data.batches import CalibrationData
-
     if uses_digits(loaded):
         return DigitsData.from_split(split, n_samples=n_samples, batch_size=batch_size, seed=seed)
     if getattr(loaded, "tokenizer", None) is None:

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.data.batches import read_text_file
-from allocator.model.loading import ModelKind
+from allocator.model.data.batches import CalibrationData, read_text_file
+from allocator.model.data.images import data_for, uses_digits
+from allocator.model.kind import ModelKind
 
 __all__ = ["HELD_OUT_SHARE", "data_description", "overlap", "split_user_texts", "user_data_for",
            "user_split_of"]
@@ -91,9 +92,6 @@ def user_data_for(loaded: Any, split: str, n_samples: int, *, data: str | Path |
         InvalidParameterError: an unknown split, a model without a tokenizer given text, a file
             that does not exist, holds no text or is too small to split.
     """
-    from allocator.model.data.batches import CalibrationData
-    from allocator.model.data.images import data_for, uses_digits
-
     if split not in ("calibration", "evaluation"):
         raise InvalidParameterError(f"unknown split {split!r}; use calibration or evaluation")
     common: dict[str, Any] = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed}

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from allocator.core.budget import Budget
 from allocator.core.result import SolveResult
 from allocator.core.table import CostTable
-from allocator.service.core.errors import not_found
+from allocator.service.infra.errors import not_found
 from allocator.service.parquet import table_from_parquet, table_to_parquet
 from allocator.service.store.models import PlanRecord, TableRecord
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from allocator.service.jobs import JOB_KINDS, JobFailure, JobKind, Progress, register_job_kind
+from allocator.service.job_kinds import JOB_KINDS, JobFailure, JobKind, Progress, register_job_kind
 
 
 def _sleep(params: Mapping[str, Any], progress: Progress, cancel: threading.Event) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def _sleep(params: Mapping[str, Any], progress: Progress, cancel: threading.Even
             fh.write(f"{os.getpid()}\n")
     for i in range(steps):
         if cancel.is_set():
-            from allocator.service.jobs import JobCancelled
+            from allocator.service.job_kinds import JobCancelled
 
             raise JobCancelled
         time.sleep(seconds / steps)

@@ -8,12 +8,11 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel
 
 from allocator.service.api.routes import errors
-from allocator.service.core.errors import ServiceError
 from allocator.service.deps import DbDep, ReadAuth, SettingsDep, WriteAuth
-from allocator.service.jobs import get_job_kind
+from allocator.service.infra.errors import ServiceError
+from allocator.service.job_kinds import get_job_kind
 from allocator.service.schemas import JobCreate, JobPublic, JobsPublic
-from allocator.service.store import jobs as jobstore
-from allocator.service.store import repo
+from allocator.service.store import job_queue, repo
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=errors(401, 404))
 
@@ -35,19 +34,19 @@ def submit(db: DbDep, settings: SettingsDep, req: JobCreate) -> JobPublic:
     with db.write() as s:
         if kind.needs_table:
             repo.get_table_record(s, str(params.get("table_id")))
-        rec = jobstore.submit_job(s, kind=req.kind, params=params,
+        rec = job_queue.submit_job(s, kind=req.kind, params=params,
                                   max_attempts=req.max_attempts or settings.max_attempts)
         return JobPublic.from_record(rec)
 
 
 @router.get("", response_model=JobsPublic, dependencies=[ReadAuth])
-def list_jobs(db: DbDep, status: jobstore.JobStatus | None = None,
+def list_jobs(db: DbDep, status: job_queue.JobStatus | None = None,
               kind: Annotated[str | None, Query(max_length=64)] = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> JobsPublic:
     """Jobs, newest first."""
     with db.read() as s:
-        rows, count = jobstore.list_jobs(s, status=status, kind=kind, limit=limit, offset=offset)
+        rows, count = job_queue.list_jobs(s, status=status, kind=kind, limit=limit, offset=offset)
         return JobsPublic(data=[JobPublic.from_record(r) for r in rows], count=count)
 
 
@@ -55,7 +54,7 @@ def list_jobs(db: DbDep, status: jobstore.JobStatus | None = None,
 def get_job(db: DbDep, job_id: str) -> JobPublic:
     """Status, progress, message and error of one job."""
     with db.read() as s:
-        return JobPublic.from_record(jobstore.get_job(s, job_id))
+        return JobPublic.from_record(job_queue.get_job(s, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, dependencies=[WriteAuth],
@@ -63,7 +62,7 @@ def get_job(db: DbDep, job_id: str) -> JobPublic:
 def cancel(db: DbDep, job_id: str) -> JobPublic:
     """Cancel a queued job at once; a running one stops at its next heartbeat."""
     with db.write() as s:
-        return JobPublic.from_record(jobstore.request_cancel(s, job_id))
+        return JobPublic.from_record(job_queue.request_cancel(s, job_id))
 
 
 @router.get("/{job_id}/result", response_model=JobResultPublic, dependencies=[ReadAuth],
@@ -71,10 +70,10 @@ def cancel(db: DbDep, job_id: str) -> JobPublic:
 def result(db: DbDep, job_id: str) -> JobResultPublic:
     """The result of a succeeded job (409 with the job's state otherwise)."""
     with db.read() as s:
-        rec = jobstore.get_job(s, job_id)
-    if rec.status == jobstore.JobStatus.SUCCEEDED and rec.result is not None:
+        rec = job_queue.get_job(s, job_id)
+    if rec.status == job_queue.JobStatus.SUCCEEDED and rec.result is not None:
         return JobResultPublic(job_id=rec.id, kind=rec.kind, result=dict(rec.result))
-    if rec.status == jobstore.JobStatus.FAILED:
+    if rec.status == job_queue.JobStatus.FAILED:
         raise ServiceError(409, "job_failed", f"job {job_id!r} failed: {rec.error_message}",
                            {"job_error": rec.error_code})
     raise ServiceError(409, "job_not_finished" if rec.status in ("queued", "running") else "job_cancelled",

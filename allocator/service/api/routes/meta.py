@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import func, select, text
 
+from allocator.core.version import __version__
 from allocator.service.api.routes import errors
 from allocator.service.deps import DbDep, ReadAuth
-from allocator.service.jobs import JOB_KINDS
+from allocator.service.job_kinds import JOB_KINDS
 from allocator.service.schemas import HealthPublic, SolverInfoPublic, VersionPublic
 from allocator.service.store.models import JobRecord
 
@@ -51,8 +52,6 @@ def _export_targets() -> list[str]:
 @router.get("/version", response_model=VersionPublic)
 def version() -> VersionPublic:
     """Library and API versions, solvers, job kinds and export targets of this server."""
-    from allocator import __version__
-
     return VersionPublic(version=__version__, api=API_VERSION, solvers=_solvers(),
                          job_kinds=sorted(JOB_KINDS), export_targets=_export_targets())
 

@@ -10,9 +10,10 @@ from allocator.core.budget import Budget
 from allocator.core.plan import BitPlan
 from allocator.core.result import SolveResult
 from allocator.core.table import CostTable
+from allocator.export.palettes import table_for
 from allocator.service.api.routes import errors
-from allocator.service.core.errors import ServiceError
 from allocator.service.deps import DbDep, ReadAuth, WriteAuth
+from allocator.service.infra.errors import ServiceError
 from allocator.service.schemas import (
     ErrorBody,
     ExportPublic,
@@ -130,7 +131,6 @@ def _frontier(db: DbDep, table_id: str, bpw: list[float], consumer: str | None) 
     import math
 
     import solvers
-    from allocator.export.palettes import table_for
 
     for b in bpw:
         if not (math.isfinite(b) and b > 0):

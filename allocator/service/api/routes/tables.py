@@ -13,8 +13,8 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from allocator.core.errors import InvalidCostTableError
 from allocator.core.table import CostTable
 from allocator.service.api.routes import errors
-from allocator.service.core.errors import ServiceError
 from allocator.service.deps import DbDep, ReadAuth, SettingsDep, WriteAuth
+from allocator.service.infra.errors import ServiceError
 from allocator.service.parquet import ParquetTooLarge, check_parquet_size
 from allocator.service.schemas import TablePublic, TablesPublic
 from allocator.service.store import repo

@@ -10,8 +10,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 
-from allocator.service.core.config import Settings
-from allocator.service.core.errors import ServiceError
+from allocator.service.infra.config import Settings
+from allocator.service.infra.errors import ServiceError
 
 __all__ = ["SAFE_METHODS", "host_error", "needs_token", "request_host", "token_error"]
 

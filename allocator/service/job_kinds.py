@@ -1,4 +1,6 @@
-"""Job kinds: a name registry of ``run(params, progress, cancel) -> result`` callables.
+"""The built-in job kinds, registered on import, and the registry's API re-exported
+(:mod:`allocator.service.job_registry`): import the registry from here, so the built-in kinds
+are there wherever it is used.
 
 ``estimate`` runs :func:`sensitivity.estimate` on a model directory under a configured root;
 ``search`` runs the Bayesian search (:class:`solvers._bayesian.BayesianSolver`) on a stored
@@ -7,115 +9,35 @@ their packages lazily, so a missing package fails the *job* with a stable
 code (``estimator_unavailable`` / ``search_unavailable``) and never the worker. Plug-ins and
 tests register more kinds with :func:`register_job_kind` from a module named in
 ``BITALLOC_JOB_MODULES``.
-
-A run callable may put a :class:`~allocator.core.table.CostTable` or a
-:class:`~allocator.core.result.SolveResult` in its result dict: the worker stores it and replaces it
-by ``<key>_id`` (a table id / plan id), so results stay JSON.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from allocator.core.errors import InvalidParameterError
-from allocator.service.core.errors import ServiceError
+from allocator.service.data_param import refuse_nested_data, service_data
+from allocator.service.infra.errors import ServiceError
+from allocator.service.job_registry import (
+    JOB_KINDS,
+    JobCancelled,
+    JobFailure,
+    JobKind,
+    Progress,
+    get_job_kind,
+    load_job_modules,
+    register_job_kind,
+)
+from allocator.service.model_roots import resolve_model_path
+from allocator.service.run_job import RUN_KIND
 
 __all__ = ["JOB_KINDS", "JobCancelled", "JobFailure", "JobKind", "Progress", "estimate_request_keys",
            "estimate_spec_of", "get_job_kind", "load_job_modules", "register_job_kind",
            "resolve_model_path"]
-
-#: progress(fraction in [0, 1], message)
-Progress = Callable[[float, str], None]
-RunFn = Callable[[Mapping[str, Any], Progress, threading.Event], Mapping[str, Any]]
-#: validate(params, model_roots) -> normalised params; raises ServiceError / InvalidParameterError
-ValidateFn = Callable[[Mapping[str, Any], list[Path]], dict[str, Any]]
-
-
-class JobCancelled(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by a run callable (or its progress hook) when the cancel flag is set."""
-
-
-class JobFailure(Exception):
-    """A job failed for a reason with a stable code (shown to clients)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class JobKind:
-    name: str
-    run: RunFn
-    validate: ValidateFn | None = None
-    #: the worker loads ``params["table_id"]`` into ``params["table"]`` before ``run``
-    needs_table: bool = False
-
-
-JOB_KINDS: dict[str, JobKind] = {}
-
-
-def register_job_kind(kind: JobKind, *, replace: bool = False) -> JobKind:
-    """Add ``kind`` to :data:`JOB_KINDS` (duplicate names raise unless ``replace``)."""
-    if kind.name in JOB_KINDS and not replace:
-        raise InvalidParameterError(f"job kind {kind.name!r} is already registered; pick another name")
-    JOB_KINDS[kind.name] = kind
-    return kind
-
-
-def get_job_kind(name: str) -> JobKind:
-    if name not in JOB_KINDS:
-        raise ServiceError(422, "unknown_job_kind",
-                           f"unknown job kind {name!r}; choose one of {sorted(JOB_KINDS)}")
-    return JOB_KINDS[name]
-
-
-def load_job_modules(modules: list[str]) -> None:
-    """Import plug-in modules that call :func:`register_job_kind` (idempotent)."""
-    for name in modules:
-        importlib.import_module(name)
-
-
-def resolve_model_path(model: Any, roots: list[Path]) -> Path:
-    """The real path of ``model`` if it lies inside a configured root, else a 403.
-
-    ``model`` is ``<root name>/<relative path>`` or an absolute path. Symlinks are resolved
-    before the check, so ``..`` and links out of a root are refused alike.
-    """
-    if not isinstance(model, str) or not model or "\x00" in model:
-        raise ServiceError(422, "invalid_parameter", "params.model must be a non-empty path string")
-    if not roots:
-        raise ServiceError(403, "model_roots_unset",
-                           "this server has no model roots; start it with --model-root DIR")
-    p = Path(model)
-    if p.is_absolute():
-        cands = [p]
-    else:  # "<root name>/rest" first, then "rest" relative to each root
-        cands = [r.joinpath(*p.parts[1:]) for r in roots if p.parts[0] == r.name]
-        cands += [r / p for r in roots]
-
-    def inside(real: Path) -> bool:
-        return any(real == r or real.is_relative_to(r) for r in roots)
-
-    for cand in cands:  # the first existing candidate decides (a link out of a root is refused)
-        if cand.exists():
-            if inside(cand.resolve()):
-                return cand.resolve()
-            break
-    else:
-        if any(inside(c.resolve()) for c in cands):
-            raise ServiceError(404, "model_not_found",
-                               f"model {model!r} does not exist under the model roots")
-    raise ServiceError(403, "path_not_allowed",
-                       f"model {model!r} is outside the configured model roots "
-                       f"({', '.join(r.name for r in roots)}); use <root>/<dir>")
-
 
 # ----------------------------------------------------------------- estimate
 #: keys of an ``estimate`` job that are not fields of the spec
@@ -143,8 +65,6 @@ def _validate_estimate(params: Mapping[str, Any], roots: list[Path]) -> dict[str
                            f"known: {sorted(keys)}")
     out = dict(params)
     out["model"] = str(resolve_model_path(params.get("model"), roots))
-    from allocator.service.data_param import refuse_nested_data, service_data
-
     refuse_nested_data(params)  # the calibration text: inline, or a file under a model root
     if "data" in params:
         out["data"] = service_data(params["data"], roots)
@@ -318,7 +238,4 @@ def _run_search(params: Mapping[str, Any], progress: Progress, cancel: threading
 
 register_job_kind(JobKind("estimate", _run_estimate, _validate_estimate))
 register_job_kind(JobKind("search", _run_search, _validate_search, needs_table=True))
-
-# the `run` kind (``bitalloc run`` on the service) lives in its own module; importing it here
-# registers it wherever the built-in kinds are (it imports this module's names, all defined now)
-from allocator.service import run_job as _run_job  # noqa: E402, F401
+register_job_kind(RUN_KIND)  # ``bitalloc run`` on the service (allocator.service.run_job)

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from allocator.service.core.errors import ServiceError, not_found
+from allocator.service.infra.errors import ServiceError, not_found
 from allocator.service.store.db import is_sqlite
 from allocator.service.store.models import JobRecord
 from allocator.service.store.repo import new_id
