@@ -22,9 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="calibration texts: .txt (one text per paragraph, blank-line "
                    "separated) or .jsonl with a 'text' field (default: the built-in corpus)")
     p.add_argument("--options", help="option spec, e.g. 'int2..8-g128-asym,fp16' (default)")
-    p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
-                   help="how each ΔW = Q(W) − W is formed: rtn (default) or gptq (GPTQ of each "
-                   "unit from its input Hessian on the calibration data; docs/quantizer.md)")
+    p.add_argument("--quantizer", choices=("rtn", "gptq", "ggml"), default=None,
+                   help="how each ΔW = Q(W) − W is formed: rtn (default; ggml with --for llamacpp), "
+                   "gptq (GPTQ of each unit from its input Hessian on the calibration data) or ggml "
+                   "(llama.cpp's quantizers for GGUF options, imatrix from the data; docs/quantizer.md)")
     add_for_argument(p, "estimate")
     p.add_argument("--samples", type=int, default=32, help="calibration texts (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text (default 128)")
@@ -104,6 +105,7 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
     """The one :class:`~sensitivity.EstimateSpec` of the command line (``--param`` names are
     checked against the estimator's declared parameters here, before any model loads)."""
     from allocator.core.errors import InvalidParameterError
+    from allocator.model.quant.quantizer import default_quantizer
     from sensitivity import ESTIMATORS, EstimateSpec, check_estimator_params
 
     params = parse_params(args.param)
@@ -118,7 +120,8 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
         include=tuple(args.include), exclude=tuple(args.exclude), groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
         device=device_from_args(args), progress=not args.no_progress,
-        quantizer=getattr(args, "quantizer", "rtn"))
+        quantizer=getattr(args, "quantizer", None)
+        or ("rtn" if getattr(args, "sequential", False) else default_quantizer(getattr(args, "consumer", None))))
 
 
 def run(args: argparse.Namespace) -> int:

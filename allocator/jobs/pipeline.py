@@ -49,7 +49,8 @@ class RunConfig:
     estimator: str = "gauss-newton"
     estimator_params: Mapping[str, Any] = field(default_factory=dict)
     solver: str = "mckp"
-    method: str = "rtn"
+    #: the plan's quantizer (rtn, gptq, ggml); "auto": ggml for --for llamacpp, rtn otherwise
+    method: str = "auto"
     options: str | None = None
     #: export target whose options and ties the table takes (``allocator.export.palettes``); the
     #: plan then exports to it without --lossy, within the budget of its own accounting
@@ -89,8 +90,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.bpw > 0:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
-        if self.method not in ("rtn", "gptq"):
-            raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        from allocator.model.quant.quantizer import QUANTIZERS, default_quantizer
+
+        if self.method == "auto":
+            object.__setattr__(self, "method", default_quantizer(self.consumer))
+        if self.method not in QUANTIZERS:
+            raise InvalidParameterError(f"method {self.method!r} is unknown; choose auto, "
+                                        f"{', '.join(QUANTIZERS)}")
         if self.groups is not None and (isinstance(self.groups, bool) or not isinstance(self.groups, int)
                                         or self.groups < 1):
             raise InvalidParameterError(f"groups must be an int ≥ 1 (input columns per unit), "
