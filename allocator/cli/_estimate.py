@@ -105,7 +105,6 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
     """The one :class:`~sensitivity.EstimateSpec` of the command line (``--param`` names are
     checked against the estimator's declared parameters here, before any model loads)."""
     from allocator.core.errors import InvalidParameterError
-    from allocator.model.quant.quantizer import default_quantizer
     from sensitivity import ESTIMATORS, EstimateSpec, check_estimator_params
 
     params = parse_params(args.param)
@@ -120,8 +119,14 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
         include=tuple(args.include), exclude=tuple(args.exclude), groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
         device=device_from_args(args), progress=not args.no_progress,
-        quantizer=getattr(args, "quantizer", None)
-        or ("rtn" if getattr(args, "sequential", False) else default_quantizer(getattr(args, "consumer", None))))
+        quantizer=getattr(args, "quantizer", None) or _default_quantizer(args))
+
+
+def _default_quantizer(args: argparse.Namespace) -> str:
+    """ggml for --for llamacpp (rtn with --sequential, which supports rtn only), else rtn."""
+    from allocator.model.quant.quantizer import default_quantizer
+
+    return "rtn" if getattr(args, "sequential", False) else default_quantizer(getattr(args, "consumer", None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,12 @@
 from __future__ import annotations
 
 from allocator.model.quant.ggml import GGML_BLOCKS, GgmlQuantized, dequantize_ggml, quantize_ggml
-from allocator.model.quant.ggml_quantizer import GgmlQuantizer, collect_importance, ggml_quantizer, ggml_values
+from allocator.model.quant.ggml_quantizer import (
+    GgmlQuantizer,
+    collect_importance,
+    ggml_quantizer,
+    ggml_values,
+)
 from allocator.model.quant.gptq import (
     ColumnFormats,
     GptqConfig,

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["GgmlQuantizer", "collect_importance", "ggml_quantizer", "ggml_values"]
 
 
-def ggml_values(weight: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None) -> torch.Tensor:
+def ggml_values(weight: torch.Tensor, fmt: QuantFormat,
+                importance: torch.Tensor | None = None) -> torch.Tensor:
     """``Q_fmt(W)`` with ggml's exact quantizer for a GGUF ``fmt`` whose block divides the rows
     (``importance``: one value per input column, or None), else RTN; shape, dtype and device of W."""
     from allocator.model.quant.ggml import GGML_BLOCKS, quantize_ggml

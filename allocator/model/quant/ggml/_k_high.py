@@ -170,5 +170,6 @@ def dequantize_q6_K(data: np.ndarray) -> np.ndarray:
     shifts = (2 * np.arange(4, dtype=np.int32)).reshape(1, 1, 4, 1)
     high = (data[:, 128:192].astype(np.int32).reshape(s, 2, 1, 32) >> shifts) & 3
     q = (low | (high << 4)) - 32
-    d_j = half_at(data, 208)[:, None] * np.ascontiguousarray(data[:, 192:208]).view(np.int8).astype(np.float32)
+    sc = np.ascontiguousarray(data[:, 192:208]).view(np.int8).astype(np.float32)
+    d_j = half_at(data, 208)[:, None] * sc
     return (d_j[:, :, None] * q.reshape(s, 16, 16).astype(np.float32)).reshape(s, 256)

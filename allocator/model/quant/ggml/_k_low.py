@@ -58,7 +58,9 @@ def quantize_q2_K(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     s = xs.shape[0]
     sub = to_subblocks(xs, 16)
     if qw is None:
-        scales, mins, levels = make_qkx_quants(sub, np.abs(sub), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
+        scales, mins, levels = make_qkx_quants(
+            sub, np.abs(sub), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True
+        )
         scales, mins = per_block(scales, s), per_block(mins, s)
         max_scale, max_min = scales.max(axis=0), mins.max(axis=0)
         ls, lm = _rounded_on_15(scales, max_scale), _rounded_on_15(mins, max_min)

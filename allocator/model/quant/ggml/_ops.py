@@ -36,7 +36,7 @@ GROUP_MAX_EPS = np.float32(1e-15)
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: adding it leaves the rounded integer in the mantissa
 
 
-def f32(value: float) -> np.float32:
+def f32(value: float | np.floating) -> np.float32:
     """``value`` rounded to float32 (a C ``float`` literal)."""
     return np.float32(value)
 
@@ -64,7 +64,7 @@ def fp16_round(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=np.float32).astype(np.float16)
 
 
-def rdiv(c: float, t: np.ndarray) -> np.ndarray:
+def rdiv(c: float | np.floating, t: np.ndarray) -> np.ndarray:
     """``c / t`` in float32 with ``c`` a C float constant."""
     return np.divide(np.float32(c), t, dtype=np.float32)
 

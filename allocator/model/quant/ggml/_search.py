@@ -203,7 +203,8 @@ def make_qkx_quants(
     span = np.where(flat, _ONE, vmax - vmin)
     iscale = rdiv(nmax, span)
     scale = _ONE / iscale
-    best_err = _weighted_err(x, w, scale, vmin, _qkx_levels(x, iscale, vmin, nmax).astype(np.float32), use_mad)
+    lf0 = _qkx_levels(x, iscale, vmin, nmax).astype(np.float32)
+    best_err = _weighted_err(x, w, scale, vmin, lf0, use_mad)
     # the winning candidate is (its iscale, the min its levels were taken from)
     best_is, best_from = iscale, vmin
     best_min = vmin
