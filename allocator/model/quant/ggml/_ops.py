@@ -70,7 +70,14 @@ def rdiv(c: float | np.floating, t: np.ndarray) -> np.ndarray:
 
 
 def seq_sum(terms: np.ndarray, *, start: np.ndarray | None = None) -> np.ndarray:
-    """``s = start; for i: s += terms[i]`` in float32, in C's order (``start`` defaults to 0)."""
+    """``s = start; for i: s += terms[i]`` in float32, in C's order (``start`` defaults to 0).
+
+    numpy reduces a C-contiguous ``[n, N]`` array over axis 0 (N ≥ 2) row by row into the
+    accumulator — the inner loop runs over the N independent sums, so each is sequential; only
+    a reduction along the contiguous axis is pairwise. Anything else takes the explicit loop.
+    """
+    if start is None and terms.ndim == 2 and terms.shape[1] >= 2 and terms.flags.c_contiguous:
+        return np.add(np.float32(0.0), np.add.reduce(terms, axis=0))  # 0 + t0 as C: +0 for −0
     acc = np.zeros(terms.shape[1:], np.float32) if start is None else start.astype(np.float32, copy=True)
     for row in terms:
         acc += row
