@@ -107,28 +107,56 @@ def _quantize_chunk(blocks: np.ndarray, name: str, qw_b: np.ndarray | None) -> n
     return quantize_q45_K(blocks, qw_b, is_q5=name == "q5_K")
 
 
-def _quantize_rows(x: np.ndarray, name: str, qw: np.ndarray | None) -> np.ndarray:
+def _quantize_rows(x: np.ndarray, name: str, qw: np.ndarray | None, threads: int) -> np.ndarray:
     """Rows [R, C] → block bytes [R · C / block, block_bytes], in chunks of ~_CHUNK weights so the
-    searches' temporaries stay in cache (blocks are independent, so chunking changes nothing)."""
+    searches' temporaries stay in cache (blocks are independent, so chunking changes nothing);
+    chunks run on ``threads`` threads (numpy releases the GIL inside its loops)."""
     import numpy as np
 
     rows, cols = x.shape
     spec = block_of(name)
     per_row = cols // spec.block
     blocks = x.reshape(-1, spec.block)
+    sigma2 = None
     if qw is not None and name in _LEGACY and name != "q8_0":
-        block_row = np.repeat(_row_sigma2(x), per_row)[:, None]  # w = qw·√(σ² + x²), σ² per row
+        sigma2 = np.repeat(_row_sigma2(x), per_row)[:, None]  # w = qw·√(σ² + x²), σ² per row
     out = np.empty((blocks.shape[0], spec.block_bytes), np.uint8)
     step = max(1, _CHUNK // spec.block)
-    for b0 in range(0, blocks.shape[0], step):
+
+    def one(b0: int) -> None:
         chunk = blocks[b0 : b0 + step]
         qw_b = None
         if qw is not None:
             qw_b = qw.reshape(per_row, spec.block)[np.arange(b0, b0 + chunk.shape[0]) % per_row]
-            if name in _LEGACY and name != "q8_0":
-                qw_b = qw_b * np.sqrt(block_row[b0 : b0 + chunk.shape[0]] + chunk * chunk)
+            if sigma2 is not None:
+                qw_b = qw_b * np.sqrt(sigma2[b0 : b0 + chunk.shape[0]] + chunk * chunk)
         out[b0 : b0 + chunk.shape[0]] = _quantize_chunk(chunk, name, qw_b)
+
+    starts = range(0, blocks.shape[0], step)
+    if threads <= 1 or len(starts) <= 1:
+        for b0 in starts:
+            one(b0)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
+            list(pool.map(one, starts))
     return out
+
+
+def default_threads() -> int:
+    """``$BITALLOC_GGML_THREADS``, else the CPU count (at most 8)."""
+    import os
+
+    env = os.environ.get("BITALLOC_GGML_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise InvalidParameterError(
+                f"BITALLOC_GGML_THREADS={env!r} is not an integer; set a thread count such as 4"
+            ) from None
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _dequantize_blocks(data: np.ndarray, name: str) -> np.ndarray:
@@ -146,18 +174,26 @@ def _dequantize_blocks(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def quantize(
-    weight: torch.Tensor, ggml_type: str, *, importance: torch.Tensor | None = None
+    weight: torch.Tensor,
+    ggml_type: str,
+    *,
+    importance: torch.Tensor | None = None,
+    threads: int | None = None,
 ) -> GgmlQuantized:
     """Quantize ``weight`` (rows along the last axis) exactly as ggml's ``quantize_<type>``.
 
     ``importance`` is an imatrix entry: one non-negative weight per input column (the last
     axis). With it ggml runs its ``quantize_row_<type>_impl`` search, without it the ``_ref``
     quantizer (q8_0 ignores it; iq4_nl always searches, weighting by x² without it).
+    ``threads``: chunks quantized in parallel (default :func:`default_threads`); the bytes do
+    not depend on it.
     """
     spec = block_of(ggml_type)
     x = _check_weight(weight, spec)
     qw = _check_importance(importance, x.shape[1])
-    blocks = _quantize_rows(x, spec.name, qw)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidParameterError(f"threads must be an int ≥ 1, got {threads!r}")
+    blocks = _quantize_rows(x, spec.name, qw, default_threads() if threads is None else threads)
     import torch
 
     values = torch.from_numpy(_dequantize_blocks(blocks, spec.name).reshape(weight.shape))
