@@ -25,6 +25,7 @@ _LO, _HI = IQ4NL_VALUES[0], IQ4NL_VALUES[15]
 _MU = np.clip(np.searchsorted(_GRID, np.arange(_LO, _HI + 1, dtype=np.float32), side="right"), 1, 15)
 _BELOW = _GRID[_MU - 1]
 _ABOVE = _GRID[_MU]
+_GAP = _ABOVE - _BELOW
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 
@@ -32,22 +33,33 @@ _ZERO = np.float32(0.0)
 def _neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x clamped to the grid's range, index mu, v[mu − 1], v[mu]) of C's binary search."""
     xc = np.clip(x, np.float32(_LO), np.float32(_HI))
-    k = np.floor(xc).astype(np.int32)
+    k = np.floor(xc).astype(np.intp)
     k -= _LO
-    return xc, k, _BELOW[k], _ABOVE[k]
+    return xc, k, np.take(_BELOW, k), np.take(_ABOVE, k)
+
+
+def _lower(xc: np.ndarray, below: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """C's ``x − v[mu−1] < v[mu] − x`` in float32."""
+    return np.less(np.subtract(xc, below), np.subtract(above, xc))
 
 
 def best_index(x: np.ndarray) -> np.ndarray:
     """``best_index_int8(16, kvalues_iq4nl, x)``: the nearest grid value, the lower one unless the
     upper is strictly nearer (``x − v[mu−1] < v[mu] − x ? mu−1 : mu``); x ≤ v₀ → 0, x ≥ v₁₅ → 15."""
     xc, k, below, above = _neighbours(x)
-    return _MU[k] - ((xc - below) < (above - xc))
+    return (np.take(_MU, k) - _lower(xc, below, above)).astype(np.int32)
 
 
 def _grid_values(x: np.ndarray) -> np.ndarray:
-    """``values[best_index(x)]`` as float32."""
-    xc, _, below, above = _neighbours(x)
-    return np.where((xc - below) < (above - xc), below, above)
+    """``values[best_index(x)]`` as float32: v[mu] − [lower]·(v[mu] − v[mu−1]), exact in float32
+    (small integers), and without a data-dependent branch (``np.where`` on a random mask is slow)."""
+    xc = np.clip(x, np.float32(_LO), np.float32(_HI))
+    k = np.floor(xc).astype(np.intp)
+    k -= _LO
+    above, gap = np.take(_ABOVE, k), np.take(_GAP, k)
+    gap *= _lower(xc, above - gap, above)
+    above -= gap
+    return above
 
 
 def _sums(x: np.ndarray, w: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
