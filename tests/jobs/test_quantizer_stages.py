@@ -113,3 +113,16 @@ def test_run_tiny_llama_for_llamacpp_uses_ggml_in_every_stage(tmp_path: Path, ti
             assert torch.equal(model.get_submodule(m).weight, values.to(model.get_submodule(m).weight.dtype))
     finally:
         model.load_state_dict(state)
+
+
+def test_cli_estimate_for_llamacpp_forms_costs_with_ggml(tmp_path: Path) -> None:
+    from allocator.cli import main
+    from allocator.core.table import CostTable
+
+    out = tmp_path / "t.parquet"
+    assert main(["estimate", "tiny-llama", "--method", "salience", "--for", "llamacpp", "--samples", "4",
+                 "--seq-len", "16", "--no-progress", "-o", str(out)]) == 0
+    assert CostTable.load(out).metadata["quantizer"] == "ggml"
+    assert main(["estimate", "tiny-llama", "--method", "salience", "--for", "llamacpp", "--samples", "4",
+                 "--seq-len", "16", "--quantizer", "rtn", "--no-progress", "-o", str(out)]) == 0
+    assert CostTable.load(out).metadata["quantizer"] == "rtn"
