@@ -165,7 +165,7 @@ def plan_quantizer(name: str, loaded: LoadedModel, units: Sequence[Unit],
     full precision, in eval mode)."""
     from allocator.model.quant import build_quantizer
 
-    if name != "rtn" and not batches:
+    if name == "gptq" and not batches:
         raise InvalidParameterError(f"quantizer {name!r} needs calibration data; pass --data or "
                                     "use the built-in corpus")
     model = loaded.model

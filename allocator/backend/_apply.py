@@ -1,9 +1,11 @@
-"""Apply a bit plan to a torch model in place: per-unit fake quantization with RTN or GPTQ.
+"""Apply a bit plan to a torch model in place: per-unit fake quantization with RTN, GPTQ or ggml.
 
 Every unit's weight columns are replaced by their dequantized values (``Q(W)`` in the model's
 dtype), so the model runs as usual and shows the quantization error of the plan. RTN uses the
 shared quantizer (:func:`allocator.model.quant.fake_quantize`); GPTQ (:mod:`allocator.backend._gptq`)
-uses the same grids with error feedback from calibration activations.
+uses the same grids with error feedback from calibration activations; ggml quantizes GGUF
+options with llama.cpp's exact algorithm (:func:`allocator.model.quant.ggml_values`, with an
+imatrix from the calibration batches when given) and the others with RTN.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _NON_INPUT_KEYS = ("labels", "label")
 class ApplyMethod(StrEnum):
     RTN = "rtn"  #: round to nearest per group (shared quantizer)
     GPTQ = "gptq"  #: GPTQ error feedback from calibration activations
+    GGML = "ggml"  #: llama.cpp's quantizers for GGUF options (imatrix from calibration), RTN else
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +95,8 @@ def apply_plan(
     """Fake-quantize ``model`` in place as ``plan`` says.
 
     Args:
-        method: ``rtn`` or ``gptq`` (needs ``calibration`` batches of model inputs).
+        method: ``rtn``, ``gptq`` (needs ``calibration`` batches of model inputs) or ``ggml``
+            (the importance comes from ``calibration`` when given).
         units: the discovered units (gives the column range of group units ``m[g=i]``).
         table: when given, the plan must pass :func:`allocator.core.plan.check_plan` against it.
         blocksize, percdamp, static_groups: GPTQ settings (:class:`~._gptq.GptqConfig`).
@@ -108,7 +112,7 @@ def apply_plan(
     try:
         how = ApplyMethod(method)
     except ValueError:
-        raise InvalidParameterError(f"apply method {method!r} is unknown; choose rtn or gptq") from None
+        raise InvalidParameterError(f"apply method {method!r} is unknown; choose rtn, gptq or ggml") from None
     if table is not None:
         problems = check_plan(plan, table)
         if problems:
@@ -120,6 +124,8 @@ def apply_plan(
     with torch.no_grad():
         if how is ApplyMethod.RTN:
             _apply_rtn(model, resolved)
+        elif how is ApplyMethod.GGML:
+            info = _apply_ggml(model, resolved, calibration or (), forward or _default_forward(model))
         else:
             if not calibration:
                 raise InvalidParameterError("GPTQ needs calibration batches; pass calibration=...")
@@ -143,6 +149,21 @@ def _apply_rtn(model: torch.nn.Module, resolved: Sequence[ResolvedUnit]) -> None
     for u in resolved:
         view = _weight2d(model, u.module)[:, u.lo:u.hi]
         view.copy_(fake_quantize(view.detach(), u.fmt))
+
+
+def _apply_ggml(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
+                calibration: Sequence[Mapping[str, Any]],
+                forward: Callable[[Mapping[str, Any]], Any]) -> dict[str, Any]:
+    """ggml for GGUF options, RTN for the rest; the imatrix is taken before any weight changes."""
+    from allocator.model.quant import collect_importance, ggml_values
+
+    linear = [m for m in dict.fromkeys(u.module for u in resolved) if is_linear_like(model.get_submodule(m))]
+    imp = collect_importance(model, linear, calibration, forward) if calibration else {}
+    for u in resolved:
+        view = _weight2d(model, u.module)[:, u.lo:u.hi]
+        m = imp.get(u.module)
+        view.copy_(ggml_values(view.detach(), u.fmt, None if m is None else m[u.lo:u.hi]))
+    return {"importance": sorted(imp), "tokens": _tokens(calibration)}
 
 
 def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],

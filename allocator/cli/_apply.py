@@ -8,15 +8,17 @@ from allocator.cli._common import add_device_argument, console, device_from_args
 from allocator.cli._run import add_data_arguments
 from sensitivity import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 
-HELP = "apply a bit plan to a model (RTN or GPTQ fake quantization), verify, save"
+HELP = "apply a bit plan to a model (RTN, GPTQ or ggml fake quantization), verify, save"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face model directory (or minilm / tiny-llama)")
     p.add_argument("plan", help="plan.json")
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="quantizer (default rtn)")
+    p.add_argument("--method", choices=("rtn", "gptq", "ggml"), default="rtn",
+                   help="quantizer (default rtn; ggml: llama.cpp's quantizers for GGUF options, "
+                   "with an imatrix from the calibration data)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                   help=f"GPTQ calibration samples (default {DEFAULT_SAMPLES})")
+                   help=f"GPTQ / ggml-imatrix calibration samples (default {DEFAULT_SAMPLES})")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                    help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--group-columns", type=int,
@@ -40,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.data import user_data_for
     from allocator.model.loading import load_model
 
-    if args.data is not None and args.method != "gptq":
-        raise InvalidParameterError("--data calibrates GPTQ only; add --method gptq or drop --data "
-                                    "(RTN needs no data)")
+    if args.data is not None and args.method == "rtn":
+        raise InvalidParameterError("--data calibrates GPTQ and ggml only; add --method gptq/ggml or "
+                                    "drop --data (RTN needs no data)")
     device = device_from_args(args)
     if args.sequential:
         return _run_sequential(args, device)
@@ -50,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=device)
     units = discover_units(loaded.model, group_columns=args.group_columns) if args.group_columns else None
     calib = None
-    if args.method == "gptq":
+    if args.method != "rtn":
         calib_data = user_data_for(loaded, "calibration", args.samples, data=args.data,
                                    holdout=False, seq_len=args.seq_len, batch_size=8)
-        calib = list(calib_data.to(device))  # GPTQ's forwards run where the model is
+        calib = list(calib_data.to(device))  # the forwards run where the model is
     out = console()
     if calib is not None:
         out.print(f"calibration: {calib_data.metadata()['source']} ({len(calib)} batches)")

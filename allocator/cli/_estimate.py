@@ -23,9 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="calibration texts: .txt (one text per paragraph, blank-line "
                    "separated) or .jsonl with a 'text' field (default: the built-in corpus)")
     p.add_argument("--options", help="option spec, e.g. 'int2..8-g128-asym,fp16' (default)")
-    p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
-                   help="how each ΔW = Q(W) − W is formed: rtn (default) or gptq (GPTQ of each "
-                   "unit from its input Hessian on the calibration data; docs/quantizer.md)")
+    p.add_argument("--quantizer", choices=("rtn", "gptq", "ggml"), default=None,
+                   help="how each ΔW = Q(W) − W is formed: rtn (default; ggml with --for llamacpp), "
+                   "gptq (GPTQ of each unit from its input Hessian on the calibration data) or ggml "
+                   "(llama.cpp's quantizers for GGUF options, imatrix from the data; docs/quantizer.md)")
     add_for_argument(p, "estimate")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"calibration texts (default {DEFAULT_SAMPLES})")
@@ -131,7 +132,15 @@ def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec
         include=tuple(args.include), exclude=tuple(args.exclude), groups=args.groups,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
         device=device_from_args(args), progress=not args.no_progress,
-        quantizer=args.quantizer, sequential=args.sequential, sharding=shards)
+        quantizer=args.quantizer or _default_quantizer(args), sequential=args.sequential,
+        sharding=shards)
+
+
+def _default_quantizer(args: argparse.Namespace) -> str:
+    """ggml for --for llamacpp (rtn with --sequential, which supports rtn only), else rtn."""
+    from allocator.model.quant.quantizer import default_quantizer
+
+    return "rtn" if args.sequential else default_quantizer(getattr(args, "consumer", None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,10 +17,11 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     p.add_argument("--bpw", type=float, default=3.0, help="target bits per weight (default 3.0)")
     p.add_argument("--estimator", default=estimator, help=f"sensitivity estimator (default {estimator})")
     p.add_argument("--solver", default="mckp", help="solver (default mckp, exact)")
-    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+    p.add_argument("--method", choices=("auto", "rtn", "gptq", "ggml"), default="auto",
                    help="the plan's quantizer, used by every stage: costs, candidate choice, "
-                   "refinement and apply (default rtn; gptq: GPTQ per unit from calibration "
-                   "Hessians, docs/quantizer.md)")
+                   "refinement and apply (default auto: ggml with --for llamacpp, else rtn; gptq: "
+                   "GPTQ per unit from calibration Hessians; ggml: llama.cpp's own quantizers for "
+                   "GGUF options with an imatrix from the calibration data, docs/quantizer.md)")
     p.add_argument("--options", help="candidate options (default 'dense': int2..8-g128-asym with g64 "
                    "and sym variants, docs/quality.md; 'default': int2..8-g128-asym + fp16)")
     add_for_argument(p, "estimate and solve over")

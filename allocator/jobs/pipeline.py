@@ -75,7 +75,9 @@ class RunConfig:
     bpw: float = 3.0
     estimate: EstimateSpec = field(default_factory=run_spec)
     solver: str = "mckp"
-    method: str = "rtn"
+    #: the plan's quantizer (rtn, gptq, ggml), in every stage; "auto": ggml for --for llamacpp,
+    #: rtn otherwise
+    method: str = "auto"
     #: export target whose options and ties the table takes (``allocator.export.palettes``); the
     #: plan then exports to it without --lossy, within the budget of its own accounting
     consumer: str | None = None
@@ -118,8 +120,13 @@ class RunConfig:
                                         f"got {self.estimate!r}")
         if not self.bpw > 0:
             raise InvalidParameterError(f"bpw must be > 0, got {self.bpw!r}")
-        if self.method not in ("rtn", "gptq"):
-            raise InvalidParameterError(f"method {self.method!r} is unknown; choose rtn or gptq")
+        from allocator.model.quant.quantizer import QUANTIZERS, default_quantizer
+
+        if self.method == "auto":
+            object.__setattr__(self, "method", default_quantizer(self.consumer))
+        if self.method not in QUANTIZERS:
+            raise InvalidParameterError(f"method {self.method!r} is unknown; choose auto, "
+                                        f"{', '.join(QUANTIZERS)}")
         if self.estimate.quantizer not in ("rtn", self.method):
             # the run forms every ΔW with the quantizer it applies the plan with (``method``)
             raise InvalidParameterError(f"the estimate's quantizer {self.estimate.quantizer!r} is not the "

@@ -78,3 +78,51 @@ def test_run_tiny_llama_with_gptq_records_the_quantizer(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quantizer"] == "gptq" and results["config"]["method"] == "gptq"
     assert run.result.verified
+
+
+def test_run_tiny_llama_for_llamacpp_uses_ggml_in_every_stage(tmp_path: Path, tiny, tiny_calib) -> None:
+    from allocator.backend import apply_plan, verify
+    from allocator.core.formats import GGUF_TYPES
+    from allocator.jobs.pipeline import RunConfig, run_pipeline
+    from allocator.model.quant import collect_importance, quantize_ggml
+
+    cfg = RunConfig(model="tiny-llama", consumer="llamacpp", estimator="salience", bpw=4.6,
+                    calib_samples=8, eval_samples=4, seq_len=32, batch_size=4, refine_rounds=1,
+                    out=tmp_path, progress=False)
+    assert cfg.method == "ggml"  # the default for --for llamacpp
+    run = run_pipeline(cfg)
+    assert run.table.metadata["quantizer"] == "ggml"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quantizer"] == "ggml" and results["config"]["method"] == "ggml"
+    assert run.result.verified
+    # the backend applies GGUF options with ggml's values, imatrix from the calibration data
+    model = tiny.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = run.result.plan
+    gguf = {u: a.option for u, a in plan.assignments.items() if a.option in GGUF_TYPES and a.option != "fp16"}
+    assert gguf
+    linear = [m for m in gguf if isinstance(model.get_submodule(m), torch.nn.Linear)]
+    imp = collect_importance(model, linear, tiny_calib, lambda b: model(**b, use_cache=False))
+    assert set(imp) == set(linear)
+    expected = {m: quantize_ggml(model.get_submodule(m).weight, o, importance=imp.get(m)).values
+                for m, o in gguf.items()}
+    try:
+        apply_plan(model, plan, method="ggml", calibration=tiny_calib)
+        assert verify(model, plan).ok
+        for m, values in expected.items():
+            assert torch.equal(model.get_submodule(m).weight, values.to(model.get_submodule(m).weight.dtype))
+    finally:
+        model.load_state_dict(state)
+
+
+def test_cli_estimate_for_llamacpp_forms_costs_with_ggml(tmp_path: Path) -> None:
+    from allocator.cli import main
+    from allocator.core.table import CostTable
+
+    out = tmp_path / "t.parquet"
+    assert main(["estimate", "tiny-llama", "--method", "salience", "--for", "llamacpp", "--samples", "4",
+                 "--seq-len", "16", "--no-progress", "-o", str(out)]) == 0
+    assert CostTable.load(out).metadata["quantizer"] == "ggml"
+    assert main(["estimate", "tiny-llama", "--method", "salience", "--for", "llamacpp", "--samples", "4",
+                 "--seq-len", "16", "--quantizer", "rtn", "--no-progress", "-o", str(out)]) == 0
+    assert CostTable.load(out).metadata["quantizer"] == "rtn"

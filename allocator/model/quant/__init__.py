@@ -5,12 +5,20 @@
 * :mod:`.ggml` — llama.cpp's own row quantizers, bit-exact, with GGUF block bytes
   (:func:`quantize_ggml`, docs/ggml-quants.md);
 * :mod:`.quantizer` — the :class:`Quantizer` contract every stage forms ``Q_fmt(W)`` through, with
-  :class:`RtnQuantizer` and :class:`GptqQuantizer` (docs/quantizer.md).
+  :class:`RtnQuantizer` and :class:`GptqQuantizer` (docs/quantizer.md);
+* :mod:`.ggml_quantizer` — :class:`GgmlQuantizer` (``ggml``): llama.cpp's quantizers for GGUF
+  options, with an imatrix from the calibration data.
 """
 
 from __future__ import annotations
 
 from allocator.model.quant.ggml import GGML_BLOCKS, GgmlQuantized, dequantize_ggml, quantize_ggml
+from allocator.model.quant.ggml_quantizer import (
+    GgmlQuantizer,
+    collect_importance,
+    ggml_quantizer,
+    ggml_values,
+)
 from allocator.model.quant.gptq import (
     ColumnFormats,
     GptqConfig,
@@ -27,6 +35,7 @@ from allocator.model.quant.quantizer import (
     Quantizer,
     RtnQuantizer,
     build_quantizer,
+    default_quantizer,
     gptq_quantizer,
 )
 from allocator.model.quant.rtn import (
@@ -41,6 +50,7 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "GGML_BLOCKS",
     "GgmlQuantized",
+    "GgmlQuantizer",
     "QUANTIZERS",
     "ColumnFormats",
     "GptqConfig",
@@ -49,11 +59,15 @@ __all__ = [
     "Quantizer",
     "RtnQuantizer",
     "build_quantizer",
+    "collect_importance",
     "collect_hessians",
     "column_formats",
+    "default_quantizer",
     "dequantize_ggml",
     "fake_quantize",
     "fake_quantize_int",
+    "ggml_quantizer",
+    "ggml_values",
     "gptq_quantize",
     "gptq_quantizer",
     "hinv_cholesky",

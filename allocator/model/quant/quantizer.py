@@ -6,6 +6,9 @@ the quantizer it will be applied with:
 
 * :class:`RtnQuantizer` (``rtn``, the default) — round to nearest per group
   (:func:`allocator.model.quant.fake_quantize`); no data.
+* :class:`~allocator.model.quant.ggml_quantizer.GgmlQuantizer` (``ggml``) — llama.cpp's exact
+  quantizers for GGUF options (importance from the calibration data, like an imatrix), RTN for
+  the others; the default of ``--for llamacpp`` (:func:`default_quantizer`).
 * :class:`GptqQuantizer` (``gptq``) — GPTQ (:func:`allocator.model.quant.gptq.gptq_quantize`) of
   each unit alone, from the input Hessian ``H = 2XXᵀ/n`` of its module, collected once over the
   calibration batches at full precision (:func:`gptq_quantizer`). Every (unit, option) result is
@@ -42,10 +45,10 @@ if TYPE_CHECKING:
     from allocator.model.quant.gptq import GptqConfig
 
 __all__ = ["DEFAULT_CACHE_BYTES", "QUANTIZERS", "GptqQuantizer", "Quantizer", "RtnQuantizer",
-           "build_quantizer", "gptq_quantizer"]
+           "build_quantizer", "default_quantizer", "gptq_quantizer"]
 
 #: quantizer names (``--method`` of ``bitalloc run``, ``--quantizer`` of ``bitalloc estimate``)
-QUANTIZERS: tuple[str, ...] = ("rtn", "gptq")
+QUANTIZERS: tuple[str, ...] = ("rtn", "gptq", "ggml")
 
 #: bytes of cached GPTQ results kept (least recently used dropped first): 2 GiB
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -205,12 +208,25 @@ def _shared(hessians: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def default_quantizer(consumer: str | None) -> str:
+    """The quantizer a plan for ``consumer`` is made with by default: ``ggml`` (llama.cpp's own
+    quantizers) for ``llamacpp``, ``rtn`` otherwise."""
+    return "ggml" if consumer == "llamacpp" else "rtn"
+
+
 def build_quantizer(name: str, model: torch.nn.Module | None = None, units: Sequence[Unit] = (),
                     batches: Sequence[Mapping[str, Any]] = (), *, kind: str = "generic",
-                    config: GptqConfig | None = None) -> Quantizer:
-    """The quantizer called ``name`` (:data:`QUANTIZERS`) for ``units`` of ``model``."""
+                    config: GptqConfig | None = None, importance: bool = True) -> Quantizer:
+    """The quantizer called ``name`` (:data:`QUANTIZERS`) for ``units`` of ``model``.
+
+    ``importance`` (ggml only): collect the imatrix from ``batches`` when there are any.
+    """
     if name == "rtn":
         return RtnQuantizer()
+    if name == "ggml":
+        from allocator.model.quant.ggml_quantizer import ggml_quantizer
+
+        return ggml_quantizer(model, units, batches, kind=kind, importance=importance)
     if name == "gptq":
         if model is None:
             raise InvalidParameterError("the GPTQ quantizer needs the model and calibration batches")

@@ -1,4 +1,4 @@
-"""llama.cpp's quantizers, exactly: ggml's row quantizers in vectorised torch, GGUF bytes out.
+"""llama.cpp's quantizers, exactly: ggml's row quantizers vectorised in numpy, GGUF bytes out.
 
 ``quantize(weight, "q4_K", importance=imatrix_column_weights)`` returns the GGUF block bytes
 ggml's ``quantize_q4_K`` writes for that tensor and the float32 weights they dequantize to.

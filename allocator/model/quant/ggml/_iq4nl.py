@@ -5,82 +5,100 @@ This is ``quantize_iq4_nl`` (what ``llama-quantize`` calls, ``ntry = 7``), i.e.
 (σ² = 2·Σx²/32 over the block) or w = x² without; d₀ = −max/−127 gives levels by nearest grid
 value, d = Σwqx/Σwq²; then the 15 candidates 1/d = (t − 127)/max, t = −7 … 7, keep the d with
 the largest (Σwqx)²/Σwq², and the final levels are the nearest grid values of x/d.
+Blocks come element-major ``[32, N]``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import numpy as np
 
 from allocator.model.quant.ggml._layout import IQ4NL_VALUES, fp16_bytes, half_at, pack_nibbles, unpack_nibbles
-from allocator.model.quant.ggml._ops import GROUP_MAX_EPS, f32, first_absmax, fp16_round, rdiv, seq_sum, sqrtf
-
-if TYPE_CHECKING:
-    import torch
+from allocator.model.quant.ggml._ops import GROUP_MAX_EPS, f32, first_absmax, fp16_round, rdiv, seq_sum
 
 __all__ = ["best_index", "dequantize_iq4_nl", "quantize_iq4_nl"]
 
 _NTRY = 7
+_GRID = np.array(IQ4NL_VALUES, dtype=np.float32)
+_LO, _HI = IQ4NL_VALUES[0], IQ4NL_VALUES[15]
+# The grid is integers, so v_k ≤ x ⟺ v_k ≤ floor(x): C's binary search's upper index
+# mu = #{k: v_k ≤ x} (clamped to 1 … 15) is a table lookup on floor(x) − v_0.
+_MU = np.clip(np.searchsorted(_GRID, np.arange(_LO, _HI + 1, dtype=np.float32), side="right"), 1, 15)
+_BELOW = _GRID[_MU - 1]
+_ABOVE = _GRID[_MU]
+_GAP = _ABOVE - _BELOW
+_ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
 
 
-def _grid() -> torch.Tensor:
-    import torch
+def _neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x clamped to the grid's range, index mu, v[mu − 1], v[mu]) of C's binary search."""
+    xc = np.clip(x, np.float32(_LO), np.float32(_HI))
+    k = np.floor(xc).astype(np.intp)
+    k -= _LO
+    return xc, k, np.take(_BELOW, k), np.take(_ABOVE, k)
 
-    return torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
+
+def _lower(xc: np.ndarray, below: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """C's ``x − v[mu−1] < v[mu] − x`` in float32."""
+    return np.less(np.subtract(xc, below), np.subtract(above, xc))
 
 
-def best_index(x: torch.Tensor) -> torch.Tensor:
+def best_index(x: np.ndarray) -> np.ndarray:
     """``best_index_int8(16, kvalues_iq4nl, x)``: the nearest grid value, the lower one unless the
-    upper is strictly nearer (``x − v[mu−1] < v[mu] − x ? mu−1 : mu``)."""
-    import torch
-
-    grid = _grid()
-    mu = torch.ones_like(x, dtype=torch.int64)  # the binary search's upper index: 1 + #{v_k ≤ x, k ≥ 1}
-    for v in IQ4NL_VALUES[1:15]:
-        mu += x >= v
-    lower = (x - torch.take(grid, mu - 1)) < (torch.take(grid, mu) - x)
-    idx = mu - lower.long()
-    idx = torch.where(x <= IQ4NL_VALUES[0], 0, idx)
-    return torch.where(x >= IQ4NL_VALUES[15], 15, idx).to(torch.int32)
+    upper is strictly nearer (``x − v[mu−1] < v[mu] − x ? mu−1 : mu``); x ≤ v₀ → 0, x ≥ v₁₅ → 15."""
+    xc, k, below, above = _neighbours(x)
+    return (np.take(_MU, k) - _lower(xc, below, above)).astype(np.int32)
 
 
-def _sums(x: torch.Tensor, w: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ w·q·x and Σ w·q·q for q = grid[best_index(inv·x)], summed as C does."""
-    import torch
+def _grid_values(x: np.ndarray) -> np.ndarray:
+    """``values[best_index(x)]`` as float32: v[mu] − [lower]·(v[mu] − v[mu−1]), exact in float32
+    (small integers), and without a data-dependent branch (``np.where`` on a random mask is slow)."""
+    xc = np.clip(x, np.float32(_LO), np.float32(_HI))
+    k = np.floor(xc).astype(np.intp)
+    k -= _LO
+    above, gap = np.take(_ABOVE, k), np.take(_GAP, k)
+    gap *= _lower(xc, above - gap, above)
+    above -= gap
+    return above
 
-    q = torch.take(_grid(), best_index(inv * x).long())
-    return seq_sum(w * q * x), seq_sum(w * q * q)
+
+def _sums(x: np.ndarray, w: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Σ (w·q)·x and Σ (w·q)·q for q = grid[best_index(inv·x)], summed as C does."""
+    q = _grid_values(inv * x)
+    wq = w * q
+    return seq_sum(wq * x), seq_sum(wq * q)
 
 
-def quantize_iq4_nl(blocks: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    """Blocks [N, 32] (importance per weight [N, 32] or None) → block_iq4_nl bytes [N, 18]."""
-    import torch
-
-    sigma2 = seq_sum(blocks * blocks) * f32(2.0 / 32)
+def quantize_iq4_nl(blocks: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    """Element-major blocks [32, N] (importance per weight [32, N] or None) → block_iq4_nl bytes [N, 18]."""
+    sq = blocks * blocks
     if qw is not None:
-        w = qw * sqrtf(sigma2.unsqueeze(-1) + blocks * blocks)
+        sigma2 = seq_sum(sq) * f32(2.0 / 32)
+        w = qw * np.sqrt(sigma2 + sq)
     else:
-        w = blocks * blocks
+        w = sq
     amax, mx = first_absmax(blocks)
     zero = amax < GROUP_MAX_EPS
-    mx = torch.where(zero, torch.ones_like(mx), mx).unsqueeze(-1)
-    d0 = (-mx) / float(IQ4NL_VALUES[0])
-    sumqx, sumq2 = _sums(blocks, w, 1 / d0)
-    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumq2))
+    mx = np.where(zero, _ONE, mx)
+    d0 = (-mx) / np.float32(IQ4NL_VALUES[0])
+    sumqx, sumq2 = _sums(blocks, w, _ONE / d0)
+    pos = sumq2 > 0
+    d = np.where(pos, sumqx / np.where(pos, sumq2, _ONE), _ZERO)
     best = d * sumqx
     for itry in range(-_NTRY, _NTRY + 1):
         sqx, sq2 = _sums(blocks, w, rdiv(float(itry + IQ4NL_VALUES[0]), mx))
         take = (sq2 > 0) & (sqx * sqx > best * sq2)
-        d = torch.where(take, sqx / sq2, d)
-        best = torch.where(take, d * sqx, best)
-    d = torch.where(zero, torch.zeros_like(d), d)
-    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-    levels = best_index(inv.unsqueeze(-1) * blocks)
-    return torch.cat([fp16_bytes(fp16_round(d)), pack_nibbles(levels[:, :16], levels[:, 16:])], dim=1)
+        if take.any():
+            np.copyto(d, sqx / np.where(take, sq2, _ONE), where=take)
+            np.copyto(best, d * sqx, where=take)
+    d = np.where(zero, _ZERO, d)
+    nz = d != 0
+    inv = np.where(nz, _ONE / np.where(nz, d, _ONE), _ZERO)
+    levels = best_index(inv * blocks).T
+    return np.concatenate([fp16_bytes(fp16_round(d)), pack_nibbles(levels[:, :16], levels[:, 16:])], axis=1)
 
 
-def dequantize_iq4_nl(data: torch.Tensor) -> torch.Tensor:
+def dequantize_iq4_nl(data: np.ndarray) -> np.ndarray:
     """``dequantize_row_iq4_nl``: y = d · kvalues[q]."""
-    import torch
-
     lo, hi = unpack_nibbles(data[:, 2:18])
-    return half_at(data, 0).unsqueeze(-1) * _grid()[torch.cat([lo, hi], dim=1).long()]
+    return half_at(data, 0)[:, None] * _GRID[np.concatenate([lo, hi], axis=1)]

@@ -4,12 +4,12 @@ Without importance weights these are ggml's ``quantize_row_*_ref``: a scale from
 extreme values and one rounding (``(int8_t)(x·id + 8.5f)`` truncates, q8_0 uses ``roundf``).
 With them, ``quantize_row_*_impl``: weights w = qw·√(σ² + x²) (σ² = the row's mean square) and
 ggml's scale search (``make_qx_quants`` for the symmetric types, ``make_qkx3_quants`` for the
-ones with a min). q8_0 ignores importance, as ggml does.
+ones with a min). q8_0 ignores importance, as ggml does. Blocks come element-major ``[32, N]``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import numpy as np
 
 from allocator.model.quant.ggml._layout import (
     bits_to_bytes,
@@ -22,58 +22,42 @@ from allocator.model.quant.ggml._layout import (
 from allocator.model.quant.ggml._ops import first_absmax, first_max, first_min, fp16_round, roundf
 from allocator.model.quant.ggml._search import make_qkx_quants, make_qx_quants
 
-if TYPE_CHECKING:
-    import torch
-
 __all__ = ["dequantize_legacy", "quantize_legacy"]
 
 
-def _inv(d: torch.Tensor) -> torch.Tensor:
+def _inv(d: np.ndarray) -> np.ndarray:
     """``id = d ? 1.0f/d : 0.0f``."""
-    import torch
+    nz = d != 0
+    return np.where(nz, np.float32(1.0) / np.where(nz, d, np.float32(1.0)), np.float32(0.0))
 
-    return torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
-
-def _trunc_codes(v: torch.Tensor) -> torch.Tensor:
+def _trunc_codes(v: np.ndarray) -> np.ndarray:
     """C's float → integer conversion (truncation toward zero)."""
-    import torch
-
-    return torch.trunc(v).to(torch.int32)
+    return np.trunc(v).astype(np.int32)
 
 
-def _nibbles_and_high(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """32 levels → 16 ``qs`` bytes (element j low, j + 16 high) and the 4 ``qh`` bytes (bit 4)."""
-    qs = pack_nibbles(levels[:, :16] & 0xF, levels[:, 16:] & 0xF)
-    return qs, bits_to_bytes((levels >> 4) & 1)
-
-
-def _ref_codes(
-    blocks: torch.Tensor, ggml_type: str
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``quantize_row_<type>_ref``: (d, min or None, levels) per block."""
-    import torch
-
+def _ref_codes(blocks: np.ndarray, ggml_type: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``quantize_row_<type>_ref``: (d, min or None, levels [32, N]) per block."""
     if ggml_type in ("q4_0", "q5_0"):
         half = 8 if ggml_type == "q4_0" else 16
         _, mx = first_absmax(blocks)
-        d = mx / float(-half)
-        codes = _trunc_codes(blocks * _inv(d).unsqueeze(-1) + (half + 0.5))
-        return d, None, codes.clamp(max=2 * half - 1)
+        d = mx / np.float32(-half)
+        codes = _trunc_codes(blocks * _inv(d) + np.float32(half + 0.5))
+        return d, None, np.minimum(codes, 2 * half - 1)
     if ggml_type in ("q4_1", "q5_1"):
         nmax = 15 if ggml_type == "q4_1" else 31
         lo, hi = first_min(blocks), first_max(blocks)
-        d = (hi - lo) / float(nmax)
-        codes = _trunc_codes((blocks - lo.unsqueeze(-1)) * _inv(d).unsqueeze(-1) + 0.5)
-        return d, lo, codes.clamp(max=15) if nmax == 15 else codes & 0xFF
-    amax = blocks.abs().amax(dim=-1)  # q8_0
-    d = amax / 127.0
-    return d, None, roundf(blocks * _inv(d).unsqueeze(-1)).to(torch.int32)
+        d = (hi - lo) / np.float32(nmax)
+        codes = _trunc_codes((blocks - lo) * _inv(d) + np.float32(0.5))
+        return d, lo, np.minimum(codes, 15) if nmax == 15 else codes & 0xFF
+    amax = np.abs(blocks).max(axis=0)  # q8_0
+    d = amax / np.float32(127.0)
+    return d, None, roundf(blocks * _inv(d)).astype(np.int32)
 
 
 def _impl_codes(
-    blocks: torch.Tensor, ggml_type: str, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    blocks: np.ndarray, ggml_type: str, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``quantize_row_<type>_impl`` with importance: (d, min or None, levels) per block."""
     if ggml_type in ("q4_0", "q5_0"):
         d, levels = make_qx_quants(blocks, 8 if ggml_type == "q4_0" else 16, weights)
@@ -85,43 +69,39 @@ def _impl_codes(
     return d, -the_min, levels
 
 
-def quantize_legacy(blocks: torch.Tensor, ggml_type: str, weights: torch.Tensor | None) -> torch.Tensor:
-    """Blocks [N, 32] (and the _impl weights w, or None for _ref) → GGUF block bytes [N, size]."""
-    import torch
-
+def quantize_legacy(blocks: np.ndarray, ggml_type: str, weights: np.ndarray | None) -> np.ndarray:
+    """Blocks [32, N] (and the _impl weights w, or None for _ref) → GGUF block bytes [N, size]."""
     if weights is None or ggml_type == "q8_0":
-        d, vmin, levels = _ref_codes(blocks, ggml_type)
+        d, vmin, levels_em = _ref_codes(blocks, ggml_type)
     else:
-        d, vmin, levels = _impl_codes(blocks, ggml_type, weights)
+        d, vmin, levels_em = _impl_codes(blocks, ggml_type, weights)
+    levels = levels_em.T
     parts = [fp16_bytes(fp16_round(d))]
     if vmin is not None:
         parts.append(fp16_bytes(fp16_round(vmin)))
     if ggml_type == "q8_0":
-        parts.append((levels & 0xFF).to(torch.uint8))
+        parts.append((levels & 0xFF).astype(np.uint8))
     elif ggml_type in ("q4_0", "q4_1"):
         parts.append(pack_nibbles(levels[:, :16] & 0xF, levels[:, 16:] & 0xF))
-    else:
-        qs, qh = _nibbles_and_high(levels)
-        parts += [qh, qs]
-    return torch.cat(parts, dim=1)
+    else:  # 16 qs bytes (element j low, j + 16 high) after the 4 qh bytes (bit 4)
+        parts += [bits_to_bytes((levels >> 4) & 1), pack_nibbles(levels[:, :16] & 0xF, levels[:, 16:] & 0xF)]
+    return np.concatenate(parts, axis=1)
 
 
-def dequantize_legacy(data: torch.Tensor, ggml_type: str) -> torch.Tensor:
+def dequantize_legacy(data: np.ndarray, ggml_type: str) -> np.ndarray:
     """``dequantize_row_<type>``: block bytes [N, size] → float32 weights [N, 32]."""
-    import torch
-
-    d = half_at(data, 0).unsqueeze(-1)
+    d = half_at(data, 0)[:, None]
     if ggml_type == "q8_0":
-        return data[:, 2:].view(torch.int8).float() * d
+        return np.ascontiguousarray(data[:, 2:]).view(np.int8).astype(np.float32) * d
     has_min = ggml_type in ("q4_1", "q5_1")
     start = 4 if has_min else 2
     if ggml_type in ("q5_0", "q5_1"):
         high = unpack_bits(data[:, start : start + 4]) << 4
         start += 4
     else:
-        high = torch.zeros((data.shape[0], 32), dtype=torch.int32)
+        high = np.zeros((data.shape[0], 32), dtype=np.int32)
     lo, hi = unpack_nibbles(data[:, start : start + 16])
-    q = torch.cat([lo, hi], dim=1) | high
+    q = np.concatenate([lo, hi], axis=1) | high
     if has_min:
-        return q.float() * d + half_at(data, 2).unsqueeze(-1)
-    return (q - (8 if ggml_type == "q4_0" else 16)).float() * d
+        return q.astype(np.float32) * d + half_at(data, 2)[:, None]
+    return (q - (8 if ggml_type == "q4_0" else 16)).astype(np.float32) * d
