@@ -30,9 +30,10 @@ def one(model: str, bpw: float, choose_with: str, args: argparse.Namespace) -> d
     from allocator.jobs import pipeline
     from allocator.model.quant import RtnQuantizer
 
-    cfg = pipeline.RunConfig(model=model, bpw=bpw, method="gptq", estimator=args.estimator,
-                             calib_samples=args.samples, eval_samples=args.eval_samples,
-                             refine_time_limit=args.refine_time, out=None, progress=False)
+    cfg = pipeline.RunConfig(model=model, bpw=bpw, method="gptq",
+                             estimate=pipeline.run_spec(args.estimator, samples=args.samples,
+                                                        progress=False),
+                             eval_samples=args.eval_samples, refine_time_limit=args.refine_time, out=None)
     build = pipeline._quantizer
     if choose_with == "rtn":  # the old behaviour: every stage before apply with RTN
         pipeline._quantizer = lambda *a, **k: RtnQuantizer()  # type: ignore[assignment]

@@ -83,12 +83,12 @@ def test_run_tiny_llama_with_gptq_records_the_quantizer(tmp_path: Path) -> None:
 def test_run_tiny_llama_for_llamacpp_uses_ggml_in_every_stage(tmp_path: Path, tiny, tiny_calib) -> None:
     from allocator.backend import apply_plan, verify
     from allocator.core.formats import GGUF_TYPES
-    from allocator.jobs.pipeline import RunConfig, run_pipeline
+    from allocator.jobs.pipeline import RunConfig, run_pipeline, run_spec
     from allocator.model.quant import collect_importance, quantize_ggml
 
-    cfg = RunConfig(model="tiny-llama", consumer="llamacpp", estimator="salience", bpw=4.6,
-                    calib_samples=8, eval_samples=4, seq_len=32, batch_size=4, refine_rounds=1,
-                    out=tmp_path, progress=False)
+    spec = run_spec("salience", samples=8, seq_len=32, batch_size=4, progress=False)
+    cfg = RunConfig(model="tiny-llama", consumer="llamacpp", bpw=4.6, estimate=spec, eval_samples=4,
+                    refine_rounds=1, out=tmp_path)
     assert cfg.method == "ggml"  # the default for --for llamacpp
     run = run_pipeline(cfg)
     assert run.table.metadata["quantizer"] == "ggml"
