@@ -127,12 +127,16 @@ def estimate_spec_of(params: Mapping[str, Any]) -> Any:
 
 
 def _job_spec(params: Mapping[str, Any]) -> Any:
-    """The job's spec, the consumer's palette (``allocator.export.palettes``) as its options."""
+    """The job's spec: the consumer's palette (``allocator.export.palettes``) as its options and,
+    unless the job names one, the consumer's own quantizer (ggml for llamacpp), as ``bitalloc
+    estimate --for`` does."""
     consumer = params.get("consumer")
     if consumer is not None:
         from allocator.export.palettes import palette_options
+        from allocator.model.quant.quantizer import default_quantizer
 
-        params = {**params, "options": palette_options(str(consumer), params.get("options"))}
+        params = {"quantizer": default_quantizer(str(consumer)), **params,
+                  "options": palette_options(str(consumer), params.get("options"))}
     return estimate_spec_of(params)
 
 
