@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import FormatKind, QuantFormat
+from allocator.model.quant.inputs import stream_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -122,33 +123,17 @@ def collect_importance(model: torch.nn.Module, modules: Sequence[str], batches: 
     Input hooks see each token's input row (the attention mask drops padding when the input is
     [B, T, in]); llama.cpp's imatrix tool accumulates the same sums over its calibration text.
     """
-    import torch
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(modules, 0)
-    current: dict[str, Any] = {}
 
-    def hook(name: str) -> Callable[..., None]:
-        def add(_mod: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-            x = inp[0].detach()
-            mask = current.get("mask")
-            if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).double()
-            s = (x * x).sum(0)
-            sums[name] = s if name not in sums else sums[name] + s
-            counts[name] += int(x.shape[0])
-        return add
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        s = (x * x).sum(0)
+        sums[name] = s if name not in sums else sums[name] + s
+        counts[name] += int(x.shape[0])
 
-    handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current["mask"] = batch.get("attention_mask")
-                forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    stream_inputs(model, modules, batches, forward, add)
     return {m: (sums[m] / max(counts[m], 1)).float().cpu() for m in modules if m in sums}
 
 

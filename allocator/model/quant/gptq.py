@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.core.errors import BackendError, InvalidParameterError
 from allocator.core.formats import FormatKind, QuantFormat
 from allocator.core.units import weight_view
+from allocator.model.quant.inputs import stream_inputs
 from allocator.model.quant.rtn import rtn_grid
 
 if TYPE_CHECKING:
@@ -238,32 +239,9 @@ def collect_hessians(
 
     The attention mask of the batch selects real tokens when the layer input is [B, T, cols].
     """
-    import torch
-
     acc: dict[str, HessianAccumulator] = {}
-    current: dict[str, Any] = {}
-    handles = []
-
-    def hook(name: str) -> Callable[..., None]:
-        def add(_mod: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-            x = inp[0]
-            mask = current.get("mask")
-            if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-                x = x[mask.bool()]
-            acc[name].add_batch(x)
-        return add
-
     for name in modules:
-        mod = model.get_submodule(name)
-        w = weight_view(mod, name)
+        w = weight_view(model.get_submodule(name), name)
         acc[name] = HessianAccumulator(int(w[0].numel()), device=w.device)
-        handles.append(mod.register_forward_pre_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current["mask"] = batch.get("attention_mask")
-                forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    stream_inputs(model, modules, batches, forward, lambda name, x: acc[name].add_batch(x))
     return acc
