@@ -209,7 +209,8 @@ def run_config(bench: Bench, method: str, consumer: str | None, args: argparse.N
 
     return RunConfig(model=bench.name, bpw=3.0, method=method, consumer=consumer, out=None,
                      estimate=run_spec(args.estimator, samples=args.calib, seq_len=args.seq_len,
-                                       seed=args.seed, progress=False),
+                                       seed=args.seed, progress=False,
+                                       options=None if consumer else args.options),
                      refine_rounds=args.rounds, refine_time_limit=args.refine_time)
 
 
@@ -380,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--evals", type=int, default=128, help="held-out texts (run's default)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--estimator", default="gauss-newton")
+    ap.add_argument("--options", default=None,
+                    help="candidate options of the GPTQ part (default: run's dense palette)")
     ap.add_argument("--rounds", type=int, default=4, help="refinement rounds (run's default)")
     ap.add_argument("--refine-time", type=float, default=300.0, help="refinement seconds per plan")
     ap.add_argument("--no-rtn-chosen", action="store_true", help="skip the RTN-chosen GPTQ plan")
