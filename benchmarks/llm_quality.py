@@ -149,9 +149,12 @@ class Bench:
         self.model = self.loaded.model.eval()
         if str(self.loaded.kind) != "causal_lm":
             raise SystemExit(f"{name} is a {self.loaded.kind}; this benchmark needs a causal LM")
-        common = {"seq_len": seq_len, "batch_size": DEFAULT_RUN_BATCH_SIZE, "seed": seed}
-        self.calib = user_data_for(self.loaded, "calibration", calib, **common)
-        self.held = list(user_data_for(self.loaded, "evaluation", evals, **common))
+        def split(name: str, n: int) -> Any:
+            return user_data_for(self.loaded, name, n, seq_len=seq_len, batch_size=DEFAULT_RUN_BATCH_SIZE,
+                                 seed=seed)
+
+        self.calib = split("calibration", calib)
+        self.held = list(split("evaluation", evals))
         self.units = list(select_units(self.loaded, discover_units(self.model),
                                        batch=next(iter(self.calib))).units)
         self.state = TensorStash(self.model.state_dict())
@@ -159,7 +162,7 @@ class Bench:
                                      model_fingerprint=self.loaded.fingerprint)
         self.fp = text_metrics(self.model, self.held, self.ref)
 
-    def measure(self, apply: Callable[[], None]) -> TextMetrics:
+    def measure(self, apply: Callable[[], object]) -> TextMetrics:
         """Apply a plan (``apply`` quantizes the weights in place), measure, restore fp weights."""
         self.state.restore(self.model)
         try:
@@ -192,6 +195,8 @@ def apply_ggml(model: Any, choice: Mapping[str, str]) -> None:
     with torch.no_grad():
         for unit, option in choice.items():
             w = get_module(model, unit).weight
+            if not isinstance(w, torch.Tensor):
+                raise SystemExit(f"unit {unit!r} has no weight tensor")
             if id(w) in done:
                 continue
             done.add(id(w))
@@ -227,7 +232,9 @@ def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) ->
     from allocator.jobs.pipeline import uniform_plans
     from allocator.jobs.refine import RefineConfig, refine_plan
 
-    opt = solvers.solve(table, budget, solver=cfg.solver, seed=cfg.estimate.seed).plan
+    # (mypy, run on this folder, takes benchmarks/solvers.py for the package)
+    opt = solvers.solve(table, budget, solver=cfg.solver,  # type: ignore[attr-defined,unused-ignore]
+                        seed=cfg.estimate.seed).plan
     if opt is None:
         raise SystemExit(f"no plan fits {budget}; raise the budget")
     below, _ = uniform_plans(table, budget.size_cap_bits(table.total_params))
@@ -251,7 +258,8 @@ def _bpw(plan: Any) -> float:
 
 
 # ---------------------------------------------------------------------------- a) GPTQ
-def gptq_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray) -> list[dict[str, Any]]:
+def gptq_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
+              keep: Callable[[dict[str, Any]], None]) -> None:
     """The ``run --method gptq`` plan, the RTN-chosen plan and uniform GPTQ at each budget."""
     from allocator.core.budget import Budget
     from allocator.model.quant import RtnQuantizer, build_quantizer
@@ -265,7 +273,6 @@ def gptq_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray) -> list[d
         t0 = time.perf_counter()
         tables[name] = (table_for(bench, run_config(bench, name, None, args), q), q)
         say(f"  {name} cost table: {time.perf_counter() - t0:.0f} s")
-    rows = []
     for bpw in args.budgets:
         budget = Budget(bpw=bpw)
         plans: dict[str, Any] = {}
@@ -287,13 +294,13 @@ def gptq_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray) -> list[d
                 row[k].update(compare(measured[k], base, idx))
         g = row["gptq-chosen"]
         row["target_met"] = bool(g["kl_ratio"]["value"] <= TARGET_RATIO and g["ppl_ratio"]["value"] <= 1.0)
-        rows.append(row)
-        say(f"  {bpw:g} bpw measured")
-    return rows
+        keep(row)
+        say(f"  {bpw:g} bpw measured: KL / uniform {g['kl_ratio']['value']:.3f}")
 
 
 # ---------------------------------------------------------------------------- b) llama.cpp
-def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray) -> list[dict[str, Any]]:
+def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
+                  keep: Callable[[dict[str, Any]], None]) -> None:
     """Each preset against the ``run --for llamacpp`` plan of exactly its size, both ggml-applied."""
     from allocator.core.budget import Budget
     from allocator.export import llamacpp_preset_plan
@@ -303,7 +310,6 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray) -> li
     t0 = time.perf_counter()
     table = table_for(bench, cfg, RtnQuantizer())
     say(f"  llamacpp cost table: {time.perf_counter() - t0:.0f} s")
-    rows = []
     for preset in args.presets:
         pplan = llamacpp_preset_plan(bench.name, preset, units=table.units)
         size_bits = float(pplan.summary.size_bits)
@@ -316,9 +322,8 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray) -> li
         kl_r, ppl_r = row["plan"]["kl_ratio"]["value"], row["plan"]["ppl_ratio"]["value"]
         need = row["preset"]["kl"]["value"] > PRESET_KL_FLOOR
         row["target_met"] = bool(kl_r <= 1.0 and ppl_r <= 1.0 and (not need or kl_r <= TARGET_RATIO))
-        rows.append(row)
-        say(f"  {preset} measured")
-    return rows
+        keep(row)
+        say(f"  {preset} measured: KL / preset {kl_r:.3f}")
 
 
 def _counts(choice: Mapping[str, str]) -> dict[str, int]:
@@ -388,8 +393,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-rtn-chosen", action="store_true", help="skip the RTN-chosen GPTQ plan")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="write the results here (row by row, as measured)")
+    ap.add_argument("--show", type=Path, help="print the tables of a saved --json file and exit")
     args = ap.parse_args(argv)
+    if args.show:
+        saved: dict[str, Any] = json.loads(args.show.read_text())
+        print_results(saved)
+        return saved
     t0 = time.perf_counter()
     bench = Bench(args.model, args.calib, args.evals, args.seq_len, args.seed)
     idx = resamples(len(bench.fp.kl), args.bootstrap, args.seed)
@@ -399,8 +409,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "bootstrap": args.bootstrap, "argv": sys.argv[1:] if argv is None else argv,
                            "fp": {"perplexity": interval(float(bench.fp.perplexity()),
                                                          bench.fp.perplexity(idx))}}
-    res["gptq"] = gptq_part(bench, args, idx) if args.budgets else []
-    res["llamacpp"] = llamacpp_part(bench, args, idx) if args.presets else []
+    res["gptq"], res["llamacpp"] = [], []
+
+    def keeper(part: str) -> Callable[[dict[str, Any]], None]:
+        def keep(row: dict[str, Any]) -> None:  # each row saved as it is measured: a long run can stop
+            res[part].append(row)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            if args.json:
+                args.json.write_text(json.dumps(res, indent=1, default=str))
+        return keep
+
+    if args.budgets:
+        gptq_part(bench, args, idx, keeper("gptq"))
+    if args.presets:
+        llamacpp_part(bench, args, idx, keeper("llamacpp"))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print_results(res)
     print(f"\n({args.model}: {res['seconds']:.0f} s)")
