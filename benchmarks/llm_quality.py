@@ -307,11 +307,18 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
     from allocator.model.quant import RtnQuantizer
 
     cfg = run_config(bench, "rtn", "llamacpp", args)
+    # the preset rules read every weight module's shape, the head counts and the tying from the
+    # loaded model (a bundled name such as smollm2 is no model directory to read them from)
+    shapes, cfg_m = weight_shapes(bench.model), getattr(bench.model, "config", None)
+    tied = bool(getattr(cfg_m, "tie_word_embeddings", False))
     t0 = time.perf_counter()
     table = table_for(bench, cfg, RtnQuantizer())
     say(f"  llamacpp cost table: {time.perf_counter() - t0:.0f} s")
     for preset in args.presets:
-        pplan = llamacpp_preset_plan(bench.name, preset, units=table.units)
+        pplan = llamacpp_preset_plan(shapes, preset, units=table.units, tied=tied,
+                                     n_head=int(cfg_m.num_attention_heads),
+                                     n_head_kv=int(getattr(cfg_m, "num_key_value_heads", None)
+                                                   or cfg_m.num_attention_heads))
         size_bits = float(pplan.summary.size_bits)
         ours, _ = run_plan(bench, table, Budget(size_bytes=size_bits / 8), cfg, RtnQuantizer())
         p_m, o_m = bench.ggml(pplan), bench.ggml(ours)
@@ -324,6 +331,12 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
         row["target_met"] = bool(kl_r <= 1.0 and ppl_r <= 1.0 and (not need or kl_r <= TARGET_RATIO))
         keep(row)
         say(f"  {preset} measured: KL / preset {kl_r:.3f}")
+
+
+def weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Module name → weight shape of every module with a 2-D weight (Linear, Embedding)."""
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
+            if getattr(m, "weight", None) is not None and m.weight.ndim == 2}
 
 
 def _counts(choice: Mapping[str, str]) -> dict[str, int]:
