@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -309,7 +309,7 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
     cfg = run_config(bench, "rtn", "llamacpp", args)
     # the preset rules read every weight module's shape, the head counts and the tying from the
     # loaded model (a bundled name such as smollm2 is no model directory to read them from)
-    shapes, cfg_m = weight_shapes(bench.model), getattr(bench.model, "config", None)
+    shapes, cfg_m = weight_shapes(bench.model), cast(Any, getattr(bench.model, "config", None))
     tied = bool(getattr(cfg_m, "tie_word_embeddings", False))
     t0 = time.perf_counter()
     table = table_for(bench, cfg, RtnQuantizer())
