@@ -1,0 +1,449 @@
+"""Real-LLM quality at equal size: bitalloc's plans against uniform GPTQ and llama.cpp's presets.
+
+For a causal LM (default ``smollm2``, SmolLM2-135M-Instruct; ``tiny-llama`` for a quick check)
+it measures on held-out data — the corpus' ``evaluation`` split, disjoint from the calibration
+split the plans are chosen on — KL(P_fp ‖ P_q) of the next-token distributions and perplexity,
+each with a bootstrap 95 % interval over evaluation texts (packed windows of ``--seq-len``
+tokens), and the ratio of each plan to its baseline with a *paired* bootstrap interval (the same
+resampled texts for both plans):
+
+a) **GPTQ** at each budget (default 3.25 and 4.25 bpw): the ``bitalloc run --method gptq`` plan
+   (dense palette, GPTQ costs, candidates and refinement: the pipeline's public stages,
+   :func:`allocator.jobs.pipeline.estimate_table`, :func:`solvers.solve`,
+   :func:`allocator.jobs.pipeline.uniform_plans`, :func:`allocator.jobs.refine.refine_plan`) vs
+   the uniform plan of exactly that size (int3-g128-asym = 3.25, int4-g128-asym = 4.25 bpw:
+   ``uniform_plans``' pick, its label and bpw printed), and the plan chosen with RTN costs but
+   applied with GPTQ (what ``--method gptq`` did before). All applied with the backend's GPTQ
+   (``apply_plan(method="gptq")``). One cost table per quantizer serves every budget.
+b) **llama.cpp** for each preset (Q2_K … Q4_K_M, :func:`allocator.export.llamacpp_preset_plan`):
+   the preset's plan, its exact size (bpw over the plan's units) and the ``bitalloc run --for
+   llamacpp`` plan solved at exactly that size (``Budget(size_bytes=…)``; costs, candidates and
+   refinement as ``run`` makes them today: with the RTN stand-ins of the GGUF types). Both are
+   applied with llama.cpp's exact quantizers, unit by unit, here in the benchmark:
+   ``quantize_ggml(W, type).values`` (no importance matrix) — until ``apply_plan`` has a ggml
+   method.
+
+Targets (issue 18): the GPTQ plan ≤ 0.85× the KL of uniform GPTQ with no worse perplexity; the
+llamacpp plan never worse than the preset (KL and perplexity) and ≤ 0.85× its KL where the
+preset's KL is above 0.01. "met" is judged on the point estimates; the intervals say how sure.
+
+    PYTHONPATH=. python benchmarks/llm_quality.py --model tiny-llama --calib 16 --evals 32 \\
+        --presets Q4_K_M --json llm_quality.json
+    PYTHONPATH=. python benchmarks/llm_quality.py --model smollm2 --calib 32 --evals 64 \\
+        --budgets 3.25 4.25 --presets Q3_K_M Q4_K_M
+
+SmolLM2's weights lie on Q4_1's grid (4 bits, 32-element blocks): ≥ 4-bit options with 32-column
+groups are nearly lossless on it; its 576-wide rows are not a multiple of 256, so llama.cpp (and
+the presets here) store most of its tensors in fallback types (q4_0, q5_0, q5_1, q8_0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BUDGETS = (3.25, 4.25)
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
+#: KL-ratio target of both parts, and the preset KL above which the llamacpp part must reach it
+TARGET_RATIO = 0.85
+PRESET_KL_FLOOR = 0.01
+
+
+# ---------------------------------------------------------------------------- per-text metrics
+@dataclass(frozen=True, kw_only=True)
+class TextMetrics:
+    """Per evaluation text: Σ KL over its tokens, its token count, Σ NLL over its targets and
+    their count. Corpus values are ratios of sums (as :func:`allocator.backend.evaluate`)."""
+
+    kl: np.ndarray
+    tokens: np.ndarray
+    nll: np.ndarray
+    targets: np.ndarray
+
+    def kl_mean(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """KL = Σ_i kl_i / Σ_i tokens_i over the texts ``idx`` (rows: bootstrap resamples)."""
+        i = np.arange(len(self.kl)) if idx is None else idx
+        return self.kl[i].sum(-1) / self.tokens[i].sum(-1)
+
+    def perplexity(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """PPL = exp(Σ_i nll_i / Σ_i targets_i)."""
+        i = np.arange(len(self.nll)) if idx is None else idx
+        return np.exp(self.nll[i].sum(-1) / self.targets[i].sum(-1))
+
+
+def resamples(n: int, draws: int, seed: int) -> np.ndarray:
+    """Bootstrap indices [draws, n]: texts drawn with replacement."""
+    return np.random.default_rng(seed).integers(0, n, size=(draws, n))
+
+
+def interval(point: float, boot: np.ndarray) -> dict[str, float]:
+    """The point estimate and the percentile 95 % interval of its bootstrap replicates."""
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"value": float(point), "lo": float(lo), "hi": float(hi)}
+
+
+def summarize(m: TextMetrics, idx: np.ndarray) -> dict[str, Any]:
+    return {"kl": interval(float(m.kl_mean()), m.kl_mean(idx)),
+            "perplexity": interval(float(m.perplexity()), m.perplexity(idx))}
+
+
+def compare(a: TextMetrics, b: TextMetrics, idx: np.ndarray) -> dict[str, Any]:
+    """Paired ratios a / b of KL and perplexity, resampling the same texts for both."""
+    return {"kl_ratio": interval(float(a.kl_mean() / b.kl_mean()), a.kl_mean(idx) / b.kl_mean(idx)),
+            "ppl_ratio": interval(float(a.perplexity() / b.perplexity()),
+                                  a.perplexity(idx) / b.perplexity(idx))}
+
+
+def text_metrics(model: Any, batches: Sequence[Mapping[str, Any]], ref: Any) -> TextMetrics:
+    """Per-text KL to the reference logits and NLL, one batch in memory at a time."""
+    import torch
+
+    from allocator.backend import next_token_nll
+    from allocator.model.distortion import kl_divergence
+    from allocator.model.outputs import forward_outputs
+
+    cols: dict[str, list[float]] = {"kl": [], "tokens": [], "nll": [], "targets": []}
+    model.eval()
+    with torch.inference_mode():
+        for b, r in zip(batches, ref.outputs, strict=True):
+            o = forward_outputs(model, b, "causal_lm").detach().float()
+            kl = kl_divergence(r, o)
+            ids = b["input_ids"]
+            mask = b.get("attention_mask")
+            valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            for i in range(o.shape[0]):
+                s, c = next_token_nll(o[i:i + 1], ids[i:i + 1], None if mask is None else mask[i:i + 1])
+                cols["kl"].append(float(kl[i][valid[i]].sum()))
+                cols["tokens"].append(float(valid[i].sum()))
+                cols["nll"].append(s)
+                cols["targets"].append(float(c))
+            del o, r, kl
+    return TextMetrics(**{k: np.asarray(v, dtype=np.float64) for k, v in cols.items()})
+
+
+# ---------------------------------------------------------------------------- the model
+class Bench:
+    """One causal LM: calibration and held-out batches, units, fp weights and reference logits."""
+
+    def __init__(self, name: str, calib: int, evals: int, seq_len: int, seed: int) -> None:
+        from allocator.backend import reference_outputs
+        from allocator.core.units import discover_units
+        from allocator.jobs.pipeline import DEFAULT_RUN_BATCH_SIZE
+        from allocator.model.data import user_data_for
+        from allocator.model.loading import load_model
+        from allocator.model.output_store import TensorStash
+        from allocator.model.unit_select import select_units
+
+        self.name = name
+        self.loaded = load_model(name)
+        self.model = self.loaded.model.eval()
+        if str(self.loaded.kind) != "causal_lm":
+            raise SystemExit(f"{name} is a {self.loaded.kind}; this benchmark needs a causal LM")
+        def split(name: str, n: int) -> Any:
+            return user_data_for(self.loaded, name, n, seq_len=seq_len, batch_size=DEFAULT_RUN_BATCH_SIZE,
+                                 seed=seed)
+
+        self.calib = split("calibration", calib)
+        self.held = list(split("evaluation", evals))
+        self.units = list(select_units(self.loaded, discover_units(self.model),
+                                       batch=next(iter(self.calib))).units)
+        self.state = TensorStash(self.model.state_dict())
+        self.ref = reference_outputs(self.model, self.held, kind="causal_lm",
+                                     model_fingerprint=self.loaded.fingerprint)
+        self.fp = text_metrics(self.model, self.held, self.ref)
+
+    def measure(self, apply: Callable[[], object]) -> TextMetrics:
+        """Apply a plan (``apply`` quantizes the weights in place), measure, restore fp weights."""
+        self.state.restore(self.model)
+        try:
+            apply()
+            return text_metrics(self.model, self.held, self.ref)
+        finally:
+            self.state.restore(self.model)
+
+    def gptq(self, plan: Any) -> TextMetrics:
+        from allocator.backend import apply_plan
+
+        return self.measure(lambda: apply_plan(self.model, plan, method="gptq",
+                                               calibration=list(self.calib), units=self.units))
+
+    def ggml(self, plan: Any) -> TextMetrics:
+        return self.measure(lambda: apply_ggml(self.model, plan.choice))
+
+
+def apply_ggml(model: Any, choice: Mapping[str, str]) -> None:
+    """Each unit (a module) quantized in place by llama.cpp's quantizer of its GGUF type; fp16
+    stays float16-rounded. Tied weights (lm_head = embedding) are quantized once, as llama.cpp
+    stores them once."""
+    import torch
+
+    from allocator.core.formats import GGUF_TYPES
+    from allocator.core.units import get_module
+    from allocator.model.quant import quantize_ggml
+
+    done: set[int] = set()
+    with torch.no_grad():
+        for unit, option in choice.items():
+            w = get_module(model, unit).weight
+            if not isinstance(w, torch.Tensor):
+                raise SystemExit(f"unit {unit!r} has no weight tensor")
+            if id(w) in done:
+                continue
+            done.add(id(w))
+            if option in GGUF_TYPES:
+                w.copy_(quantize_ggml(w.detach().float(), option).values.to(w.dtype))
+            elif option == "fp16":
+                w.copy_(w.detach().half().to(w.dtype))
+            else:
+                raise SystemExit(f"unit {unit!r}: option {option!r} is not a GGUF type")
+
+
+# ---------------------------------------------------------------------------- plans
+def run_config(bench: Bench, method: str, consumer: str | None, args: argparse.Namespace) -> Any:
+    from allocator.jobs.pipeline import RunConfig, run_spec
+
+    return RunConfig(model=bench.name, bpw=3.0, method=method, consumer=consumer, out=None,
+                     estimate=run_spec(args.estimator, samples=args.calib, seq_len=args.seq_len,
+                                       seed=args.seed, progress=False,
+                                       options=None if consumer else args.options),
+                     refine_rounds=args.rounds, refine_time_limit=args.refine_time)
+
+
+def table_for(bench: Bench, cfg: Any, quantizer: Any) -> Any:
+    from allocator.jobs.pipeline import estimate_table
+
+    return estimate_table(bench.loaded, bench.calib, cfg, bench.units, quantizer)
+
+
+def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) -> tuple[Any, Any]:
+    """What ``run`` hands out at ``budget``: the better measured of the table's optimum and the
+    uniform plan that fits, refined on calibration data; and that uniform plan."""
+    import solvers
+    from allocator.jobs.pipeline import uniform_plans
+    from allocator.jobs.refine import RefineConfig, refine_plan
+
+    # (mypy, run on this folder, takes benchmarks/solvers.py for the package)
+    opt = solvers.solve(table, budget, solver=cfg.solver,  # type: ignore[attr-defined,unused-ignore]
+                        seed=cfg.estimate.seed).plan
+    if opt is None:
+        raise SystemExit(f"no plan fits {budget}; raise the budget")
+    below, _ = uniform_plans(table, budget.size_cap_bits(table.total_params))
+    cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
+    conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours,
+                        time_limit=cfg.refine_time_limit)
+    sel = refine_plan(bench.model, cands, table, budget, list(bench.calib), bench.units,
+                      kind="causal_lm", config=conf, quantizer=quantizer)
+    bench.state.restore(bench.model)
+    return sel.plan, below
+
+
+def plan_label(plan: Any) -> str:
+    from allocator.jobs.report import plan_label as label
+
+    return str(label(plan))
+
+
+def _bpw(plan: Any) -> float:
+    return round(float(plan.summary.bpw), 4)
+
+
+# ---------------------------------------------------------------------------- a) GPTQ
+def gptq_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
+              keep: Callable[[dict[str, Any]], None]) -> None:
+    """The ``run --method gptq`` plan, the RTN-chosen plan and uniform GPTQ at each budget."""
+    from allocator.core.budget import Budget
+    from allocator.model.quant import RtnQuantizer, build_quantizer
+
+    chooser = {"gptq": build_quantizer("gptq", bench.model, bench.units, list(bench.calib),
+                                       kind="causal_lm")}
+    if not args.no_rtn_chosen:
+        chooser["rtn"] = RtnQuantizer()
+    tables = {}
+    for name, q in chooser.items():
+        t0 = time.perf_counter()
+        tables[name] = (table_for(bench, run_config(bench, name, None, args), q), q)
+        say(f"  {name} cost table: {time.perf_counter() - t0:.0f} s")
+    for bpw in args.budgets:
+        budget = Budget(bpw=bpw)
+        plans: dict[str, Any] = {}
+        for name, (table, q) in tables.items():
+            t0 = time.perf_counter()
+            plans[f"{name}-chosen"], below = run_plan(bench, table, budget,
+                                                      run_config(bench, name, None, args), q)
+            if name == "gptq":
+                plans["uniform"] = below
+            say(f"  {bpw:g} bpw, {name}-chosen plan: {time.perf_counter() - t0:.0f} s")
+        if plans["uniform"] is None:
+            raise SystemExit(f"no uniform plan fits {bpw:g} bpw; pass budgets ≥ the smallest option's")
+        measured = {k: bench.gptq(p) for k, p in plans.items()}
+        base = measured["uniform"]
+        row: dict[str, Any] = {"bpw": bpw, "uniform_label": plan_label(plans["uniform"])}
+        for k, p in plans.items():
+            row[k] = {"bpw": _bpw(p), **summarize(measured[k], idx)}
+            if k != "uniform":
+                row[k].update(compare(measured[k], base, idx))
+        g = row["gptq-chosen"]
+        row["target_met"] = bool(g["kl_ratio"]["value"] <= TARGET_RATIO and g["ppl_ratio"]["value"] <= 1.0)
+        keep(row)
+        say(f"  {bpw:g} bpw measured: KL / uniform {g['kl_ratio']['value']:.3f}")
+
+
+# ---------------------------------------------------------------------------- b) llama.cpp
+def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
+                  keep: Callable[[dict[str, Any]], None]) -> None:
+    """Each preset against the ``run --for llamacpp`` plan of exactly its size, both ggml-applied."""
+    from allocator.core.budget import Budget
+    from allocator.export import llamacpp_preset_plan
+    from allocator.model.quant import RtnQuantizer
+
+    cfg = run_config(bench, "rtn", "llamacpp", args)
+    # the preset rules read every weight module's shape, the head counts and the tying from the
+    # loaded model (a bundled name such as smollm2 is no model directory to read them from)
+    shapes, cfg_m = weight_shapes(bench.model), cast(Any, getattr(bench.model, "config", None))
+    tied = bool(getattr(cfg_m, "tie_word_embeddings", False))
+    t0 = time.perf_counter()
+    table = table_for(bench, cfg, RtnQuantizer())
+    say(f"  llamacpp cost table: {time.perf_counter() - t0:.0f} s")
+    for preset in args.presets:
+        pplan = llamacpp_preset_plan(shapes, preset, units=table.units, tied=tied,
+                                     n_head=int(cfg_m.num_attention_heads),
+                                     n_head_kv=int(getattr(cfg_m, "num_key_value_heads", None)
+                                                   or cfg_m.num_attention_heads))
+        size_bits = float(pplan.summary.size_bits)
+        ours, _ = run_plan(bench, table, Budget(size_bytes=size_bits / 8), cfg, RtnQuantizer())
+        p_m, o_m = bench.ggml(pplan), bench.ggml(ours)
+        row: dict[str, Any] = {"preset_name": preset, "preset_bpw": round(size_bits / table.total_params, 4),
+                               "preset_types": _counts(pplan.choice), "plan_types": _counts(ours.choice),
+                               "preset": {"bpw": _bpw(pplan), **summarize(p_m, idx)},
+                               "plan": {"bpw": _bpw(ours), **summarize(o_m, idx), **compare(o_m, p_m, idx)}}
+        kl_r, ppl_r = row["plan"]["kl_ratio"]["value"], row["plan"]["ppl_ratio"]["value"]
+        need = row["preset"]["kl"]["value"] > PRESET_KL_FLOOR
+        row["target_met"] = bool(kl_r <= 1.0 and ppl_r <= 1.0 and (not need or kl_r <= TARGET_RATIO))
+        keep(row)
+        say(f"  {preset} measured: KL / preset {kl_r:.3f}")
+
+
+def weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Module name → weight shape of every module with a 2-D weight (Linear, Embedding)."""
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
+            if getattr(m, "weight", None) is not None and m.weight.ndim == 2}
+
+
+def _counts(choice: Mapping[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in choice.values():
+        out[o] = out.get(o, 0) + 1
+    return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------------------- output
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _ci(d: Mapping[str, float], fmt: str = ".4g") -> str:
+    return f"{d['value']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]"
+
+
+def print_results(res: Mapping[str, Any]) -> None:
+    fp = res["fp"]["perplexity"]
+    print(f"\n### {res['model']}: {res['calib']} calibration / {res['evals']} held-out texts of "
+          f"{res['seq_len']} tokens; fp perplexity {_ci(fp)}; 95 % bootstrap intervals over texts\n")
+    if res["gptq"]:
+        print("| bpw | plan | bpw | KL | perplexity | KL / uniform | ppl / uniform | target ≤ "
+              f"{TARGET_RATIO}× KL, ppl ≤ 1× |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in res["gptq"]:
+            for k in ("uniform", "gptq-chosen", "rtn-chosen"):
+                if k not in r:
+                    continue
+                p = r[k]
+                name = f"uniform GPTQ {r['uniform_label']}" if k == "uniform" else f"{k} (GPTQ-applied)"
+                ratios = (f"{_ci(p['kl_ratio'], '.3f')} | {_ci(p['ppl_ratio'], '.4f')}"
+                          if "kl_ratio" in p else "1 | 1")
+                met = ("**met**" if r["target_met"] else "**not met**") if k == "gptq-chosen" else ""
+                print(f"| {r['bpw']:g} | {name} | {p['bpw']} | {_ci(p['kl'])} | {_ci(p['perplexity'])} | "
+                      f"{ratios} | {met} |")
+    if res["llamacpp"]:
+        print("\n| preset | bpw | preset KL | preset ppl | plan bpw | plan KL | plan ppl | KL / preset | "
+              f"ppl / preset | target (≤ 1×; ≤ {TARGET_RATIO}× KL if preset KL > {PRESET_KL_FLOOR}) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in res["llamacpp"]:
+            p, o = r["preset"], r["plan"]
+            print(f"| {r['preset_name']} | {r['preset_bpw']} | {_ci(p['kl'])} | {_ci(p['perplexity'])} | "
+                  f"{o['bpw']} | {_ci(o['kl'])} | {_ci(o['perplexity'])} | {_ci(o['kl_ratio'], '.3f')} | "
+                  f"{_ci(o['ppl_ratio'], '.4f')} | {'**met**' if r['target_met'] else '**not met**'} |")
+        for r in res["llamacpp"]:
+            print(f"\n{r['preset_name']} types: preset {r['preset_types']}; plan {r['plan_types']}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS),
+                    help="bpw of the GPTQ part (none: skip it)")
+    ap.add_argument("--presets", nargs="*", default=list(PRESETS), choices=PRESETS,
+                    help="llama-quantize presets of the llama.cpp part (none: skip it)")
+    ap.add_argument("--calib", type=int, default=128, help="calibration texts (run's default)")
+    ap.add_argument("--evals", type=int, default=128, help="held-out texts (run's default)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--estimator", default="gauss-newton")
+    ap.add_argument("--options", default=None,
+                    help="candidate options of the GPTQ part (default: run's dense palette)")
+    ap.add_argument("--rounds", type=int, default=4, help="refinement rounds (run's default)")
+    ap.add_argument("--refine-time", type=float, default=300.0, help="refinement seconds per plan")
+    ap.add_argument("--no-rtn-chosen", action="store_true", help="skip the RTN-chosen GPTQ plan")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the results here (row by row, as measured)")
+    ap.add_argument("--show", type=Path, help="print the tables of a saved --json file and exit")
+    args = ap.parse_args(argv)
+    if args.show:
+        saved: dict[str, Any] = json.loads(args.show.read_text())
+        print_results(saved)
+        return saved
+    t0 = time.perf_counter()
+    bench = Bench(args.model, args.calib, args.evals, args.seq_len, args.seed)
+    idx = resamples(len(bench.fp.kl), args.bootstrap, args.seed)
+    say(f"{args.model}: loaded, {len(bench.units)} units, reference on {len(bench.fp.kl)} texts")
+    res: dict[str, Any] = {"model": args.model, "calib": args.calib, "evals": len(bench.fp.kl),
+                           "seq_len": args.seq_len, "estimator": args.estimator, "rounds": args.rounds,
+                           "bootstrap": args.bootstrap, "argv": sys.argv[1:] if argv is None else argv,
+                           "fp": {"perplexity": interval(float(bench.fp.perplexity()),
+                                                         bench.fp.perplexity(idx))}}
+    res["gptq"], res["llamacpp"] = [], []
+
+    def keeper(part: str) -> Callable[[dict[str, Any]], None]:
+        def keep(row: dict[str, Any]) -> None:  # each row saved as it is measured: a long run can stop
+            res[part].append(row)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            if args.json:
+                args.json.write_text(json.dumps(res, indent=1, default=str))
+        return keep
+
+    if args.budgets:
+        gptq_part(bench, args, idx, keeper("gptq"))
+    if args.presets:
+        llamacpp_part(bench, args, idx, keeper("llamacpp"))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    print_results(res)
+    print(f"\n({args.model}: {res['seconds']:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
+    raise SystemExit(0)

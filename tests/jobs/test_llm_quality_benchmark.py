@@ -1,0 +1,66 @@
+"""benchmarks/llm_quality.py: its bootstrap pieces, and one tiny end-to-end run on tiny-llama."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("llm_quality", ROOT / "benchmarks" / "llm_quality.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("llm_quality", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_corpus_values_are_ratios_of_sums_and_pairs_share_resamples() -> None:
+    b = _bench()
+    a = b.TextMetrics(kl=np.array([1.0, 3.0]), tokens=np.array([2.0, 2.0]),
+                      nll=np.array([2.0, 6.0]), targets=np.array([1.0, 3.0]))
+    c = b.TextMetrics(kl=np.array([2.0, 6.0]), tokens=np.array([2.0, 2.0]),
+                      nll=np.array([2.0, 6.0]), targets=np.array([1.0, 3.0]))
+    assert float(a.kl_mean()) == pytest.approx(1.0)            # (1 + 3) / (2 + 2)
+    assert float(a.perplexity()) == pytest.approx(np.exp(2.0))  # exp((2 + 6) / (1 + 3))
+    idx = b.resamples(2, 50, seed=0)
+    r = b.compare(a, c, idx)
+    # c's KL is exactly 2× a's on every text: every paired resample gives 0.5
+    assert r["kl_ratio"] == {"value": pytest.approx(0.5), "lo": pytest.approx(0.5), "hi": pytest.approx(0.5)}
+    assert r["ppl_ratio"]["value"] == pytest.approx(1.0)
+    # unpaired, the same texts' KL varies between resamples
+    s = b.summarize(a, idx)["kl"]
+    assert s["lo"] < s["value"] < s["hi"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_tiny_llama_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "q.json"
+    res = _bench().main(["--model", "tiny-llama", "--calib", "4", "--evals", "8", "--seq-len", "32",
+                         "--budgets", "3.25", "--no-rtn-chosen", "--presets", "Q4_K_M",
+                         "--rounds", "0", "--bootstrap", "200", "--json", str(out),
+                         "--options", "int2-g128-asym,int3-g128-asym,int4-g128-asym"])
+    assert json.loads(out.read_text())["model"] == "tiny-llama"
+    (g,), (p,) = res["gptq"], res["llamacpp"]
+    assert g["uniform_label"] == "int3-g128-asym" and g["uniform"]["bpw"] == 3.25
+    assert g["gptq-chosen"]["bpw"] <= 3.25 + 1e-9
+    assert p["plan"]["bpw"] <= p["preset"]["bpw"] + 1e-9
+    spread = [g[k][m] for k in ("uniform", "gptq-chosen") for m in ("kl", "perplexity")]
+    spread += [p[k][m] for k in ("preset", "plan") for m in ("kl", "perplexity")] + [res["fp"]["perplexity"]]
+    ratios = [g["gptq-chosen"]["kl_ratio"], g["gptq-chosen"]["ppl_ratio"], p["plan"]["kl_ratio"],
+              p["plan"]["ppl_ratio"]]
+    for ci in spread + ratios:
+        assert ci["lo"] <= ci["value"] <= ci["hi"], ci
+    for ci in spread:  # texts differ: resampling them moves the corpus values
+        assert ci["lo"] < ci["hi"], ci
+    assert isinstance(g["target_met"], bool) and isinstance(p["target_met"], bool)
