@@ -26,7 +26,7 @@ __all__ = ["estimate"]
 
 
 def estimate(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
-             quantizer: Quantizer | None = None) -> CostTable:
+             prebuilt_quantizer: Quantizer | None = None) -> CostTable:
     """Estimate a cost table for ``model`` as ``spec`` says.
 
     Args:
@@ -34,8 +34,9 @@ def estimate(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
             ``"vit-digits"`` (bundled), a loaded :class:`~allocator.model.loading.LoadedModel`
             (whole-model execution only), or None (MiniLM).
         spec: what to estimate and how it executes (:class:`~sensitivity.EstimateSpec`).
-        quantizer: a ready :class:`~allocator.model.quant.Quantizer` of kind ``spec.quantizer``
-            to form ΔW with (``run`` shares its cache with refinement); None builds one.
+        prebuilt_quantizer: a built :class:`~allocator.model.quant.Quantizer` of the kind
+            ``spec.quantizer`` names, to form ΔW with (``run`` shares its cache with
+            refinement); None builds one.
 
     Raises:
         UnknownNameError, InvalidParameterError, ModelError: with one-line messages.
@@ -43,7 +44,7 @@ def estimate(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
     """
     if not isinstance(spec, EstimateSpec):
         raise InvalidParameterError(f"spec must be a sensitivity.EstimateSpec, got {spec!r}")
-    if quantizer is not None and spec.execution is not Execution.WHOLE:
+    if prebuilt_quantizer is not None and spec.execution is not Execution.WHOLE:
         raise InvalidParameterError("a ready quantizer is only taken by a whole-model estimate; "
                                     "drop it or the sequential / sharded execution")
     if spec.execution is Execution.SEQUENTIAL:
@@ -53,7 +54,7 @@ def estimate(model: str | Path | LoadedModel | None, spec: EstimateSpec, *,
         if outcome.table is None:
             raise ShardsPending(outcome)
         return outcome.table
-    return run_prepared(prepare(model, spec, quantizer=quantizer))
+    return run_prepared(prepare(model, spec, quantizer=prebuilt_quantizer))
 
 
 def _path(model: Any, what: str) -> str:

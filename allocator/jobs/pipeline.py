@@ -323,7 +323,7 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
     spec = dataclasses.replace(cfg.estimate, data=calib, units=tuple(u.name for u in units),
                                options=palette_options(cfg.consumer, cfg.candidate_options),
                                quantizer=cfg.method)
-    table = estimate(loaded, spec, quantizer=quantizer)
+    table = estimate(loaded, spec, prebuilt_quantizer=quantizer)
     if cfg.consumer is None:
         return table
     from allocator.core.units import discover_units

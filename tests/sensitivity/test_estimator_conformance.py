@@ -61,7 +61,15 @@ def test_one_entry_point_takes_the_spec() -> None:
 
     from sensitivity import estimate
 
-    assert list(inspect.signature(estimate).parameters) == ["model", "spec"]
+    params = inspect.signature(estimate).parameters
+    assert list(params)[:2] == ["model", "spec"]
+    # beyond them only runtime objects, keyword-only, never a second spelling of a spec field
+    from sensitivity import EstimateSpec
+
+    rest = list(params)[2:]
+    assert rest == ["prebuilt_quantizer"]
+    assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in rest)
+    assert not set(rest) & set(EstimateSpec.field_names())
 
 
 def test_cli_help_names_every_estimator() -> None:
