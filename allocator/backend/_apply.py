@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from allocator.backend._gptq import block_stages, collect_hessians, column_formats, gptq_quantize
+from allocator.backend._gptq import block_stages
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan, check_plan
 from allocator.core.units import is_linear_like
 from allocator.model.quant import fake_quantize
+from allocator.model.quant.gptq import collect_hessians, column_formats, gptq_quantize
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +100,7 @@ def apply_plan(
             (the importance comes from ``calibration`` when given).
         units: the discovered units (gives the column range of group units ``m[g=i]``).
         table: when given, the plan must pass :func:`allocator.core.plan.check_plan` against it.
-        blocksize, percdamp, static_groups: GPTQ settings (:class:`~._gptq.GptqConfig`).
+        blocksize, percdamp, static_groups: GPTQ settings (:class:`allocator.model.quant.gptq.GptqConfig`).
         forward: how to run a batch (default ``model(**batch)``), for GPTQ's activations.
 
     Raises:
@@ -129,7 +130,7 @@ def apply_plan(
         else:
             if not calibration:
                 raise InvalidParameterError("GPTQ needs calibration batches; pass calibration=...")
-            from allocator.backend._gptq import GptqConfig
+            from allocator.model.quant.gptq import GptqConfig
 
             cfg = GptqConfig(blocksize=blocksize, percdamp=percdamp, static_groups=static_groups)
             info = _apply_gptq(model, resolved, calibration, cfg, forward or _default_forward(model),

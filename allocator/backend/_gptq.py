@@ -1,28 +1,15 @@
-"""GPTQ for the backend: the algorithm lives on the model side, the block order here.
+"""GPTQ's block-by-block stage order for :func:`~allocator.backend.apply_plan`.
 
-The pure algorithm (:func:`gptq_quantize`, :class:`HessianAccumulator`, :func:`hinv_cholesky`,
-:func:`column_formats`, :func:`collect_hessians`) is :mod:`allocator.model.quant.gptq`, so that the
-estimators and the refiner can run the same GPTQ as the plan's quantizer
-(:class:`allocator.model.quant.GptqQuantizer`); this module re-exports it for the backend and
-adds the block-by-block stage order of :func:`~allocator.backend.apply_plan`.
+The algorithm itself (:func:`gptq_quantize`, :class:`HessianAccumulator`, :func:`collect_hessians`)
+is :mod:`allocator.model.quant.gptq`, shared with the estimators and the refiner
+(:class:`allocator.model.quant.GptqQuantizer`); import it from there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from allocator.model.quant.gptq import (
-    ColumnFormats,
-    GptqConfig,
-    HessianAccumulator,
-    collect_hessians,
-    column_formats,
-    gptq_quantize,
-    hinv_cholesky,
-)
-
-__all__ = ["ColumnFormats", "GptqConfig", "HessianAccumulator", "block_stages", "collect_hessians",
-           "column_formats", "gptq_quantize", "hinv_cholesky"]
+__all__ = ["block_stages"]
 
 
 def block_stages(module_names: Sequence[str]) -> list[list[str]]:

@@ -6,8 +6,9 @@ Per block ``b`` with cached inputs ``X_b`` (the outputs of the *already quantize
 ``0..b−1``, as in the GPTQ reference's sequential driver):
 
 * every planned Linear ``m`` of the block gets ``H_m = (2/n) Σ_t x_t x_tᵀ`` from one pass of the
-  float block over ``X_b`` (padding rows skipped, as :func:`~._gptq.collect_hessians` does);
-* all its planned linears are quantized with :func:`~._gptq.gptq_quantize` (per-unit formats);
+  float block over ``X_b`` (padding rows skipped, as
+  :func:`~allocator.model.quant.collect_hessians` does);
+* all its planned linears are quantized with :func:`~allocator.model.quant.gptq_quantize` (per-unit formats);
 * ``X_{b+1} = block_b^Q(X_b)`` is recomputed with the quantized weights.
 
 The output head (the only planned module allowed outside the blocks) is quantized last from
@@ -31,11 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, _unit_report
-from allocator.backend._gptq import GptqConfig, collect_hessians, column_formats, gptq_quantize
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan, check_plan
 from allocator.core.units import is_linear_like
+from allocator.model.quant.gptq import GptqConfig, collect_hessians, column_formats, gptq_quantize
 from allocator.model.sequential import SequentialModel
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def apply_plan_sequential(
         _collect(step.module, prefix, names, out_dir, f"block-{step.index:05d}", weight_map, kept,
                  keep_weights)
     for name in tail:
-        from allocator.backend._gptq import HessianAccumulator
+        from allocator.model.quant.gptq import HessianAccumulator
 
         w = module_weight(model, name)
         acc = HessianAccumulator(int(w.shape[1]), device=w.device)

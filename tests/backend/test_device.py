@@ -106,7 +106,7 @@ def test_the_checked_device_reaches_the_model_and_the_batches(plan_path: Path, m
 
 
 def test_gptq_hessians_live_on_the_layer_device() -> None:
-    from allocator.backend._gptq import HessianAccumulator
+    from allocator.model.quant.gptq import HessianAccumulator
 
     # meta tensors have a device but no data: enough to see where the accumulator is created
     acc = HessianAccumulator(8, device="meta")
