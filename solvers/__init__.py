@@ -23,6 +23,7 @@ from solvers._bayesian import BayesianSolver, pareto_front, search_space
 from solvers._frontier import Frontier, compute_frontier, load_measured
 from solvers._problem import Problem, build_problem
 from solvers._registry import SOLVERS, available_solvers, get_solver, solver_class
+from solvers._tolerances import within_cap
 
 __all__ = [
     "SOLVERS",
@@ -41,6 +42,7 @@ __all__ = [
     "search_space",
     "solve",
     "solver_class",
+    "within_cap",
 ]
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from allocator.core.budget import CAP_ATOL, SIZE_RTOL
 from allocator.core.errors import InvalidParameterError
 from allocator.core.result import SolveStatus
 from solvers._base import BaseSolver, RawSolution, SolverCapabilities
 from solvers._problem import Problem
+from solvers._tolerances import within_cap
 
 __all__ = ["BruteForceSolver"]
 
@@ -65,9 +65,6 @@ class BruteForceSolver(BaseSolver):
         rows = np.arange(problem.n_items)[:, None]
         mats = [problem.cost, problem.size, *(problem.resources[k] for k in sorted(problem.caps))]
         caps = [math.inf, problem.cap, *(problem.caps[k] for k in sorted(problem.caps))]
-        # the central check's tolerances (allocator.core.plan.check_rows): relative, plus an
-        # absolute one on resource caps (which may be 0)
-        slack = [0.0, 0.0, *([CAP_ATOL] * len(problem.caps))]
         tables = [m[rows, pad] for m in mats]
         best: tuple[float, int] | None = None
         for start in range(0, total, _CHUNK):
@@ -75,8 +72,8 @@ class BruteForceSolver(BaseSolver):
             digits = _digits(idx, radix)  # (n_items, chunk)
             ok = np.ones(len(idx), dtype=bool)
             sums = [t[rows, digits].sum(axis=0) for t in tables]
-            for s, cap, extra in zip(sums[1:], caps[1:], slack[1:], strict=True):
-                ok &= s <= cap * (1 + SIZE_RTOL) + extra
+            for s, cap in zip(sums[1:], caps[1:], strict=True):
+                ok &= within_cap(s, cap)
             if ok.any():
                 cost = np.where(ok, sums[0], np.inf)
                 at = int(np.argmin(cost))

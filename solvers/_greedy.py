@@ -180,6 +180,8 @@ def spend_leftover(ks: Knapsack, choice: np.ndarray) -> np.ndarray:
 def repair(problem: Problem, choice: np.ndarray, *, refill: bool = True) -> np.ndarray | None:
     """:func:`shrink_to_fit` then (optionally) :func:`spend_leftover` on ``problem``."""
     ks = Knapsack.from_problem(problem)
+    if not all(ks.slots):  # a zero cap forbids every option of some unit
+        return None
     for i, j in enumerate(choice.tolist()):
         if j not in ks.cost[i]:  # a slot a zero cap forbids: start that item at its smallest
             choice[i] = min((ks.use[i][s][0], ks.cost[i][s], s) for s in ks.slots[i])[2]

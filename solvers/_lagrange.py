@@ -12,6 +12,7 @@ otherwise the best plan is returned as ``feasible`` with the certified gap.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,21 +22,28 @@ from solvers._base import RawSolution
 from solvers._hull import lagrangian_value
 from solvers._problem import Problem
 from solvers._registry import SOLVERS, solver_class
-from solvers._tolerances import CAP_RTOL, OBJECTIVE_RTOL
+from solvers._tolerances import CAP_RTOL, OBJECTIVE_RTOL, ZERO_CAP
 
 if TYPE_CHECKING:
     from solvers._mckp import MckpConfig
 
 _SEARCH_SHARE = 0.1  # as in solvers._mckp
 _MU_MAX = 1e100  # multipliers stay far from overflow of μ·w
+_MU_MIN = 1e-300  # below it a multiplier is 0 for every cost a table holds
 
 __all__ = ["optimise_multipliers", "repair", "solve_multi"]
 
 
-def _weights(problem: Problem) -> tuple[list[np.ndarray], list[float]]:
+def _weights(problem: Problem) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """(cost, weights, caps); a zero cap's resource is forbidden outright (:func:`within_cap`)."""
     names = sorted(problem.caps)
-    return [problem.size, *(problem.resources[k] for k in names)], \
-        [problem.cap, *(problem.caps[k] for k in names)]
+    weights = [problem.size, *(problem.resources[k] for k in names)]
+    caps = [problem.cap, *(problem.caps[k] for k in names)]
+    cost = problem.cost
+    for w, b in zip(weights, caps, strict=True):
+        if b <= ZERO_CAP:
+            cost = np.where(w > 0, np.inf, cost)
+    return cost, weights, [b if b > ZERO_CAP else 0.0 for b in caps]
 
 
 def optimise_multipliers(cost: np.ndarray, weights: list[np.ndarray], caps: list[float],
@@ -57,20 +65,36 @@ def optimise_multipliers(cost: np.ndarray, weights: list[np.ndarray], caps: list
             if grad(0.0) <= 0:
                 mult[k] = 0.0
             else:
-                hi = min(max(_finite_max(base) / _least_positive(w), 1e-300), _MU_MAX)
+                hi = min(max(_finite_max(base) / _least_positive(w), _MU_MIN), _MU_MAX)
                 while grad(hi) > 0 and hi < _MU_MAX:
                     hi *= 4.0
-                lo = 0.0
-                for _ in range(steps):
-                    mid = 0.5 * (lo + hi)
-                    lo, hi = (mid, hi) if grad(mid) > 0 else (lo, mid)
-                mult[k] = hi
+                mult[k] = _bisect_log(grad, hi, steps)
             value, _ = lagrangian_value(cost, weights, mult, caps)
             best = max(best, value)
         if best - before <= OBJECTIVE_RTOL * max(1.0, abs(best)):
             break
     value, _ = lagrangian_value(cost, weights, mult, caps)
     return mult, value
+
+
+def _bisect_log(grad: Callable[[float], float], hi: float, steps: int) -> float:
+    """The least ``μ`` in ``(0, hi]`` with ``grad(μ) ≤ 0`` (``grad(hi) ≤ 0``), within ~1e-12.
+
+    The bracket starts at ``hi = max|c| / min w``, which a single resource value of 1e-300 puts
+    hundreds of decades above the breakpoint (a ratio ``Δc/Δw`` of the table); halving it
+    arithmetically 50 times would stop 15 decades short, with a bound ``−μ·b`` that drowns
+    every cost in round-off. Halving the exponent reaches the breakpoint's decade in ~10 steps.
+    """
+    lo = _MU_MIN
+    if grad(lo) <= 0:
+        return lo
+    for _ in range(steps):
+        geometric = hi > 4.0 * lo
+        mid = float(np.sqrt(lo) * np.sqrt(hi)) if geometric else 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if grad(mid) > 0 else (lo, mid)
+        if not geometric and hi - lo <= 1e-12 * hi:
+            break
+    return hi
 
 
 def _finite_max(x: np.ndarray) -> float:
@@ -132,8 +156,7 @@ def _improve(cost: np.ndarray, weights: list[np.ndarray], caps: list[float],
 
 def solve_multi(problem: Problem, cfg: MckpConfig, deadline: float) -> RawSolution:
     """Exact MCKP with resource caps (see the module docstring)."""
-    cost = problem.cost
-    weights, caps = _weights(problem)
+    cost, weights, caps = _weights(problem)
     rows = np.arange(problem.n_items)
     mult, lb = optimise_multipliers(cost, weights, caps)
     _, pen = lagrangian_value(cost, weights, mult, caps)

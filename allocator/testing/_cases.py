@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from allocator.core.budget import SIZE_RTOL, Budget
 from allocator.core.plan import allowed_mask
 from allocator.core.table import CostTable
+from solvers import within_cap
 
 __all__ = ["KNOWN_ANSWER_CASES", "KnownCase", "Optimum", "exhaustive_optimum", "problems"]
 
@@ -149,7 +150,7 @@ def exhaustive_optimum(table: CostTable, budget: Budget) -> Optimum:
     cap = budget.size_cap_bits(table.total_params)
     fits = tot[0] <= cap * (1 + SIZE_RTOL)
     for k, hi in enumerate(budget.max.values()):
-        fits &= tot[2 + k] <= hi * (1 + SIZE_RTOL) + 1e-12
+        fits &= within_cap(tot[2 + k], hi)
     cost = np.where(fits, tot[1], np.inf)
     at = int(np.argmin(cost))
     return Optimum(cost=float(cost[at]), size_bits=float(tot[0, at]) if fits.any() else None,

@@ -21,14 +21,17 @@ OPTS = ["int2-g128-asym", "int3-g128-asym", "int4-g128-asym", "int8-g128-asym", 
 
 
 def brute_force(table: CostTable, budget: Budget) -> float:
-    """Least cost over every assignment that meets every cap (inf when none does)."""
+    """Least cost over every assignment that meets every cap (inf when none does).
+
+    A zero cap forbids any use of its resource, however small (``solvers.within_cap``).
+    """
     p = solvers.build_problem(table, budget)
     best = np.inf
     for ch in itertools.product(range(p.n_slots), repeat=p.n_items):
         c, s, res = p.totals(np.array(ch))
-        if not np.isfinite(c) or s > p.cap * (1 + 1e-9):
+        if not np.isfinite(c) or not solvers.within_cap(s, p.cap):
             continue
-        if all(res[k] <= p.caps[k] * (1 + 1e-9) + 1e-12 for k in p.caps):
+        if all(solvers.within_cap(res[k], p.caps[k]) for k in p.caps):
             best = min(best, c)
     return best
 
@@ -182,3 +185,33 @@ def test_registered_and_capabilities() -> None:
     assert isinstance(s, MckpSolver)
     assert s.capabilities.exact and s.capabilities.multi_resource and s.capabilities.frontier
     assert s.params()["rel_gap"] == 1e-9
+
+
+@pytest.mark.parametrize("name", ["mckp", "ilp", "brute_force"])
+def test_zero_cap_forbids_any_use_however_small(name: str) -> None:
+    # u1's int2 uses 1e-71 bops: within the central check's absolute round-off slack, but a zero
+    # cap means none. Every exact solver must read it so, or they disagree on the optimum
+    # (CI once found mckp at cost 1 against a brute force that took the 1e-71 at cost 0).
+    opts = ["int2-g128-asym", "int3-g128-asym"]
+    t = CostTable.from_unit_costs(units=["u0", "u1", "u2"], params=[128] * 3, options=opts,
+                                  cost=[[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]],
+                                  resources={"bops": [[1.0, 0.0], [1e-71, 0.0], [0.0, 0.0]]})
+    # Room for two int3s and one int2 (1120 bits). u0 must take int3 (its int2 uses bops). Were
+    # u1's 1e-71 allowed, u1 would take int2 and u2 int3 at cost 0; as it is not, u1 takes the
+    # second int3 and u2 the int2 at cost 1.
+    budget = Budget(size_bytes=(416 + 416 + 288) / 8, max={"bops": 0.0})
+    r = solvers.solve(t, budget, solver=name)
+    assert r.status is SolveStatus.OPTIMAL, r.message
+    assert r.plan is not None and r.plan.choice["u1"] == "int3-g128-asym"
+    assert r.objective == 1.0
+
+
+@pytest.mark.parametrize("name", ["mckp", "ilp", "brute_force"])
+def test_tiny_cap_is_a_zero_cap(name: str) -> None:
+    # A cap of 1e-300 is a zero cap (solvers.within_cap); unit a uses 1e-200 in every option,
+    # below the cap's magnitude of any real resource yet not zero: no plan exists.
+    t = CostTable.from_unit_costs(units=["a", "b"], params=[128, 128], options=OPTS[:2],
+                                  cost=[[1.0, 0.0], [1.0, 0.0]],
+                                  resources={"bops": [[1e-200, 1e-200], [0.0, 0.0]]})
+    r = solvers.solve(t, Budget(bpw=8.0, max={"bops": 1e-300}), solver=name)
+    assert r.status is SolveStatus.INFEASIBLE, r.message
