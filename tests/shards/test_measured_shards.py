@@ -21,7 +21,7 @@ from sensitivity import shard_queue as q  # noqa: E402
 from sensitivity._sharded import ShardJob, run_shards  # noqa: E402
 
 # Block 0 of the tiny Llama (7 units) × 2 options on 4 short texts: seconds, not minutes.
-KW = {"samples": 4, "seq_len": 16, "batch_size": 2, "include": r"layers\.0\.",
+KW = {"samples": 4, "seq_len": 16, "batch_size": 2, "include": "*layers.0.*",
       "options": "int2-g128-asym,int4-g128-asym"}
 N_SHARDS = 4
 
@@ -151,7 +151,7 @@ def test_cli_writes_the_table_and_refuses_bad_flags(tmp_path: Path, reference: C
 
     def argv(*extra: str, options: str = KW["options"], method: str = "measured") -> list[str]:
         return ["estimate", "tiny-llama", "--method", method, "--samples", "4", "--seq-len", "16",
-                "--batch-size", "2", "--include", r"layers\.0\.", "--options", options,
+                "--batch-size", "2", "--include", "*layers.0.*", "--options", options,
                 "--no-progress", *extra]
 
     shared = ("--storage", url, "--study", "cli")
