@@ -38,17 +38,17 @@ error with a percentile bootstrap interval over plans, Kendall τ, ρ over the t
 alone (optimum + perturbed, the issue's set), and each plan's ratio to the uniform plan of the
 budget's size measured in the same run.
 
-``--diagnose`` separates the causes of a low ρ: (a) the plans' joint error measured on the
-calibration data the table was estimated on (ρ of predicted vs calibration error: the table on
-its own data; ρ of calibration vs held-out error: what any calibration-data predictor could
-reach); (b) a ``measured`` table (each unit alone at each option, on the calibration data): ρ
-of its additive sum vs held-out error — high while the default table's is low points at the
-estimator, low as well points at the additive model (units interact); (c) split-half: ρ between
-the errors measured on the odd and on the even evaluation batches (the noise of the
-measurement itself).
+``--diagnose`` (and ``--measured-table``) separate the causes of a low ρ: (a) the plans' joint
+error measured on the calibration data the table was estimated on (ρ of predicted vs calibration
+error: the table on its own data; ρ of calibration vs held-out error: what any calibration-data
+predictor could reach); (b) with ``--measured-table``, a ``measured`` table (each unit alone
+at each option, on the calibration data): ρ of its additive sum vs held-out error — high while
+the default table's is low points at the estimator, low as well points at the additive model
+(units interact); (c) split-half: ρ between the errors measured on the odd and on the even
+evaluation batches (the noise of the measurement itself).
 
     PYTHONPATH=. python benchmarks/ranking.py --models minilm tiny-llama --budgets 3.25 4.25 \\
-        --diagnose --json ranking.json
+        --diagnose --measured-table --json ranking.json
     PYTHONPATH=. python benchmarks/ranking.py --models smollm2 --budgets 3.25 --evals 32
 """
 
@@ -341,11 +341,13 @@ class Bench:
         self.refs: dict[str, Any] = {}
         self.sets: dict[str, list[Any]] = {"held-out": self.held, "calibration": self.calib,
                                            "odd": self.held[1::2], "even": self.held[0::2]}
-        # split-half needs ≥ 2 held-out batches
-        self.diagnose_sets = ["calibration"] + (["odd", "even"] if len(self.held) >= 2 else [])
-        for key in ["held-out"] + (self.diagnose_sets if args.diagnose else []):
+        # split-half needs ≥ 2 held-out batches; the halves then give the held-out error as well
+        self.halves = args.diagnose and len(self.held) >= 2
+        self.sets_measured = (["odd", "even"] if self.halves else ["held-out"]) + (
+            ["calibration"] if args.diagnose else [])
+        for key in self.sets_measured:
             self.refs[key] = reference_outputs(self.model, self.sets[key], kind=self.kind)
-        self.cache: dict[tuple[tuple[tuple[str, str], ...], str], Any] = {}
+        self.cache: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
         self.metric = "error"
 
     def table(self, cache: Path | None, method: str | None = None) -> Any:
@@ -369,20 +371,27 @@ class Bench:
             table.save(path)
         return table
 
-    def errors(self, plan: Any, sets: Sequence[str]) -> dict[str, float]:
-        """Measured error of ``plan`` on each named batch set (applied once)."""
+    def errors(self, plan: Any) -> dict[str, float]:
+        """Measured error of ``plan`` (applied once) on the held-out data and, when diagnosing, on
+        its odd and even batches and on the calibration batches. From two halves the held-out
+        error is their weighted mean e = Σ_h w_h e_h / Σ_h w_h (w: tokens for KL, samples for
+        1 − cos), which is what :func:`allocator.backend.evaluate` gives on all batches at once."""
         from allocator.backend import apply_plan, evaluate
 
         key = tuple(sorted(plan.choice.items()))
-        todo = [s for s in sets if (key, s) not in self.cache]
-        if todo:
+        if key not in self.cache:
             self.model.load_state_dict(self.state)
             apply_plan(self.model, plan, method="rtn", units=self.units)
-            for s in todo:
-                self.cache[(key, s)] = evaluate(self.model, self.sets[s], self.refs[s])
-                self.metric = self.cache[(key, s)].error_metric
+            self.cache[key] = {s: evaluate(self.model, self.sets[s], self.refs[s])
+                               for s in self.sets_measured}
             self.model.load_state_dict(self.state)
-        return {s: float(self.cache[(key, s)].error) for s in sets}
+        reps = self.cache[key]
+        self.metric = next(iter(reps.values())).error_metric
+        out = {s: float(r.error) for s, r in reps.items()}
+        if self.halves:
+            w = {h: float(reps[h].n_tokens or reps[h].n_samples) for h in ("odd", "even")}
+            out["held-out"] = sum(w[h] * out[h] for h in w) / sum(w.values())
+        return out
 
 
 def rank_budget(bench: Bench, table: Any, measured_table: Any | None, bpw: float,
@@ -391,11 +400,10 @@ def rank_budget(bench: Bench, table: Any, measured_table: Any | None, bpw: float
 
     plans, dropped = build_plans(table, bpw, sigma=args.sigma, perturbed=args.perturbed,
                                  random=args.random, band_bpw=args.band, seed=args.seed)
-    sets = ["held-out"] + (bench.diagnose_sets if args.diagnose else [])
     rows = []
     for label, plan in plans.items():
         t0 = time.perf_counter()
-        err = bench.errors(plan, sets)
+        err = bench.errors(plan)
         row = {"label": label, "bpw": plan.summary.bpw, "predicted": plan.summary.predicted_cost,
                "seconds": time.perf_counter() - t0, **err}
         if measured_table is not None:
@@ -483,7 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--band", type=float, default=0.01, help="equal-size band below the budget (bpw)")
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over plans")
     ap.add_argument("--diagnose", action="store_true",
-                    help="calibration errors, a measured table's additive sum, split-half noise")
+                    help="each plan's calibration error and split-half held-out errors")
+    ap.add_argument("--measured-table", action="store_true",
+                    help="also a measured table's additive sum per plan (one more estimate)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder for the estimated tables (reused by a later run with the same settings)")
@@ -497,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench = Bench(name, args)
         table = bench.table(args.cache)
         est_s = time.perf_counter() - t0
-        measured = bench.table(args.cache, "measured") if args.diagnose else None
+        measured = bench.table(args.cache, "measured") if args.measured_table else None
         entry: dict[str, Any] = {"model": name, "kind": bench.kind, "estimator": DEFAULT_RUN_ESTIMATOR,
                                  "units": table.n_units, "options": len(table.options),
                                  "setup_seconds": est_s, "budgets": []}
