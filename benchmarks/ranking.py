@@ -27,6 +27,8 @@ on the run's calibration batches and units (inert units left out).
 * ``rule``: a llama.cpp-style mix on the int-g128-asym ladder: from the rung below the largest
   uniform that fits, attention-value / FFN-down projections up one rung then two, then the first
   and last blocks up one, then the rest up one in order while the budget allows, then filled;
+* ``rule from O``: the same rule from the largest uniform option O below the band (int3-g128-sym
+  at 3.25), promoting to the ladder's rungs of more bits (a Q3_K_M-like mix: few units bumped);
 * ``random-k``: ``--random`` plans promoted from the same base rung in a random order by random
   1–2 rungs, then filled in random order.
 
@@ -161,12 +163,22 @@ def _block(name: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def rule_mix(table: Any, cap_bits: float, ladder: Sequence[str] = LADDER) -> dict[str, str] | None:
+def rule_mix(table: Any, cap_bits: float, ladder: Sequence[str] = LADDER,
+             base_option: str | None = None) -> dict[str, str] | None:
     """llama.cpp-style mix (module docstring) filled to the cap, unit → option; None when it
-    cannot be built (no ladder rung fits, or none above the base)."""
+    cannot be built (no ladder rung fits, or none above the base). ``base_option``: start from
+    this uniform option instead, promoting to the ladder's rungs of more bits."""
     sizes = group_sizes(table)
     rungs = ladder_rungs(sizes, ladder)
     base = base_rung(sizes, rungs, cap_bits)
+    if base_option is not None:
+        from allocator.core.formats import parse_format
+
+        if not all(base_option in opts for opts in sizes.values()):
+            return None
+        bits = parse_format(base_option).bits
+        rungs = [base_option] + [o for o in rungs if parse_format(o).bits > bits]
+        base = 0 if plan_size(sizes, dict.fromkeys(sizes, base_option)) <= cap_bits else None
     if base is None or base + 1 >= len(rungs):
         return None
     members = tie_groups(table)
@@ -226,6 +238,7 @@ def build_plans(table: Any, bpw: float, *, sigma: float = 0.7, perturbed: int = 
     label → why it was dropped). Every kept plan is distinct and in the band."""
     import solvers
     from allocator.core.budget import Budget
+    from allocator.core.formats import parse_format
     from allocator.core.plan import BitPlan
 
     budget = Budget(bpw=bpw)
@@ -267,6 +280,12 @@ def build_plans(table: Any, bpw: float, *, sigma: float = 0.7, perturbed: int = 
                                                                   band):
             offer(f"uniform {o}", dict.fromkeys(table.units, o))
     offer("rule", rule_mix(table, cap))
+    below = [(plan_size(sizes, dict.fromkeys(sizes, o)), o) for o in table.options
+             if parse_format(o).is_quantized and all(o in opts for opts in sizes.values())]
+    below = [b for b in below if b[0] <= band[0]]
+    if below:
+        base = max(below)[1]
+        offer(f"rule from {base}", rule_mix(table, cap, base_option=base))
     rng = np.random.default_rng(seed + 10_000)
     for k in range(1, random + 1):
         offer(f"random-{k}", random_mix(table, cap, rng))
