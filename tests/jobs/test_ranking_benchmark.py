@@ -55,7 +55,9 @@ def test_every_plan_has_the_budgets_size_is_distinct_and_keeps_ties(bpw: float) 
     plans, dropped = r.build_plans(table, bpw, perturbed=10, random=2, band_bpw=0.01, seed=0)
     cap = Budget(bpw=bpw).size_cap_bits(table.total_params)
     assert len(plans) >= 10, dropped
-    assert {"optimum", "rule", f"uniform int{int(bpw)}-g128-asym"} <= set(plans)
+    b = int(bpw)
+    want = {"optimum", "rule", f"uniform int{b}-g128-asym", f"rule from int{b}-g128-sym"}
+    assert want <= set(plans), dropped
     assert sum(k.startswith("perturbed") for k in plans) == 10
     keys = {tuple(sorted(p.choice.items())) for p in plans.values()}
     assert len(keys) == len(plans)  # distinct
