@@ -484,7 +484,8 @@ def print_budget(model: str, metric: str, res: Mapping[str, Any]) -> None:
     print(f"\nSpearman ρ (predicted vs held-out) **{st['spearman']:.2f}** [{st['ci'][0]:.2f}, "
           f"{st['ci'][1]:.2f}] over {st['n']} plans, Kendall τ {st['kendall']:.2f}; table-derived "
           f"plans only (optimum + perturbed, n = {st['n_table_derived']}): "
-          f"{st['spearman_table_derived']:.2f}; size vs held-out: {st['spearman_size']:.2f}")
+          f"{st['spearman_table_derived']:.2f}; size vs held-out: "
+          + (f"{st['spearman_size']:.2f}" if np.isfinite(st["spearman_size"]) else "– (one size)"))
     if "diagnose" in st:
         d = st["diagnose"]
         print(f"Diagnose: ρ predicted vs calibration {d['predicted_vs_calibration']:.2f}, calibration vs "
