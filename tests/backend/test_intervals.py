@@ -28,7 +28,8 @@ def _mean(values: np.ndarray, *, higher_is_better: bool = False) -> SampleStats:
 
 
 def test_ratio_of_sums_and_transforms_by_hand() -> None:
-    s = SampleStats(columns={"a": [1.0, 3.0], "b": [2.0, 2.0], "z": [0.0, 1.0]},
+    s = SampleStats(columns={"a": np.array([1.0, 3.0]), "b": np.array([2.0, 2.0]),
+                             "z": np.array([0.0, 1.0])},
                     metrics={"r": RatioMetric(numerator="a", denominator="b"),
                              "e": RatioMetric(numerator="a", denominator="b", transform=Transform.EXP),
                              "c": RatioMetric(numerator="a", denominator="b",
@@ -47,9 +48,9 @@ def test_ratio_of_sums_and_transforms_by_hand() -> None:
 
 def test_sample_stats_refuse_inconsistent_columns() -> None:
     with pytest.raises(InvalidParameterError, match="length"):
-        SampleStats(columns={"a": [1.0], "b": [1.0, 2.0]}, metrics={})
+        SampleStats(columns={"a": np.ones(1), "b": np.ones(2)}, metrics={})
     with pytest.raises(InvalidParameterError, match="columns"):
-        SampleStats(columns={"a": [1.0]}, metrics={"m": RatioMetric(numerator="a", denominator="b")})
+        SampleStats(columns={"a": np.ones(1)}, metrics={"m": RatioMetric(numerator="a", denominator="b")})
     with pytest.raises(InvalidParameterError, match="no metric"):
         _mean(np.ones(3)).value("x")
 
