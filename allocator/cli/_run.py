@@ -174,8 +174,8 @@ def _print_vs_uniform(out: Any, run: Any) -> None:
     if not run.vs_uniform or run.uniform_below is None or \
             run.result.plan.choice == run.uniform_below.plan.choice:
         return
-    parts = [f"{k} {'×' if c.contrast is Contrast.RATIO else '−'} {c.delta.text('.3g')}"
-             f"{' (worse)' if c.worse else ''}" for k, c in run.vs_uniform.items()]
+    parts = [f"{k} {'ratio' if c.contrast is Contrast.RATIO else 'difference'} "
+             f"{c.delta.text('.3g')}{' (worse)' if c.worse else ''}" for k, c in run.vs_uniform.items()]
     out.print(Text("vs uniform at equal size, paired 95 % intervals: " + "; ".join(parts)))
     for line in regression_warnings(run):
         out.print(Text("warning: ", style="bold red") + Text(line.replace("`", ""), style="bold"))

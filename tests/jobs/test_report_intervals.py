@@ -50,8 +50,9 @@ def _run(chosen: EvalReport, uniform: EvalReport, kind: str) -> RunResult:
                      uniform_above=None, seconds={"load": 1.0})
 
 
-def _causal(ppl_factor: float) -> RunResult:
-    """Per text: the chosen plan's KL 0.8× uniform's; its NLL ``ppl_factor``× uniform's."""
+def _causal(ppl_factor: float, noise: float = 0.0) -> RunResult:
+    """Per text: the chosen plan's KL 0.8× uniform's; its NLL ``ppl_factor``× uniform's (times
+    1 + N(0, ``noise``²) of its own)."""
     rng = np.random.default_rng(0)
     difficulty = rng.lognormal(0.0, 0.5, N)
     tokens = np.full(N, 128.0)
@@ -59,7 +60,7 @@ def _causal(ppl_factor: float) -> RunResult:
     base = {"tokens": tokens, "targets": tokens - 1, "nll_fp": nll * 0.95}
     uniform = _report("causal_lm", "kl", CAUSAL, {**base, "kl": 0.1 * tokens * difficulty, "nll": nll})
     chosen = _report("causal_lm", "kl", CAUSAL, {**base, "kl": 0.08 * tokens * difficulty,
-                                                 "nll": nll * ppl_factor})
+                                                 "nll": nll * ppl_factor * rng.normal(1, noise, N)})
     return _run(chosen, uniform, "causal_lm")
 
 
@@ -91,6 +92,14 @@ def test_no_flag_when_no_metric_is_worse_beyond_its_interval() -> None:
     md = report_markdown(run)
     assert "**Warning" not in md and "**worse**" not in md
     assert "No metric of the chosen plan is worse than the uniform plan's beyond its 95 % interval." in md
+
+
+def test_a_worse_point_estimate_within_its_interval_is_said_but_not_flagged() -> None:
+    run = _causal(1.005, noise=0.02)
+    c = run.vs_uniform["perplexity"]
+    assert c.delta.value > 1 and c.delta.lo < 1 < c.delta.hi and not run.regressions
+    md = report_markdown(run)
+    assert "| within the interval (point estimate worse) |" in md and "**Warning" not in md
 
 
 def test_an_encoder_worse_in_retrieval_is_flagged(tmp_path: Path) -> None:
@@ -128,7 +137,7 @@ def test_the_cli_prints_the_flag() -> None:
     con = Console(record=True, width=200)
     _print_vs_uniform(con, _causal(1.02))
     text = con.export_text()
-    assert "paired 95 % intervals: perplexity × " in text and "(worse)" in text
+    assert "paired 95 % intervals: perplexity ratio 1.07 [" in text and "(worse)" in text
     assert "warning: the chosen plan is worse than the uniform plan that fits" in text
     assert "on perplexity" in text
     con = Console(record=True, width=200)
