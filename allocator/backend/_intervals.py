@@ -179,17 +179,28 @@ class Comparison:
     higher_is_better: bool
 
     @property
+    def neutral(self) -> float:
+        """The ratio / difference of two equal values: 1 or 0."""
+        return 1.0 if self.contrast is Contrast.RATIO else 0.0
+
+    @property
     def worse(self) -> bool:
         """A is worse than B beyond the interval: the whole interval of the ratio / difference
-        lies on B's better side of the neutral value (1 for a ratio, 0 for a difference)."""
-        neutral = 1.0 if self.contrast is Contrast.RATIO else 0.0
-        return self.delta.hi < neutral if self.higher_is_better else self.delta.lo > neutral
+        lies on B's better side of :attr:`neutral`."""
+        d = self.delta
+        return d.hi < self.neutral if self.higher_is_better else d.lo > self.neutral
 
     @property
     def better(self) -> bool:
         """A is better than B beyond the interval."""
-        neutral = 1.0 if self.contrast is Contrast.RATIO else 0.0
-        return self.delta.lo > neutral if self.higher_is_better else self.delta.hi < neutral
+        d = self.delta
+        return d.lo > self.neutral if self.higher_is_better else d.hi < self.neutral
+
+    @property
+    def point_worse(self) -> bool:
+        """A's point estimate is worse than B's (whatever the interval)."""
+        v = self.delta.value
+        return v < self.neutral if self.higher_is_better else v > self.neutral
 
     @property
     def verdict(self) -> str:

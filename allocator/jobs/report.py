@@ -206,7 +206,7 @@ def comparison_lines(run: RunResult) -> list[str]:
              "|---|---|---|---|---|---|"]
     for k, c in run.vs_uniform.items():
         verdict = "**worse**" if c.worse else c.verdict
-        if not c.worse and not c.better and _point_worse(c):
+        if not c.worse and not c.better and c.point_worse:
             verdict += " (point estimate worse)"
         lines.append(f"| {k} | {'higher' if c.higher_is_better else 'lower'} | {c.a.text()} | "
                      f"{c.b.text()} | {_delta(c)} | {verdict} |")
@@ -215,13 +215,6 @@ def comparison_lines(run: RunResult) -> list[str]:
         return [*lines, "", "No metric of the chosen plan is worse than the uniform plan's beyond "
                 "its 95 % interval."]
     return [*lines, "", *(f"**Warning: {w}**" for w in warnings)]
-
-
-def _point_worse(c: Comparison) -> bool:
-    from allocator.backend import Contrast
-
-    neutral = 1.0 if c.contrast is Contrast.RATIO else 0.0
-    return c.delta.value < neutral if c.higher_is_better else c.delta.value > neutral
 
 
 def regression_warnings(run: RunResult) -> list[str]:

@@ -118,7 +118,7 @@ def test_direction_of_worse() -> None:
     worse = paired_comparison(_mean(base - 0.1, higher_is_better=True),
                               _mean(base, higher_is_better=True), idx)["m"]
     assert worse.contrast is Contrast.DIFFERENCE and worse.delta.value == pytest.approx(-0.1)
-    assert worse.worse and not worse.better
+    assert worse.worse and not worse.better and worse.point_worse and worse.neutral == 0.0
     better = paired_comparison(_mean(base + 0.05, higher_is_better=True),
                                _mean(base, higher_is_better=True), idx)["m"]
     assert better.better and not better.worse
