@@ -44,13 +44,21 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allocator.backend import (  # noqa: E402  (the checkout's package, after the path above)
+    Contrast,
+    SampleStats,
+    metric_intervals,
+    paired_comparison,
+    percentile_interval,
+    resamples,
+)
 
 BUDGETS = (3.25, 4.25)
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
@@ -60,75 +68,32 @@ PRESET_KL_FLOOR = 0.01
 
 
 # ---------------------------------------------------------------------------- per-text metrics
-@dataclass(frozen=True, kw_only=True)
-class TextMetrics:
-    """Per evaluation text: Σ KL over its tokens, its token count, Σ NLL over its targets and
-    their count. Corpus values are ratios of sums (as :func:`allocator.backend.evaluate`)."""
-
-    kl: np.ndarray
-    tokens: np.ndarray
-    nll: np.ndarray
-    targets: np.ndarray
-
-    def kl_mean(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """KL = Σ_i kl_i / Σ_i tokens_i over the texts ``idx`` (rows: bootstrap resamples)."""
-        i = np.arange(len(self.kl)) if idx is None else idx
-        return self.kl[i].sum(-1) / self.tokens[i].sum(-1)
-
-    def perplexity(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """PPL = exp(Σ_i nll_i / Σ_i targets_i)."""
-        i = np.arange(len(self.nll)) if idx is None else idx
-        return np.exp(self.nll[i].sum(-1) / self.targets[i].sum(-1))
+# Per evaluation text (a packed window): Σ KL over its tokens, its token count, Σ NLL over its
+# targets and their count — the per-sample sums of allocator.backend.evaluate (EvalReport.samples),
+# whose ratios of sums are the corpus values; the bootstrap is allocator.backend's.
+def summarize(m: SampleStats, idx: np.ndarray) -> dict[str, Any]:
+    """KL and perplexity, each with its percentile 95 % interval over the resamples ``idx``."""
+    ci = metric_intervals(m, idx)
+    return {"kl": ci["kl"].to_dict(), "perplexity": ci["perplexity"].to_dict()}
 
 
-def resamples(n: int, draws: int, seed: int) -> np.ndarray:
-    """Bootstrap indices [draws, n]: texts drawn with replacement."""
-    return np.random.default_rng(seed).integers(0, n, size=(draws, n))
-
-
-def interval(point: float, boot: np.ndarray) -> dict[str, float]:
-    """The point estimate and the percentile 95 % interval of its bootstrap replicates."""
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"value": float(point), "lo": float(lo), "hi": float(hi)}
-
-
-def summarize(m: TextMetrics, idx: np.ndarray) -> dict[str, Any]:
-    return {"kl": interval(float(m.kl_mean()), m.kl_mean(idx)),
-            "perplexity": interval(float(m.perplexity()), m.perplexity(idx))}
-
-
-def compare(a: TextMetrics, b: TextMetrics, idx: np.ndarray) -> dict[str, Any]:
+def compare(a: SampleStats, b: SampleStats, idx: np.ndarray) -> dict[str, Any]:
     """Paired ratios a / b of KL and perplexity, resampling the same texts for both."""
-    return {"kl_ratio": interval(float(a.kl_mean() / b.kl_mean()), a.kl_mean(idx) / b.kl_mean(idx)),
-            "ppl_ratio": interval(float(a.perplexity() / b.perplexity()),
-                                  a.perplexity(idx) / b.perplexity(idx))}
+    c = paired_comparison(a, b, idx)
+    for k in ("kl", "perplexity"):
+        if c[k].contrast is not Contrast.RATIO:
+            raise SystemExit(f"the baseline's {k} is 0 on some resample: no ratio to report")
+    return {"kl_ratio": c["kl"].delta.to_dict(), "ppl_ratio": c["perplexity"].delta.to_dict()}
 
 
-def text_metrics(model: Any, batches: Sequence[Mapping[str, Any]], ref: Any) -> TextMetrics:
+def text_metrics(model: Any, batches: Sequence[Mapping[str, Any]], ref: Any) -> SampleStats:
     """Per-text KL to the reference logits and NLL, one batch in memory at a time."""
-    import torch
+    from allocator.backend import evaluate
 
-    from allocator.backend import next_token_nll
-    from allocator.model.distortion import kl_divergence
-    from allocator.model.outputs import forward_outputs
-
-    cols: dict[str, list[float]] = {"kl": [], "tokens": [], "nll": [], "targets": []}
-    model.eval()
-    with torch.inference_mode():
-        for b, r in zip(batches, ref.outputs, strict=True):
-            o = forward_outputs(model, b, "causal_lm").detach().float()
-            kl = kl_divergence(r, o)
-            ids = b["input_ids"]
-            mask = b.get("attention_mask")
-            valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-            for i in range(o.shape[0]):
-                s, c = next_token_nll(o[i:i + 1], ids[i:i + 1], None if mask is None else mask[i:i + 1])
-                cols["kl"].append(float(kl[i][valid[i]].sum()))
-                cols["tokens"].append(float(valid[i].sum()))
-                cols["nll"].append(s)
-                cols["targets"].append(float(c))
-            del o, r, kl
-    return TextMetrics(**{k: np.asarray(v, dtype=np.float64) for k, v in cols.items()})
+    stats = evaluate(model, batches, ref).samples
+    if stats is None:
+        raise SystemExit("evaluate returned no per-sample sums")
+    return stats
 
 
 # ---------------------------------------------------------------------------- the model
@@ -162,7 +127,7 @@ class Bench:
                                      model_fingerprint=self.loaded.fingerprint)
         self.fp = text_metrics(self.model, self.held, self.ref)
 
-    def measure(self, apply: Callable[[], object]) -> TextMetrics:
+    def measure(self, apply: Callable[[], object]) -> SampleStats:
         """Apply a plan (``apply`` quantizes the weights in place), measure, restore fp weights."""
         self.state.restore(self.model)
         try:
@@ -171,13 +136,13 @@ class Bench:
         finally:
             self.state.restore(self.model)
 
-    def gptq(self, plan: Any) -> TextMetrics:
+    def gptq(self, plan: Any) -> SampleStats:
         from allocator.backend import apply_plan
 
         return self.measure(lambda: apply_plan(self.model, plan, method="gptq",
                                                calibration=list(self.calib), units=self.units))
 
-    def ggml(self, plan: Any) -> TextMetrics:
+    def ggml(self, plan: Any) -> SampleStats:
         return self.measure(lambda: apply_ggml(self.model, plan.choice))
 
 
@@ -415,13 +380,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return saved
     t0 = time.perf_counter()
     bench = Bench(args.model, args.calib, args.evals, args.seq_len, args.seed)
-    idx = resamples(len(bench.fp.kl), args.bootstrap, args.seed)
-    say(f"{args.model}: loaded, {len(bench.units)} units, reference on {len(bench.fp.kl)} texts")
-    res: dict[str, Any] = {"model": args.model, "calib": args.calib, "evals": len(bench.fp.kl),
+    idx = resamples(bench.fp.n, args.bootstrap, args.seed)
+    say(f"{args.model}: loaded, {len(bench.units)} units, reference on {bench.fp.n} texts")
+    res: dict[str, Any] = {"model": args.model, "calib": args.calib, "evals": bench.fp.n,
                            "seq_len": args.seq_len, "estimator": args.estimator, "rounds": args.rounds,
                            "bootstrap": args.bootstrap, "argv": sys.argv[1:] if argv is None else argv,
-                           "fp": {"perplexity": interval(float(bench.fp.perplexity()),
-                                                         bench.fp.perplexity(idx))}}
+                           "fp": {"perplexity": percentile_interval(
+                               float(bench.fp.value("perplexity_fp")),
+                               np.asarray(bench.fp.value("perplexity_fp", idx))).to_dict()}}
     res["gptq"], res["llamacpp"] = [], []
 
     def keeper(part: str) -> Callable[[dict[str, Any]], None]:

@@ -5,7 +5,8 @@
   safetensors of a model directory (``docs/sequential.md``).
 * :func:`verify` — read the weights back and check levels, group size, bits and bpw per unit.
 * :func:`evaluate` — perplexity / KL / embedding cosine / retrieval agreement / accuracy against
-  cached full-precision outputs (:func:`reference_outputs`).
+  cached full-precision outputs (:func:`reference_outputs`), with per-sample sums for bootstrap
+  intervals (:class:`SampleStats`, :func:`metric_intervals`, :func:`paired_comparison`).
 
 Importing this package does not import torch; the functions do.
 """
@@ -20,22 +21,46 @@ from allocator.backend._evaluate import (
     data_fingerprint,
     evaluate,
     next_token_nll,
+    next_token_nll_rows,
     reference_outputs,
     retrieval_agreement,
+    retrieval_hits,
+)
+from allocator.backend._intervals import (
+    DEFAULT_DRAWS,
+    DEFAULT_LEVEL,
+    Comparison,
+    Contrast,
+    Interval,
+    RatioMetric,
+    SampleStats,
+    Transform,
+    metric_intervals,
+    paired_comparison,
+    percentile_interval,
+    resamples,
 )
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.backend._sequential import SequentialApplyResult, apply_plan_sequential
 from allocator.backend._verify import Mismatch, PlanMismatchError, UnitCheck, VerifyReport, verify
 
 __all__ = [
+    "DEFAULT_DRAWS",
+    "DEFAULT_LEVEL",
     "ApplyMethod",
     "ApplyReport",
+    "Comparison",
+    "Contrast",
     "EvalReport",
+    "Interval",
     "Mismatch",
     "PlanMismatchError",
+    "RatioMetric",
     "ReferenceOutputs",
     "ResolvedUnit",
+    "SampleStats",
     "SequentialApplyResult",
+    "Transform",
     "UnitApplied",
     "UnitCheck",
     "VerifyReport",
@@ -44,10 +69,16 @@ __all__ = [
     "clear_reference_cache",
     "data_fingerprint",
     "evaluate",
+    "metric_intervals",
     "module_weight",
     "next_token_nll",
+    "next_token_nll_rows",
+    "paired_comparison",
+    "percentile_interval",
     "reference_outputs",
+    "resamples",
     "resolve_plan",
     "retrieval_agreement",
+    "retrieval_hits",
     "verify",
 ]

@@ -17,6 +17,11 @@ Full-precision reference outputs are kept per batch in an
 128k-vocabulary model's held-out logits do not fit in memory, and KL needs every position's whole
 distribution), cached by (model fingerprint, data fingerprint, kind), and optionally on disk under
 ``cache_dir``. :func:`evaluate` streams: one batch's outputs and its reference at a time.
+
+Each metric is a ratio of sums over the evaluation samples (rows of a batch: a text, a packed
+window, an image), and :attr:`EvalReport.samples` keeps those per-sample sums (a few floats per
+sample) so that :meth:`EvalReport.intervals` and :meth:`EvalReport.compare` can bootstrap them
+(:mod:`allocator.backend._intervals`); the metrics are computed from the same sums.
 """
 
 from __future__ import annotations
@@ -28,6 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from allocator.backend._intervals import (
+    DEFAULT_DRAWS,
+    DEFAULT_LEVEL,
+    Comparison,
+    Interval,
+    RatioMetric,
+    SampleStats,
+    Transform,
+    metric_intervals,
+    paired_comparison,
+    resamples,
+)
 from allocator.core.errors import InvalidParameterError
 from allocator.model.distortion import cosine_distance, kl_divergence
 from allocator.model.kind import ModelKind
@@ -44,8 +61,10 @@ __all__ = [
     "data_fingerprint",
     "evaluate",
     "next_token_nll",
+    "next_token_nll_rows",
     "reference_outputs",
     "retrieval_agreement",
+    "retrieval_hits",
 ]
 
 _KINDS = tuple(k.value for k in ModelKind)
@@ -72,17 +91,45 @@ class EvalReport:
     n_samples: int
     n_tokens: int = 0
     info: Mapping[str, Any] = field(default_factory=dict)
+    #: per-sample sums every metric is computed from (None: built without them)
+    samples: SampleStats | None = None
 
     @property
     def error(self) -> float:
         """The comparison metric (KL for logits, 1 − cosine for embeddings); lower is better."""
         return float(self.metrics[self.error_metric])
 
+    def intervals(self, *, draws: int = DEFAULT_DRAWS, seed: int = 0,
+                  level: float = DEFAULT_LEVEL) -> dict[str, Interval]:
+        """Each metric with its percentile bootstrap interval over the evaluation samples
+        (``draws`` resamples from ``seed``); empty without :attr:`samples`."""
+        if self.samples is None or self.samples.n == 0:
+            return {}
+        return metric_intervals(self.samples, resamples(self.samples.n, draws, seed), level)
+
+    def compare(self, baseline: EvalReport, *, draws: int = DEFAULT_DRAWS, seed: int = 0,
+                level: float = DEFAULT_LEVEL) -> dict[str, Comparison]:
+        """This evaluation against ``baseline`` on the same samples, per metric: the paired
+        bootstrap interval of the ratio (lower is better) or difference (higher is better);
+        empty when either has no :attr:`samples`."""
+        a, b = self.samples, baseline.samples
+        if a is None or b is None or a.n == 0:
+            return {}
+        return paired_comparison(a, b, resamples(a.n, draws, seed), level)
+
 
 # ------------------------------------------------------------------ pure metric functions
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
                    mask: torch.Tensor | None) -> tuple[float, int]:
     """(Σ −log p(x_{t+1} | x_≤t), number of targets) over positions with mask[t] = mask[t+1] = 1."""
+    nll, count = next_token_nll_rows(logits, input_ids, mask)
+    return float(nll.sum()), int(count.sum())
+
+
+def next_token_nll_rows(logits: torch.Tensor, input_ids: torch.Tensor,
+                        mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row b: (Σ_t −log p(x_{b,t+1} | x_{b,≤t}) in float64, number of targets), over positions
+    with mask[b,t] = mask[b,t+1] = 1."""
     import torch
 
     tgt = input_ids[:, 1:]
@@ -100,7 +147,7 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
         valid = torch.ones_like(tgt, dtype=torch.bool)
     else:
         valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    return float(nll[valid].sum()), int(valid.sum())
+    return torch.where(valid, nll, 0.0).sum(-1), valid.sum(-1)
 
 
 #: float64 elements of one block of rows in :func:`next_token_nll` (32 MiB)
@@ -113,6 +160,14 @@ def retrieval_agreement(ref: torch.Tensor, emb: torch.Tensor, *, k: int = 5,
 
     Neighbours are ranked by cosine similarity among all rows, the query itself excluded.
     """
+    hits = retrieval_hits(ref, emb, k=k, n_queries=n_queries)
+    return sum(hits) / len(hits)
+
+
+def retrieval_hits(ref: torch.Tensor, emb: torch.Tensor, *, k: int = 5,
+                   n_queries: int | None = None) -> list[float]:
+    """|top-k_fp(q) ∩ top-k_q(q)| / k for each query q (the first ``n_queries`` rows), in order
+    (:func:`retrieval_agreement` is their mean)."""
     import torch
 
     n = ref.shape[0]
@@ -128,8 +183,7 @@ def retrieval_agreement(ref: torch.Tensor, emb: torch.Tensor, *, k: int = 5,
     sims_b[idx, idx] = -math.inf
     top_a = sims_a.topk(k, dim=1).indices.tolist()
     top_b = sims_b.topk(k, dim=1).indices.tolist()
-    total = sum(len(set(x) & set(y)) / k for x, y in zip(top_a, top_b, strict=True))
-    return total / m
+    return [len(set(x) & set(y)) / k for x, y in zip(top_a, top_b, strict=True)]
 
 
 # ------------------------------------------------------------------ reference outputs
@@ -281,16 +335,43 @@ def evaluate(
     return sums.report()
 
 
+# the metrics of each model kind, as ratios of the per-sample sums _Sums collects
+def _causal_metrics() -> dict[str, RatioMetric]:
+    return {"perplexity": RatioMetric(numerator="nll", denominator="targets", transform=Transform.EXP),
+            "perplexity_fp": RatioMetric(numerator="nll_fp", denominator="targets",
+                                         transform=Transform.EXP, compare=False),
+            "kl": RatioMetric(numerator="kl", denominator="tokens")}
+
+
+def _encoder_metrics(k: int) -> dict[str, RatioMetric]:
+    return {"cosine": RatioMetric(numerator="cos_distance", denominator="count",
+                                  transform=Transform.COMPLEMENT, higher_is_better=True, compare=False),
+            "cos_distance": RatioMetric(numerator="cos_distance", denominator="count"),
+            f"retrieval@{k}": RatioMetric(numerator="hit", denominator="query", higher_is_better=True)}
+
+
+def _classifier_metrics(labelled: bool) -> dict[str, RatioMetric]:
+    metrics = {"agreement": RatioMetric(numerator="agree", denominator="count", higher_is_better=True),
+               "kl": RatioMetric(numerator="kl", denominator="count")}
+    if labelled:
+        metrics["accuracy"] = RatioMetric(numerator="correct", denominator="count",
+                                          higher_is_better=True)
+    return metrics
+
+
 class _Sums:
-    """Running sums of the per-batch metrics (in batch order, as one pass over a list would)."""
+    """Per-sample sums of the metrics, batch by batch (rows in batch order)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.refs: list[torch.Tensor] = []  # encoder embeddings ([B, H], small): kept for retrieval
         self.outs: list[torch.Tensor] = []
-        self.nll = self.nll_fp = self.kl_sum = self.correct = self.agree = 0.0
-        self.n_tgt = self.n_tok = self.n = 0
+        self.cols: dict[str, list[float]] = {}
         self.labelled = True
+
+    def _extend(self, **cols: Any) -> None:
+        for name, v in cols.items():
+            self.cols.setdefault(name, []).extend(float(x) for x in v.reshape(-1).tolist())
 
     def add(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
         if self.kind == "encoder":
@@ -302,50 +383,58 @@ class _Sums:
             self._add_classifier(b, r, o)
 
     def _add_causal(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
+        import torch
 
         mask = b.get("attention_mask")
-        s, c = next_token_nll(o, b["input_ids"], mask)
-        s_fp, _ = next_token_nll(r, b["input_ids"], mask)
-        self.nll, self.nll_fp, self.n_tgt = self.nll + s, self.nll_fp + s_fp, self.n_tgt + c
+        nll, targets = next_token_nll_rows(o, b["input_ids"], mask)
+        nll_fp, _ = next_token_nll_rows(r, b["input_ids"], mask)
         kl = kl_divergence(r, o)
-        m = mask.bool() if mask is not None else None
-        self.kl_sum += float(kl[m].sum() if m is not None else kl.sum())
-        self.n_tok += int(m.sum()) if m is not None else int(kl.numel())
-        self.n += int(o.shape[0])
+        valid = mask.bool().to(kl.device) if mask is not None else torch.ones_like(kl, dtype=torch.bool)
+        self._extend(kl=torch.where(valid, kl, 0.0).sum(-1), tokens=valid.sum(-1), nll=nll,
+                     targets=targets, nll_fp=nll_fp)
 
     def _add_classifier(self, b: Mapping[str, Any], r: torch.Tensor, o: torch.Tensor) -> None:
+        import torch
 
         r2, o2 = r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])
         pred = o2.argmax(-1)
-        self.agree += float((pred == r2.argmax(-1)).sum())
-        self.kl_sum += float(kl_divergence(r2, o2).sum())
+        self._extend(agree=pred == r2.argmax(-1), kl=kl_divergence(r2, o2),
+                     count=torch.ones(pred.shape[0]))
         y = b.get("labels", b.get("label"))
         self.labelled = self.labelled and y is not None
         if self.labelled:
-            self.correct += float((pred == y.reshape(-1)).sum())
-        self.n += int(o2.shape[0])
+            self._extend(correct=pred == y.reshape(-1))
 
     def report(self) -> EvalReport:
+        import numpy as np
+
+        cols = {k: np.asarray(v, dtype=np.float64) for k, v in self.cols.items()}
         if self.kind == ModelKind.CAUSAL_LM:
-            metrics = {"perplexity": math.exp(self.nll / max(self.n_tgt, 1)),
-                       "perplexity_fp": math.exp(self.nll_fp / max(self.n_tgt, 1)),
-                       "kl": self.kl_sum / max(self.n_tok, 1)}
-            return EvalReport(kind=ModelKind.CAUSAL_LM.value, metrics=metrics, error_metric="kl",
-                              n_samples=self.n, n_tokens=self.n_tok)
-        n = max(self.n, 1)
-        metrics = {"agreement": self.agree / n, "kl": self.kl_sum / n}
-        if self.labelled:
-            metrics["accuracy"] = self.correct / n
-        return EvalReport(kind="classifier", metrics=metrics, error_metric="kl", n_samples=self.n)
+            stats = SampleStats(columns=cols, metrics=_causal_metrics())
+            return EvalReport(kind=ModelKind.CAUSAL_LM.value, metrics=stats.values(),
+                              error_metric="kl", n_samples=stats.n,
+                              n_tokens=int(cols["tokens"].sum()) if stats.n else 0, samples=stats)
+        if not self.labelled:
+            cols.pop("correct", None)
+        stats = SampleStats(columns=cols, metrics=_classifier_metrics(self.labelled))
+        return EvalReport(kind="classifier", metrics=stats.values(), error_metric="kl",
+                          n_samples=stats.n, samples=stats)
 
 
 def _encoder_report(refs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *, k: int,
                     n_queries: int | None) -> EvalReport:
+    import numpy as np
     import torch
 
     ref, emb = torch.cat(list(refs)), torch.cat(list(outs))
-    cos_d = cosine_distance(ref, emb)
-    metrics = {"cosine": float(1 - cos_d.mean()), "cos_distance": float(cos_d.mean()),
-               f"retrieval@{k}": retrieval_agreement(ref, emb, k=k, n_queries=n_queries)}
-    return EvalReport(kind="encoder", metrics=metrics, error_metric="cos_distance",
-                      n_samples=int(ref.shape[0]))
+    n = int(ref.shape[0])
+    hits = retrieval_hits(ref, emb, k=k, n_queries=n_queries)
+    query = np.zeros(n)
+    query[:len(hits)] = 1.0
+    hit = np.zeros(n)
+    hit[:len(hits)] = hits
+    stats = SampleStats(columns={"cos_distance": cosine_distance(ref, emb).cpu().numpy(),
+                                 "count": np.ones(n), "hit": hit, "query": query},
+                        metrics=_encoder_metrics(k))
+    return EvalReport(kind="encoder", metrics=stats.values(), error_metric="cos_distance",
+                      n_samples=n, samples=stats)

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
+    from rich.text import Text
 
     from allocator.backend import apply_plan, evaluate, reference_outputs
     from allocator.core.plan import BitPlan
@@ -58,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
     metrics = list(rows[0][2].metrics)
     for col in ("plan", "bpw", *metrics):
         table.add_column(col, justify="left" if col == "plan" else "right")
+    table.caption = "value [95 % bootstrap interval over the held-out samples]"
     for path, plan, rep in rows:
-        table.add_row(str(path), f"{plan.summary.bpw:.4f}", *(f"{rep.metrics[m]:.4g}" for m in metrics))
+        ci = rep.intervals()
+        # Text: an interval such as [nan, nan] is no rich markup tag
+        table.add_row(str(path), f"{plan.summary.bpw:.4f}", *(Text(
+            f"{rep.metrics[m]:.4g}" + (f" [{ci[m].lo:.4g}, {ci[m].hi:.4g}]" if m in ci else ""))
+            for m in metrics))
     console().print(table)
     return 0

@@ -148,6 +148,7 @@ def execute(cfg: Any) -> int:
     if run.worse_than_uniform:
         out.print("[bold red]warning:[/bold red] the chosen plan measured worse than the uniform plan "
                   "that fits on held-out data; see report.md")
+    _print_vs_uniform(out, run)
     if run.excluded:
         out.print(f"left out of the budget: {len(run.excluded)} unit(s), see report.md "
                   f"(e.g. {next(iter(run.excluded))}: {next(iter(run.excluded.values()))})")
@@ -160,6 +161,24 @@ def execute(cfg: Any) -> int:
         out.print(f"{name:9s} -> {path}")
     out.print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0 if run.result.verified else 1
+
+
+def _print_vs_uniform(out: Any, run: Any) -> None:
+    """The handed-out plan against the uniform plan that fits, per metric (paired 95 % intervals),
+    and a bold warning for each metric on which it is worse beyond its interval."""
+    from rich.text import Text
+
+    from allocator.backend import Contrast
+    from allocator.jobs.report import regression_warnings
+
+    if not run.vs_uniform or run.uniform_below is None or \
+            run.result.plan.choice == run.uniform_below.plan.choice:
+        return
+    parts = [f"{k} {'ratio' if c.contrast is Contrast.RATIO else 'difference'} "
+             f"{c.delta.text('.3g')}{' (worse)' if c.worse else ''}" for k, c in run.vs_uniform.items()]
+    out.print(Text("vs uniform at equal size, paired 95 % intervals: " + "; ".join(parts)))
+    for line in regression_warnings(run):
+        out.print(Text("warning: ", style="bold red") + Text(line.replace("`", ""), style="bold"))
 
 
 def run(args: argparse.Namespace) -> int:

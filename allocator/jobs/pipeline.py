@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from allocator.model.kind import ModelKind
 if TYPE_CHECKING:
     import torch
 
-    from allocator.backend import EvalReport
+    from allocator.backend import Comparison, EvalReport, Interval
     from allocator.model.quant import Quantizer
     from sensitivity import EstimateSpec
 
@@ -242,6 +243,27 @@ class RunResult:
         below = self.uniform_below
         return below is not None and self.result.report.error > below.report.error
 
+    def intervals(self, row: PlanResult) -> dict[str, Interval]:
+        """Each held-out metric of ``row`` with its 95 % bootstrap interval over the evaluation
+        samples (resamples seeded with the run's seed)."""
+        return row.report.intervals(seed=self.config.estimate.seed)
+
+    @cached_property
+    def vs_uniform(self) -> dict[str, Comparison]:
+        """The handed-out plan against the uniform plan that fits, per held-out metric: the
+        paired 95 % interval of their ratio (lower is better) or difference (higher is better),
+        both plans resampled on the same evaluation samples; empty without a uniform plan."""
+        below = self.uniform_below
+        if below is None:
+            return {}
+        return self.result.report.compare(below.report, seed=self.config.estimate.seed)
+
+    @property
+    def regressions(self) -> list[Comparison]:
+        """The metrics (optimised or not) on which the handed-out plan is worse than the uniform
+        plan that fits beyond the paired 95 % interval."""
+        return [c for c in self.vs_uniform.values() if c.worse]
+
 
 def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None, BitPlan | None]:
     """(largest-bits uniform int plan with size ≤ budget, smallest uniform int plan above it).
@@ -429,6 +451,9 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
         log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
                     plan_label(run.uniform_below.plan) if run.uniform_below else "",
                     run.result.report.error, run.uniform_below.report.error if run.uniform_below else 0)
+    for c in run.regressions:
+        log.warning("the chosen plan is worse than the uniform plan that fits on %s beyond the 95 %% "
+                    "interval: %s vs %s", c.metric, c.a.text(), c.b.text())
     if cfg.out is not None:
         run = write_outputs(run, front, cfg.out, files=write.files)
     return run

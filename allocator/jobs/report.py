@@ -1,5 +1,10 @@
 """What a run leaves behind: ``plan.json``, ``table.parquet``, ``frontier.png``, ``results.json``
-(:func:`run_summary`, also the service run job's result) and ``report.md``."""
+(:func:`run_summary`, also the service run job's result), ``report.md`` and, when the handed-out
+plan is worse than the uniform plan that fits on some held-out metric, ``plan-uniform.json``.
+
+Every held-out metric is reported with its 95 % bootstrap interval over the evaluation samples,
+and the handed-out plan is compared with the uniform plan that fits on the same samples
+(paired intervals; :meth:`allocator.jobs.pipeline.RunResult.vs_uniform`)."""
 
 from __future__ import annotations
 
@@ -10,18 +15,25 @@ from typing import TYPE_CHECKING, Any
 from allocator.core.atomic import atomic_write_text
 
 if TYPE_CHECKING:
+    from allocator.backend import Comparison, Interval
     from allocator.core.plan import BitPlan
     from allocator.jobs.pipeline import RunResult
     from allocator.jobs.refine import RefineResult
 
-__all__ = ["excluded_lines", "frontier_title", "plan_label", "report_markdown", "run_summary",
-           "selection_lines", "write_outputs"]
+__all__ = ["UNIFORM_PLAN_FILE", "comparison_lines", "excluded_lines", "frontier_title", "plan_label",
+           "regression_warnings", "report_markdown", "run_summary", "selection_lines", "write_outputs"]
+
+#: the uniform plan that fits, written beside plan.json when the handed-out plan is worse than it
+#: on some held-out metric (the alternative the report offers)
+UNIFORM_PLAN_FILE = "plan-uniform.json"
 
 
 def write_outputs(run: RunResult, front: Any, out: Path | str,
                   files: Mapping[str, Path] | None = None) -> RunResult:
-    """plan.json (the plan handed out), frontier.png, results.json (complete) and report.md in
-    ``out``, beside what the stages already wrote there (``files``: table.parquet, ...)."""
+    """plan.json (the plan handed out), frontier.png, results.json (complete), report.md and,
+    when the handed-out plan is worse than the uniform plan that fits on some held-out metric,
+    plan-uniform.json in ``out``, beside what the stages already wrote there (``files``:
+    table.parquet, ...)."""
     import json
     from dataclasses import replace
 
@@ -32,16 +44,23 @@ def write_outputs(run: RunResult, front: Any, out: Path | str,
         done["table"] = run.table.save(d / "table.parquet")
     done |= {"plan": run.result.plan.save(d / "plan.json"),
              "frontier": _plot(run, front, d / "frontier.png"), "results": d / "results.json"}
-    atomic_write_text(done["results"], json.dumps(run_summary(run), indent=1, default=str))
+    if run.uniform_below is not None and (run.regressions or run.worse_than_uniform):
+        done["plan_uniform"] = run.uniform_below.plan.save(d / UNIFORM_PLAN_FILE)
+    else:  # an earlier run's alternative in the same folder would read as this run's
+        (d / UNIFORM_PLAN_FILE).unlink(missing_ok=True)
     done["report"] = d / "report.md"
+    run = replace(run, files=done)  # the report names the files written beside it
+    atomic_write_text(done["results"], json.dumps(run_summary(run), indent=1, default=str))
     atomic_write_text(done["report"], report_markdown(run))
-    return replace(run, files=done)
+    return run
 
 
 def run_summary(run: RunResult) -> dict[str, Any]:
     """``results.json``: the configuration, timings, every candidate's calibration error, the
-    rows evaluated on held-out data and whether the handed-out plan lost to uniform (JSON-able;
-    the service's run job returns the same)."""
+    rows evaluated on held-out data (each metric with its 95 % interval), the handed-out plan
+    against the uniform plan that fits (paired intervals per metric), and whether it lost to
+    uniform (JSON-able; the service's run job returns the same)."""
+    from allocator.backend import DEFAULT_DRAWS, DEFAULT_LEVEL
     from allocator.jobs.stages import config_summary
 
     return {"stage": "done", "complete": True, "config": config_summary(run.config),
@@ -53,9 +72,14 @@ def run_summary(run: RunResult) -> dict[str, Any]:
             "worse_than_uniform": run.worse_than_uniform,
             "selection": run.selection.to_dict() if run.selection is not None else None,
             "excluded_units": dict(run.excluded), "data": dict(run.data_info),
+            "intervals": {"level": DEFAULT_LEVEL, "draws": DEFAULT_DRAWS, "seed": run.config.estimate.seed,
+                          "method": "percentile bootstrap over evaluation samples"},
+            "vs_uniform": {k: c.to_dict() for k, c in run.vs_uniform.items()},
+            "worse_than_uniform_on": [c.metric for c in run.regressions],
             "rows": [{"label": r.label, "bpw": r.bpw, "size_bytes": r.size_bytes,
                       "predicted_cost": r.plan.summary.predicted_cost, "error": r.report.error,
                       "error_metric": r.report.error_metric, "metrics": dict(r.report.metrics),
+                      "intervals": {k: i.to_dict() for k, i in run.intervals(r).items()},
                       "verified": r.verified, "options": _option_counts(r.plan)} for r in run.rows]}
 
 
@@ -123,12 +147,14 @@ def report_markdown(run: RunResult) -> str:
         "- uniform ≤: the uniform int option with the most bits whose size fits the budget "
         "(equal-size baseline); uniform >: the next uniform option above the budget (context)",
         "- mixed: the cost table's optimum; chosen: the plan in `plan.json` — the best of the "
-        "measured candidates on calibration data, refined at its own operating point", "",
+        "measured candidates on calibration data, refined at its own operating point",
+        "- each metric: value [95 % bootstrap interval over the held-out samples]", "",
         "| plan | bpw | size (KiB) | predicted cost | " + " | ".join(m.metrics) + " | verified |",
         "|---|---|---|---|" + "---|" * len(m.metrics) + "---|",
     ]
     for r in run.rows:
-        vals = " | ".join(f"{r.report.metrics.get(k, float('nan')):.4g}" for k in m.metrics)
+        ci = run.intervals(r)
+        vals = " | ".join(_cell(r.report.metrics.get(k, float("nan")), ci.get(k)) for k in m.metrics)
         lines.append(f"| {r.label} {plan_label(r.plan)} | {r.bpw:.4f} | {r.size_bytes / 1024:,.1f} | "
                      f"{r.plan.summary.predicted_cost:.4g} | {vals} | {'yes' if r.verified else 'NO'} |")
     ratio = run.error_ratio
@@ -139,6 +165,7 @@ def report_markdown(run: RunResult) -> str:
         lines += ["", "**Warning: the chosen plan measured worse than the uniform plan that fits on "
                   "held-out data** (it was better on calibration data); consider more calibration "
                   "samples or the uniform plan."]
+    lines += comparison_lines(run)
     lines += selection_lines(run.selection)
     if run.fp_metrics:
         lines += ["", "Full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.fp_metrics.items())]
@@ -148,8 +175,67 @@ def report_markdown(run: RunResult) -> str:
         f"`{k}` × {v}" for k, v in _option_counts(run.result.plan).items()), "",
         "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.seconds.items()), "",
         "Files: `plan.json` (the chosen plan), `table.parquet` (cost table), `frontier.png`, "
-        "`results.json`.", ""]
+        "`results.json`" + (f", `{UNIFORM_PLAN_FILE}` (the uniform plan that fits, the alternative)"
+                            if "plan_uniform" in run.files else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _cell(value: float, ci: Interval | None) -> str:
+    return f"{value:.4g}" if ci is None else f"{value:.4g} [{ci.lo:.4g}, {ci.hi:.4g}]"
+
+
+def _delta(c: Comparison) -> str:
+    """``chosen / uniform 1.01 [1.004, 1.016]`` or ``chosen − uniform −0.01 [−0.02, −0.003]``."""
+    from allocator.backend import Contrast
+
+    op = "/" if c.contrast is Contrast.RATIO else "−"
+    return f"chosen {op} uniform {c.delta.text()}"
+
+
+def comparison_lines(run: RunResult) -> list[str]:
+    """The handed-out plan against the uniform plan that fits, metric by metric (paired 95 %
+    intervals), and a bold warning for each metric on which it is worse beyond its interval."""
+    below = run.uniform_below
+    if below is None or not run.vs_uniform:
+        return []
+    if run.result.plan.choice == below.plan.choice:
+        return ["", "The chosen plan is the uniform plan that fits."]
+    lines = ["", f"Chosen vs uniform ≤ {plan_label(below.plan)} on the same held-out samples "
+             "(paired bootstrap: both plans resampled together; 95 % intervals):", "",
+             "| metric | better | chosen | uniform ≤ | chosen vs uniform | verdict |",
+             "|---|---|---|---|---|---|"]
+    for k, c in run.vs_uniform.items():
+        verdict = "**worse**" if c.worse else c.verdict
+        if not c.worse and not c.better and c.point_worse:
+            verdict += " (point estimate worse)"
+        lines.append(f"| {k} | {'higher' if c.higher_is_better else 'lower'} | {c.a.text()} | "
+                     f"{c.b.text()} | {_delta(c)} | {verdict} |")
+    warnings = regression_warnings(run)
+    if not warnings:
+        return [*lines, "", "No metric of the chosen plan is worse than the uniform plan's beyond "
+                "its 95 % interval."]
+    return [*lines, "", *(f"**Warning: {w}**" for w in warnings)]
+
+
+def regression_warnings(run: RunResult) -> list[str]:
+    """One sentence per held-out metric on which the handed-out plan is worse than the uniform
+    plan that fits beyond the paired 95 % interval, naming both values and the alternative."""
+    below = run.uniform_below
+    if below is None:
+        return []
+    optimised = run.result.report.error_metric
+    where = (f"written to `{UNIFORM_PLAN_FILE}`" if "plan_uniform" in run.files
+             else f"uniform {plan_label(below.plan)}")
+    out = []
+    for c in run.regressions:
+        why = ("the metric the plan was chosen on" if c.metric == optimised
+               else f"although the plan was chosen on {optimised}")
+        out.append(f"the chosen plan is worse than the uniform plan that fits "
+                   f"({plan_label(below.plan)}) on {c.metric} beyond its 95 % interval "
+                   f"({why}): {c.a.text()} vs {c.b.text()} "
+                   f"({'higher' if c.higher_is_better else 'lower'} is better; {_delta(c)}). "
+                   f"The uniform plan is the alternative ({where}).")
+    return out
 
 
 def excluded_lines(excluded: Mapping[str, str]) -> list[str]:
