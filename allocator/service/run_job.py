@@ -183,7 +183,7 @@ def _run_run(params: Mapping[str, Any], progress: Progress, cancel: threading.Ev
     handed = SolveResult(status=SolveStatus.FEASIBLE, solver=name, plan=plan,
                          objective=plan.summary.predicted_cost,
                          message=f"chosen on calibration data: {run.result.label}")
-    from allocator.jobs.report import run_summary
+    from allocator.jobs.report import regression_warnings, run_summary
 
     summary = run_summary(run)
     if isinstance(data, list):  # not the temporary file's path, which is gone
@@ -191,11 +191,16 @@ def _run_run(params: Mapping[str, Any], progress: Progress, cancel: threading.Ev
     # the table first: the worker stores the plan under the table stored just before it
     out: dict[str, Any] = {"table": run.table, "plan": handed,
                            "name": params.get("name") or Path(str(params["model"])).name, **summary}
+    warnings = []
     if run.worse_than_uniform and run.uniform_below is not None:
-        out["warning"] = (f"the handed-out plan ({run.result.label}) measured worse than the uniform "
-                          f"plan that fits on held-out data ({run.result.report.error:.4g} vs "
-                          f"{run.uniform_below.report.error:.4g}); consider the uniform plan or "
-                          f"more calibration samples")
+        warnings.append(f"the handed-out plan ({run.result.label}) measured worse than the uniform "
+                        f"plan that fits on held-out data ({run.result.report.error:.4g} vs "
+                        f"{run.uniform_below.report.error:.4g}); consider the uniform plan or "
+                        f"more calibration samples")
+    # a metric the plan was not chosen on may be worse beyond its interval: never silent either
+    warnings += regression_warnings(run)
+    if warnings:
+        out["warning"] = " ".join(warnings)
     progress(1.0, f"done: {run.result.label}")
     return out
 
