@@ -177,3 +177,20 @@ def test_user_data_picks_a_domain_for_calibration_and_evaluation() -> None:
     assert "'code'" in words["calibration"] and "'prose'" in words["evaluation"]
     assert "no text shared" in words["evaluation"]
     assert "mix of every domain" in data_description(None, None)["calibration"]
+
+
+def test_the_code_domain_is_cached_on_disk_and_a_bad_cache_is_ignored(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    from pathlib import Path
+
+    monkeypatch.setenv("BITALLOC_CACHE_DIR", str(tmp_path))
+    fresh = domains._code_domain()
+    path = domains._code_cache_path()
+    assert path.is_file() and str(path).startswith(str(tmp_path))
+    calls: list[int] = []
+    real = _domain_sources.collect_code
+    monkeypatch.setattr(_domain_sources, "collect_code", lambda: (calls.append(1), real())[1])
+    assert domains._code_domain() == fresh and not calls  # read from the cache
+    Path(path).write_text("{not json", encoding="utf-8")
+    assert domains._code_domain() == fresh and calls == [1]  # collected afresh, cache rewritten
+    assert domains._code_domain() == fresh and calls == [1]

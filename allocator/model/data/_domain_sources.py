@@ -27,7 +27,8 @@ from pathlib import Path
 
 __all__ = ["CATALOG_DIRS", "CODE_MODULES", "INSTRUCTION_CATALOGS", "LANGUAGES", "MAX_CODE_LINES",
            "MAX_WORDS", "MIN_CODE_LINES", "MULTILINGUAL_CATALOGS", "PROSE_DISTRIBUTIONS", "Source",
-           "collect_code", "collect_instructions", "collect_multilingual", "collect_prose"]
+           "code_files", "collect_code", "collect_instructions", "collect_multilingual",
+           "collect_prose"]
 
 MIN_WORDS = 12
 MAX_WORDS = 200
@@ -161,16 +162,19 @@ def _code_pieces(lines: list[str]) -> Iterator[str]:
             yield textwrap.dedent("\n".join(piece)).strip("\n")
 
 
+def code_files() -> list[Path]:
+    """The source files ``collect_code`` reads (those present), in ``CODE_MODULES`` order."""
+    stdlib = _stdlib_dir()
+    return [p for p in (_module_file(stdlib, m) for m in CODE_MODULES) if p is not None]
+
+
 def collect_code() -> tuple[list[str], list[Source]]:
     """Source of the functions and methods of ``CODE_MODULES``, docstrings removed (they are the
     ``docs`` domain), comments and layout kept, trailing spaces and blank lines dropped."""
     stdlib = _stdlib_dir()
     docs: list[str] = []
     sources: list[Source] = []
-    for modname in CODE_MODULES:
-        path = _module_file(stdlib, modname)
-        if path is None:
-            continue
+    for path in code_files():
         src = path.read_text(encoding="utf-8")
         try:
             tree = ast.parse(src)
