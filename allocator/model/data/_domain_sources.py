@@ -312,7 +312,9 @@ def _message_text(msg: str) -> str:
 
 
 def _catalog_source(path: Path, project: str, lang: str, side: str) -> Source:
-    return {"package": project or path.stem, "version": "", "path": str(path),
+    """The catalog's program, the Project-Id-Version its translation was made for (the
+    operating system's package version is not recorded in a ``.mo`` file), its path."""
+    return {"package": path.stem, "version": project, "path": str(path),
             "kind": f"gettext catalog ({side}, {lang})"}
 
 
