@@ -24,6 +24,16 @@ to the plans within ±0.5 bpw of each budget (≥ 8 plans), not over int2 → fp
         --estimators hessian-proxy gauss-newton --json plan_quality.json
     PYTHONPATH=. python benchmarks/plan_quality.py --models smollm2 --budgets 2.5 3.0 3.25
 
+Cross-domain (``--cross-domain``): the built-in corpus has five domains (docs, code, prose,
+instructions, multilingual; docs/data-and-models.md). For each calibration set — ``mix`` (every
+domain, what ``run`` uses), ``mix-X`` (every domain but X) and each single domain — the default plan
+is built at each budget on that set and measured, with the uniform plan of equal size, on every
+domain's evaluation split; the table prints default / uniform per evaluation domain, ``*`` on the
+domains absent from the calibration set (out-of-domain), and the in- and out-of-domain means:
+
+    PYTHONPATH=. python benchmarks/plan_quality.py --cross-domain --models minilm tiny-llama \\
+        --budgets 3.25 4.25 --json cross_domain.json
+
 SmolLM2's weights lie on Q4_1's grid (4 bits, 32-element blocks): ≥ 4-bit options with 32-column
 groups are nearly lossless on it, so its informative budgets are 2–3.5 bpw; its 576-wide rows are
 not a multiple of 256 (llama.cpp stores most of its tensors in fallback types). It is not in the
@@ -89,11 +99,12 @@ class Bench:
             self.model.load_state_dict(self.state)
         return self.cache[key]
 
-    def table(self, estimator: str, options: str | None, seed: int) -> Any:
+    def table(self, estimator: str, options: str | None, seed: int, calib: list[Any] | None = None) -> Any:
         from allocator.core.formats import parse_options
         from sensitivity import EstimateContext, get_estimator
 
-        ctx = EstimateContext(batches=self.calib, units=self.units, options=parse_options(options),
+        batches = self.calib if calib is None else calib
+        ctx = EstimateContext(batches=batches, units=self.units, options=parse_options(options),
                               seed=seed, model_kind=self.kind, progress=False)
         return get_estimator(estimator).estimate(self.model, ctx)
 
@@ -186,7 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-spearman", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--cross-domain", action="store_true",
+                    help="calibrate on each calibration set of --calib-sets, evaluate on every domain of "
+                         "the built-in corpus (default plan / uniform plan of equal size)")
+    ap.add_argument("--calib-sets", nargs="+", choices=("mix", "loo", "single"),
+                    default=["mix", "loo", "single"],
+                    help="cross-domain calibration sets: mix (all domains, the default), loo (all but one), "
+                         "single (one domain)")
     args = ap.parse_args(argv)
+    if args.cross_domain:
+        cross = []
+        for name in args.models:
+            t0 = time.perf_counter()
+            cross.append(run_cross_domain(name, args))
+            print_cross(cross[-1])
+            if args.json:
+                args.json.write_text(json.dumps(cross, indent=1, default=str))
+            print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        return 0
     if args.groups is not None:  # the baselines are int-g128: a smaller unit would shrink their groups
         from allocator.core.formats import check_group_columns, parse_options
 
@@ -209,6 +237,107 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(results, indent=1, default=str))
         print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
+
+
+# ------------------------------------------------------------------------------ cross-domain
+def calibration_sets(present: tuple[str, ...], which: list[str]) -> dict[str, tuple[str, ...]]:
+    """Named calibration sets: ``mix`` (every domain: the default), ``mix-X`` (every domain but X:
+    X is then a domain absent from calibration) and single domains ``X``."""
+    sets: dict[str, tuple[str, ...]] = {}
+    if "mix" in which:
+        sets["mix"] = present
+    if "loo" in which:
+        sets.update({f"mix-{d}": tuple(o for o in present if o != d) for d in present})
+    if "single" in which:
+        sets.update({d: (d,) for d in present})
+    return sets
+
+
+def run_cross_domain(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Calibrate on each calibration set, evaluate the default plan and the uniform plan of equal
+    size on every domain's evaluation split; ratios default / uniform per (set, budget, domain)."""
+    import solvers
+    from allocator.backend import apply_plan, evaluate, reference_outputs
+    from allocator.core.budget import Budget
+    from allocator.jobs.refine import RefineConfig, refine_plan
+    from allocator.model.data import CalibrationData, data_for
+    from allocator.model.data.domains import mixed_texts, present_domains
+
+    bench = Bench(name, args.calib, args.evals, args.seed, args.groups)
+    present = present_domains("evaluation")
+    common = {"seq_len": 128, "batch_size": 16, "seed": args.seed}
+    held = {d: list(data_for(bench.loaded, "evaluation", args.evals, domain=d, **common))
+            for d in present}
+    refs = {d: reference_outputs(bench.model, held[d], kind=bench.kind) for d in present}
+    cache: dict[tuple[Any, str], float] = {}
+
+    def measure(plan: Any) -> dict[str, float]:
+        key = tuple(sorted(plan.choice.items()))
+        if (key, present[0]) not in cache:
+            bench.model.load_state_dict(bench.state)
+            apply_plan(bench.model, plan, method="rtn", units=bench.units)
+            for d in present:
+                cache[(key, d)] = float(evaluate(bench.model, held[d], refs[d]).error)
+            bench.model.load_state_dict(bench.state)
+        return {d: cache[(key, d)] for d in present}
+
+    pack = bench.kind == "causal_lm"
+    rows: list[dict[str, Any]] = []
+    for set_name, domains in calibration_sets(present, args.calib_sets).items():
+        t0 = time.perf_counter()
+        calib = list(CalibrationData.from_texts(mixed_texts("calibration", domains), bench.loaded.tokenizer,
+                                                n_samples=args.calib, pack=pack,
+                                                source=f"builtin:{'+'.join(domains)}", **common))
+        table = bench.table(args.estimators[0], args.options, args.seed, calib)
+        for bpw in args.budgets:
+            budget = Budget(bpw=bpw)
+            below, _ = uniform_sides(table, bpw)
+            opt = solvers.solve(table, budget).plan
+            cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
+            sel = refine_plan(bench.model, cands, table, budget, calib, bench.units, kind=bench.kind,
+                              config=RefineConfig(rounds=args.rounds, neighbours=args.neighbours))
+            plan_err, uni_err = measure(sel.plan), (measure(below) if below is not None else None)
+            rows.append({"calibration": set_name, "domains": list(domains), "bpw": bpw,
+                         "uniform_bpw": below.summary.bpw if below is not None else None,
+                         "default": plan_err, "uniform": uni_err,
+                         "ratio": {d: (plan_err[d] / uni_err[d] if uni_err and uni_err[d] else None)
+                                   for d in present}})
+        for r in rows[-len(args.budgets):]:
+            print(f"  {name} {set_name} {r['bpw']:g} bpw: " + ", ".join(
+                f"{d} {v:.3f}" for d, v in r["ratio"].items() if v is not None), flush=True)
+        print(f"  ({name}: calibration {set_name} {time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"model": name, "kind": bench.kind, "estimator": args.estimators[0], "domains": list(present),
+            "calib": args.calib, "evals": args.evals, "rows": rows}
+
+
+def print_cross(res: dict[str, Any]) -> None:
+    """One table per budget: rows = calibration set, columns = evaluation domain; the cell is the
+    default plan's held-out error / the uniform plan's; ``*`` marks a domain absent from the
+    calibration set (the out-of-domain figures), the summary columns take in- and out-of-domain
+    cells apart."""
+    doms = res["domains"]
+    print(f"\n### {res['model']} ({res['kind']}), cross-domain, estimator {res['estimator']}, "
+          f"{res['calib']} calibration / {res['evals']} evaluation samples per domain; "
+          f"default / uniform of equal size (RTN), * = domain absent from calibration\n")
+    for bpw in sorted({r["bpw"] for r in res["rows"]}):
+        print(f"\n{bpw:g} bpw\n")
+        print("| calibration | " + " | ".join(doms) + " | in-domain mean | out-of-domain mean | "
+              "out-of-domain worst |")
+        print("|---|" + "---|" * (len(doms) + 3))
+        for r in (r for r in res["rows"] if r["bpw"] == bpw):
+            cells: list[str] = []
+            ins: list[float] = []
+            outs: list[float] = []
+            for d in doms:
+                v = r["ratio"][d]
+                absent = d not in r["domains"]
+                cells.append("–" if v is None else f"{v:.3f}{'*' if absent else ''}")
+                if v is not None:
+                    (outs if absent else ins).append(v)
+            summary = [f"{np.mean(ins):.3f}" if ins else "–", f"{np.mean(outs):.3f}" if outs else "–",
+                       f"{max(outs):.3f}" if outs else "–"]
+            print(f"| {r['calibration']} | " + " | ".join(cells) + " | " + " | ".join(summary) + " |")
+    sys.stdout.flush()
 
 
 def _ratio(a: float | None, b: float | None) -> str:

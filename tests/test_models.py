@@ -75,8 +75,8 @@ def test_tiny_llama_is_a_llama_causal_lm(tiny: LoadedModel) -> None:
 def test_tiny_llama_predicts_text_better_than_unigram(tiny: LoadedModel) -> None:
     """The shipped LM has learned something: held-out NLL well below the model card's unigram."""
     card = json.loads((tiny_lm_path() / "training.json").read_text())
-    data = CalibrationData.from_corpus(tiny.tokenizer, split="evaluation", n_samples=16,
-                                       seq_len=64, batch_size=16, pack=True)
+    data = CalibrationData.from_corpus(tiny.tokenizer, split="evaluation", n_samples=16,  # its card's
+                                       seq_len=64, batch_size=16, pack=True, domain="docs")  # domain
     with torch.inference_mode():
         logits = model_forward_outputs(tiny, data[0])
     ids = data[0]["input_ids"]

@@ -71,15 +71,18 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
 
 def add_data_arguments(p: argparse.ArgumentParser, *, calibration_only: bool = False) -> None:
     """``--data`` (and ``--eval-data``): the user's text, in the formats of ``estimate --data``."""
-    fmt = ".txt (one text per blank-line-separated paragraph) or .jsonl with a 'text' field"
+    fmt = (".txt (one text per blank-line-separated paragraph) or .jsonl with a 'text' field, or "
+           "builtin:DOMAIN (docs, code, prose, instructions, multilingual: one domain of the built-in "
+           "corpus)")
     if calibration_only:
         p.add_argument("--data", metavar="FILE",
-                       help=f"calibration texts, used whole: {fmt} (default: the built-in corpus)")
+                       help=f"calibration texts, used whole: {fmt} (default: the built-in corpus, "
+                            "the mix of every domain)")
         return
     p.add_argument("--data", metavar="FILE",
-                   help=f"calibration texts: {fmt} (default: the built-in corpus); without "
-                        "--eval-data, 25 %% of its texts (chosen by text hash) are held out for "
-                        "evaluation")
+                   help=f"calibration texts: {fmt} (default: the built-in corpus, the mix of every "
+                        "domain); without --eval-data, 25 %% of a file's texts (chosen by text hash) "
+                        "are held out for evaluation, a built-in domain's evaluation split otherwise")
     p.add_argument("--eval-data", metavar="FILE",
                    help="held-out evaluation texts, same formats (default: the held-out share of "
                         "--data, else the built-in corpus' evaluation split)")

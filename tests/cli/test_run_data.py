@@ -107,3 +107,21 @@ def test_search_scores_on_data_and_reports_held_out(files: tuple[Path, Path], tm
     assert "held-out (file:held.jsonl, 4 samples): kl" in shown and plan.is_file()
     assert main(["search", str(table), "--bpw", "3", "--data", str(data)]) == 2
     assert "need --model" in capsys.readouterr().err
+
+
+def test_run_on_built_in_domains(tmp_path: Path) -> None:
+    """``--data builtin:code`` calibrates on code and, without --eval-data, evaluates on code's own
+    evaluation split; ``--eval-data builtin:prose`` evaluates on another domain."""
+    out = tmp_path / "r"
+    assert main(["run", "tiny-llama", *SMALL, "--data", "builtin:code", "--include", "model.layers.0.*",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["data"]["calibration_batches"]["source"].startswith("builtin:code:calibration@")
+    assert doc["data"]["evaluation_batches"]["source"].startswith("builtin:code:evaluation@")
+    assert "domain 'code'" in doc["data"]["evaluation"]
+    out2 = tmp_path / "r2"
+    assert main(["run", "tiny-llama", *SMALL, "--data", "builtin:code", "--eval-data", "builtin:prose",
+                 "--include", "model.layers.0.*", "--out", str(out2)]) == 0
+    doc = json.loads((out2 / "results.json").read_text())
+    assert doc["data"]["evaluation_batches"]["source"].startswith("builtin:prose:evaluation@")
+    assert "no text shared" in doc["data"]["evaluation"]

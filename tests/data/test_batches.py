@@ -82,7 +82,12 @@ def test_text_file_paragraphs_and_jsonl(tmp_path: Path, tok) -> None:  # type: i
     jl = tmp_path / "b.jsonl"
     jl.write_text('{"text": "alpha beta"}\n\n{"text": "gamma"}\n')
     assert load_texts(jl) == ["alpha beta", "gamma"]
-    assert load_texts(None, "evaluation") == corpus_texts("evaluation")
+    from allocator.model.data.domains import builtin_texts
+
+    assert load_texts(None, "evaluation") == builtin_texts("evaluation")  # the mix of every domain
+    assert load_texts("builtin:docs", "evaluation") == corpus_texts("evaluation")
+    assert CalibrationData.from_path("builtin:prose", tok, n_samples=2, seq_len=16).source.startswith(
+        "builtin:prose:calibration@")
     data = CalibrationData.from_path(txt, tok, n_samples=8, seq_len=16)
     assert data.n_samples == 2 and data.source == "file:a.txt"
 

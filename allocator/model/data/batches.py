@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.data.corpus import corpus_fingerprint, corpus_texts, texts_fingerprint
+from allocator.model.data.corpus import texts_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -73,13 +73,17 @@ def read_text_file(path: str | Path) -> list[str]:
 
 
 def load_texts(path: str | Path | None = None, split: str = "calibration") -> list[str]:
-    """Texts of ``path`` (see ``read_text_file``), or of the built-in corpus ``split`` when None.
+    """Texts of ``path`` (see ``read_text_file``), or of the built-in corpus ``split`` when None
+    (the mix of every domain) or ``builtin:DOMAIN`` (one domain).
 
     A file is used whole whatever ``split`` says: the caller keeps calibration and evaluation
     files apart.
     """
-    if path is None:
-        return corpus_texts(split)
+    from allocator.model.data.domains import builtin_texts, parse_builtin
+
+    builtin, domain = parse_builtin(path)
+    if path is None or builtin:
+        return builtin_texts(split, domain)
     return read_text_file(path)
 
 
@@ -238,20 +242,29 @@ class CalibrationData(BatchSequence):
     @classmethod
     def from_corpus(cls, tokenizer: Any, *, split: str = "calibration", n_samples: int = 128,
                     seq_len: int = 128, batch_size: int = 8, seed: int = 0,
-                    pack: bool = False) -> CalibrationData:
-        """Batches from the built-in corpus ``split`` (source records the corpus sha256)."""
-        return cls.from_texts(corpus_texts(split), tokenizer, n_samples=n_samples,
+                    pack: bool = False, domain: str | None = None) -> CalibrationData:
+        """Batches from the built-in corpus ``split``: the mix of every domain (``domain=None``)
+        or one domain (:mod:`allocator.model.data.domains`); the source records the texts'
+        sha256 (``builtin:SPLIT@…`` / ``builtin:DOMAIN:SPLIT@…``)."""
+        from allocator.model.data.domains import builtin_fingerprint, builtin_label, builtin_texts
+
+        return cls.from_texts(builtin_texts(split, domain), tokenizer, n_samples=n_samples,
                               seq_len=seq_len, batch_size=batch_size, seed=seed, pack=pack,
-                              source=f"builtin:{split}@{corpus_fingerprint(split)[:16]}")
+                              source=f"{builtin_label(split, domain)}@"
+                                     f"{builtin_fingerprint(split, domain)[:16]}")
 
     @classmethod
     def from_path(cls, path: str | Path | None, tokenizer: Any, *, split: str = "calibration",
                   n_samples: int = 128, seq_len: int = 128, batch_size: int = 8, seed: int = 0,
                   pack: bool = False) -> CalibrationData:
-        """Batches from a text file, or from the built-in corpus ``split`` when ``path`` is None."""
-        if path is None:
+        """Batches from a text file, or from the built-in corpus ``split`` when ``path`` is None
+        (the mix) or ``builtin[:DOMAIN]``."""
+        from allocator.model.data.domains import parse_builtin
+
+        builtin, domain = parse_builtin(path)
+        if path is None or builtin:
             return cls.from_corpus(tokenizer, split=split, n_samples=n_samples, seq_len=seq_len,
-                                   batch_size=batch_size, seed=seed, pack=pack)
+                                   batch_size=batch_size, seed=seed, pack=pack, domain=domain)
         return cls.from_texts(read_text_file(path), tokenizer, n_samples=n_samples,
                               seq_len=seq_len, batch_size=batch_size, seed=seed, pack=pack,
                               source=f"file:{Path(path).name}")

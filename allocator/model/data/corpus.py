@@ -1,4 +1,7 @@
-"""Built-in English corpus: docstrings of a fixed list of Python standard-library modules.
+"""The ``docs`` domain of the built-in corpus: docstrings of a fixed list of standard-library modules.
+
+It is one of the five domains of :mod:`allocator.model.data.domains`, whose mix is the default
+calibration and evaluation set; the ``train`` split here is what the bundled tiny LM was trained on.
 
 Every machine with Python has it, so calibration and evaluation work offline with no download.
 A *document* is one docstring (module, public class, public function or public method defined

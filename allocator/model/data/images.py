@@ -173,13 +173,14 @@ def uses_digits(loaded: Any) -> bool:
 
 
 def data_for(loaded: Any, split: str, n_samples: int, *, seq_len: int = 128,
-             batch_size: int = 16, seed: int = 0) -> Any:
+             batch_size: int = 16, seed: int = 0, domain: str | None = None) -> Any:
     """The built-in data of ``split`` a loaded model runs on.
 
     The digits images (:class:`DigitsData`, ``seq_len`` unused) for ``vit-digits`` and any
     model whose config names ``bitalloc_data = "sklearn-digits"``; otherwise token batches of
     the built-in text corpus (:class:`~allocator.model.data.CalibrationData`, packed for causal LMs,
-    exactly as the pipeline builds them).
+    exactly as the pipeline builds them): the mix of every domain, or ``domain``
+    (:mod:`allocator.model.data.domains`; ignored for images).
     """
     if uses_digits(loaded):
         return DigitsData.from_split(split, n_samples=n_samples, batch_size=batch_size, seed=seed)
@@ -191,4 +192,4 @@ def data_for(loaded: Any, split: str, n_samples: int, *, seq_len: int = 128,
             "data=batches))")
     return CalibrationData.from_corpus(loaded.tokenizer, split=split, n_samples=n_samples,
                                        seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                       pack=loaded.kind == ModelKind.CAUSAL_LM)
+                                       pack=loaded.kind == ModelKind.CAUSAL_LM, domain=domain)

@@ -4,7 +4,8 @@ Every verb that touches a model takes the same two files, in the formats of
 :func:`~allocator.model.data.read_text_file` (``.jsonl`` with a ``"text"`` field per line, otherwise one
 text per blank-line-separated paragraph):
 
-* neither: the built-in corpus (``calibration`` / ``evaluation`` splits, disjoint by document hash);
+* neither: the built-in corpus, the mix of every domain (``calibration`` / ``evaluation``
+  splits, disjoint by document hash);
 * ``--data`` and ``--eval-data``: calibration on the first, evaluation on the second, each whole;
   texts present in both are reported (:func:`overlap`), they are not removed;
 * ``--data`` alone, when the verb also evaluates: the file is split by text hash —
@@ -13,6 +14,12 @@ text per blank-line-separated paragraph):
   the seed), so identical texts always land on the same side and the two sides never share a
   text. A file too small to give both sides at least one text is refused (pass ``--eval-data``);
 * ``--eval-data`` alone: calibration on the built-in corpus, evaluation on the file.
+
+Either may instead name the built-in corpus: ``builtin`` (the mix of every domain) or
+``builtin:DOMAIN`` (one domain of :mod:`allocator.model.data.domains`: ``docs``, ``code``,
+``prose``, ``instructions``, ``multilingual``). ``--data builtin:DOMAIN`` calibrates on that
+domain's calibration split and, without ``--eval-data``, evaluates on its evaluation split
+(disjoint by text hash); ``--eval-data builtin:DOMAIN`` evaluates on that domain's evaluation split.
 
 Verbs that only calibrate (``apply --method gptq``) use ``--data`` whole (``holdout=False``).
 """
@@ -24,7 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from allocator.core.errors import InvalidParameterError
-from allocator.model.data.batches import CalibrationData, read_text_file
+from allocator.model.data.batches import CalibrationData, load_texts, read_text_file
+from allocator.model.data.domains import parse_builtin
 from allocator.model.data.images import data_for, uses_digits
 from allocator.model.kind import ModelKind
 
@@ -60,13 +68,23 @@ def split_user_texts(texts: list[str], *, source: str = "--data") -> tuple[list[
     return calib, held
 
 
+_Builtin = tuple[str, str | None]  # (split, domain) of the built-in corpus
+
+
 def _texts(data: str | Path | None, eval_data: str | Path | None, split: UserSplit,
-           holdout: bool) -> tuple[list[str], str] | None:
-    """The texts of ``split`` and their source label, or None for the built-in corpus."""
+           holdout: bool) -> tuple[list[str], str] | _Builtin | None:
+    """The texts of ``split`` and their source label, ``(split, domain)`` of the built-in corpus
+    (``builtin[:DOMAIN]``), or None for the built-in default."""
     if split == "evaluation" and eval_data is not None:
+        builtin, domain = parse_builtin(eval_data)
+        if builtin:
+            return "evaluation", domain
         return read_text_file(eval_data), f"file:{Path(eval_data).name}"
     if data is None:
         return None
+    builtin, domain = parse_builtin(data)
+    if builtin:  # a built-in domain brings its own disjoint evaluation split
+        return split, domain
     texts = read_text_file(data)
     name = Path(data).name
     if eval_data is not None or not holdout:
@@ -86,11 +104,12 @@ def user_data_for(loaded: Any, split: str, n_samples: int, *, data: str | Path |
 
     The user's files as the module docstring says (tokenised exactly as
     :func:`~allocator.model.data.data_for` tokenises the built-in corpus: packed windows for causal
-    LMs, one text per sample otherwise); :func:`~allocator.model.data.data_for` when no file applies.
+    LMs, one text per sample otherwise); :func:`~allocator.model.data.data_for` when no file applies
+    (``builtin:DOMAIN`` picks a domain of the built-in corpus).
 
     Raises:
-        InvalidParameterError: an unknown split, a model without a tokenizer given text, a file
-            that does not exist, holds no text or is too small to split.
+        InvalidParameterError: an unknown split or domain, a model without a tokenizer given text,
+            a file that does not exist, holds no text or is too small to split.
     """
     if split not in ("calibration", "evaluation"):
         raise InvalidParameterError(f"unknown split {split!r}; use calibration or evaluation")
@@ -105,31 +124,45 @@ def user_data_for(loaded: Any, split: str, n_samples: int, *, data: str | Path |
     got = _texts(data, eval_data, side, holdout)
     if got is None:
         return data_for(loaded, split, n_samples, **common)
+    if isinstance(got[0], str):
+        return data_for(loaded, got[0], n_samples, domain=got[1], **common)
     texts, source = got
     return CalibrationData.from_texts(texts, loaded.tokenizer, n_samples=n_samples, source=source,
                                       pack=loaded.kind == ModelKind.CAUSAL_LM, **common)
 
 
 def overlap(data: str | Path, eval_data: str | Path) -> int:
-    """How many distinct held-out texts of ``eval_data`` also appear in ``data``."""
-    return len(set(read_text_file(data)) & set(read_text_file(eval_data)))
+    """How many distinct held-out texts of ``eval_data`` also appear in ``data`` (a built-in
+    spelling stands for its calibration / evaluation split)."""
+    return len(set(load_texts(data, "calibration")) & set(load_texts(eval_data, "evaluation")))
+
+
+def _builtin_words(spec: str | Path | None, split: str) -> str | None:
+    """The built-in corpus ``spec`` stands for (None: the mix), in words; None for a file."""
+    builtin, domain = parse_builtin(spec)
+    if spec is not None and not builtin:
+        return None
+    what = "mix of every domain" if domain is None else f"domain {domain!r}"
+    return f"built-in corpus ({what}), {split} split"
 
 
 def data_description(data: str | Path | None, eval_data: str | Path | None) -> dict[str, str]:
     """Where calibration and held-out data come from, in words (for reports)."""
-    builtin_cal = "built-in corpus, calibration split"
-    builtin_eval = "built-in corpus, evaluation split (disjoint from calibration by document hash)"
-    if data is None and eval_data is None:
-        return {"calibration": builtin_cal, "evaluation": builtin_eval}
+    cal_builtin = _builtin_words(data, "calibration")
+    if cal_builtin is not None and eval_data is None:
+        held = _builtin_words(data, "evaluation")
+        return {"calibration": cal_builtin,
+                "evaluation": f"{held} (disjoint from calibration by document hash)"}
     if eval_data is None:
         name = Path(data).name  # type: ignore[arg-type]
         how = (f"texts hashed into {100 - HELD_OUT_SHARE}/{HELD_OUT_SHARE} % "
                f"calibration/held-out; no text on both sides")
         return {"calibration": f"--data {name} (calibration share; {how})",
                 "evaluation": f"--data {name} (held-out share; {how})"}
-    ev = Path(eval_data).name
+    ev = _builtin_words(eval_data, "evaluation") or f"--eval-data {Path(eval_data).name}"
     if data is None:
-        return {"calibration": builtin_cal, "evaluation": f"--eval-data {ev}"}
+        return {"calibration": cal_builtin or "", "evaluation": ev}
     shared = overlap(data, eval_data)
     note = f"{shared} text(s) also in --data" if shared else "no text shared with --data"
-    return {"calibration": f"--data {Path(data).name}", "evaluation": f"--eval-data {ev} ({note})"}
+    return {"calibration": cal_builtin or f"--data {Path(data).name}",
+            "evaluation": f"{ev} ({note})"}
