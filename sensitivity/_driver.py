@@ -57,14 +57,15 @@ def load_data(
     Encoders need ≥ 2 texts per batch (in-batch negatives of the contrastive loss): a last batch
     of one text is merged into the batch before it.
     """
-    from allocator.model.data import CalibrationData
+    from allocator.model.data import CalibrationData, parse_builtin
 
     if isinstance(data, CalibrationData):
         cal = data
     elif data is None or isinstance(data, str | Path):
-        if data is not None and not Path(data).is_file():
+        if data is not None and not parse_builtin(data)[0] and not Path(data).is_file():
             raise InvalidParameterError(f"data file {str(data)!r} does not exist; pass a text "
-                                        "file (.txt paragraphs or .jsonl) or omit --data for the corpus")
+                                        "file (.txt paragraphs or .jsonl), builtin:DOMAIN, or omit "
+                                        "--data for the built-in mix")
         cal = CalibrationData.from_path(data, tokenizer, n_samples=samples, seq_len=seq_len,
                                         batch_size=batch_size, seed=seed)
     else:

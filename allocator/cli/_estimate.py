@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="estimator: hessian-trace, hessian-eig, fisher, gauss-newton, salience, "
                    "hessian-proxy, measured, relevance, datafree, lim, zd")
     p.add_argument("--data", help="calibration texts: .txt (one text per paragraph, blank-line "
-                   "separated) or .jsonl with a 'text' field (default: the built-in corpus)")
+                   "separated), .jsonl with a 'text' field, or builtin:DOMAIN (default: the built-in mix)")
     p.add_argument("--options", help="option spec, e.g. 'int2..8-g128-asym,fp16' (default)")
     p.add_argument("--quantizer", choices=("rtn", "gptq", "ggml"), default=None,
                    help="how each ΔW = Q(W) − W is formed: rtn (default; ggml with --for llamacpp), "

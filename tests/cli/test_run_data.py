@@ -125,3 +125,16 @@ def test_run_on_built_in_domains(tmp_path: Path) -> None:
     doc = json.loads((out2 / "results.json").read_text())
     assert doc["data"]["evaluation_batches"]["source"].startswith("builtin:prose:evaluation@")
     assert "no text shared" in doc["data"]["evaluation"]
+
+
+def test_estimate_on_a_built_in_domain(tmp_path: Path) -> None:
+    """``estimate --data builtin:DOMAIN`` reads the domain (it is not a file path), and records it."""
+    from allocator import CostTable
+
+    out = tmp_path / "t.parquet"
+    assert main(["estimate", "tiny-llama", "--method", "fisher", "--data", "builtin:code",
+                 "--samples", "2", "--seq-len", "8", "--include", "model.layers.0.*",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "builtin:code" in str(CostTable.load(out).metadata)
+    assert main(["estimate", "tiny-llama", "--method", "fisher", "--data", "builtin:nosuch",
+                 "--out", str(out), "--no-progress"]) == 2
