@@ -205,7 +205,7 @@ def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) ->
     below, _ = uniform_plans(table, budget.size_cap_bits(table.total_params))
     cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
     conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours,
-                        time_limit=cfg.refine_time_limit)
+                        time_limit=cfg.refine_time_limit, validation_share=cfg.validation_share)
     sel = refine_plan(bench.model, cands, table, budget, list(bench.calib), bench.units,
                       kind="causal_lm", config=conf, quantizer=quantizer)
     bench.state.restore(bench.model)

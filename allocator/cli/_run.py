@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from allocator.cli._common import add_device_argument, add_for_argument, console, device_from_args
+from allocator.model.data.split import DEFAULT_VALIDATION_SHARE
 from sensitivity import DEFAULT_SEQ_LEN
 
 HELP = "end-to-end: estimate, solve at a bpw, apply, evaluate vs uniform at equal size"
@@ -51,13 +52,18 @@ def add_common(p: argparse.ArgumentParser, *, out: str, estimator: str, calib: i
     add_device_argument(p, cpu_only=verb)
     p.set_defaults(device_verb=verb)
     p.add_argument("--refine-rounds", type=int, default=4,
-                   help="operating-point refinement rounds on calibration data; 0 only picks the "
-                        "best measured candidate (table optimum or uniform) (default 4)")
+                   help="operating-point refinement rounds (moves measured on the calibration "
+                        "data's fit share, judged on its validation share); 0 only picks the best "
+                        "candidate on validation (table optimum or uniform) (default 4)")
     p.add_argument("--refine-neighbours", type=int, default=1,
                    help="options measured on each side of a unit's current one per round (default 1)")
     p.add_argument("--refine-time", type=float, default=300.0,
                    help="seconds for measuring the candidates and refining; the best measured "
                    "plan so far is kept (default 300)")
+    p.add_argument("--validation-share", type=float, default=DEFAULT_VALIDATION_SHARE,
+                   help="share of the calibration samples (by sample hash) kept out of the estimate "
+                   "and the move measurements to judge the candidates and every refinement move "
+                   f"(default {DEFAULT_VALIDATION_SHARE:g}; 0: the calibration data judges itself)")
     p.add_argument("--out", default=out, help=f"output directory (default {out}); each stage's "
                    "output lands there as soon as it exists (table.parquet first)")
     p.add_argument("--table", metavar="FILE",
@@ -108,6 +114,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> Any:
                      method=args.method, consumer=args.consumer, eval_samples=args.eval_samples,
                      refine_rounds=args.refine_rounds, refine_neighbours=args.refine_neighbours,
                      refine_time_limit=args.refine_time, out=Path(args.out),
+                     validation_share=args.validation_share,
                      eval_data=args.eval_data, drop_inert=not args.keep_inert,
                      table=args.table, resume=args.resume)
 
@@ -142,9 +149,11 @@ def execute(cfg: Any) -> int:
     out.print(table)
     sel = run.selection
     if sel is not None:
-        out.print("calibration error of the candidates: " + ", ".join(
+        out.print(f"{sel.judged_on} error of the candidates: " + ", ".join(
             f"{k} {v:.4g}" for k, v in sel.candidates.items()) + f"; refined from {sel.start_label}: "
-            f"{sel.start_error:.4g} → {sel.error:.4g} in {len(sel.rounds)} rounds ({sel.status})")
+            f"{sel.start_error:.4g} → {sel.error:.4g} in {len(sel.rounds)} rounds ({sel.status})"
+            + ("" if sel.fit_error is None or not sel.validation else
+               f"; fit share {sel.start_fit_error:.4g} → {sel.fit_error:.4g}"))
     if run.error_ratio is not None:
         out.print(f"{run.result.label} / uniform-at-equal-size held-out error: "
                   f"[bold]{run.error_ratio:.3f}[/bold]")

@@ -29,12 +29,14 @@ from allocator.core.table import CostTable
 from allocator.jobs.refine import RefineConfig, RefineResult
 from allocator.jobs.report import plan_label, write_outputs
 from allocator.jobs.stages import StageWriter, check_saved_table, expected_provenance
+from allocator.model.data.split import DEFAULT_VALIDATION_SHARE
 from allocator.model.kind import ModelKind
 
 if TYPE_CHECKING:
     import torch
 
     from allocator.backend import Comparison, EvalReport, Interval
+    from allocator.model.data.split import SampleSplit
     from allocator.model.quant import Quantizer
     from sensitivity import EstimateSpec
 
@@ -88,6 +90,10 @@ class RunConfig:
     refine_neighbours: int = 1
     #: seconds for the refinement rounds; the best measured plan so far is handed out (None: no limit)
     refine_time_limit: float | None = 300.0
+    #: share of the calibration samples (by sample hash, :mod:`allocator.model.data.split`) held
+    #: out of the estimate and of the move measurements to judge the candidates and every
+    #: refinement move (0: no split, the calibration data judges itself)
+    validation_share: float = DEFAULT_VALIDATION_SHARE
     out: Path | None = Path("bitalloc-demo")
     #: the user's held-out text file (None: the held-out share of ``estimate.data``, else the
     #: built-in corpus' evaluation split)
@@ -144,7 +150,7 @@ class RunConfig:
 
             check_group_columns(groups, parse_options(self.candidate_options))
         RefineConfig(rounds=self.refine_rounds, neighbours=self.refine_neighbours,  # validates
-                     time_limit=self.refine_time_limit)
+                     time_limit=self.refine_time_limit, validation_share=self.validation_share)
         v = self.eval_samples
         if isinstance(v, bool) or not isinstance(v, int) or v < 2:
             raise InvalidParameterError(f"eval_samples must be an int ≥ 2, got {v!r}")
@@ -392,6 +398,9 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     loaded = _load(cfg.model)
     loaded.model.eval()
     calib, evaluation = _data(loaded, cfg)
+    shares = _shares(cfg, calib)
+    # the table is estimated on the fit share: the candidates it yields are judged on the rest
+    fit = calib if shares is None else shares.fit
     selection_units = _units(loaded, cfg, calib)
     units = list(selection_units.units)
     if selection_units.excluded:
@@ -401,10 +410,12 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     quantizer = _quantizer(loaded, cfg, calib, units, say)
     lap("load")
     write = StageWriter(cfg.out, cfg)
-    table = _saved_table(cfg, loaded, calib, units, say)
+    table = _saved_table(cfg, loaded, fit, units, say)
     if table is None:
-        say(f"estimating costs ({cfg.estimate.method}, {len(units)} units, {calib.n_samples} samples)")
-        table = estimate_table(loaded, calib, cfg, units, quantizer)
+        held = "" if shares is None else f", {shares.n_validation} more held out for validation"
+        say(f"estimating costs ({cfg.estimate.method}, {len(units)} units, {fit.n_samples} "
+            f"samples{held})")
+        table = estimate_table(loaded, fit, cfg, units, quantizer)
     lap("estimate")
     write.table(table)
     write.progress("estimate", meter)
@@ -421,9 +432,12 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     write.progress("solve", meter)
     below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
     cands = {"table optimum": result.plan, **({"uniform ≤": below} if below is not None else {})}
+    judged = "calibration data" if shares is None else \
+        f"moves measured on {shares.n_fit} samples, judged on {shares.n_validation} validation samples"
     say(f"choosing among {len(cands)} measured candidates and refining at the plan "
-        f"({cfg.refine_rounds} rounds, calibration data)")
-    selection = _select(loaded, cfg, cands, table, budget, calib, units, quantizer)
+        f"({cfg.refine_rounds} rounds, {judged})")
+    selection = _select(loaded, cfg, cands, table, budget, calib if shares is None else shares,
+                        units, quantizer)
     lap("refine")
     write.candidates(selection)
     write.plan(selection.plan)
@@ -445,7 +459,8 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
                     uniform_below=ub, uniform_above=ua, seconds=meter.seconds, fp_metrics=fp_metrics,
                     chosen=chosen, selection=selection, excluded=dict(selection_units.excluded),
-                    data_info=_data_info(cfg, calib, evaluation), peak_rss_mb=meter.peaks,
+                    data_info={**_data_info(cfg, calib, evaluation), **_split_info(shares)},
+                    peak_rss_mb=meter.peaks,
                     peak_rss_per_stage=meter.per_stage)
     if run.worse_than_uniform:
         log.warning("the chosen plan measured worse than uniform %s on held-out data (%.4g vs %.4g)",
@@ -491,14 +506,39 @@ def _saved_table(cfg: RunConfig, loaded: Any, calib: Any, units: Sequence[Any],
     return table
 
 
+def _shares(cfg: RunConfig, calib: Any) -> SampleSplit | None:
+    """The calibration data's fit and validation shares (None: ``validation_share`` 0)."""
+    from allocator.model.data.split import split_calibration
+
+    return None if cfg.validation_share == 0 else split_calibration(calib, cfg.validation_share)
+
+
+def _split_info(shares: SampleSplit | None) -> dict[str, Any]:
+    """The ``data`` entries of results.json that record the split."""
+    if shares is None:
+        return {"validation_split": None}
+    return {"validation_split": {**shares.metadata(), "estimate": "fit share",
+                                 "fit_batches": shares.fit.metadata(),
+                                 "validation_batches": shares.validation.metadata()}}
+
+
 def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: CostTable,
-            budget: Budget, calib: Any, units: Sequence[Any], quantizer: Quantizer) -> RefineResult:
+            budget: Budget, data: Any, units: Sequence[Any], quantizer: Quantizer) -> RefineResult:
+    """Measure the candidates and refine (:func:`~allocator.jobs.refine.refine_plan`): moves on
+    the fit share, judged on the validation share of ``data`` (a :class:`SampleSplit`), or on
+    ``data`` itself (calibration batches) when there is no split."""
     from allocator.jobs.refine import refine_plan
+    from allocator.model.data.split import SampleSplit
 
     conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours,
-                        time_limit=cfg.refine_time_limit)
-    return refine_plan(loaded.model, cands, table, budget, list(calib), units, kind=loaded.kind,
-                       config=conf, quantizer=quantizer)
+                        time_limit=cfg.refine_time_limit, validation_share=cfg.validation_share)
+    fit, validation = (data.fit, data.validation) if isinstance(data, SampleSplit) else (data, None)
+    res = refine_plan(loaded.model, cands, table, budget, list(fit), units, kind=loaded.kind,
+                      config=conf, quantizer=quantizer,
+                      validation=None if validation is None else list(validation))
+    if isinstance(data, SampleSplit):  # the split's own record, not only its fingerprints
+        res = dataclasses.replace(res, validation=data.metadata())
+    return res
 
 
 def _chosen(selection: RefineResult, mixed: PlanResult, below: PlanResult | None,

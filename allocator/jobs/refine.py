@@ -4,25 +4,35 @@ A cost table is a linearisation at the full-precision model: ``cost(u, o)`` is t
 when unit ``u`` alone uses option ``o``. At 2–4 bpw every unit is quantized and the errors
 compound, so the table's additive model is least accurate exactly where the plan lives. This
 module measures the table again *at the plan* ``P`` (successive knapsack, a trust-region
-method):
+method).
 
-1. ``D(P)`` = the distortion of the model quantized as ``P`` against the full-precision outputs,
-   on calibration data (the metric the plan is judged by: token-mean KL, 1 − cos, ...).
+The calibration samples are split by sample hash (:mod:`allocator.model.data.split`) into a
+*fit* share F and a *validation* share V (``validation_share``, 25 % by default): moves are
+measured on F, and every decision is judged on V, data the moves were not measured on.
+
+1. ``D_F(P)``, ``D_V(P)`` = the distortion of the model quantized as ``P`` against the
+   full-precision outputs on F and on V (the metric the plan is judged by: token-mean KL,
+   1 − cos, ...).
 2. For every unit ``u`` and each of its ``neighbours`` options on either side of ``P(u)`` (by
-   size), ``Δ_u(o) = D(P with u → o) − D(P)``, measured with every other unit still at ``P``
+   size), ``Δ_u(o) = D_F(P with u → o) − D_F(P)``, measured with every other unit still at ``P``
    (the block cache recomputes only the blocks after ``u``).
 3. Re-solve the multiple-choice knapsack over ``{P(u)} ∪ neighbours`` with costs ``Δ_u(o)``
    (shifted per unit to be ≥ 0, which leaves the argmin unchanged) at the same budget, with a
    move penalty ``λ`` found by bisection so that at most ``m`` units change: the trust region
    ``Σ_u [o_u ≠ P(u)] ≤ m``.
-4. Accept the new plan if its measured ``D`` is lower; otherwise halve ``m``. Stop when no move
-   is predicted to help, ``m`` reaches 0, or after ``rounds`` rounds.
+4. Accept the trial plan ``P'`` iff ``D_V(P') < D_V(P)`` and ``D_F(P') < D_F(P)`` (it helps on
+   the data it was fitted on *and* on the validation share); otherwise halve ``m``. Stop when
+   no move is predicted to help or ``m`` reaches 0 (validation stopped improving), or after
+   ``rounds`` rounds.
 
-Every accepted plan measured lower than the one before it, so the result is never worse than
-the start *on the calibration data*. Held-out quality is checked by the caller.
+The start is the candidate with the lowest ``D_V``, and every accepted plan measured lower on V
+than the one before it, so the result is never worse than any candidate (e.g. the uniform plan
+that fits) *on the validation share*. With ``validation_share=0`` F = V = all calibration
+samples (the fitted data judges itself). Held-out quality is checked by the caller.
 
-Cost per round: one forward to cache the blocks at ``P``, ``2 · neighbours`` partial forwards per
-unit, and one full forward per trial plan.
+Cost per round: one forward over F to cache the blocks at ``P``, ``2 · neighbours`` partial
+forwards over F per unit, and one full forward over F and V per trial plan (the forward over F
+re-caches the blocks, which the next round starts from when the trial is accepted).
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from allocator.core.formats import parse_format
 from allocator.core.plan import BitPlan, SolverInfo
 from allocator.core.table import CostTable
 from allocator.core.units import unit_weight
+from allocator.model.data.split import DEFAULT_VALIDATION_SHARE, check_share, split_calibration
 from sensitivity import BlockCache, default_metric, distortion, make_chunks, per_sample_sums
 
 if TYPE_CHECKING:
@@ -50,7 +61,7 @@ if TYPE_CHECKING:
     from allocator.core.units import Unit
     from allocator.model.quant import Quantizer
 
-__all__ = ["RefineConfig", "RefineResult", "RefineRound", "RefineStatus", "move_priority",
+__all__ = ["RefineConfig", "RefineResult", "RefineRound", "RefineStatus", "accepts", "move_priority",
            "refine_plan", "tie_groups", "trust_region_choice"]
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,10 @@ class RefineConfig:
             first), no smaller trust region is tried and no further round starts; the result
             is still the best measured plan. One forward over the calibration data may run past
             it.
+        validation_share: share of the calibration samples (by sample hash) that judges the
+            candidates and every trial plan; the rest measures the moves (module docstring).
+            0: no split, the calibration data judges the moves measured on it. Ignored when
+            :func:`refine_plan` is given ``validation`` batches.
     """
 
     rounds: int = 3
@@ -84,8 +99,10 @@ class RefineConfig:
     trust: float = 0.25
     max_tokens: int = 8192
     time_limit: float | None = None
+    validation_share: float = DEFAULT_VALIDATION_SHARE
 
     def __post_init__(self) -> None:
+        check_share(self.validation_share, what="refine validation_share")
         t = self.time_limit
         if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
             raise InvalidParameterError(f"refine time_limit must be > 0 seconds or None, got {t!r}")
@@ -100,11 +117,17 @@ class RefineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RefineRound:
-    """One round: the error before, the trial plan's error, and what moved."""
+    """One round: the errors before, the trial plan's errors, and what moved.
+
+    ``error_*`` are on the validation share (what acceptance is judged by), ``fit_*`` on the fit
+    share the moves were measured on (equal when there is no validation share).
+    """
 
     index: int
     error_before: float
     error_trial: float
+    fit_before: float
+    fit_trial: float
     predicted_change: float
     moved: int
     trust: int
@@ -115,24 +138,42 @@ class RefineRound:
 
 @dataclass(frozen=True, kw_only=True)
 class RefineResult:
+    """What :func:`refine_plan` chose. ``start_error`` / ``error`` / ``candidates`` are on the
+    validation share (the errors decisions were judged by), the ``fit`` ones on the fit share."""
+
     plan: BitPlan
     start_error: float
     error: float
     rounds: tuple[RefineRound, ...]
     status: RefineStatus
-    #: calibration error of every candidate given to :func:`refine_plan`, and the one it started from
+    #: validation error of every candidate given to :func:`refine_plan`, and the one it started from
     candidates: Mapping[str, float] = field(default_factory=dict)
     start_label: str = "plan"
+    start_fit_error: float | None = None
+    fit_error: float | None = None
+    #: fit-share error of every candidate
+    candidates_fit: Mapping[str, float] = field(default_factory=dict)
+    #: the split (:meth:`allocator.model.data.split.SampleSplit.metadata`); empty: no validation
+    #: share, the calibration data judged itself
+    validation: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def improvement(self) -> float:
-        """Relative calibration-error reduction from the start plan (0.25 = 25 % lower)."""
+        """Relative validation-error reduction from the start plan (0.25 = 25 % lower)."""
         return 0.0 if self.start_error <= 0 else 1.0 - self.error / self.start_error
+
+    @property
+    def judged_on(self) -> str:
+        """``validation`` when a validation share judged the choices, else ``calibration``."""
+        return "validation" if self.validation else "calibration"
 
     def to_dict(self) -> dict[str, Any]:
         return {"start_error": self.start_error, "error": self.error, "status": str(self.status),
                 "improvement": self.improvement, "start": self.start_label,
-                "candidates": dict(self.candidates), "rounds": [vars(r) for r in self.rounds]}
+                "judged_on": self.judged_on, "start_fit_error": self.start_fit_error,
+                "fit_error": self.fit_error, "candidates": dict(self.candidates),
+                "candidates_fit": dict(self.candidates_fit), "validation": dict(self.validation),
+                "rounds": [vars(r) for r in self.rounds]}
 
 
 # ---------------------------------------------------------------------------- pure pieces
@@ -307,6 +348,7 @@ def refine_plan(
     config: RefineConfig | None = None,
     on_round: Callable[[RefineRound], None] | None = None,
     quantizer: Quantizer | None = None,
+    validation: Sequence[Mapping[str, Any]] | None = None,
 ) -> RefineResult:
     """Refine the best of ``plan`` around its own operating point (module docstring).
 
@@ -314,10 +356,16 @@ def refine_plan(
     :class:`allocator.model.quant.GptqQuantizer` for ``--method gptq``); only units whose
     option changes are quantized again.
 
+    ``batches`` are split into fit and validation shares by ``config.validation_share``, unless
+    ``validation`` gives the validation batches (then ``batches`` are the fit share whole).
     ``plan`` may be several labelled candidates (e.g. the cost-table optimum and the uniform
-    plan that fits): each is measured on ``batches`` and refinement starts from the lowest, so
-    the result measures no worse than any candidate on calibration data (``rounds=0`` only
+    plan that fits): each is measured on the validation share and refinement starts from the
+    lowest, so the result measures no worse than any candidate there (``rounds=0`` only
     selects). The model's weights are restored before returning.
+
+    Raises:
+        InvalidParameterError: no candidate, table units that are not model units, or too few
+            calibration samples for the validation share.
     """
     cfg = config or RefineConfig()
     cands = {"plan": plan} if isinstance(plan, BitPlan) else dict(plan)
@@ -333,30 +381,36 @@ def refine_plan(
                  .groupby("option")["size_bits"].sum().items()} for g, members in groups.items()}
     from allocator.model.quant import RtnQuantizer
 
+    fit_batches, val_batches, split_info = _shares(batches, validation, cfg.validation_share)
     weights = _Weights(model, [by_name[u] for u in table.units], quantizer or RtnQuantizer())
     rounds: list[RefineRound] = []
     status = RefineStatus.ROUND_LIMIT if cfg.rounds else RefineStatus.CONVERGED
     deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit
     try:
-        meter = _Meter(model, batches, kind=kind, max_tokens=cfg.max_tokens)
+        meter = _Meter(model, fit_batches, kind=kind, max_tokens=cfg.max_tokens)
+        judge = meter if val_batches is None else \
+            _Meter(model, val_batches, kind=kind, max_tokens=cfg.max_tokens)
         starts = {g: min(meter.cache.start_block(by_name[u]) for u in members)
                   for g, members in groups.items()}
         measured: dict[str, float] = {}
+        measured_fit: dict[str, float] = {}
         for label, cand in cands.items():
             weights.set_plan(cand.choice)
-            measured[label] = meter.full_error()
+            measured[label] = judge.full_error()
+            measured_fit[label] = measured[label] if judge is meter else meter.full_error()
         start_label = min(measured, key=lambda k: measured[k])
         start = cands[start_label]
         current = dict(start.choice)
         weights.set_plan(current)
-        error = start_error = meter.rebuild()
+        fit = start_fit = meter.rebuild()
+        error = start_error = fit if judge is meter else measured[start_label]
         trust = max(1, int(round(cfg.trust * table.n_units)))
         for r in range(cfg.rounds):
             if deadline is not None and time.perf_counter() > deadline:
                 status = RefineStatus.TIME_LIMIT
                 break
-            step, choice = _round(r, meter, weights, table, budget, groups, current, sizes, starts,
-                                  error, trust, cfg.neighbours, deadline)
+            step, choice = _round(r, _Judged(meter, judge), weights, table, budget, groups, current,
+                                  sizes, starts, (fit, error), trust, cfg.neighbours, deadline)
             trust = step.trust
             rounds.append(step)
             if on_round is not None:
@@ -365,7 +419,7 @@ def refine_plan(
                 late = deadline is not None and time.perf_counter() > deadline
                 status = RefineStatus.TIME_LIMIT if late else RefineStatus.CONVERGED
                 break
-            current, error = choice, step.error_trial
+            current, fit, error = choice, step.fit_trial, step.error_trial
     finally:
         weights.restore()
     info = SolverInfo(name=f"{start.solver.name}+refine", status=start.solver.status, gap=None,
@@ -375,21 +429,69 @@ def refine_plan(
     refined = BitPlan.from_choice(table, current, budget=budget, solver=info) if rounds and \
         current != start.choice else start
     return RefineResult(plan=refined, start_error=start_error, error=error, rounds=tuple(rounds),
-                        status=status, candidates=measured, start_label=start_label)
+                        status=status, candidates=measured, start_label=start_label,
+                        start_fit_error=start_fit, fit_error=fit, candidates_fit=measured_fit,
+                        validation=split_info)
 
 
-def _round(r: int, meter: _Meter, weights: _Weights, table: CostTable, budget: Budget,
+def _shares(batches: Sequence[Mapping[str, Any]], validation: Sequence[Mapping[str, Any]] | None,
+            share: float) -> tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]] | None,
+                                   dict[str, Any]]:
+    """(fit batches, validation batches or None, the split's record) (:func:`refine_plan`)."""
+    if validation is not None:
+        val = list(validation)
+        if not val:
+            raise InvalidParameterError("refine: validation is an empty list of batches; pass "
+                                        "batches or None to split the calibration data")
+        from allocator.model.data.batches import batches_fingerprint
+
+        return batches, val, {"given": True, "validation_fingerprint": batches_fingerprint(val),
+                              "fit_fingerprint": batches_fingerprint(list(batches))}
+    if share == 0:
+        return batches, None, {}
+    split = split_calibration(list(batches), share)
+    return split.fit, split.validation, split.metadata()
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """The fit share's meter (moves, block cache) and the validation share's (judgement); the
+    same meter when there is no validation share."""
+
+    fit: _Meter
+    judge: _Meter
+
+    def measure(self) -> tuple[float, float]:
+        """(D_F, D_V) at the model's current weights; re-caches the fit share's blocks there."""
+        f = self.fit.rebuild()
+        return f, (f if self.judge is self.fit else self.judge.full_error())
+
+    @property
+    def forwards(self) -> int:
+        return self.fit.forwards + (0 if self.judge is self.fit else self.judge.forwards)
+
+
+def accepts(before: tuple[float, float], trial: tuple[float, float]) -> bool:
+    """Accept a trial plan iff it is lower on both shares: ``D_F' < D_F`` and ``D_V' < D_V``
+    (``before``/``trial`` are (D_F, D_V)); the validation share is the judge, the fit share
+    confirms the move did what it was measured to do."""
+    return trial[0] < before[0] and trial[1] < before[1]
+
+
+def _round(r: int, meters: _Judged, weights: _Weights, table: CostTable, budget: Budget,
            groups: Mapping[str, Sequence[str]], current: dict[str, str],
-           sizes: Mapping[str, Mapping[str, float]], starts: Mapping[str, int], error: float,
-           trust: int, neighbours: int, deadline: float | None) -> tuple[RefineRound, dict[str, str]]:
-    """One re-linearise / re-solve / accept-or-shrink round (module docstring, steps 2–4)."""
+           sizes: Mapping[str, Mapping[str, float]], starts: Mapping[str, int],
+           error: tuple[float, float], trust: int, neighbours: int,
+           deadline: float | None) -> tuple[RefineRound, dict[str, str]]:
+    """One re-linearise / re-solve / accept-or-shrink round (module docstring, steps 2–4);
+    ``error`` is (D_F, D_V) of ``current``."""
     t0 = time.perf_counter()
-    f0 = meter.forwards
+    f0 = meters.forwards
     order = move_priority(table, groups, current, sizes, neighbours)
-    deltas = _measure_moves(meter, weights, groups, current, sizes, starts, error, neighbours,
-                            order, deadline)
+    deltas = _measure_moves(meters.fit, weights, groups, current, sizes, starts, error[0],
+                            neighbours, order, deadline)
     local = _local_table(table, groups, deltas)
-    trials: list[tuple[float, float, int]] = []  # (error, predicted change, units moved)
+    trials: list[tuple[tuple[float, float], float, int]] = []  # ((D_F, D_V), predicted, moved)
     choice = current
     while trust >= 1:
         if trials and deadline is not None and time.perf_counter() > deadline:
@@ -399,20 +501,23 @@ def _round(r: int, meter: _Meter, weights: _Weights, table: CostTable, budget: B
         if not changed or predicted >= 0:
             break
         weights.set_plan(changed)
-        trials.append((meter.rebuild(), predicted, len(changed)))
-        if trials[-1][0] < error:
+        # a rejected trial leaves the fit cache at the trial plan: only the next trial (which
+        # re-caches) or an accepted round uses it, and a round that ends rejected ends refinement
+        trials.append((meters.measure(), predicted, len(changed)))
+        if accepts(error, trials[-1][0]):
             break
         weights.set_plan({u: current[u] for u in changed})
         trust //= 2
-    accepted = bool(trials) and trials[-1][0] < error
+    accepted = bool(trials) and accepts(error, trials[-1][0])
     last = trials[-1] if trials else (error, 0.0, 0)
-    step = RefineRound(index=r, error_before=error, error_trial=last[0], predicted_change=last[1],
+    step = RefineRound(index=r, error_before=error[1], error_trial=last[0][1],
+                       fit_before=error[0], fit_trial=last[0][0], predicted_change=last[1],
                        moved=last[2], trust=trust, accepted=accepted, trials=len(trials),
                        seconds=time.perf_counter() - t0)
-    log.info("refine round %d: error %.5g -> %.5g (%s, %d moved, %d forwards)", r, error,
-             step.error_trial, "accepted" if accepted else "rejected", step.moved,
-             meter.forwards - f0)
-    return step, choice
+    log.info("refine round %d: fit %.5g -> %.5g, validation %.5g -> %.5g (%s, %d moved, %d forwards)",
+             r, step.fit_before, step.fit_trial, step.error_before, step.error_trial,
+             "accepted" if accepted else "rejected", step.moved, meters.forwards - f0)
+    return step, choice if accepted else current
 
 
 def tie_groups(table: CostTable) -> dict[str, list[str]]:

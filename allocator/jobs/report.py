@@ -248,15 +248,39 @@ def excluded_lines(excluded: Mapping[str, str]) -> list[str]:
 
 
 def selection_lines(sel: RefineResult | None) -> list[str]:
-    """How the handed-out plan was chosen: candidates' calibration errors and refinement rounds."""
+    """How the handed-out plan was chosen: each candidate's and each refinement round's error on
+    the fit share (the moves were measured there) and on the validation share (what judged
+    them), or on the calibration data when there was no validation share."""
     if sel is None:
         return []
-    lines = ["", "Selection on calibration data: " + ", ".join(
-        f"{k} {v:.4g}" for k, v in sel.candidates.items()) + f"; started from **{sel.start_label}**."]
+    if not sel.validation:
+        lines = ["", "Selection on calibration data (no validation share): " + ", ".join(
+            f"{k} {v:.4g}" for k, v in sel.candidates.items())
+            + f"; started from **{sel.start_label}**."]
+        for r in sel.rounds:
+            lines.append(f"- refine round {r.index}: {r.error_before:.4g} → {r.error_trial:.4g} "
+                         f"({'accepted' if r.accepted else 'rejected'}, {r.moved} units moved, "
+                         f"trust {r.trust})")
+        lines.append(f"Refinement {sel.status}: calibration error {sel.start_error:.4g} → "
+                     f"{sel.error:.4g} ({100 * sel.improvement:.1f} % lower).")
+        return lines
+    v = sel.validation
+    counts = f" ({v['n_fit']} fit / {v['n_validation']} validation samples, by sample hash)" \
+        if "n_fit" in v else ""
+    fit = sel.candidates_fit
+    lines = ["", f"Selection judged on the validation share{counts}; error fit / validation: "
+             + ", ".join(f"{k} {fit[k]:.4g} / {e:.4g}" if k in fit else f"{k} ? / {e:.4g}"
+                         for k, e in sel.candidates.items())
+             + f"; started from **{sel.start_label}** (lowest validation error)."]
     for r in sel.rounds:
-        lines.append(f"- refine round {r.index}: {r.error_before:.4g} → {r.error_trial:.4g} "
-                     f"({'accepted' if r.accepted else 'rejected'}, {r.moved} units moved, "
-                     f"trust {r.trust})")
-    lines.append(f"Refinement {sel.status}: calibration error {sel.start_error:.4g} → {sel.error:.4g} "
-                 f"({100 * sel.improvement:.1f} % lower).")
+        verdict = "accepted" if r.accepted else (
+            "rejected: worse on validation" if r.error_trial >= r.error_before else
+            "rejected: worse on fit" if r.fit_trial >= r.fit_before else "rejected")
+        lines.append(f"- refine round {r.index}: fit {r.fit_before:.4g} → {r.fit_trial:.4g}, "
+                     f"validation {r.error_before:.4g} → {r.error_trial:.4g} ({verdict}, "
+                     f"{r.moved} units moved, trust {r.trust})")
+    fit_words = "" if sel.start_fit_error is None or sel.fit_error is None else \
+        f"fit error {sel.start_fit_error:.4g} → {sel.fit_error:.4g}, "
+    lines.append(f"Refinement {sel.status}: {fit_words}validation error {sel.start_error:.4g} → "
+                 f"{sel.error:.4g} ({100 * sel.improvement:.1f} % lower).")
     return lines

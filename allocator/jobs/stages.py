@@ -43,7 +43,7 @@ def config_summary(cfg: RunConfig) -> dict[str, Any]:
             "consumer": cfg.consumer, "calib_samples": spec.samples, "eval_samples": cfg.eval_samples,
             "seq_len": spec.seq_len, "batch_size": spec.batch_size, "seed": spec.seed,
             "refine_rounds": cfg.refine_rounds, "refine_neighbours": cfg.refine_neighbours,
-            "refine_time_limit": cfg.refine_time_limit,
+            "refine_time_limit": cfg.refine_time_limit, "validation_share": cfg.validation_share,
             "out": str(cfg.out) if cfg.out is not None else None, "data": spec.data,
             "eval_data": cfg.eval_data, "include": list(spec.include or ()),
             "exclude": list(spec.exclude or ()), "drop_inert": cfg.drop_inert, "groups": spec.groups,

@@ -51,7 +51,9 @@ def test_demo_writes_plan_report_and_frontier(demo_dir: Path, capsys: pytest.Cap
                                               for o in {a.option for a in plan.assignments.values()}}
     report = (demo_dir / "report.md").read_text()
     assert "Chosen / uniform-at-equal-size held-out error ratio" in report
-    assert "Selection on calibration data" in report
+    # candidates and refinement moves are judged on the calibration data's validation share
+    assert sel["judged_on"] == "validation" and sel["validation"]["n_validation"] >= 2
+    assert "Selection judged on the validation share" in report and "fit / validation" in report
     assert "left out of the budget, cannot affect the output" in report and "`pooler.dense`" in report
 
 

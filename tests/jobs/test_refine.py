@@ -151,3 +151,146 @@ def test_time_limit_stops_with_the_best_measured_plan(vit: dict[str, object]) ->
     assert res.plan is opt and res.error == res.start_error
     with pytest.raises(InvalidParameterError, match="time_limit"):
         RefineConfig(time_limit=0)
+
+
+@pytest.mark.parametrize("share", [-0.1, 0.6, True, "0.25"])
+def test_config_refuses_bad_validation_share(share: object) -> None:
+    with pytest.raises(InvalidParameterError, match="refine validation_share"):
+        RefineConfig(validation_share=share)  # type: ignore[arg-type]
+
+
+def test_refine_measures_on_fit_and_records_both_shares(vit: dict[str, object]) -> None:
+    table = vit["table"]
+    assert isinstance(table, CostTable)
+    budget = Budget(bpw=3.0)
+    opt = solvers.solve(table, budget).plan
+    uni = BitPlan.from_choice(table, dict.fromkeys(table.units, "int2-g128-asym"))
+    res = refine_plan(vit["model"], {"table optimum": opt, "uniform ≤": uni},  # type: ignore[arg-type]
+                      table, budget, vit["calib"], vit["units"], kind=vit["kind"],  # type: ignore[arg-type]
+                      config=RefineConfig(rounds=2))
+    assert res.validation["n_fit"] == 24 and res.validation["n_validation"] == 8
+    assert res.judged_on == "validation" and set(res.candidates_fit) == set(res.candidates)
+    # the shares are different data: the same plan measures differently on them
+    assert res.candidates_fit["uniform ≤"] != pytest.approx(res.candidates["uniform ≤"], rel=1e-6)
+    assert res.start_fit_error == pytest.approx(res.candidates_fit[res.start_label], rel=1e-6)
+    assert res.rounds
+    for r in res.rounds:
+        assert r.fit_before > 0 and r.fit_trial > 0 and r.error_before > 0
+        assert r.accepted == (r.fit_trial < r.fit_before and r.error_trial < r.error_before)
+    record = res.to_dict()
+    assert {"fit_before", "fit_trial", "error_before", "error_trial"} <= set(record["rounds"][0])
+    assert record["validation"]["n_validation"] == 8 and record["judged_on"] == "validation"
+    # validation_share 0: the calibration data judges itself (one share, equal errors)
+    same = refine_plan(vit["model"], {"table optimum": opt}, table, budget,  # type: ignore[arg-type]
+                       vit["calib"], vit["units"], kind=vit["kind"],  # type: ignore[arg-type]
+                       config=RefineConfig(rounds=1, validation_share=0))
+    assert not same.validation and same.judged_on == "calibration"
+    assert all(r.fit_trial == r.error_trial for r in same.rounds)
+
+
+class _Scripted:
+    """Measurement by formula instead of a model: each share's D(P) is a function of the plan
+    the (fake) weights hold. Monkeypatched over refine's ``_Meter`` and ``_Weights``."""
+
+    def __init__(self, fit: object, val: object) -> None:
+        self.at: dict[str, str] = {}
+        self.errors = {"fit": fit, "val": val}
+        state = self
+
+        class Weights:
+            def __init__(self, model: object, units: object, quantizer: object) -> None:
+                pass
+
+            def set(self, unit: str, option: str) -> None:
+                state.at[unit] = option
+
+            def set_plan(self, choice: dict[str, str]) -> None:
+                state.at.update(choice)
+
+            def restore(self) -> None:
+                state.at.clear()
+
+        class Cache:
+            def start_block(self, unit: object) -> int:
+                return 0
+
+        class Meter:
+            def __init__(self, model: object, batches: list[dict[str, str]], *, kind: str,
+                         max_tokens: int) -> None:
+                self.share = batches[0]["share"]
+                self.cache = Cache()
+                self.forwards = 0
+
+            def value(self) -> float:
+                self.forwards += 1
+                return float(state.errors[self.share](dict(state.at)))  # type: ignore[operator]
+
+            rebuild = full_error = value
+
+            def error_from(self, start: int) -> float:
+                return self.value()
+
+        self.Weights, self.Meter = Weights, Meter
+
+
+def _scripted_refine(monkeypatch: pytest.MonkeyPatch, fit: object, val: object,
+                     cands: dict[str, dict[str, str]], table: CostTable, rounds: int = 3):  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    from allocator.jobs import refine
+
+    s = _Scripted(fit, val)
+    monkeypatch.setattr(refine, "_Meter", s.Meter)
+    monkeypatch.setattr(refine, "_Weights", s.Weights)
+    units = [SimpleNamespace(name=u) for u in table.units]  # only names: the meter is scripted
+    plans = {k: BitPlan.from_choice(table, c) for k, c in cands.items()}
+    return refine_plan(None, plans, table, Budget(bpw=3.25), [{"share": "fit"}],  # type: ignore[arg-type,list-item]
+                       units, kind="encoder", validation=[{"share": "val"}],  # type: ignore[list-item]
+                       config=RefineConfig(rounds=rounds, trust=1.0))
+
+
+def _additive(costs: np.ndarray, table: CostTable):  # type: ignore[no-untyped-def]
+    col = {o: j for j, o in enumerate(("int2-g128-asym", "int3-g128-asym", "int4-g128-asym"))}
+    return lambda at: 1.0 + sum(costs[int(u[1:]), col[o]] for u, o in at.items())
+
+
+def test_a_move_that_helps_on_fit_but_hurts_on_validation_is_rejected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # u0 gains a lot from int4, u1 loses little at int2: the swing fits 3.25 bpw and helps on fit
+    costs = np.array([[0.30, 0.20, 0.0], [0.12, 0.10, 0.09], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    table = _table(costs)
+    start = dict.fromkeys(table.units, "int3-g128-asym")
+    fit = _additive(costs, table)
+
+    def val(at: dict[str, str]) -> float:  # on validation text, u1 at 2 bits costs much more
+        return fit(at) + (0.5 if at.get("u1") == "int2-g128-asym" else 0.0)
+
+    res = _scripted_refine(monkeypatch, fit, val, {"uniform": start}, table)
+    first = res.rounds[0]
+    assert first.fit_trial < first.fit_before  # the move helps on the data it was measured on
+    assert first.error_trial > first.error_before and not first.accepted
+    assert first.trials >= 1 and first.moved >= 2
+    assert res.plan.choice == start and res.status is RefineStatus.CONVERGED
+    assert res.error == res.start_error and res.fit_error == res.start_fit_error
+    # the same move, when validation agrees with fit, is accepted
+    ok = _scripted_refine(monkeypatch, fit, fit, {"uniform": start}, table)
+    assert ok.rounds[0].accepted and ok.plan.choice != start
+    assert ok.error < ok.start_error and ok.fit_error is not None and ok.fit_error < ok.start_fit_error
+
+
+def test_candidates_are_chosen_on_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    costs = np.array([[0.3, 0.2, 0.1]] * 4)
+    table = _table(costs)
+    a = dict.fromkeys(table.units, "int3-g128-asym")
+    b = {**a, "u0": "int2-g128-asym", "u1": "int4-g128-asym"}
+
+    def fit(at: dict[str, str]) -> float:  # a lower on fit
+        return 1.0 if at.get("u0") == "int3-g128-asym" else 2.0
+
+    def val(at: dict[str, str]) -> float:  # b lower on validation
+        return 2.0 if at.get("u0") == "int3-g128-asym" else 1.0
+
+    res = _scripted_refine(monkeypatch, fit, val, {"a": a, "b": b}, table, rounds=0)
+    assert res.start_label == "b" and res.plan.choice == b
+    assert res.candidates == {"a": 2.0, "b": 1.0} and res.candidates_fit == {"a": 1.0, "b": 2.0}
+    assert res.validation["given"] is True
