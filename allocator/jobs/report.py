@@ -147,7 +147,8 @@ def report_markdown(run: RunResult) -> str:
         "- uniform ≤: the uniform int option with the most bits whose size fits the budget "
         "(equal-size baseline); uniform >: the next uniform option above the budget (context)",
         "- mixed: the cost table's optimum; chosen: the plan in `plan.json` — the best of the "
-        "measured candidates on calibration data, refined at its own operating point",
+        "measured candidates on the validation share of the calibration data, refined at its own "
+        "operating point",
         "- each metric: value [95 % bootstrap interval over the held-out samples]", "",
         "| plan | bpw | size (KiB) | predicted cost | " + " | ".join(m.metrics) + " | verified |",
         "|---|---|---|---|" + "---|" * len(m.metrics) + "---|",

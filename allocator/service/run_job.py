@@ -31,7 +31,8 @@ __all__ = ["RUN_KEYS", "RUN_KIND", "run_config_of"]
 
 RUN_KEYS = frozenset({"model", "bpw", "estimator", "estimator_params", "options", "consumer",
                       "calib_samples", "eval_samples", "seq_len", "seed", "refine_rounds",
-                      "refine_time_limit", "include", "exclude", "data", "name"})
+                      "refine_time_limit", "validation_share", "include", "exclude", "data",
+                      "name"})
 
 #: (params key, smallest value) of the integer parameters; the defaults are RunConfig's
 _INTS = (("calib_samples", 1), ("eval_samples", 2), ("seq_len", 2), ("seed", 0), ("refine_rounds", 0))
@@ -93,6 +94,10 @@ def _validate_run(params: Mapping[str, Any], roots: list[Path]) -> dict[str, Any
     if limit is not None and (not _is_number(limit) or limit <= 0):
         raise _bad(f"params.refine_time_limit must be seconds > 0 (or null for no limit), "
                    f"got {limit!r}")
+    share: Any = params.get("validation_share")
+    if share is not None and not _is_number(share):
+        raise _bad(f"params.validation_share must be a number in [0, 0.5] (0: no validation "
+                   f"share), got {share!r}")
     estimator = params.get("estimator", "gauss-newton")
     if not isinstance(estimator, str) or not estimator:
         raise _bad(f"params.estimator must be an estimator name, got {estimator!r}")
@@ -129,7 +134,7 @@ def run_config_of(params: Mapping[str, Any], *, data: str | None) -> Any:
     spec_keys = {"calib_samples": "samples", "seq_len": "seq_len", "seed": "seed"}
     fields: dict[str, Any] = {new: params[old] for old, new in spec_keys.items()
                               if params.get(old) is not None}
-    kw: dict[str, Any] = {k: params[k] for k in ("eval_samples", "refine_rounds")
+    kw: dict[str, Any] = {k: params[k] for k in ("eval_samples", "refine_rounds", "validation_share")
                           if params.get(k) is not None}
     if "refine_time_limit" in params:
         kw["refine_time_limit"] = params["refine_time_limit"]

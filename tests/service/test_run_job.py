@@ -75,6 +75,8 @@ def test_run_job_stores_the_table_and_the_chosen_plan(client, worker, model_root
     ({"bpw": 4, "eval_samples": 1}, "params.eval_samples must be an int ≥ 2"),
     ({"bpw": 4, "refine_rounds": -1}, "params.refine_rounds must be an int ≥ 0"),
     ({"bpw": 4, "refine_time_limit": 0}, "params.refine_time_limit must be seconds > 0"),
+    ({"bpw": 4, "validation_share": "a quarter"}, "params.validation_share must be a number"),
+    ({"bpw": 4, "validation_share": 0.9}, "validation"),
     ({"bpw": 4, "budget": {"bpw": 3}}, "unknown run parameter(s) ['budget']"),
     ({"bpw": 4, "n_trials": 3}, "unknown run parameter(s) ['n_trials']"),
     ({"bpw": 4, "include": "layer("}, "neither a glob nor a valid regex"),
