@@ -116,18 +116,18 @@ def _blocks(model: Any) -> list[Any]:
 
 def one_batch_gb(loaded: Any, batch: int, seq_len: int) -> float:
     """Peak RSS growth of one batch's forward with its activations kept, then a backward that
-    allocates a single weight gradient: the "activations of one batch" of the memory target. A lower
-    bound (``ru_maxrss`` only grows), so the target it sets errs on the strict side."""
+    allocates a single weight gradient: the "activations of one batch" of the memory target,
+    measured from the resident set after the model's construction (:func:`_model_rss_gb`)."""
     import torch
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    before = _model_rss_gb()
     ids = torch.randint(0, loaded.tokenizer.vocab_size, (batch, seq_len))
     weight = next(m.weight for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
     with torch.enable_grad():
         out = loaded.model(input_ids=ids)
         first = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         torch.autograd.grad(first.float().pow(2).mean(), [weight])
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before, 0.0)
+    return max(_peak_gb() - before, 0.0)
 
 
 def evaluate_stage(loaded: Any, samples: int, seq_len: int) -> dict[str, Any]:
