@@ -149,8 +149,15 @@ def evaluate_stage(loaded: Any, samples: int, seq_len: int) -> dict[str, Any]:
         for unit in discover_units(loaded.model):
             w = unit_weight(loaded.model, unit)
             w.copy_(rtn.quantize(unit, w.detach().float(), fmt).to(w.dtype))
+    from allocator.core.rss import release_free_memory, reset_peak_rss
+
+    ref_apply = _peak_gb()  # reference outputs and the in-place quantization (run's apply stage)
+    release_free_memory()
+    reset_peak_rss()
     report = evaluate(loaded.model, list(data), ref)
-    return {"passes": None, "metrics": {k: round(float(v), 4) for k, v in report.metrics.items()}}
+    return {"passes": None, "ref_and_quantize_peak_gb": round(ref_apply, 2),
+            "evaluate_only_peak_gb": round(_peak_gb(), 2),
+            "metrics": {k: round(float(v), 4) for k, v in report.metrics.items()}}
 
 
 def _model_rss_gb() -> float:
@@ -193,7 +200,8 @@ def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq
         print(json.dumps({
             "config": config, "estimator": estimator, "params": params, "model_params": params_n,
             "layers": layers, "units": None, "wall_s": round(time.perf_counter() - t0, 1),
-            "model_rss_gb": round(model_rss, 2), "peak_rss_gb": round(_peak_gb(), 2),
+            "model_rss_gb": round(model_rss, 2),
+            "peak_rss_gb": max(out["ref_and_quantize_peak_gb"], out["evaluate_only_peak_gb"]),
             "fp32_gb": round(4 * params_n / 2**30, 2), "fwd_equiv": 0.0, **out}))
         return
     rows = [0]
