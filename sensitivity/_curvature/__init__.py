@@ -45,8 +45,11 @@ from sensitivity._curvature.output_metric import (
     cosine_cotangent,
     cosine_output_hessian,
     kl_cotangent,
+    kl_cotangent_at,
+    kl_label,
     output_metric,
     row_cotangents,
+    softmax_cdf,
     softmax_fisher,
 )
 from sensitivity._curvature.passes import SplitTerm, curvature_in_passes, row_pieces
@@ -76,6 +79,7 @@ from sensitivity._curvature.terms import (
 __all__ = ["PER_SAMPLE_MODES", "VMAP_BELOW", "Reduction", "SampledCurvature", "SplitTerm", "UnitReduction",
            "check_chunk", "check_per_sample", "check_probes", "cosine_cotangent", "cosine_output_hessian",
            "curvature_from_sums", "curvature_in_passes", "gn_diagonal_terms", "gn_inner_products",
-           "gn_quadratic_terms", "gn_square", "gn_trace_terms", "kl_cotangent", "output_metric",
-           "pair_curvature", "pair_stream", "pair_terms", "row_chunks", "row_cotangents", "row_pieces",
-           "sampled_curvature", "softmax_fisher", "streamed_reduce", "unit_reduction"]
+           "gn_quadratic_terms", "gn_square", "gn_trace_terms", "kl_cotangent", "kl_cotangent_at", "kl_label",
+           "output_metric", "pair_curvature", "pair_stream", "pair_terms", "row_chunks", "row_cotangents",
+           "row_pieces",
+           "sampled_curvature", "softmax_cdf", "softmax_fisher", "streamed_reduce", "unit_reduction"]

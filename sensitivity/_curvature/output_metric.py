@@ -15,8 +15,8 @@ from allocator.model.kind import ModelKind
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["cosine_cotangent", "cosine_output_hessian", "kl_cotangent", "output_metric", "row_cotangents",
-           "softmax_fisher"]
+__all__ = ["cosine_cotangent", "cosine_output_hessian", "kl_cotangent", "kl_cotangent_at", "kl_label",
+           "output_metric", "row_cotangents", "softmax_cdf", "softmax_fisher"]
 
 
 def softmax_fisher(p: torch.Tensor) -> torch.Tensor:
@@ -44,13 +44,33 @@ def cosine_output_hessian(e: torch.Tensor) -> torch.Tensor:
 def kl_cotangent(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``v = ∇_l(−log p_y) = p − onehot(y)`` with ``y = F_p⁻¹(u)`` (u ~ U(0, 1) per position, so
     y ~ p): ``E[v vᵀ] = diag(p) − p pᵀ`` (:func:`softmax_fisher`). Shape of ``logits``."""
+    p, cdf = softmax_cdf(logits)
+    return kl_cotangent_at(p, kl_label(cdf, u))
+
+
+def softmax_cdf(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, cumsum p)`` in float64 over the last dim: computed once per output row and shared
+    by its probes (:func:`row_cotangents`)."""
     import torch
 
     p = torch.softmax(logits.detach().double(), dim=-1)
-    cdf = torch.cumsum(p, dim=-1)
+    return p, torch.cumsum(p, dim=-1)
+
+
+def kl_label(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``y = F_p⁻¹(u)`` per position from :func:`softmax_cdf`'s ``cdf`` (shape [..., 1])."""
+    import torch
+
     y = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1).contiguous())
-    y = y.clamp_max(p.shape[-1] - 1)
-    return p - torch.zeros_like(p).scatter_(-1, y, 1.0)
+    return y.clamp_max(cdf.shape[-1] - 1)
+
+
+def kl_cotangent_at(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``p − onehot(y)``: ``p`` copied once and the label's entry lowered by 1 in place (the same
+    float operation as subtracting the one-hot, without a second vocabulary-wide tensor)."""
+    import torch
+
+    return p.clone().scatter_add_(-1, y, torch.full(y.shape, -1.0, dtype=p.dtype, device=p.device))
 
 
 def cosine_cotangent(e: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -86,17 +106,13 @@ def row_cotangents(out: torch.Tensor, batch: Mapping[str, Any], kind: str, metri
     counts: list[int] = []
     for row in range(out.shape[0]):
         o = out[row].detach()
-        per_row = []
-        for _ in range(probes):
-            if metric == "kl":
-                u = torch.rand(tuple(o.shape[:-1]), generator=gen, dtype=torch.float64)
-                v = kl_cotangent(o, u.to(o.device))
-                if mask is not None:
-                    v = v * mask[row].unsqueeze(-1)
-            else:
+        if metric == "kl":
+            per_row = _kl_row(o, mask[row] if mask is not None else None, probes, gen, out.dtype)
+        else:
+            per_row = []
+            for _ in range(probes):
                 z = torch.randn(tuple(o.shape), generator=gen, dtype=torch.float64)
-                v = cosine_cotangent(o, z.to(o.device))
-            per_row.append(v.to(out.dtype))
+                per_row.append(cosine_cotangent(o, z.to(o.device)).to(out.dtype))
         cots.append(per_row)
         if metric == "cos":
             counts.append(1)
@@ -105,3 +121,28 @@ def row_cotangents(out: torch.Tensor, batch: Mapping[str, Any], kind: str, metri
         else:
             counts.append(int(math.prod(o.shape[:-1])))
     return cots, counts
+
+
+def _kl_row(o: torch.Tensor, mask: torch.Tensor | None, probes: int, gen: torch.Generator,
+            dtype: torch.dtype) -> list[torch.Tensor]:
+    """One row's ``probes`` KL cotangents in ``dtype``: the values of
+    ``(softmax(o) − onehot(y)) · mask`` computed in float64 and then rounded, with a
+    vocabulary-wide float64 tensor alive only while the labels are drawn (p and its cdf, once per
+    row, not per probe). Off the label every entry is ``p`` itself, so it is ``p`` rounded; the
+    label's entry is ``p_y − 1`` rounded; the 0/1 mask commutes with the rounding."""
+    import torch
+
+    p, cdf = softmax_cdf(o)
+    labels = [kl_label(cdf, torch.rand(tuple(o.shape[:-1]), generator=gen,
+                                       dtype=torch.float64).to(o.device)) for _ in range(probes)]
+    del cdf
+    lowered = [(p.gather(-1, y) - 1.0).to(dtype) for y in labels]
+    rounded = p.to(dtype)
+    del p
+    out = []
+    for y, v_y in zip(labels, lowered, strict=True):
+        v = rounded.clone().scatter_(-1, y, v_y)
+        if mask is not None:
+            v.mul_(mask.unsqueeze(-1))
+        out.append(v)
+    return out

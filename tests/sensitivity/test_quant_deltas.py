@@ -111,3 +111,46 @@ def test_units_over_the_budget_are_split_by_rows_with_the_same_table(llama, meth
 def test_bad_budget_is_refused(bad) -> None:
     with pytest.raises(InvalidParameterError, match="delta_budget_mb"):
         get_estimator("gauss-newton", delta_budget_mb=bad)
+
+
+@pytest.mark.parametrize("method", ["gauss-newton", "fisher"])
+def test_no_pass_holds_more_deltas_than_the_budget(llama, method, monkeypatch) -> None:
+    """Every delta tensor alive in a pass — a group's, or a unit's row piece — fits the budget,
+    and the units over it are the only ones split (a single row is never over it here)."""
+    import sensitivity._curvature.passes as passes
+    import sensitivity._fisher as fisher
+
+    model, batches, units = llama
+    sizes = [delta_bytes(u, OPTIONS) for u in units]
+    budget = max(sizes) // 2 + 1
+    held: list[int] = []
+
+    def groups_of(real):
+        def wrapped(*args, **kwargs):
+            deltas = real(*args, **kwargs)
+            held.append(sum(d.numel() * d.element_size() for d in deltas))
+            return deltas
+        return wrapped
+
+    def piece_of(real):
+        def wrapped(*args, **kwargs):
+            delta = real(*args, **kwargs)
+            held.append(delta.numel() * delta.element_size())
+            return delta
+        return wrapped
+
+    monkeypatch.setattr(passes, "quant_deltas", groups_of(passes.quant_deltas))
+    monkeypatch.setattr(fisher, "quant_deltas", groups_of(fisher.quant_deltas))
+    monkeypatch.setattr(passes, "weight_deltas", piece_of(passes.weight_deltas))
+    table = get_estimator(method, probes=1, delta_budget_mb=budget / 2**20).estimate(
+        model, _ctx(model, batches, units))
+    assert len(held) >= 3 and table.metadata["passes"] >= 3
+    assert max(held) <= budget < sum(sizes)
+
+
+def test_default_budget_leaves_room_in_a_gigabyte() -> None:
+    """The default holds half of the 1 GB a run may add to the model (docs/memory.md)."""
+    from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB
+
+    assert get_estimator("gauss-newton").delta_budget_mb == DEFAULT_DELTA_BUDGET_MB == 512
+    assert get_estimator("fisher").delta_budget_mb == DEFAULT_DELTA_BUDGET_MB
