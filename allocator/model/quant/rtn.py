@@ -65,20 +65,30 @@ def _check(bits: int, group_size: int) -> None:
         raise InvalidParameterError(f"group size must be > 0 or -1 (per channel), got {group_size}")
 
 
+#: elements quantized at once: groups lie inside rows, so row blocks give the same values while
+#: the temporaries of a 128k-vocabulary head (several copies of 1 GB) stay at a few × 64 MiB
+CHUNK_ELEMENTS = 2**24
+
+
 def fake_quantize_int(weight: torch.Tensor, *, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """RTN fake quantization of a 2-D weight (groups along the input dim, last one may be short)."""
+    import torch
+
     _check(bits, group_size)
-    w = weight.detach().float()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     g = cols if group_size == -1 else min(group_size, cols)
     full = (cols // g) * g
-    out = w.clone()
-    if full:
-        body = w[:, :full].reshape(rows * (full // g), g)
-        out[:, :full] = quantize_groups(body, bits=bits, symmetric=symmetric).reshape(rows, full)
-    if full < cols:
-        out[:, full:] = quantize_groups(w[:, full:], bits=bits, symmetric=symmetric)
-    return out.to(weight.dtype)
+    out = torch.empty(rows, cols, dtype=weight.dtype, device=weight.device)
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        w = weight.detach()[r0:r0 + step].float()
+        n = w.shape[0]
+        if full:
+            body = w[:, :full].reshape(n * (full // g), g)
+            out[r0:r0 + n, :full] = quantize_groups(body, bits=bits, symmetric=symmetric).reshape(n, full)
+        if full < cols:
+            out[r0:r0 + n, full:] = quantize_groups(w[:, full:], bits=bits, symmetric=symmetric)
+    return out
 
 
 def fake_quantize(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
