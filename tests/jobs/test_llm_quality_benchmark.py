@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -12,16 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_loader import load_benchmark
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llm_quality", ROOT / "benchmarks" / "llm_quality.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llm_quality", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("llm_quality")
 
 
 def _texts(kl: list[float], nll: list[float]) -> Any:

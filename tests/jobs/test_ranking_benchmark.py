@@ -3,9 +3,6 @@ shaped like a 4-block Llama (tied q/k/v and gate/up, as the run's default unit d
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -14,19 +11,14 @@ import pytest
 from allocator.core.budget import Budget
 from allocator.core.formats import parse_format
 from allocator.core.table import CostTable
+from tests.bench_loader import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = ["int2-g64-asym", "int2-g128-asym", "int3-g128-sym", "int3-g128-asym", "int3-g64-asym",
            "int4-g128-sym", "int4-g128-asym", "int5-g128-asym", "int6-g128-asym", "int8-g128-asym", "fp16"]
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ranking", ROOT / "benchmarks" / "ranking.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ranking", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("ranking")
 
 
 def _llama_table(blocks: int = 4, seed: int = 0) -> CostTable:
