@@ -17,11 +17,11 @@ a) **GPTQ** at each budget (default 3.25 and 4.25 bpw): the ``bitalloc run --met
    (``apply_plan(method="gptq")``). One cost table per quantizer serves every budget.
 b) **llama.cpp** for each preset (Q2_K … Q4_K_M, :func:`allocator.export.llamacpp_preset_plan`):
    the preset's plan, its exact size (bpw over the plan's units) and the ``bitalloc run --for
-   llamacpp`` plan solved at exactly that size (``Budget(size_bytes=…)``; costs, candidates and
-   refinement as ``run`` makes them today: with the RTN stand-ins of the GGUF types). Both are
-   applied with llama.cpp's exact quantizers, unit by unit, here in the benchmark:
-   ``quantize_ggml(W, type).values`` (no importance matrix) — until ``apply_plan`` has a ggml
-   method.
+   llamacpp`` plan solved at exactly that size (``Budget(size_bytes=…)``), made as ``run`` makes it:
+   costs, candidates and refinement with llama.cpp's own quantizers (``--method ggml``, the
+   imatrix from the calibration texts). Both plans are applied the same way,
+   ``apply_plan(method="ggml")`` with that imatrix, as ``llama-quantize --imatrix`` would
+   (``--no-imatrix``: ggml's reference quantizers for both, as ``llama-quantize`` without one).
 
 Targets (issue 18): the GPTQ plan ≤ 0.85× the KL of uniform GPTQ with no worse perplexity; the
 llamacpp plan never worse than the preset (KL and perplexity) and ≤ 0.85× its KL where the
@@ -142,35 +142,13 @@ class Bench:
         return self.measure(lambda: apply_plan(self.model, plan, method="gptq",
                                                calibration=list(self.calib), units=self.units))
 
-    def ggml(self, plan: Any) -> SampleStats:
-        return self.measure(lambda: apply_ggml(self.model, plan.choice))
+    def ggml(self, plan: Any, imatrix: bool) -> SampleStats:
+        """llama.cpp's quantizers, unit by unit (a tied head is one unit, quantized once), with the
+        imatrix of the calibration texts or none."""
+        from allocator.backend import apply_plan
 
-
-def apply_ggml(model: Any, choice: Mapping[str, str]) -> None:
-    """Each unit (a module) quantized in place by llama.cpp's quantizer of its GGUF type; fp16
-    stays float16-rounded. Tied weights (lm_head = embedding) are quantized once, as llama.cpp
-    stores them once."""
-    import torch
-
-    from allocator.core.formats import GGUF_TYPES
-    from allocator.core.units import get_module
-    from allocator.model.quant import quantize_ggml
-
-    done: set[int] = set()
-    with torch.no_grad():
-        for unit, option in choice.items():
-            w = get_module(model, unit).weight
-            if not isinstance(w, torch.Tensor):
-                raise SystemExit(f"unit {unit!r} has no weight tensor")
-            if id(w) in done:
-                continue
-            done.add(id(w))
-            if option in GGUF_TYPES:
-                w.copy_(quantize_ggml(w.detach().float(), option).values.to(w.dtype))
-            elif option == "fp16":
-                w.copy_(w.detach().half().to(w.dtype))
-            else:
-                raise SystemExit(f"unit {unit!r}: option {option!r} is not a GGUF type")
+        return self.measure(lambda: apply_plan(self.model, plan, method="ggml", units=self.units,
+                                               calibration=list(self.calib) if imatrix else None))
 
 
 # ---------------------------------------------------------------------------- plans
@@ -269,15 +247,17 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
     """Each preset against the ``run --for llamacpp`` plan of exactly its size, both ggml-applied."""
     from allocator.core.budget import Budget
     from allocator.export import llamacpp_preset_plan
-    from allocator.model.quant import RtnQuantizer
+    from allocator.model.quant import build_quantizer
 
-    cfg = run_config(bench, "rtn", "llamacpp", args)
+    cfg = run_config(bench, "ggml", "llamacpp", args)
+    quantizer = build_quantizer("ggml", bench.model, bench.units, list(bench.calib) if args.imatrix else (),
+                                kind="causal_lm", importance=args.imatrix)
     # the preset rules read every weight module's shape, the head counts and the tying from the
     # loaded model (a bundled name such as smollm2 is no model directory to read them from)
     shapes, cfg_m = weight_shapes(bench.model), cast(Any, getattr(bench.model, "config", None))
     tied = bool(getattr(cfg_m, "tie_word_embeddings", False))
     t0 = time.perf_counter()
-    table = table_for(bench, cfg, RtnQuantizer())
+    table = table_for(bench, cfg, quantizer)
     say(f"  llamacpp cost table: {time.perf_counter() - t0:.0f} s")
     for preset in args.presets:
         pplan = llamacpp_preset_plan(shapes, preset, units=table.units, tied=tied,
@@ -285,8 +265,8 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
                                      n_head_kv=int(getattr(cfg_m, "num_key_value_heads", None)
                                                    or cfg_m.num_attention_heads))
         size_bits = float(pplan.summary.size_bits)
-        ours, _ = run_plan(bench, table, Budget(size_bytes=size_bits / 8), cfg, RtnQuantizer())
-        p_m, o_m = bench.ggml(pplan), bench.ggml(ours)
+        ours, _ = run_plan(bench, table, Budget(size_bytes=size_bits / 8), cfg, quantizer)
+        p_m, o_m = bench.ggml(pplan, args.imatrix), bench.ggml(ours, args.imatrix)
         row: dict[str, Any] = {"preset_name": preset, "preset_bpw": round(size_bits / table.total_params, 4),
                                "preset_types": _counts(pplan.choice), "plan_types": _counts(ours.choice),
                                "preset": {"bpw": _bpw(pplan), **summarize(p_m, idx)},
@@ -368,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="candidate options of the GPTQ part (default: run's dense palette)")
     ap.add_argument("--rounds", type=int, default=4, help="refinement rounds (run's default)")
     ap.add_argument("--refine-time", type=float, default=300.0, help="refinement seconds per plan")
+    ap.add_argument("--no-imatrix", dest="imatrix", action="store_false",
+                    help="llama.cpp part: no importance matrix (costs, refinement and both plans)")
     ap.add_argument("--no-rtn-chosen", action="store_true", help="skip the RTN-chosen GPTQ plan")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
@@ -384,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     say(f"{args.model}: loaded, {len(bench.units)} units, reference on {bench.fp.n} texts")
     res: dict[str, Any] = {"model": args.model, "calib": args.calib, "evals": bench.fp.n,
                            "seq_len": args.seq_len, "estimator": args.estimator, "rounds": args.rounds,
+                           "imatrix": args.imatrix,
                            "bootstrap": args.bootstrap, "argv": sys.argv[1:] if argv is None else argv,
                            "fp": {"perplexity": percentile_interval(
                                float(bench.fp.value("perplexity_fp")),
