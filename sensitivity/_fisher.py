@@ -142,13 +142,19 @@ class FisherEstimator(SampleMeanEstimator):
         chunk: ``empirical``: samples per vmapped backward (memory: chunk × unit weights),
             default 8; ``model``: rows per forward, default 1 (every (row, probe) backward
             runs through the whole forward's rows, so more rows only pay on a GPU).
+        delta_budget_mb: MiB of deltas held per pass (``model`` target).
+        by_blocks: ``model`` target: factor each backward over the transformer blocks where the
+            model allows it (the same table; not for a head tied to the embedding, whose squared
+            gradient cannot be formed path by path), as ``gauss-newton`` does.
     """
 
     name: ClassVar[str] = "fisher"
 
     def __init__(self, *, target: str = "model", probes: int = 2, per_sample: str = "auto",
                  chunk: int | None = None,
-                 delta_budget_mb: float = DEFAULT_DELTA_BUDGET_MB) -> None:
+                 delta_budget_mb: float = DEFAULT_DELTA_BUDGET_MB, by_blocks: bool = True) -> None:
+        if not isinstance(by_blocks, bool):
+            raise InvalidParameterError(f"by_blocks must be true or false, got {by_blocks!r}")
         if target not in FISHER_TARGETS:
             raise InvalidParameterError(f"target must be one of {FISHER_TARGETS}, got {target!r}")
         if per_sample not in PER_SAMPLE_MODES:
@@ -161,6 +167,7 @@ class FisherEstimator(SampleMeanEstimator):
         self.per_sample = per_sample
         self.chunk = chunk
         self.delta_budget_mb = delta_budget_mb
+        self.by_blocks = by_blocks
 
     def _costs(self, model: torch.nn.Module, ctx: EstimateContext) -> UnitCosts:
         if self.target == "model":
@@ -190,9 +197,13 @@ class FisherEstimator(SampleMeanEstimator):
                                    budget_bytes=check_delta_budget(self.delta_budget_mb),
                                    probes=self.probes, chunk=self.chunk or 1,
                                    per_sample=self.per_sample, label="fisher",
-                                   split=SplitTerm(linear=gn_diagonal_terms, finish=_same))
+                                   split=FISHER_SPLIT, by_blocks=self.by_blocks)
 
 
 def _same(terms: torch.Tensor) -> torch.Tensor:
     """The diagonal terms are already additive over a unit's rows: nothing to finish."""
     return terms
+
+
+#: ``½ Σ g² ΔW²`` sums over a unit's rows, but not over two paths of one gradient (squared)
+FISHER_SPLIT = SplitTerm(linear=gn_diagonal_terms, finish=_same)

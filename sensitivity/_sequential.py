@@ -32,9 +32,10 @@ from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat, parse_format
 from allocator.core.units import weight_view
 from sensitivity._base import BaseEstimator, EstimateContext, Partial, UnitCosts
+from sensitivity._curvature.passes import SplitTerm
 from sensitivity._deltas import check_delta_budget
 from sensitivity._salience import HessianProxyEstimator, InputHessian, SalienceEstimator, check_tokens
-from sensitivity._sequential_curvature import curvature_sequential
+from sensitivity._sequential_curvature import NotFactorable, curvature_sequential, split_by_block
 
 if TYPE_CHECKING:
     import torch
@@ -93,22 +94,16 @@ def estimate_sequential(
                           seed=seed, device=device, progress=False,
                           model_kind=str(seq.kind))
     est._check(ctx)
-    by_block: dict[int, list[Unit]] = {}
-    tail: list[Unit] = []
-    for u in chosen:
-        idx = next((i for i, b in enumerate(seq.block_names) if u.module.startswith(f"{b}.")), None)
-        if idx is not None:
-            by_block.setdefault(idx, []).append(u)
-        elif u.module == seq.head_name:
-            tail.append(u)
-        else:
-            raise InvalidParameterError(f"unit {u.name!r} is neither in a block nor the output head; "
-                                        "exclude it (--exclude) or estimate without sequential mode")
+    try:
+        by_block, tail = split_by_block(seq, chosen)
+    except NotFactorable as e:
+        raise InvalidParameterError(f"{e} (sequential mode)") from None
     meta = {"sequential": True, **dict(metadata or {})}
     if curvature is not None:
-        term, squared, probes, budget_mb = curvature
+        term, squared, probes, budget_mb, split = curvature
         costs = curvature_sequential(seq, ctx, by_block, tail, term=term, squared=squared,
-                                     budget_bytes=check_delta_budget(budget_mb), probes=probes)
+                                     budget_bytes=check_delta_budget(budget_mb), probes=probes,
+                                     split=split, label=est.name)
         return est.table(ctx, costs, metadata={**meta, "peak_params": seq.peak_params})
     diagonal = isinstance(est, HessianProxyEstimator)
     rows: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
@@ -132,17 +127,17 @@ def estimate_sequential(
     return est.table(ctx, UnitCosts(cost=cost, info=info), metadata={**meta, "peak_params": seq.peak_params})
 
 
-def _curvature_terms(est: BaseEstimator) -> tuple[Any, bool, int, float] | None:
-    """(per-(sample, probe) term, squared deltas, probes, delta budget in MiB) of a
-    sampled-curvature estimator, else None."""
+def _curvature_terms(est: BaseEstimator) -> tuple[Any, bool, int, float, SplitTerm] | None:
+    """(per-(sample, probe) term, squared deltas, probes, delta budget in MiB, its row split) of
+    a sampled-curvature estimator, else None."""
     from sensitivity._curvature.terms import gn_diagonal_terms, gn_quadratic_terms
-    from sensitivity._fisher import FisherEstimator
-    from sensitivity._gauss_newton import GaussNewtonEstimator
+    from sensitivity._fisher import FISHER_SPLIT, FisherEstimator
+    from sensitivity._gauss_newton import GN_SPLIT, GaussNewtonEstimator
 
     if isinstance(est, GaussNewtonEstimator):
-        return gn_quadratic_terms, False, est.probes, est.delta_budget_mb
+        return gn_quadratic_terms, False, est.probes, est.delta_budget_mb, GN_SPLIT
     if isinstance(est, FisherEstimator) and est.target == "model":
-        return gn_diagonal_terms, True, est.probes, est.delta_budget_mb
+        return gn_diagonal_terms, True, est.probes, est.delta_budget_mb, FISHER_SPLIT
     return None
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from allocator.model.loading import _dtype, _read_config, detect_kind, resolve_m
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BlockInputs", "BlockStep", "SequentialModel", "materialised_params"]
+__all__ = ["BlockInputs", "BlockRunner", "BlockStep", "ResidentModel", "SequentialModel",
+           "materialised_params"]
 
 _NON_INPUT_KEYS = ("labels", "label")
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
@@ -132,61 +134,34 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-class SequentialModel:
-    """A Hugging Face model directory run block by block (see the module docstring).
+class BlockRunner(ABC):
+    """A model's transformer blocks run one at a time on cached inputs: the block layout, the
+    capture of block 0's inputs and the block-by-block driver. Subclasses say where a block's
+    weights come from (:meth:`load_block`) and where they go afterwards (:meth:`release_block`).
 
-    Args:
-        path: a local model directory with ``config.json`` and safetensors weights (or a bundled
-            name, as :func:`~allocator.model.loading.load_model` takes).
-        dtype: the parameters' dtype after loading (checkpoint tensors are cast to it).
-        device: where loaded weights and cached activations live.
+    Attributes set by subclasses: ``model`` (eval mode), ``kind``, ``device``, ``source`` (what
+    error messages call the model).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, dtype: Any = "float32",
-                 device: str = "cpu") -> None:
-        import transformers
+    model: torch.nn.Module
+    kind: str
+    device: Any
+    source: str
 
-        self.name, self.path = resolve_model(path)  # bundled names (tiny-llama) work as in load_model
-        config_dict = _read_config(self.path)
-        self.dtype = _dtype(dtype)
-        self.device = device
-        self._files = _weight_files(self.path)
-        config = transformers.AutoConfig.from_pretrained(str(self.path), local_files_only=True)
-        self.kind = detect_kind(config_dict)
-        loader = (transformers.AutoModelForCausalLM if self.kind == "causal_lm"
-                  else transformers.AutoModel)
-        with _params_on_meta():
-            model = loader.from_config(config, dtype=self.dtype)
-        self.model: torch.nn.Module = model.eval()
+    def _init_blocks(self) -> None:
         self.blocks_name, self.blocks = self._find_blocks()
         self.block_names = [f"{self.blocks_name}.{i}" for i in range(len(self.blocks))]
-        self._load(self.model, "", skip=f"{self.blocks_name}.")
-        self._tie_head()
-        # buffers only: Module.to would try to copy the meta parameters out
-        for mod in self.model.modules():
-            for bname, b in list(mod.named_buffers(recurse=False)):
-                if b is not None and b.device.type != "meta":
-                    mod._buffers[bname] = b.to(device)
         self.final_inputs: list[BlockInputs] = []  # the last block's outputs, set by steps()
-        self.nonblock_params = materialised_params(self.model)
-        self.peak_params = self.nonblock_params
 
-    @property
-    def tokenizer(self) -> Any:
-        """The directory's tokenizer (None without one): calibration data is built with it, so a
-        SequentialModel stands in for a LoadedModel in :func:`allocator.model.data.data_for`."""
-        if not hasattr(self, "_tokenizer"):
-            import transformers
+    @abstractmethod
+    def load_block(self, i: int) -> torch.nn.Module:
+        """Block ``i`` with its weights in memory."""
 
-            tok: Any
-            try:
-                tok = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
-            except (OSError, ValueError, KeyError):
-                tok = None
-            self._tokenizer = tok
-        return self._tokenizer
+    @abstractmethod
+    def release_block(self, i: int) -> None:
+        """Done with block ``i`` for now."""
 
-    # --- weights ------------------------------------------------------------------------------
+    # --- layout --------------------------------------------------------------------------------
     def _find_blocks(self) -> tuple[str, torch.nn.ModuleList]:
         """The ModuleList holding most parameters: the transformer blocks."""
         import torch
@@ -198,56 +173,9 @@ class SequentialModel:
                 if best is None or size > best[0]:
                     best = (size, name, mod)
         if best is None:
-            raise ModelError(f"model in {str(self.path)!r} has no list of blocks to run one at a "
+            raise ModelError(f"model {self.source} has no list of blocks to run one at a "
                              "time; load it whole with load_model instead")
         return best[1], best[2]
-
-    def _load(self, module: torch.nn.Module, prefix: str, *, skip: str | None = None) -> None:
-        """Fill the meta parameters of ``module`` (full names ``prefix + name``) from the files,
-        opening each file once; parameters under ``skip`` stay on meta."""
-        import torch
-        from safetensors import safe_open
-
-        wanted: dict[Path, list[tuple[torch.nn.Module, str, str]]] = {}
-        for mname, mod in module.named_modules():
-            for pname, p in mod.named_parameters(recurse=False):
-                key = f"{prefix}{mname}.{pname}" if mname else f"{prefix}{pname}"
-                if skip is not None and key.startswith(skip) or p.device.type != "meta":
-                    continue
-                file = self._files.get(key)
-                if file is None:
-                    if key == self._head_key():
-                        continue  # tied to the input embedding, filled by _tie_head
-                    raise ModelError(f"weight {key!r} is missing from the safetensors in "
-                                     f"{str(self.path)!r}; re-save the model with save_pretrained")
-                wanted.setdefault(file, []).append((mod, pname, key))
-        for file, items in wanted.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for mod, pname, key in items:
-                    t = f.get_tensor(key).to(device=self.device, dtype=self.dtype)
-                    mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
-
-    def fingerprint(self) -> str:
-        """:func:`~allocator.model.loading.model_fingerprint` of the whole model (the hash
-        ``load_model`` records), one parameter read from the files at a time."""
-        import hashlib
-        from contextlib import ExitStack
-
-        import torch
-        from safetensors import safe_open
-
-        h = hashlib.sha256()
-        with ExitStack() as stack:
-            files = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-                     for f in set(self._files.values())}
-            for name, p in self.model.named_parameters():  # tied weights once, as model_fingerprint
-                t = p.detach() if p.device.type != "meta" else \
-                    files[self._files[name]].get_tensor(name).to(dtype=self.dtype)
-                t = t.cpu().contiguous()
-                h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-                if t.numel():
-                    h.update(t.view(-1).view(torch.uint8).numpy().data)
-        return h.hexdigest()
 
     def head(self) -> torch.nn.Module | None:
         """The output head (``get_output_embeddings``), when the model has one."""
@@ -263,37 +191,36 @@ class SequentialModel:
         head = self.head()
         return next((n for n, m in self.model.named_modules() if m is head), None) if head else None
 
-    def _head_key(self) -> str | None:
-        name = self.head_name
-        return f"{name}.weight" if name is not None else None
-
-    def _tie_head(self) -> None:
-        """A head absent from the checkpoint shares the input embedding (tie_word_embeddings)."""
-        key, head = self._head_key(), self.head()
-        if key is None or head is None or key in self._files:
-            return
+    def input_embedding(self) -> torch.nn.Module | None:
+        """The input embedding (``get_input_embeddings``), when the model has one."""
         get_in = getattr(self.model, "get_input_embeddings", None)
         emb = get_in() if callable(get_in) else None
-        if emb is None:
-            raise ModelError(f"weight {key!r} is missing from the safetensors in "
-                             f"{str(self.path)!r}; re-save the model with save_pretrained")
-        head.weight = emb.weight
+        return emb if emb is not None and hasattr(emb, "weight") else None
 
-    def load_block(self, i: int) -> torch.nn.Module:
-        """Block ``i`` with its weights read from the checkpoint (only its own keys)."""
-        block = self.blocks[i]
-        self._load(block, f"{self.block_names[i]}.")
-        self.peak_params = max(self.peak_params, materialised_params(self.model))
-        return block
+    def tied_head(self) -> bool:
+        """The output head shares the input embedding's weight (``tie_word_embeddings``)."""
+        head, emb = self.head(), self.input_embedding()
+        return head is not None and emb is not None and head.weight is emb.weight
 
-    def release_block(self, i: int) -> None:
-        """Send block ``i``'s parameters back to ``meta`` (their storage is freed)."""
+    def final_norm(self) -> torch.nn.Module | None:
+        """The norm applied after the last block (``norm`` / ``ln_f`` / ...), when there is one."""
         import torch
 
-        for mod in self.blocks[i].modules():
-            for pname, p in list(mod.named_parameters(recurse=False)):
-                mod._parameters[pname] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
-        return_freed_memory()
+        parent = self.model.get_submodule(self.blocks_name.rsplit(".", 1)[0]) \
+            if "." in self.blocks_name else self.model
+        for attr in _FINAL_NORMS:
+            mod = getattr(parent, attr, None)
+            if isinstance(mod, torch.nn.Module):
+                return mod
+        return None
+
+    def head_inputs(self) -> list[torch.Tensor]:
+        """The output head's inputs per batch: the final norm of the last block's outputs."""
+        import torch
+
+        norm = self.final_norm()
+        with torch.no_grad():
+            return [norm(x.hidden) if norm is not None else x.hidden for x in self.final_inputs]
 
     # --- the cached-input driver --------------------------------------------------------------
     def capture(self, batches: Sequence[Mapping[str, Any]]) -> list[BlockInputs]:
@@ -349,25 +276,163 @@ class SequentialModel:
                 self.release_block(i)
         self.final_inputs = inputs
 
-    def final_norm(self) -> torch.nn.Module | None:
-        """The norm applied after the last block (``norm`` / ``ln_f`` / ...), when there is one."""
-        import torch
 
-        parent = self.model.get_submodule(self.blocks_name.rsplit(".", 1)[0]) \
-            if "." in self.blocks_name else self.model
-        for attr in _FINAL_NORMS:
-            mod = getattr(parent, attr, None)
-            if isinstance(mod, torch.nn.Module):
-                return mod
+class ResidentModel(BlockRunner):
+    """A model already in memory, run block by block (its blocks stay loaded): what lets the
+    curvature estimators factor one backward over the blocks instead of repeating it per group
+    of units (:mod:`sensitivity._sequential_curvature`).
+
+    Raises:
+        ModelError: the model has no list of blocks.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, kind: str, device: Any = "cpu") -> None:
+        self.model = model
+        self.kind = str(kind)
+        self.device = device
+        self.source = type(model).__name__
+        self._init_blocks()
+        self.peak_params = materialised_params(model)
+
+    def load_block(self, i: int) -> torch.nn.Module:
+        return self.blocks[i]
+
+    def release_block(self, i: int) -> None:
         return None
 
-    def head_inputs(self) -> list[torch.Tensor]:
-        """The output head's inputs per batch: the final norm of the last block's outputs."""
+
+class SequentialModel(BlockRunner):
+    """A Hugging Face model directory run block by block (see the module docstring).
+
+    Args:
+        path: a local model directory with ``config.json`` and safetensors weights (or a bundled
+            name, as :func:`~allocator.model.loading.load_model` takes).
+        dtype: the parameters' dtype after loading (checkpoint tensors are cast to it).
+        device: where loaded weights and cached activations live.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, dtype: Any = "float32",
+                 device: str = "cpu") -> None:
+        import transformers
+
+        self.name, self.path = resolve_model(path)  # bundled names (tiny-llama) work as in load_model
+        config_dict = _read_config(self.path)
+        self.dtype = _dtype(dtype)
+        self.device = device
+        self._files = _weight_files(self.path)
+        config = transformers.AutoConfig.from_pretrained(str(self.path), local_files_only=True)
+        self.kind = detect_kind(config_dict)
+        loader = (transformers.AutoModelForCausalLM if self.kind == "causal_lm"
+                  else transformers.AutoModel)
+        with _params_on_meta():
+            model = loader.from_config(config, dtype=self.dtype)
+        self.model = model.eval()
+        self.source = repr(str(self.path))
+        self._init_blocks()
+        self._load(self.model, "", skip=f"{self.blocks_name}.")
+        self._tie_head()
+        # buffers only: Module.to would try to copy the meta parameters out
+        for mod in self.model.modules():
+            for bname, b in list(mod.named_buffers(recurse=False)):
+                if b is not None and b.device.type != "meta":
+                    mod._buffers[bname] = b.to(device)
+        self.nonblock_params = materialised_params(self.model)
+        self.peak_params = self.nonblock_params
+
+    @property
+    def tokenizer(self) -> Any:
+        """The directory's tokenizer (None without one): calibration data is built with it, so a
+        SequentialModel stands in for a LoadedModel in :func:`allocator.model.data.data_for`."""
+        if not hasattr(self, "_tokenizer"):
+            import transformers
+
+            tok: Any
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            except (OSError, ValueError, KeyError):
+                tok = None
+            self._tokenizer = tok
+        return self._tokenizer
+
+    # --- weights ------------------------------------------------------------------------------
+    def _load(self, module: torch.nn.Module, prefix: str, *, skip: str | None = None) -> None:
+        """Fill the meta parameters of ``module`` (full names ``prefix + name``) from the files,
+        opening each file once; parameters under ``skip`` stay on meta."""
+        import torch
+        from safetensors import safe_open
+
+        wanted: dict[Path, list[tuple[torch.nn.Module, str, str]]] = {}
+        for mname, mod in module.named_modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                key = f"{prefix}{mname}.{pname}" if mname else f"{prefix}{pname}"
+                if skip is not None and key.startswith(skip) or p.device.type != "meta":
+                    continue
+                file = self._files.get(key)
+                if file is None:
+                    if key == self._head_key():
+                        continue  # tied to the input embedding, filled by _tie_head
+                    raise ModelError(f"weight {key!r} is missing from the safetensors in "
+                                     f"{str(self.path)!r}; re-save the model with save_pretrained")
+                wanted.setdefault(file, []).append((mod, pname, key))
+        for file, items in wanted.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for mod, pname, key in items:
+                    t = f.get_tensor(key).to(device=self.device, dtype=self.dtype)
+                    mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+
+    def fingerprint(self) -> str:
+        """:func:`~allocator.model.loading.model_fingerprint` of the whole model (the hash
+        ``load_model`` records), one parameter read from the files at a time."""
+        import hashlib
+        from contextlib import ExitStack
+
+        import torch
+        from safetensors import safe_open
+
+        h = hashlib.sha256()
+        with ExitStack() as stack:
+            files = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                     for f in set(self._files.values())}
+            for name, p in self.model.named_parameters():  # tied weights once, as model_fingerprint
+                t = p.detach() if p.device.type != "meta" else \
+                    files[self._files[name]].get_tensor(name).to(dtype=self.dtype)
+                t = t.cpu().contiguous()
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+                if t.numel():
+                    h.update(t.view(-1).view(torch.uint8).numpy().data)
+        return h.hexdigest()
+
+    def _head_key(self) -> str | None:
+        name = self.head_name
+        return f"{name}.weight" if name is not None else None
+
+    def _tie_head(self) -> None:
+        """A head absent from the checkpoint shares the input embedding (tie_word_embeddings)."""
+        key, head = self._head_key(), self.head()
+        if key is None or head is None or key in self._files:
+            return
+        get_in = getattr(self.model, "get_input_embeddings", None)
+        emb = get_in() if callable(get_in) else None
+        if emb is None:
+            raise ModelError(f"weight {key!r} is missing from the safetensors in "
+                             f"{str(self.path)!r}; re-save the model with save_pretrained")
+        head.weight = emb.weight
+
+    def load_block(self, i: int) -> torch.nn.Module:
+        """Block ``i`` with its weights read from the checkpoint (only its own keys)."""
+        block = self.blocks[i]
+        self._load(block, f"{self.block_names[i]}.")
+        self.peak_params = max(self.peak_params, materialised_params(self.model))
+        return block
+
+    def release_block(self, i: int) -> None:
+        """Send block ``i``'s parameters back to ``meta`` (their storage is freed)."""
         import torch
 
-        norm = self.final_norm()
-        with torch.no_grad():
-            return [norm(x.hidden) if norm is not None else x.hidden for x in self.final_inputs]
+        for mod in self.blocks[i].modules():
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                mod._parameters[pname] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+        return_freed_memory()
 
 
 def return_freed_memory() -> None:

@@ -40,6 +40,9 @@ class SplitTerm:
 
     linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     finish: Callable[[torch.Tensor], torch.Tensor]
+    #: ``linear(g₁ + g₂, ΔW) = linear(g₁, ΔW) + linear(g₂, ΔW)``: a gradient that reaches one
+    #: weight by two paths (a head tied to the embedding) can be scored path by path
+    additive: bool = False
 
 
 def row_pieces(unit: Any, options: Sequence[Any], budget_bytes: int) -> list[tuple[int, int]]:
@@ -56,7 +59,7 @@ def row_pieces(unit: Any, options: Sequence[Any], budget_bytes: int) -> list[tup
 def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
                         term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, squared: bool,
                         budget_bytes: int, probes: int, chunk: int, per_sample: str,
-                        label: str, split: SplitTerm | None = None) -> UnitCosts:
+                        label: str, split: SplitTerm | None = None, by_blocks: bool = False) -> UnitCosts:
     """:func:`sampled_curvature` of ``term(g_u, deltas_u)`` (``ΔW²`` with ``squared``) over
     groups of units whose deltas fit ``budget_bytes``
     (:func:`~sensitivity._deltas.delta_groups`), one pass over the data per group.
@@ -65,8 +68,23 @@ def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
     MLP matrices of larger models) is measured in :func:`row_pieces`, one pass each: the passes
     draw the same cotangents, so summing the pieces' linear parts per (sample, probe) before
     ``finish`` gives that unit's ``term`` exactly. Without it such a unit gets a pass of its own
-    holding all its deltas."""
+    holding all its deltas.
+
+    With ``by_blocks``, where the model allows it, one backward per (row, probe) is factored over
+    the transformer blocks instead (:func:`sensitivity._sequential_curvature.curvature_by_blocks`:
+    the same table, every block run forward twice and backward once whatever the number of
+    groups); otherwise, and for the reason recorded as ``by_blocks`` in the info, the passes."""
     import dataclasses
+
+    why_not = None
+    if by_blocks:
+        from sensitivity._sequential_curvature import NotFactorable, curvature_by_blocks
+
+        try:
+            return curvature_by_blocks(model, ctx, term=term, squared=squared, budget_bytes=budget_bytes,
+                                       probes=probes, split=split, label=label)
+        except NotFactorable as e:
+            why_not = str(e)
 
     big = {i for i, u in enumerate(ctx.units)
            if split is not None and delta_bytes(u, ctx.options) > budget_bytes}
@@ -98,7 +116,8 @@ def curvature_in_passes(model: torch.nn.Module, ctx: EstimateContext,
         mean[i], sem[i] = est.mean[0], est.sem[0]
         done += len(rows)
     info = est.info() if est is not None else {}
-    return UnitCosts(cost=mean, cost_std=sem, info={**info, "passes": n_passes})
+    return UnitCosts(cost=mean, cost_std=sem, info={**info, "passes": n_passes,
+                                                    **({"by_blocks": why_not} if why_not else {})})
 
 
 def _split_unit(model: torch.nn.Module, ctx: EstimateContext, rows: Sequence[tuple[int, int]],
