@@ -100,21 +100,25 @@ def quant_deltas(model: torch.nn.Module, ctx: EstimateContext, *,
 
 
 def weight_deltas(unit: Unit, weight: torch.Tensor, options: Sequence[Any], quantizer: Quantizer, *,
-                  squared: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
+                  squared: bool, rows: tuple[int, int] | torch.Tensor | None = None) -> torch.Tensor:
     """``Q_o(W) − W`` (or its square) of a unit's 2-D weight view, float32 [options, out, cols];
-    only ``rows`` [lo, hi) of it when given. RTN quantizes those rows alone; another quantizer
-    the whole unit (cached), then the rows — GPTQ and ggml treat rows independently too, so they
-    are the rows of the whole."""
+    only ``rows`` of it when given: a range [lo, hi) or a 1-D index of output rows. RTN quantizes
+    those rows alone; another quantizer the whole unit (cached), then the rows — GPTQ and ggml
+    treat rows independently too, so they are the rows of the whole."""
     import torch
 
-    lo, hi = rows if rows is not None else (0, int(weight.shape[0]))
     with torch.no_grad():
         full = weight.detach().float()
-        w = full[lo:hi]
+        if isinstance(rows, torch.Tensor):
+            pick: Any = rows.to(full.device)
+        else:
+            lo, hi = rows if rows is not None else (0, int(weight.shape[0]))
+            pick = slice(lo, hi)
+        w = full[pick]
         # filled in place: a list of options then torch.stack would hold the deltas twice
         d = torch.empty((len(options), *w.shape), dtype=torch.float32, device=w.device)
         for o, fmt in enumerate(options):
             d[o] = (quantizer.quantize(unit, w, fmt) if isinstance(quantizer, RtnQuantizer)
-                    else quantizer.quantize(unit, full, fmt)[lo:hi])
+                    else quantizer.quantize(unit, full, fmt)[pick])
             d[o] -= w
         return d.square_() if squared else d

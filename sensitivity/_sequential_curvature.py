@@ -326,29 +326,34 @@ class _Stage:
     def embedding(self, unit: Unit, cots: Sequence[Sequence[torch.Tensor]],
                   pairs: Sequence[Sequence[tuple[int, int]]]) -> None:
         """The tied unit's embedding share: ``⟨ΔW, Σ_t onehot(id_t) δ_0[t]⟩`` per (row, probe),
-        added to its linear part, its deltas held in row pieces under the budget."""
+        added to its linear part. Only the rows of tokens in the calibration data have a share:
+        their deltas are taken in chunks under the budget (RTN quantizes rows alone)."""
         import torch
 
         if self.split is None:  # unreachable: curvature_sequential refuses a tied head without one
             raise NotFactorable("a tied head needs an additive term")
         weight = unit_weight(self.model, unit)
-        rows = row_pieces(unit, self.ctx.options, self.budget_bytes)
-        for lo, hi in rows:
+        ids = [batch["input_ids"].to(weight.device) for batch in self.ctx.batches]
+        vocab = torch.unique(torch.cat([i.reshape(-1) for i in ids]))  # sorted
+        per_row = max(1, delta_bytes(unit, self.ctx.options) // max(1, int(unit.shape[0])))
+        step = max(1, self.budget_bytes // per_row)
+        for start in range(0, len(vocab), step):
+            chunk = vocab[start:start + step]
             delta = weight_deltas(unit, weight, self.ctx.options, self.ctx.quantizer, squared=False,
-                                  rows=(lo, hi))
+                                  rows=chunk)
             self.reruns += 1
             pair = 0
-            for b, batch in enumerate(self.ctx.batches):
-                ids = batch["input_ids"].to(delta.device)
+            for b, batch_ids in enumerate(ids):
                 for (r, _), cot in zip(pairs[b], cots[b], strict=True):
-                    keep = (ids[r] >= lo) & (ids[r] < hi)
+                    tokens = batch_ids[r]
+                    keep = torch.isin(tokens, chunk)
                     if bool(keep.any()):
-                        # the lookup's gradient lives on the rows of the tokens seen: sum per token
-                        seen, where = torch.unique(ids[r][keep] - lo, return_inverse=True)
+                        # the lookup's gradient: each token's δ summed on its row of the chunk
+                        local = torch.searchsorted(chunk, tokens[keep])
+                        seen, where = torch.unique(local, return_inverse=True)
                         g_rows = torch.zeros((len(seen), cot.shape[-1]), dtype=cot.dtype, device=cot.device)
                         g_rows.index_add_(0, where, cot[keep])
-                        value = self.split.linear(g_rows, delta[:, seen])
-                        self.acc.add_linear(unit, pair, value)
+                        self.acc.add_linear(unit, pair, self.split.linear(g_rows, delta[:, seen]))
                     pair += 1
             del delta
 
@@ -436,8 +441,9 @@ def _check_embedding_input(seq: BlockRunner, batches: Sequence[Mapping[str, Any]
     with torch.no_grad():
         for batch, inp in zip(batches, first, strict=True):
             ids = batch.get("input_ids")
-            if emb is None or not isinstance(ids, torch.Tensor) or \
-                    not torch.equal(emb(ids.to(inp.hidden.device)), inp.hidden):
+            # the plain lookup of the weight, not the module: an embedding module may scale it
+            if emb is None or not isinstance(ids, torch.Tensor) or not torch.equal(
+                    torch.nn.functional.embedding(ids.to(inp.hidden.device), emb.weight), inp.hidden):
                 raise NotFactorable("the first block's input is not the tied embedding's lookup, so the "
                                     "head's gradient through it cannot be formed block by block; "
                                     "run the estimator on the whole model")

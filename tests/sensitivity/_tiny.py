@@ -8,12 +8,13 @@ import transformers
 from allocator.testing.estimator_conformance import padded_token_batches
 
 
-def tiny_llama(hidden: int = 8, layers: int = 1, vocab: int = 13, seed: int = 0) -> torch.nn.Module:
+def tiny_llama(hidden: int = 8, layers: int = 1, vocab: int = 13, seed: int = 0,
+               tied: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than the init's 0.02 std: a loss with real curvature

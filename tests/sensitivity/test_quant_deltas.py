@@ -74,8 +74,8 @@ def test_groups_are_the_fewest_that_fit_and_balanced(llama) -> None:
 def test_tables_do_not_depend_on_the_passes(llama, method) -> None:
     model, batches, units = llama
     ctx = _ctx(model, batches, units)
-    one = get_estimator(method, probes=1).estimate(model, ctx)
-    many = get_estimator(method, probes=1, delta_budget_mb=1e-6).estimate(model, ctx)
+    one = get_estimator(method, probes=1, by_blocks=False).estimate(model, ctx)
+    many = get_estimator(method, probes=1, delta_budget_mb=1e-6, by_blocks=False).estimate(model, ctx)
     # every unit is over the budget: one pass per output row of each
     assert one.metadata["passes"] == 1 and many.metadata["passes"] == sum(u.shape[0] for u in units)
     np.testing.assert_allclose(_matrix(many), _matrix(one), rtol=1e-6, atol=0)
@@ -99,8 +99,8 @@ def test_units_over_the_budget_are_split_by_rows_with_the_same_table(llama, meth
         assert p[0][0] == 0 and p[-1][1] == unit.shape[0]
         assert all(a[1] == b[0] for a, b in zip(p, p[1:], strict=False))
         assert all(delta_bytes(unit, OPTIONS) * (hi - lo) / unit.shape[0] <= budget for lo, hi in p)
-    one = get_estimator(method, probes=2, per_sample=mode).estimate(model, ctx)
-    split = get_estimator(method, probes=2, per_sample=mode,
+    one = get_estimator(method, probes=2, per_sample=mode, by_blocks=False).estimate(model, ctx)
+    split = get_estimator(method, probes=2, per_sample=mode, by_blocks=False,
                           delta_budget_mb=budget / 2**20).estimate(model, ctx)
     assert split.metadata["passes"] == len(delta_groups(small, OPTIONS, budget)) + sum(map(len, pieces))
     np.testing.assert_allclose(_matrix(split), _matrix(one), rtol=1e-6, atol=0)
@@ -142,7 +142,7 @@ def test_no_pass_holds_more_deltas_than_the_budget(llama, method, monkeypatch) -
     monkeypatch.setattr(passes, "quant_deltas", groups_of(passes.quant_deltas))
     monkeypatch.setattr(fisher, "quant_deltas", groups_of(fisher.quant_deltas))
     monkeypatch.setattr(passes, "weight_deltas", piece_of(passes.weight_deltas))
-    table = get_estimator(method, probes=1, delta_budget_mb=budget / 2**20).estimate(
+    table = get_estimator(method, probes=1, delta_budget_mb=budget / 2**20, by_blocks=False).estimate(
         model, _ctx(model, batches, units))
     assert len(held) >= 3 and table.metadata["passes"] >= 3
     assert max(held) <= budget < sum(sizes)
