@@ -438,12 +438,13 @@ def _check_embedding_input(seq: BlockRunner, batches: Sequence[Mapping[str, Any]
     import torch
 
     emb = seq.input_embedding()
+    weight = getattr(emb, "weight", None)
     with torch.no_grad():
         for batch, inp in zip(batches, first, strict=True):
             ids = batch.get("input_ids")
             # the plain lookup of the weight, not the module: an embedding module may scale it
-            if emb is None or not isinstance(ids, torch.Tensor) or not torch.equal(
-                    torch.nn.functional.embedding(ids.to(inp.hidden.device), emb.weight), inp.hidden):
+            if not isinstance(weight, torch.Tensor) or not isinstance(ids, torch.Tensor) or not torch.equal(
+                    torch.nn.functional.embedding(ids.to(inp.hidden.device), weight), inp.hidden):
                 raise NotFactorable("the first block's input is not the tied embedding's lookup, so the "
                                     "head's gradient through it cannot be formed block by block; "
                                     "run the estimator on the whole model")
