@@ -42,8 +42,9 @@ import numpy as np
 
 from allocator.core.errors import InvalidParameterError
 from sensitivity._base import EstimateContext, Partial, SampleMeanEstimator, UnitCosts, mean_and_sem
-from sensitivity._curvature.passes import SplitTerm, curvature_in_passes
+from sensitivity._curvature.passes import curvature_in_passes
 from sensitivity._curvature.sampling import check_probes
+from sensitivity._curvature.split import SplitTerm
 from sensitivity._curvature.terms import gn_diagonal_terms
 from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups, quant_deltas
 from sensitivity._loss import (

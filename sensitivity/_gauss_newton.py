@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from allocator.core.errors import InvalidParameterError
 from sensitivity._base import EstimateContext, SampleMeanEstimator, UnitCosts
-from sensitivity._curvature.passes import SplitTerm, curvature_in_passes
+from sensitivity._curvature.passes import curvature_in_passes
 from sensitivity._curvature.sampling import check_chunk, check_per_sample, check_probes
+from sensitivity._curvature.split import SplitTerm
 from sensitivity._curvature.terms import gn_inner_products, gn_quadratic_terms, gn_square
 from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget
 

@@ -32,7 +32,7 @@ from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat, parse_format
 from allocator.core.units import weight_view
 from sensitivity._base import BaseEstimator, EstimateContext, Partial, UnitCosts
-from sensitivity._curvature.passes import SplitTerm
+from sensitivity._curvature.split import SplitTerm
 from sensitivity._deltas import check_delta_budget
 from sensitivity._salience import HessianProxyEstimator, InputHessian, SalienceEstimator, check_tokens
 from sensitivity._sequential_curvature import NotFactorable, curvature_sequential, split_by_block

@@ -44,8 +44,8 @@ from allocator.model.kind import ModelKind
 from allocator.model.outputs import forward_outputs, mean_pool_normalize
 from sensitivity._base import EstimateContext, UnitCosts
 from sensitivity._curvature.output_metric import output_metric, row_cotangents
-from sensitivity._curvature.passes import SplitTerm, row_pieces
 from sensitivity._curvature.sampling import pair_curvature, row_chunks
+from sensitivity._curvature.split import SplitTerm, row_pieces
 from sensitivity._deltas import delta_bytes, delta_groups, weight_deltas
 from sensitivity._loss import differentiable_attention, unit_block, unit_leaves
 from sensitivity._progress import progress_bar

@@ -52,7 +52,7 @@ from sensitivity._curvature.output_metric import (
     softmax_cdf,
     softmax_fisher,
 )
-from sensitivity._curvature.passes import SplitTerm, curvature_in_passes, row_pieces
+from sensitivity._curvature.passes import curvature_in_passes
 from sensitivity._curvature.reductions import Reduction, UnitReduction, streamed_reduce, unit_reduction
 from sensitivity._curvature.sampling import (
     PER_SAMPLE_MODES,
@@ -68,6 +68,7 @@ from sensitivity._curvature.sampling import (
     row_chunks,
     sampled_curvature,
 )
+from sensitivity._curvature.split import SplitTerm, row_pieces
 from sensitivity._curvature.terms import (
     gn_diagonal_terms,
     gn_inner_products,

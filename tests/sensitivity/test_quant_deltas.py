@@ -17,7 +17,7 @@ from allocator.core.formats import parse_format, parse_options  # noqa: E402
 from allocator.core.units import discover_units  # noqa: E402
 from allocator.model.quant import fake_quantize  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
-from sensitivity._curvature.passes import row_pieces  # noqa: E402
+from sensitivity._curvature.split import row_pieces  # noqa: E402
 from sensitivity._deltas import (  # noqa: E402
     delta_bytes,
     delta_groups,
