@@ -132,7 +132,10 @@ def curvature_by_blocks(model: torch.nn.Module, ctx: EstimateContext, *, term: T
     except ModelError as e:
         raise NotFactorable(str(e)) from e
     by_block, tail = split_by_block(seq, ctx.units)
-    _check_head_reproduces(seq, ctx)
+    first = _check_head_reproduces(seq, ctx)
+    if first is not None and any(u.module == seq.head_name for u in tail) and seq.tied_head():
+        # before the forward sweep: a model that fails it would waste one (the sweep checks every batch)
+        _check_embedding_input(seq, [row_chunks(ctx.batches[0], 1)[0]], [first])
     return curvature_sequential(seq, ctx, by_block, tail, term=term, squared=squared,
                                 budget_bytes=budget_bytes, probes=probes, split=split, label=label)
 
@@ -450,13 +453,14 @@ def _check_embedding_input(seq: BlockRunner, batches: Sequence[Mapping[str, Any]
                                     "run the estimator on the whole model")
 
 
-def _check_head_reproduces(seq: BlockRunner, ctx: EstimateContext) -> None:
+def _check_head_reproduces(seq: BlockRunner, ctx: EstimateContext) -> BlockInputs | None:
     """The blocks, final norm and head must give the model's own outputs (no soft-capping or
-    scaling outside them): checked on the first calibration row."""
+    scaling outside them): checked on the first calibration row, whose block-0 inputs are
+    returned (None without calibration data)."""
     import torch
 
     if not ctx.batches:
-        return
+        return None
     sub = row_chunks(ctx.batches[0], 1)[0]
     kind = str(ctx.model_kind)
     with torch.no_grad():
@@ -471,6 +475,7 @@ def _check_head_reproduces(seq: BlockRunner, ctx: EstimateContext) -> None:
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(scale, 1e-30)):
         raise NotFactorable("the model's blocks, final norm and head do not reproduce its outputs; "
                             "run the estimator on the whole model")
+    return h
 
 
 def _costs(acc: _Terms, counts: Sequence[int], probes: int, metric: str, width: int,
