@@ -120,13 +120,15 @@ def apply_plan(
             raise InvalidPlanError(f"plan does not fit the cost table: {problems[0]}")
     resolved = resolve_plan(model, plan, units)
     t0 = time.perf_counter()
-    originals = {m: module_weight(model, m).detach().clone() for m in {u.module for u in resolved}}
+    # each unit's error is measured as its columns are replaced: no copy of the original weights
+    done: dict[str, UnitApplied] = {}
     info: dict[str, Any] = {}
     with torch.no_grad():
         if how is ApplyMethod.RTN:
-            _apply_rtn(model, resolved)
+            _apply_rtn(model, resolved, done)
         elif how is ApplyMethod.GGML:
-            info = _apply_ggml(model, resolved, calibration or (), forward or _default_forward(model))
+            info = _apply_ggml(model, resolved, calibration or (), forward or _default_forward(model),
+                               done)
         else:
             if not calibration:
                 raise InvalidParameterError("GPTQ needs calibration batches; pass calibration=...")
@@ -134,8 +136,8 @@ def apply_plan(
 
             cfg = GptqConfig(blocksize=blocksize, percdamp=percdamp, static_groups=static_groups)
             info = _apply_gptq(model, resolved, calibration, cfg, forward or _default_forward(model),
-                               progress)
-    report = [_unit_report(model, u, originals[u.module]) for u in resolved]
+                               progress, done)
+    report = [done[u.name] for u in resolved]
     size = sum(u.fmt.size_bits(r.params, u.hi - u.lo) for u, r in zip(resolved, report, strict=True))
     return ApplyReport(method=how, units=report, seconds=time.perf_counter() - t0,
                        params=sum(r.params for r in report), size_bits=size, info=info)
@@ -146,15 +148,31 @@ def _weight2d(model: torch.nn.Module, module: str) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
-def _apply_rtn(model: torch.nn.Module, resolved: Sequence[ResolvedUnit]) -> None:
+def _applied(original: torch.Tensor, q: torch.Tensor, u: ResolvedUnit) -> UnitApplied:
+    """The unit's record: ``‖Q(W) − W‖_F / ‖W‖_F`` over its columns."""
+    o = original.detach().double()
+    den = float(o.norm())
+    rel = float((q.double() - o).norm()) / den if den > 0 else 0.0
+    return UnitApplied(unit=u.name, option=u.fmt.name, params=int(o.numel()), rel_error=rel)
+
+
+def _replace(view: torch.Tensor, q: torch.Tensor, u: ResolvedUnit, done: dict[str, UnitApplied]) -> None:
+    """Write ``q`` into the unit's columns ``view``, its error recorded first."""
+    done[u.name] = _applied(view, q, u)
+    view.copy_(q)
+
+
+def _apply_rtn(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
+               done: dict[str, UnitApplied]) -> None:
     for u in resolved:
         view = _weight2d(model, u.module)[:, u.lo:u.hi]
-        view.copy_(fake_quantize(view.detach(), u.fmt))
+        _replace(view, fake_quantize(view.detach(), u.fmt), u, done)
 
 
 def _apply_ggml(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
                 calibration: Sequence[Mapping[str, Any]],
-                forward: Callable[[Mapping[str, Any]], Any]) -> dict[str, Any]:
+                forward: Callable[[Mapping[str, Any]], Any],
+                done: dict[str, UnitApplied]) -> dict[str, Any]:
     """ggml for GGUF options, RTN for the rest; the imatrix is taken before any weight changes."""
     from allocator.model.quant import collect_importance, ggml_values
 
@@ -163,13 +181,14 @@ def _apply_ggml(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
     for u in resolved:
         view = _weight2d(model, u.module)[:, u.lo:u.hi]
         m = imp.get(u.module)
-        view.copy_(ggml_values(view.detach(), u.fmt, None if m is None else m[u.lo:u.hi]))
+        _replace(view, ggml_values(view.detach(), u.fmt, None if m is None else m[u.lo:u.hi]), u, done)
     return {"importance": sorted(imp), "tokens": _tokens(calibration)}
 
 
 def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
                 calibration: Sequence[Mapping[str, Any]], cfg: Any,
-                forward: Callable[[Mapping[str, Any]], Any], progress: bool) -> dict[str, Any]:
+                forward: Callable[[Mapping[str, Any]], Any], progress: bool,
+                done: dict[str, UnitApplied]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     by_module: dict[str, list[ResolvedUnit]] = {}
@@ -188,7 +207,9 @@ def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
             w = module_weight(model, name)
             fmts = column_formats(int(w.shape[1]), [(u.lo, u.hi, u.fmt) for u in by_module[name]])
             q, loss = gptq_quantize(w.detach(), hess[name].H, fmts, cfg)
-            w.copy_(q)
+            for u in by_module[name]:
+                done[u.name] = _applied(w[:, u.lo:u.hi], q[:, u.lo:u.hi], u)
+            w.copy_(q)  # whole: columns outside the plan keep GPTQ's compensation
             losses[name] = loss
             bar.update(1)
     bar.close()
@@ -201,11 +222,3 @@ def _tokens(batches: Sequence[Mapping[str, Any]]) -> int:
         m = b.get("attention_mask")
         n += int(m.sum()) if m is not None else int(b["input_ids"].numel()) if "input_ids" in b else 0
     return n
-
-
-def _unit_report(model: torch.nn.Module, u: ResolvedUnit, original: torch.Tensor) -> UnitApplied:
-    w = _weight2d(model, u.module)[:, u.lo:u.hi].detach().double()
-    o = (original.reshape(original.shape[0], -1) if original.dim() > 2 else original)[:, u.lo:u.hi].double()
-    den = float(o.norm())
-    rel = float((w - o).norm()) / den if den > 0 else 0.0
-    return UnitApplied(unit=u.name, option=u.fmt.name, params=int(o.numel()), rel_error=rel)

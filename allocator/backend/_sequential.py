@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, _unit_report
+from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, _applied
 from allocator.backend._resolve import ResolvedUnit, module_weight, resolve_plan
 from allocator.core.errors import BackendError, InvalidParameterError, InvalidPlanError
 from allocator.core.plan import BitPlan, check_plan
@@ -208,17 +208,13 @@ def _quantize_module(root: torch.nn.Module, rel: str, name: str, units: Sequence
     import torch
 
     w = module_weight(root, rel)
-    original = w.detach().clone()
     fmts = column_formats(int(w.shape[1]), [(u.lo, u.hi, u.fmt) for u in units])
     q, loss = gptq_quantize(w.detach(), H, fmts, cfg)
+    for u in units:
+        reports[u.name] = _applied(w[:, u.lo:u.hi], q[:, u.lo:u.hi], u)
     with torch.no_grad():
         w.copy_(q)
     losses[name] = loss
-    for u in units:
-        # _unit_report reads the module by its name in the model it is given: the block here
-        local = ResolvedUnit(name=u.name, module=rel, lo=u.lo, hi=u.hi, fmt=u.fmt,
-                             assignment=u.assignment)
-        reports[u.name] = _unit_report(root, local, original)
 
 
 def _collect(root: torch.nn.Module, prefix: str, quantized: Sequence[str], out_dir: Path | None,

@@ -309,12 +309,16 @@ def _load(spec: str) -> Any:
 
 def _data(loaded: Any, cfg: RunConfig) -> tuple[Any, Any]:
     from allocator.model.data import user_data_for
+    from allocator.model.outputs import rows_within
 
     spec = cfg.estimate
     common: dict[str, Any] = {"seq_len": spec.seq_len, "batch_size": spec.batch_size,
                               "seed": spec.seed, "data": spec.data, "eval_data": cfg.eval_data}
+    # evaluation runs batch by batch with the reference of the batch read back beside it: a
+    # large vocabulary's logits get smaller batches (the metrics are sums per sample)
+    rows = rows_within(loaded.model, str(loaded.kind), spec.seq_len, spec.batch_size)
     return (user_data_for(loaded, "calibration", spec.samples, **common),
-            user_data_for(loaded, "evaluation", cfg.eval_samples, **common))
+            user_data_for(loaded, "evaluation", cfg.eval_samples, **{**common, "batch_size": rows}))
 
 
 def _units(loaded: Any, cfg: RunConfig, calib: Any) -> Any:

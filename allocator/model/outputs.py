@@ -23,15 +23,17 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["NON_INPUT_KEYS", "OUTPUT_CHUNK_BYTES", "forward_outputs", "mean_pool_normalize",
-           "model_inputs", "output_width", "tokens_within"]
+           "model_inputs", "output_width", "probe_batch", "rows_within", "tokens_within"]
 
 #: Batch keys that are targets or bookkeeping, never model inputs.
 NON_INPUT_KEYS: frozenset[str] = frozenset({"labels", "label", "idx", "text"})
 
 #: float32 bytes of per-token outputs one forward may produce in the chunked consumers (block cache,
-#: refinement): a causal LM's logits are the vocabulary per token, 4096 tokens of a 128k vocabulary
-#: are 2.1 GB
-OUTPUT_CHUNK_BYTES = 256 * 2**20
+#: refinement, evaluation): a causal LM's logits are the vocabulary per token, 4096 tokens of a 128k
+#: vocabulary are 2.1 GB. Each consumer holds a few tensors of this size at once (the outputs, the
+#: reference read back, the metric's temporaries), so it bounds the peak above the model; 341
+#: tokens of a 49k vocabulary still make forwards large enough to be efficient on a CPU.
+OUTPUT_CHUNK_BYTES = 64 * 2**20
 
 
 def output_width(model: Any, kind: str) -> int | None:
@@ -49,6 +51,33 @@ def tokens_within(model: Any, kind: str, max_tokens: int, budget: int = OUTPUT_C
     if width is None:
         return max_tokens
     return max(1, min(max_tokens, budget // (4 * width)))
+
+
+def rows_within(model: Any, kind: str, seq_len: int, batch_size: int,
+                budget: int = OUTPUT_CHUNK_BYTES) -> int:
+    """``batch_size``, lowered so that a batch of ``seq_len``-token rows has its per-token
+    outputs within ``budget`` bytes (at least one row)."""
+    tokens = tokens_within(model, kind, batch_size * seq_len, budget)
+    return max(1, min(batch_size, tokens // max(seq_len, 1)))
+
+
+#: tokens kept per sample by :func:`probe_batch`
+PROBE_TOKENS = 32
+
+
+def probe_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """One sample of ``batch``, its token tensors (2-D integer tensors of one length) cut to the
+    first :data:`PROBE_TOKENS`: for questions about a model's structure (which modules a forward
+    calls, what reaches the output), which one short sample answers as well as a batch, without
+    the memory of a real LLM's batch (its graph, its vocabulary-wide logits)."""
+    import torch
+
+    out = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    tokens = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.dim() == 2
+              and not v.is_floating_point()]
+    if tokens and len({int(out[k].shape[1]) for k in tokens}) == 1:
+        out.update({k: out[k][:, :PROBE_TOKENS] for k in tokens})
+    return out
 
 
 def model_inputs(batch: Mapping[str, Any], kind: str) -> dict[str, Any]:

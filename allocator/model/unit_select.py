@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from allocator.core.errors import InvalidParameterError, ModelError
 from allocator.core.units import discover_units, get_module
 from allocator.model.loading import model_forward_outputs
+from allocator.model.outputs import probe_batch
 
 if TYPE_CHECKING:
     from allocator.core.units import Unit
@@ -211,9 +212,8 @@ def inert_units(loaded: LoadedModel, batch: Mapping[str, Any],
             return out + leaf
         return swap
 
-    # reachability is structural: two samples tell as much as the whole batch, for less memory
-    small = {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-             for k, v in dict(batch).items()}
+    # reachability is structural: one short sample tells as much as the whole batch
+    small = probe_batch(batch)
     handles = [get_module(model, m).register_forward_hook(hook(m)) for m in modules]
     try:
         with torch.enable_grad():
