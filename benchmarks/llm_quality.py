@@ -168,12 +168,14 @@ def table_for(bench: Bench, cfg: Any, quantizer: Any) -> Any:
     return estimate_table(bench.loaded, bench.calib, cfg, bench.units, quantizer)
 
 
-def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) -> tuple[Any, Any]:
-    """What ``run`` hands out at ``budget``: the better measured of the table's optimum and the
-    uniform plan that fits, refined on calibration data; and that uniform plan."""
+def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) -> tuple[Any, Any, Any]:
+    """What ``run`` hands out at ``budget`` (:func:`allocator.jobs.pipeline.select_plan`: the
+    better measured of the table's optimum and the uniform plan that fits, refined, then for
+    GPTQ the choice among them as the backend applies them, all judged on the calibration
+    data's validation share); that uniform plan; the applied choice (None for other methods)."""
     import solvers
-    from allocator.jobs.pipeline import uniform_plans
-    from allocator.jobs.refine import RefineConfig, refine_plan
+    from allocator.jobs.pipeline import select_plan, uniform_plans
+    from allocator.model.data.split import split_calibration
 
     # (mypy, run on this folder, takes benchmarks/solvers.py for the package)
     opt = solvers.solve(table, budget, solver=cfg.solver,  # type: ignore[attr-defined,unused-ignore]
@@ -182,12 +184,11 @@ def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) ->
         raise SystemExit(f"no plan fits {budget}; raise the budget")
     below, _ = uniform_plans(table, budget.size_cap_bits(table.total_params))
     cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
-    conf = RefineConfig(rounds=cfg.refine_rounds, neighbours=cfg.refine_neighbours,
-                        time_limit=cfg.refine_time_limit, validation_share=cfg.validation_share)
-    sel = refine_plan(bench.model, cands, table, budget, list(bench.calib), bench.units,
-                      kind="causal_lm", config=conf, quantizer=quantizer)
+    data = bench.calib if cfg.validation_share == 0 else split_calibration(bench.calib, cfg.validation_share)
+    _, applied, plan = select_plan(bench.loaded, cfg, cands, table, budget, data, bench.units,
+                                   quantizer, bench.state, say)
     bench.state.restore(bench.model)
-    return sel.plan, below
+    return plan, below, applied
 
 
 def plan_label(plan: Any) -> str:
@@ -219,18 +220,21 @@ def gptq_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
     for bpw in args.budgets:
         budget = Budget(bpw=bpw)
         plans: dict[str, Any] = {}
+        choice: dict[str, Any] | None = None
         for name, (table, q) in tables.items():
             t0 = time.perf_counter()
-            plans[f"{name}-chosen"], below = run_plan(bench, table, budget,
-                                                      run_config(bench, name, None, args), q)
+            plans[f"{name}-chosen"], below, applied = run_plan(bench, table, budget,
+                                                               run_config(bench, name, None, args), q)
             if name == "gptq":
                 plans["uniform"] = below
+                choice = None if applied is None else applied.to_dict()
             say(f"  {bpw:g} bpw, {name}-chosen plan: {time.perf_counter() - t0:.0f} s")
         if plans["uniform"] is None:
             raise SystemExit(f"no uniform plan fits {bpw:g} bpw; pass budgets ≥ the smallest option's")
         measured = {k: bench.gptq(p) for k, p in plans.items()}
         base = measured["uniform"]
-        row: dict[str, Any] = {"bpw": bpw, "uniform_label": plan_label(plans["uniform"])}
+        row: dict[str, Any] = {"bpw": bpw, "uniform_label": plan_label(plans["uniform"]),
+                               "applied_choice": choice}
         for k, p in plans.items():
             row[k] = {"bpw": _bpw(p), **summarize(measured[k], idx)}
             if k != "uniform":
@@ -265,7 +269,7 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
                                      n_head_kv=int(getattr(cfg_m, "num_key_value_heads", None)
                                                    or cfg_m.num_attention_heads))
         size_bits = float(pplan.summary.size_bits)
-        ours, _ = run_plan(bench, table, Budget(size_bytes=size_bits / 8), cfg, quantizer)
+        ours, _, _ = run_plan(bench, table, Budget(size_bytes=size_bits / 8), cfg, quantizer)
         p_m, o_m = bench.ggml(pplan, args.imatrix), bench.ggml(ours, args.imatrix)
         row: dict[str, Any] = {"preset_name": preset, "preset_bpw": round(size_bits / table.total_params, 4),
                                "preset_types": _counts(pplan.choice), "plan_types": _counts(ours.choice),
@@ -319,6 +323,14 @@ def print_results(res: Mapping[str, Any]) -> None:
                 met = ("**met**" if r["target_met"] else "**not met**") if k == "gptq-chosen" else ""
                 print(f"| {r['bpw']:g} | {name} | {p['bpw']} | {_ci(p['kl'])} | {_ci(p['perplexity'])} | "
                       f"{ratios} | {met} |")
+        for r in res["gptq"]:
+            a = r.get("applied_choice")
+            if a:
+                print(f"\n{r['bpw']:g} bpw, plans as GPTQ applies them, on {a['n_samples']} validation "
+                      "texts: " + ", ".join(f"{c['label']} {c['error']:.4g}"
+                                            + (f" (worse than uniform on {', '.join(c['worse_on'])})"
+                                               if c["worse_on"] else "") for c in a["candidates"])
+                      + f"; handed out: {a['chosen']}")
     if res["llamacpp"]:
         print("\n| preset | bpw | preset KL | preset ppl | plan bpw | plan KL | plan ppl | KL / preset | "
               f"ppl / preset | target (≤ 1×; ≤ {TARGET_RATIO}× KL if preset KL > {PRESET_KL_FLOOR}) |")

@@ -148,11 +148,21 @@ def _weight2d(model: torch.nn.Module, module: str) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if w.dim() > 2 else w
 
 
+#: elements per row block of :func:`_applied`'s float64 sums (32 MiB each)
+_NORM_BLOCK_ELEMENTS = 1 << 22
+
+
 def _applied(original: torch.Tensor, q: torch.Tensor, u: ResolvedUnit) -> UnitApplied:
-    """The unit's record: ``‖Q(W) − W‖_F / ‖W‖_F`` over its columns."""
-    o = original.detach().double()
-    den = float(o.norm())
-    rel = float((q.double() - o).norm()) / den if den > 0 else 0.0
+    """The unit's record: ``‖Q(W) − W‖_F / ‖W‖_F`` over its columns, summed in float64 row block
+    by row block (a whole tied head in float64 would be several hundred MB per copy)."""
+    o, q = original.detach(), q.detach()
+    rows = max(1, _NORM_BLOCK_ELEMENTS // max(int(o[0].numel()) if o.dim() else 1, 1))
+    err = ref = 0.0
+    for r0 in range(0, int(o.shape[0]), rows):
+        ob = o[r0:r0 + rows].double()
+        ref += float((ob * ob).sum())
+        err += float(((q[r0:r0 + rows].double() - ob) ** 2).sum())
+    rel = (err / ref) ** 0.5 if ref > 0 else 0.0
     return UnitApplied(unit=u.name, option=u.fmt.name, params=int(o.numel()), rel_error=rel)
 
 

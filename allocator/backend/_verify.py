@@ -112,21 +112,34 @@ def _levels_and_step(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return levels, step, s
 
 
-def _check_int(u: ResolvedUnit, w: torch.Tensor, out: list[Mismatch]) -> UnitCheck:
-    import torch
+#: float64 elements of one row block in :func:`_check_int` (32 MiB): the levels of a large unit
+#: (a tied 49k × 576 head is 226 MB in float64, and sorting copies it) are read block by block
+_CHECK_BLOCK_ELEMENTS = 1 << 22
 
+
+def _check_int(u: ResolvedUnit, w: torch.Tensor, out: list[Mismatch]) -> UnitCheck:
     emu = u.fmt.emulation
     assert emu is not None  # resolve_plan refuses formats without an emulation
     bits, g, _ = emu
     cap = 2**bits
     groups = _groups(w, g)
-    stats = [_levels_and_step(b) for b in groups]
-    max_levels = max(int(lv.max()) for lv, _, _ in stats)
+    coarse = len(groups) >= 2 and u.fmt.kind is not FormatKind.GGUF
+    levels = [0] * len(groups)  # the most levels of any row, per group
+    n_pairs = n_shared = 0
+    rows = max(1, _CHECK_BLOCK_ELEMENTS // max(int(w.shape[1]), 1))
+    for r0 in range(0, int(w.shape[0]), rows):
+        block = [b[r0:r0 + rows] for b in groups]
+        stats = [_levels_and_step(b) for b in block]
+        levels = [max(m, int(lv.max())) for m, (lv, _, _) in zip(levels, stats, strict=True)]
+        if coarse:
+            p, sh = _shared_pairs(block, stats, cap)
+            n_pairs, n_shared = n_pairs + p, n_shared + sh
+    max_levels = max(levels)
     if max_levels > cap:
-        worst = int(torch.stack([lv.max() for lv, _, _ in stats]).argmax())
+        worst = levels.index(max_levels)
         out.append(Mismatch(unit=u.name, field="levels", expected=f"<= {cap} per group of {g}",
                             found=f"{max_levels} in group {worst}"))
-    elif len(groups) >= 2 and u.fmt.kind is not FormatKind.GGUF and _looks_coarser(groups, stats, cap):
+    elif coarse and n_pairs > 0 and n_shared > 0.5 * n_pairs:
         out.append(Mismatch(unit=u.name, field="group_size", expected=str(g),
                             found=f">= {2 * g} (adjacent groups share one grid)"))
     width = groups[0].shape[1]
@@ -138,8 +151,9 @@ def _check_int(u: ResolvedUnit, w: torch.Tensor, out: list[Mismatch]) -> UnitChe
                      max_levels=max_levels, bits_read=bits_read, params=int(w.numel()))
 
 
-def _looks_coarser(groups: list[torch.Tensor], stats: list, cap: int) -> bool:
-    """Most adjacent declared-group pairs (per row) share a step and fit one grid together."""
+def _shared_pairs(groups: list[torch.Tensor], stats: list, cap: int) -> tuple[int, int]:
+    """(row pairs compared, row pairs that share a step and fit one grid together) over the
+    adjacent declared-group pairs: most pairs sharing one grid means the groups are coarser."""
     import torch
 
     n_pairs = n_shared = 0
@@ -153,7 +167,7 @@ def _looks_coarser(groups: list[torch.Tensor], stats: list, cap: int) -> bool:
         same = finite & ((sa - sb).abs() <= _STEP_RTOL * sa.abs().clamp_min(1e-30))
         n_shared += int((same & (merged <= cap)).sum())
         n_pairs += int(finite.sum())
-    return n_pairs > 0 and n_shared > 0.5 * n_pairs
+    return n_pairs, n_shared
 
 
 def verify(

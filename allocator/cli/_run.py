@@ -154,6 +154,12 @@ def execute(cfg: Any) -> int:
             f"{sel.start_error:.4g} → {sel.error:.4g} in {len(sel.rounds)} rounds ({sel.status})"
             + ("" if sel.fit_error is None or not sel.validation else
                f"; fit share {sel.start_fit_error:.4g} → {sel.fit_error:.4g}"))
+    if run.applied is not None:
+        a = run.applied
+        out.print(f"as {a.method} applies them, on {a.n_samples} validation samples: " + ", ".join(
+            f"{c.label} {c.error:.4g}" + (" (worse than uniform on " + ", ".join(c.worse_on) + ")"
+                                          if c.worse_on else "") for c in a.candidates)
+            + f"; handed out: {a.chosen}", markup=False)
     if run.error_ratio is not None:
         out.print(f"{run.result.label} / uniform-at-equal-size held-out error: "
                   f"[bold]{run.error_ratio:.3f}[/bold]")

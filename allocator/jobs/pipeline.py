@@ -26,6 +26,7 @@ from allocator.core.errors import InfeasibleBudgetError, InvalidParameterError
 from allocator.core.formats import parse_format
 from allocator.core.plan import BitPlan
 from allocator.core.table import CostTable
+from allocator.jobs.applied import APPLIED_CHECK_METHODS, AppliedChoice
 from allocator.jobs.refine import RefineConfig, RefineResult
 from allocator.jobs.report import plan_label, write_outputs
 from allocator.jobs.stages import StageWriter, check_saved_table, expected_provenance
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from sensitivity import EstimateSpec
 
 __all__ = ["DEFAULT_RUN_BATCH_SIZE", "DEFAULT_RUN_ESTIMATOR", "PlanResult", "RunConfig", "RunResult",
-           "run_pipeline", "run_spec", "uniform_plans"]
+           "run_pipeline", "run_spec", "select_plan", "uniform_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ class RunResult:
     #: the plan handed out: the best measured candidate on calibration data, refined
     chosen: PlanResult | None = None
     selection: RefineResult | None = None
+    #: the choice among the plans applied as the backend applies them (GPTQ; None: not needed)
+    applied: AppliedChoice | None = None
     #: units left out of the budget → why (--include/--exclude, cannot affect the output)
     excluded: Mapping[str, str] = field(default_factory=dict)
     #: where calibration / held-out data came from, in words, and their batches' provenance
@@ -436,20 +439,16 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     write.progress("solve", meter)
     below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
     cands = {"table optimum": result.plan, **({"uniform ≤": below} if below is not None else {})}
-    judged = "calibration data" if shares is None else \
-        f"moves measured on {shares.n_fit} samples, judged on {shares.n_validation} validation samples"
-    say(f"choosing among {len(cands)} measured candidates and refining at the plan "
-        f"({cfg.refine_rounds} rounds, {judged})")
-    selection = _select(loaded, cfg, cands, table, budget, calib if shares is None else shares,
-                        units, quantizer)
-    lap("refine")
-    write.candidates(selection)
-    write.plan(selection.plan)
-    write.progress("refine", meter)
     from allocator.model.output_store import TensorStash
 
     # the full-precision weights, restored after each plan: on disk, not a second model in memory
     state = TensorStash(loaded.model.state_dict())
+    selection, applied, handed = select_plan(loaded, cfg, cands, table, budget,
+                                             calib if shares is None else shares, units, quantizer,
+                                             state, say, lap)
+    write.candidates(selection, applied)
+    write.plan(handed)
+    write.progress("refine", meter)
     ref = reference_outputs(loaded.model, list(evaluation), kind=loaded.kind,
                             model_fingerprint=loaded.fingerprint)
     fp_metrics = _fp_metrics(ref, evaluation)
@@ -459,10 +458,12 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     mixed = _evaluate_plan("mixed", result.plan, *args)
     ub = _evaluate_plan("uniform ≤", below, *args) if below is not None else None
     ua = _evaluate_plan("uniform >", above, *args) if above is not None else None
-    chosen = _chosen(selection, mixed, ub, args)
+    chosen = _chosen(handed, selection.start_label if applied is None else applied.chosen,
+                     mixed, ub, args)
     run = RunResult(config=cfg, model_kind=loaded.kind, table=table, mixed=mixed,
                     uniform_below=ub, uniform_above=ua, seconds=meter.seconds, fp_metrics=fp_metrics,
-                    chosen=chosen, selection=selection, excluded=dict(selection_units.excluded),
+                    chosen=chosen, selection=selection, applied=applied,
+                    excluded=dict(selection_units.excluded),
                     data_info={**_data_info(cfg, calib, evaluation), **_split_info(shares)},
                     peak_rss_mb=meter.peaks,
                     peak_rss_per_stage=meter.per_stage)
@@ -526,6 +527,34 @@ def _split_info(shares: SampleSplit | None) -> dict[str, Any]:
                                  "validation_batches": shares.validation.metadata()}}
 
 
+def select_plan(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: CostTable,
+                budget: Budget, data: Any, units: Sequence[Any], quantizer: Quantizer, state: Any,
+                say: Stage, lap: Stage | None = None) -> tuple[RefineResult, AppliedChoice | None, BitPlan]:
+    """The plan ``run`` hands out: the candidates measured and refined with the per-unit
+    ``quantizer`` (:func:`~allocator.jobs.refine.refine_plan`), then, for a method the backend
+    applies otherwise (:data:`~allocator.jobs.applied.APPLIED_CHECK_METHODS`: GPTQ), the choice
+    among the refined plan and the candidates as the backend applies them
+    (:func:`~allocator.jobs.applied.applied_choice`). ``data`` is a :class:`SampleSplit` or the
+    calibration batches; ``state`` (a :class:`~allocator.model.output_store.TensorStash`) restores
+    the full-precision weights. Returns (refinement, applied choice or None, handed-out plan)."""
+    from allocator.model.data.split import SampleSplit
+
+    judged = "calibration data" if not isinstance(data, SampleSplit) else \
+        f"moves measured on {data.n_fit} samples, judged on {data.n_validation} validation samples"
+    say(f"choosing among {len(cands)} measured candidates and refining at the plan "
+        f"({cfg.refine_rounds} rounds, {judged})")
+    selection = _select(loaded, cfg, cands, table, budget, data, units, quantizer)
+    if lap is not None:
+        lap("refine")
+    if cfg.method not in APPLIED_CHECK_METHODS:
+        return selection, None, selection.plan
+    plans = {"refined": selection.plan, **cands}
+    applied = _applied(loaded, cfg, plans, data, units, state, say)
+    if lap is not None:
+        lap("applied choice")
+    return selection, applied, plans[applied.chosen]
+
+
 def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: CostTable,
             budget: Budget, data: Any, units: Sequence[Any], quantizer: Quantizer) -> RefineResult:
     """Measure the candidates and refine (:func:`~allocator.jobs.refine.refine_plan`): moves on
@@ -545,16 +574,38 @@ def _select(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table: Co
     return res
 
 
-def _chosen(selection: RefineResult, mixed: PlanResult, below: PlanResult | None,
+def _chosen(plan: BitPlan, origin: str, mixed: PlanResult, below: PlanResult | None,
             args: tuple[Any, ...]) -> PlanResult:
-    """The held-out result of the selected plan (re-using an evaluation already done)."""
-    choice = selection.plan.choice
+    """The held-out result of the handed-out ``plan`` (re-using an evaluation already done);
+    ``origin`` names where it came from when it is a new plan (the refinement's start)."""
     for done in (mixed, below):
-        if done is not None and done.plan.choice == choice:
+        if done is not None and done.plan.choice == plan.choice:
             label = f"chosen = {done.label}"
             return PlanResult(label=label, plan=done.plan, report=done.report,
                               verified=done.verified, mismatches=done.mismatches)
-    return _evaluate_plan(f"chosen (refined from {selection.start_label})", selection.plan, *args)
+    origin = origin if origin != "refined" else "the refinement"
+    return _evaluate_plan(f"chosen (refined from {origin})", plan, *args)
+
+
+def _applied(loaded: Any, cfg: RunConfig, plans: Mapping[str, BitPlan], data: Any,
+             units: Sequence[Any], state: Any, say: Stage) -> AppliedChoice:
+    """:func:`~allocator.jobs.applied.applied_choice` on the fit / validation shares of ``data``
+    (a :class:`SampleSplit`; calibration batches judge themselves without one), the validation
+    batches cut so that their outputs stay within the output chunk budget."""
+    from allocator.jobs.applied import applied_choice
+    from allocator.model.data.split import SampleSplit
+    from allocator.model.outputs import tokens_within
+    from sensitivity import make_chunks
+
+    fit, validation = (data.fit, data.validation) if isinstance(data, SampleSplit) else (data, data)
+    pieces = [c.batch for c in make_chunks(list(validation), max_tokens=tokens_within(
+        loaded.model, str(loaded.kind), cfg.estimate.seq_len * cfg.estimate.batch_size))]
+    say(f"choosing among the plans as {cfg.method} applies them (block by block), judged on "
+        f"{validation.n_samples} validation samples")
+    return applied_choice(loaded.model, plans, kind=str(loaded.kind), method=cfg.method,
+                          fit=list(fit), validation=pieces, units=units,
+                          restore=lambda: state.restore(loaded.model), uniform="uniform ≤",
+                          seed=cfg.estimate.seed, say=say)
 
 
 def _min_bpw(table: CostTable) -> float:

@@ -17,11 +17,13 @@ from allocator.core.atomic import atomic_write_text
 if TYPE_CHECKING:
     from allocator.backend import Comparison, Interval
     from allocator.core.plan import BitPlan
+    from allocator.jobs.applied import AppliedChoice
     from allocator.jobs.pipeline import RunResult
     from allocator.jobs.refine import RefineResult
 
-__all__ = ["UNIFORM_PLAN_FILE", "comparison_lines", "excluded_lines", "frontier_title", "plan_label",
-           "regression_warnings", "report_markdown", "run_summary", "selection_lines", "write_outputs"]
+__all__ = ["UNIFORM_PLAN_FILE", "applied_lines", "comparison_lines", "excluded_lines", "frontier_title",
+           "plan_label", "regression_warnings", "report_markdown", "run_summary", "selection_lines",
+           "write_outputs"]
 
 #: the uniform plan that fits, written beside plan.json when the handed-out plan is worse than it
 #: on some held-out metric (the alternative the report offers)
@@ -71,6 +73,7 @@ def run_summary(run: RunResult) -> dict[str, Any]:
             "error_ratio": run.error_ratio, "chosen": run.result.label,
             "worse_than_uniform": run.worse_than_uniform,
             "selection": run.selection.to_dict() if run.selection is not None else None,
+            "applied_choice": run.applied.to_dict() if run.applied is not None else None,
             "excluded_units": dict(run.excluded), "data": dict(run.data_info),
             "intervals": {"level": DEFAULT_LEVEL, "draws": DEFAULT_DRAWS, "seed": run.config.estimate.seed,
                           "method": "percentile bootstrap over evaluation samples"},
@@ -168,6 +171,7 @@ def report_markdown(run: RunResult) -> str:
                   "samples or the uniform plan."]
     lines += comparison_lines(run)
     lines += selection_lines(run.selection)
+    lines += applied_lines(run.applied)
     if run.fp_metrics:
         lines += ["", "Full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.fp_metrics.items())]
     lines += ["", "Mixed plan, units per option: " + ", ".join(
@@ -284,4 +288,21 @@ def selection_lines(sel: RefineResult | None) -> list[str]:
         f"fit error {sel.start_fit_error:.4g} → {sel.fit_error:.4g}, "
     lines.append(f"Refinement {sel.status}: {fit_words}validation error {sel.start_error:.4g} → "
                  f"{sel.error:.4g} ({100 * sel.improvement:.1f} % lower).")
+    return lines
+
+
+def applied_lines(choice: AppliedChoice | None) -> list[str]:
+    """The choice among the plans applied as the backend applies them (GPTQ): each plan's
+    validation error, its paired comparison with uniform, and which one was handed out."""
+    if choice is None:
+        return []
+    lines = ["", f"Plans applied as `{choice.method}` applies them (block by block, fitted on the fit "
+             f"share) and measured on {choice.n_samples} validation samples; a plan worse than "
+             f"uniform beyond the paired 95 % interval on any metric is ruled out, then the lowest "
+             f"error wins: **{choice.chosen}**."]
+    for c in choice.candidates:
+        same = f" (= {', '.join(c.same_as)})" if c.same_as else ""
+        vs = "; ".join(f"{m} / uniform {cmp.delta.text()}" + (" **worse**" if cmp.worse else "")
+                       for m, cmp in c.vs_uniform.items())
+        lines.append(f"- {c.label}{same}: error {c.error:.4g}" + (f"; {vs}" if vs else ""))
     return lines

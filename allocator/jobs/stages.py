@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from allocator.core.plan import BitPlan
     from allocator.core.rss import StageMeter
     from allocator.core.table import CostTable
+    from allocator.jobs.applied import AppliedChoice
     from allocator.jobs.pipeline import RunConfig
     from allocator.jobs.refine import RefineResult
 
@@ -83,8 +84,11 @@ class StageWriter:
         points = [{"bpw": float(b), "cost": float(c)} for b, c in zip(front.bpw, front.cost, strict=True)]
         self._json("frontier_points", "frontier.json", {"bpw": self.cfg.bpw, "points": points})
 
-    def candidates(self, selection: RefineResult) -> None:
-        self._json("candidates", "candidates.json", selection.to_dict())
+    def candidates(self, selection: RefineResult, applied: AppliedChoice | None = None) -> None:
+        """The measured selection and refinement, and the choice among the plans as the backend
+        applies them when one was made (``applied_choice``)."""
+        self._json("candidates", "candidates.json", {
+            **selection.to_dict(), "applied_choice": None if applied is None else applied.to_dict()})
 
     def plan(self, plan: BitPlan) -> None:
         if self.dir is not None:

@@ -126,3 +126,33 @@ def test_cli_estimate_for_llamacpp_forms_costs_with_ggml(tmp_path: Path) -> None
     assert main(["estimate", "tiny-llama", "--method", "salience", "--for", "llamacpp", "--samples", "4",
                  "--seq-len", "16", "--quantizer", "rtn", "--no-progress", "-o", str(out)]) == 0
     assert CostTable.load(out).metadata["quantizer"] == "rtn"
+
+
+def test_run_with_gptq_hands_out_the_plan_the_applied_choice_picked(tmp_path: Path) -> None:
+    from allocator.jobs.pipeline import RunConfig, run_pipeline, run_spec
+
+    spec = run_spec("salience", options="int2-g32-asym,int3-g32-asym,int4-g32-asym", samples=12,
+                    seq_len=32, batch_size=4, progress=False)
+    run = run_pipeline(RunConfig(model="tiny-llama", method="gptq", bpw=3.25, estimate=spec,
+                                 eval_samples=4, refine_rounds=1, out=tmp_path))
+    a = run.applied
+    assert a is not None and a.method == "gptq" and a.uniform == "uniform ≤"
+    labels = {c.label for c in a.candidates} | {s for c in a.candidates for s in c.same_as}
+    assert labels == {"refined", "table optimum", "uniform ≤"}
+    chosen = a.candidate(a.chosen)
+    assert not chosen.worse_on
+    assert chosen.error == min(c.error for c in a.candidates if not c.worse_on)
+    handed = json.loads((tmp_path / "plan.json").read_text())
+    cands = json.loads((tmp_path / "candidates.json").read_text())
+    assert cands["applied_choice"]["chosen"] == a.chosen
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["applied_choice"]["chosen"] == a.chosen
+    assert {u: v["option"] for u, v in handed["assignments"].items()} == \
+        {u: x.option for u, x in run.result.plan.assignments.items()}
+    assert "as `gptq` applies them" in (tmp_path / "report.md").read_text()
+
+
+def test_run_with_rtn_needs_no_applied_choice(tmp_path: Path) -> None:
+    from allocator.jobs.applied import APPLIED_CHECK_METHODS
+
+    assert "rtn" not in APPLIED_CHECK_METHODS and "ggml" not in APPLIED_CHECK_METHODS
