@@ -25,7 +25,7 @@ from functools import cache
 from pathlib import Path
 
 __all__ = ["MMAP_THRESHOLD", "StageMeter", "bound_heap", "peak_rss_mb", "release_free_memory",
-           "reset_peak_rss"]
+           "reset_peak_rss", "trim_heap"]
 
 #: Bytes from which glibc serves an allocation with its own mapping, returned on free (the
 #: default starts at 128 KiB and grows up to 32 MiB with each large free, after which tensors of
@@ -77,6 +77,18 @@ def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
     process (fixing the threshold also stops glibc from raising it); False where not glibc."""
     libc = _libc()
     return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
+def trim_heap() -> bool:
+    """Return the heap's free pages to the system (``malloc_trim``), no garbage collection: cheap
+    enough to call once per block of a sweep, whose many sub-MiB tensors (one row's activations
+    and cotangents) otherwise fragment the heap and raise the resident size block after block.
+    False where not glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def release_free_memory() -> bool:

@@ -243,7 +243,11 @@ class _Meter:
         """Cache every block at the model's current weights; returns the current distortion.
 
         The outputs of that forward are compared chunk by chunk as they come, not kept."""
+        from allocator.core.rss import trim_heap
+
         self.cache = None  # the old cache's block outputs go before the new ones are recorded
+        # they are sub-MiB tensors (one block's output for one chunk): freed ones stay in the heap
+        trim_heap()
         sums = _ErrorSums(self.kind)
         self.cache = BlockCache(self.model, self.chunks, kind=self.kind,
                                 on_output=lambda chunk, out: sums.add(self.reference[len(sums)],
