@@ -27,29 +27,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def one(model: str, budget: float, out: Path) -> dict[str, float]:
     """The estimate stage at ``budget`` MiB in this process; the table is saved to ``out``."""
     from allocator.core.rss import peak_rss_mb, reset_peak_rss
-    from allocator.jobs.pipeline import RunConfig, _data, _load, _quantizer, _shares, _units, estimate_table
+    from allocator.core.units import discover_units
+    from allocator.jobs.pipeline import RunConfig, estimate_table
+    from allocator.model.data import user_data_for
+    from allocator.model.data.split import split_calibration
+    from allocator.model.loading import load_model
+    from allocator.model.quant import build_quantizer
+    from allocator.model.unit_select import select_units
 
     cfg = RunConfig(model=model, bpw=3.25, out=None)
     spec = dataclasses.replace(cfg.estimate, progress=False,
                                params={**dict(cfg.estimate.params or {}), "delta_budget_mb": budget})
     cfg = dataclasses.replace(cfg, estimate=spec)
-    loaded = _load(model)
+    loaded = load_model(model)  # as run's stages do: the same data, fit share, units, quantizer
     loaded.model.eval()
-    calib, _ = _data(loaded, cfg)
-    shares = _shares(cfg, calib)
-    units = list(_units(loaded, cfg, calib).units)
-    quantizer = _quantizer(loaded, cfg, calib, units, lambda _m: None)
+    calib = user_data_for(loaded, "calibration", spec.samples, seq_len=spec.seq_len,
+                          batch_size=spec.batch_size, seed=spec.seed, data=spec.data)
+    fit = split_calibration(calib, cfg.validation_share).fit if cfg.validation_share else calib
+    found = discover_units(loaded.model, kinds=spec.kinds, group_columns=spec.groups)
+    units = list(select_units(loaded, found, include=spec.include or (), exclude=spec.exclude or (),
+                              batch=next(iter(calib))).units)
+    quantizer = build_quantizer(cfg.method, loaded.model, units, list(calib), kind=str(loaded.kind))
     before = peak_rss_mb()
     reset_peak_rss()
     t0 = time.perf_counter()
-    table = estimate_table(loaded, calib if shares is None else shares.fit, cfg, units, quantizer)
+    table = estimate_table(loaded, fit, cfg, units, quantizer)
     seconds = time.perf_counter() - t0
     table.save(out)
     return {"budget_mb": budget, "peak_mb": peak_rss_mb(), "before_mb": before, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB
+    from sensitivity import DEFAULT_DELTA_BUDGET_MB
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from allocator.model.distortion import Metric, distortion, per_sample_sums
 from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
+from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB
 from sensitivity._driver import PROVENANCE_KEYS, seeded
 from sensitivity._estimate import estimate
 from sensitivity._hessian import first_order_graph, hutchinson_traces, hvp, rademacher_probes, unit_quadratics
@@ -32,6 +33,7 @@ from sensitivity._spec import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_DELTA_BUDGET_MB",
     "DEFAULT_SAMPLES",
     "DEFAULT_SEQ_LEN",
     # the one entry point: estimate(model, EstimateSpec(...)) → CostTable
