@@ -35,6 +35,7 @@ __all__ = [
     "BLOCK_LIST_NAMES",
     "BlockCache",
     "Chunk",
+    "block_stride",
     "find_blocks",
     "forward_outputs",
     "make_chunks",
@@ -236,7 +237,12 @@ def _detach_tree(obj: Any) -> Any:
 class BlockCache:
     """Reference outputs and per-block outputs of every chunk (see the module docstring).
 
-    Memory: the outputs of every block for every token (n_blocks × tokens × hidden floats); the
+    Memory: the outputs of every block for every token (n_blocks × tokens × hidden floats), or,
+    under ``max_bytes``, of every ``stride``-th block only (blocks ``stride − 1``,
+    ``2·stride − 1``, …; :func:`block_stride`): a replay from block k then recomputes the blocks
+    after the last kept one below k as well, which gives the same outputs while the weights
+    before k are those the cache was recorded at (``max_bytes=0`` keeps none: every query is a
+    full forward, for callers that only need the reference outputs). The
     reference outputs (tokens × vocabulary floats for a causal LM) go to an
     :class:`~allocator.model.output_store.OutputStore` (in memory up to its budget, the rest on
     disk, read back one chunk at a time). With ``on_output``, each chunk's output is handed to
@@ -245,16 +251,23 @@ class BlockCache:
     """
 
     def __init__(self, model: torch.nn.Module, chunks: Sequence[Chunk], *, kind: str,
-                 on_output: Callable[[Chunk, torch.Tensor], None] | None = None) -> None:
+                 on_output: Callable[[Chunk, torch.Tensor], None] | None = None,
+                 max_bytes: int | None = None) -> None:
         import torch
 
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                      or max_bytes < 0):
+            raise InvalidParameterError(f"block cache max_bytes must be an int ≥ 0 or None, "
+                                        f"got {max_bytes!r}")
         self.model, self.kind = model, kind
         found = find_blocks(model)
         self.prefix, self.blocks = (found[0], list(found[1])) if found else ("", [])
-        self.block_out: list[list[Any]] = []  # [chunk][block]
+        self.block_out: list[list[Any]] = []  # [chunk][block]; None where a block is not kept
         self.reference = OutputStore()
         self.chunks: list[Chunk] = []
+        self.kept = [True] * len(self.blocks)
         order: list[str] = []
+        total_tokens = sum(_rows(c.batch) * _width(c.batch) for c in chunks)
         for ci, chunk in enumerate(chunks):
             calls: list[int] = []
             outs: list[Any] = [None] * len(self.blocks)
@@ -263,8 +276,15 @@ class BlockCache:
                 ref = forward_outputs(model, chunk.batch, kind)
             if calls != list(range(len(self.blocks))):
                 # Shared or re-entered blocks (ALBERT) or a skipped one: cannot skip safely.
-                self.prefix, self.blocks = "", []
+                self.prefix, self.blocks, self.kept = "", [], []
                 outs = []
+            if ci == 0 and max_bytes is not None and self.blocks:
+                # the first chunk's outputs, scaled to every chunk's tokens, size the whole cache
+                share = _rows(chunk.batch) * _width(chunk.batch) / max(total_tokens, 1)
+                per_block = sum(_tree_bytes(o) for o in outs) / len(outs) / max(share, 1e-12)
+                stride = block_stride(len(self.blocks), per_block, max_bytes)
+                self.kept = [stride > 0 and (k + 1) % stride == 0 for k in range(len(self.blocks))]
+            outs = [o if keep else None for o, keep in zip(outs, self.kept, strict=True)]
             self.block_out.append(outs)
             self.chunks.append(Chunk(batch=chunk.batch, origin=chunk.origin,
                                      mask=_output_mask(chunk.batch, ref)))
@@ -284,7 +304,8 @@ class BlockCache:
         for i, block in enumerate(self.blocks):
             def hook(_m: Any, _a: Any, out: Any, i: int = i) -> None:
                 calls.append(i)
-                outs[i] = _detach_tree(out)
+                if self.kept[i]:
+                    outs[i] = _detach_tree(out)
             handles.append(block.register_forward_hook(hook))
         try:
             yield
@@ -355,12 +376,13 @@ class BlockCache:
         """
         chunk = self.chunks[ci]
         batch = chunk.batch if repeat == 1 else _repeat_batch(chunk.batch, repeat)
-        if start <= 0 or not self.blocks:
+        last = next((k for k in range(min(start, self.n_blocks) - 1, -1, -1) if self.kept[k]), None)
+        if last is None:
             return forward_outputs(self.model, batch, self.kind)
-        cached = self.block_out[ci][start - 1]
+        cached = self.block_out[ci][last]
         if repeat != 1:
             cached = _repeat_tree(cached, repeat, _rows(chunk.batch))
-        skipped = self.blocks[:start]
+        skipped = self.blocks[:last + 1]
 
         def replay(*_a: Any, **_k: Any) -> Any:
             return _clone_tree(cached)  # a clone: the next block may update its input in place
@@ -398,11 +420,36 @@ class BlockCache:
         return _first_tensor(captured[0])
 
     def cached_block_output(self, ci: int, k: int) -> torch.Tensor:
-        """The full-precision hidden state leaving block ``k`` of chunk ``ci``."""
+        """The full-precision hidden state leaving block ``k`` of chunk ``ci``.
+
+        Raises:
+            InvalidParameterError: block ``k``'s output was not kept (``max_bytes``).
+        """
+        if not (0 <= k < self.n_blocks and self.kept[k]):
+            raise InvalidParameterError(f"block {k}'s output is not in the cache (kept: every "
+                                        "block's only without max_bytes); use block_output")
         return _first_tensor(self.block_out[ci][k])
 
     def tokens(self) -> int:
         return sum(_rows(c.batch) * _width(c.batch) for c in self.chunks)
+
+
+def block_stride(n_blocks: int, per_block_bytes: float, max_bytes: int) -> int:
+    """Keep every ``stride``-th block's outputs so that they fit ``max_bytes``: 1 keeps every
+    block, 0 none. With m = ⌊max_bytes / per_block_bytes⌋ blocks affordable, the smallest
+    stride s with ⌊n / s⌋ ≤ m is s = ⌊n / (m + 1)⌋ + 1 (a replay recomputes < s extra blocks)."""
+    m = int(max_bytes // per_block_bytes) if per_block_bytes > 0 else n_blocks
+    return 0 if m <= 0 else n_blocks // (m + 1) + 1
+
+
+def _tree_bytes(obj: Any) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, tuple | list):
+        return sum(_tree_bytes(x) for x in obj)
+    return 0
 
 
 def _width(batch: Mapping[str, Any]) -> int:

@@ -68,9 +68,11 @@ _KL_BLOCK_ELEMENTS = 1 << 22
 def _kl_rows(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     import torch
 
+    # in place: two float64 blocks alive instead of five, the same values bit for bit
+    # (−log p + log p_ref is log p_ref − log p exactly in IEEE arithmetic)
     lp_ref = torch.log_softmax(ref_logits.double(), dim=-1)
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    return (lp_ref.exp() * (lp_ref - lp)).sum(dim=-1)
+    diff = torch.log_softmax(logits.double(), dim=-1).neg_().add_(lp_ref)
+    return diff.mul_(lp_ref.exp_()).sum(dim=-1)
 
 
 def cosine_distance(ref: torch.Tensor, x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -66,7 +68,8 @@ def test_tie_groups_move_together() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"rounds": -1}, {"neighbours": 0}, {"trust": 0.0},
-                                 {"trust": 1.5}, {"rounds": True}])
+                                 {"trust": 1.5}, {"rounds": True}, {"cache_mb": -1},
+                                 {"cache_mb": 1.5}])
 def test_config_validation(bad: dict[str, object]) -> None:
     with pytest.raises(InvalidParameterError, match="refine"):
         RefineConfig(**bad)  # type: ignore[arg-type]
@@ -216,7 +219,7 @@ class _Scripted:
 
         class Meter:
             def __init__(self, model: object, batches: list[dict[str, str]], *, kind: str,
-                         max_tokens: int) -> None:
+                         max_tokens: int, cache_bytes: int) -> None:
                 self.share = batches[0]["share"]
                 self.cache = Cache()
                 self.forwards = 0
@@ -294,3 +297,17 @@ def test_candidates_are_chosen_on_validation(monkeypatch: pytest.MonkeyPatch) ->
     assert res.start_label == "b" and res.plan.choice == b
     assert res.candidates == {"a": 2.0, "b": 1.0} and res.candidates_fit == {"a": 1.0, "b": 2.0}
     assert res.validation["given"] is True
+
+
+def test_a_smaller_block_cache_measures_the_same(vit: dict[str, object]) -> None:
+    # cache_mb=0 keeps no block's outputs: every move is a full forward, with the same values
+    table = vit["table"]
+    assert isinstance(table, CostTable)
+    budget = Budget(bpw=3.0)
+    opt = solvers.solve(table, budget).plan
+    runs = [refine_plan(vit["model"], {"table optimum": opt}, table, budget,  # type: ignore[arg-type]
+                        vit["calib"], vit["units"], kind=vit["kind"],  # type: ignore[arg-type]
+                        config=RefineConfig(rounds=1, cache_mb=mb)) for mb in (128, 0)]
+    assert runs[0].rounds and runs[0].plan.choice == runs[1].plan.choice
+    assert [replace(r, seconds=0.0) for r in runs[0].rounds] == \
+        [replace(r, seconds=0.0) for r in runs[1].rounds]
