@@ -32,14 +32,14 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_DELTA_BUDGET_MB", "balanced_groups", "check_delta_budget", "delta_bytes",
            "delta_groups", "quant_deltas", "weight_deltas"]
 
-#: Default ceiling for the float32 deltas held by one pass, in MiB: under half of the 1 GB a run
+#: Default ceiling for the float32 deltas held by one pass, in MiB: a quarter of the 1 GB a run
 #: may add to the model (``model + one batch + 1 GB``, docs/memory.md), the rest left to one
 #: row's logits and cotangents, the autograd graph, the head's weight gradient and the
-#: quantizer's temporaries (measured per stage in docs/memory.md). 384 rather than 512 keeps
-#: SmolLM2's estimate under 2 GB (its tied head's deltas go in 5 row pieces instead of 4; its
-#: blocks' deltas fit either way). More passes or pieces, the same table (the cotangents are
-#: seeded per row).
-DEFAULT_DELTA_BUDGET_MB = 384
+#: quantizer's temporaries (measured per stage in docs/memory.md). 256 keeps SmolLM2's estimate
+#: under 2.0 GB (1832 MiB against 1950 at 384: its tied head's deltas go in more row pieces,
+#: +15 s); its blocks' 226 MB of deltas fit either way, a BERT-base block's 340 MB take two
+#: groups. More passes or pieces, the same table (the cotangents are seeded per row).
+DEFAULT_DELTA_BUDGET_MB = 256
 
 
 def delta_bytes(unit: Unit, options: Sequence[QuantFormat]) -> int:

@@ -152,5 +152,5 @@ def test_default_budget_leaves_room_in_a_gigabyte() -> None:
     """The default holds half of the 1 GB a run may add to the model (docs/memory.md)."""
     from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB
 
-    assert get_estimator("gauss-newton").delta_budget_mb == DEFAULT_DELTA_BUDGET_MB == 384
+    assert get_estimator("gauss-newton").delta_budget_mb == DEFAULT_DELTA_BUDGET_MB == 256
     assert get_estimator("fisher").delta_budget_mb == DEFAULT_DELTA_BUDGET_MB
