@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
 from allocator.core.units import Unit, get_module
+from allocator.model.data.batches import batch_rows
 from allocator.model.output_store import OutputStore
 from allocator.model.outputs import forward_outputs
 
@@ -121,7 +122,7 @@ def make_chunks(batches: Sequence[Mapping[str, Any]], *, max_tokens: int) -> lis
     mixed_unmasked = "attention_mask" not in batches[0] and len({i[1] for i in info if i}) > 1
     if any(i is None for i in info) or len({tuple(sorted(b)) for b in batches}) != 1 \
             or mixed_unmasked:
-        return [_as_chunk(b, torch.full((_rows(b),), bi, dtype=torch.long))
+        return [_as_chunk(b, torch.full((batch_rows(b),), bi, dtype=torch.long))
                 for bi, b in enumerate(batches)]
     rows = [(int(length), bi, r) for bi, i in enumerate(info) if i is not None
             for r, length in enumerate(i[2].tolist())]
@@ -153,15 +154,6 @@ def make_chunks(batches: Sequence[Mapping[str, Any]], *, max_tokens: int) -> lis
         chunks.append(_as_chunk(batch, torch.tensor([bi for _, bi, _ in sel], dtype=torch.long)))
         start += n
     return chunks
-
-
-def _rows(batch: Mapping[str, Any]) -> int:
-    import torch
-
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise InvalidParameterError(f"calibration batch has no tensors (keys {sorted(batch)})")
 
 
 def _as_chunk(batch: Mapping[str, Any], origin: torch.Tensor) -> Chunk:
@@ -197,7 +189,7 @@ def _repeat_batch(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
     """
     import torch
 
-    rows = _rows(batch)
+    rows = batch_rows(batch)
     out: dict[str, Any] = {}
     for key, v in batch.items():
         if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -267,7 +259,7 @@ class BlockCache:
         self.chunks: list[Chunk] = []
         self.kept = [True] * len(self.blocks)
         order: list[str] = []
-        total_tokens = sum(_rows(c.batch) * _width(c.batch) for c in chunks)
+        total_tokens = sum(batch_rows(c.batch) * _width(c.batch) for c in chunks)
         for ci, chunk in enumerate(chunks):
             calls: list[int] = []
             outs: list[Any] = [None] * len(self.blocks)
@@ -280,7 +272,7 @@ class BlockCache:
                 outs = []
             if ci == 0 and max_bytes is not None and self.blocks:
                 # the first chunk's outputs, scaled to every chunk's tokens, size the whole cache
-                share = _rows(chunk.batch) * _width(chunk.batch) / max(total_tokens, 1)
+                share = batch_rows(chunk.batch) * _width(chunk.batch) / max(total_tokens, 1)
                 per_block = sum(_tree_bytes(o) for o in outs) / len(outs) / max(share, 1e-12)
                 stride = block_stride(len(self.blocks), per_block, max_bytes)
                 self.kept = [stride > 0 and (k + 1) % stride == 0 for k in range(len(self.blocks))]
@@ -381,7 +373,7 @@ class BlockCache:
             return forward_outputs(self.model, batch, self.kind)
         cached = self.block_out[ci][last]
         if repeat != 1:
-            cached = _repeat_tree(cached, repeat, _rows(chunk.batch))
+            cached = _repeat_tree(cached, repeat, batch_rows(chunk.batch))
         skipped = self.blocks[:last + 1]
 
         def replay(*_a: Any, **_k: Any) -> Any:
@@ -431,7 +423,7 @@ class BlockCache:
         return _first_tensor(self.block_out[ci][k])
 
     def tokens(self) -> int:
-        return sum(_rows(c.batch) * _width(c.batch) for c in self.chunks)
+        return sum(batch_rows(c.batch) * _width(c.batch) for c in self.chunks)
 
 
 def block_stride(n_blocks: int, per_block_bytes: float, max_bytes: int) -> int:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
+from allocator.model.data.batches import batch_rows
 from allocator.model.outputs import forward_outputs
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts, quant_errors, score_times_error
 from sensitivity._curvature.output_metric import output_metric, row_cotangents
@@ -60,7 +61,7 @@ from sensitivity._hessian import (
     hutchinson_traces,
     trace_and_sem,
 )
-from sensitivity._loss import differentiable_attention, gradient_mode, sample_count, unit_leaves
+from sensitivity._loss import differentiable_attention, gradient_mode, unit_leaves
 from sensitivity._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -293,9 +294,6 @@ class HessianTraceEstimator(BaseEstimator):
         std = score_times_error(sem / n, errors)
         return UnitCosts(cost=cost, cost_std=std, info={
             "trace": trace.tolist(), "trace_sem": sem.tolist(), "curvature": self.curvature,
-            "samples": sum(_rows(b) for b in ctx.batches), **flags,
+            "samples": sum(batch_rows(b) for b in ctx.batches), **flags,
             **stopping_info(names, samples, self.rule)})
 
-
-def _rows(batch: Any) -> int:
-    return int(sample_count(batch))

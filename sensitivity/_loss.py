@@ -256,12 +256,3 @@ def gradient_mode(model: torch.nn.Module, leaves: list[torch.Tensor]) -> Iterato
             p.requires_grad_(flag)
         model.train(training)
 
-
-def sample_count(batch: Mapping[str, Any]) -> int:
-    """Rows of a batch (first tensor's leading dimension)."""
-    import torch
-
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise InvalidParameterError("a calibration batch holds no tensor; pass tokenized batches")

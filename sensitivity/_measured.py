@@ -31,9 +31,10 @@ import numpy as np
 from allocator.core.errors import InvalidParameterError
 from allocator.core.formats import QuantFormat
 from allocator.core.units import get_module, unit_weight
+from allocator.model.data.batches import batch_rows
 from allocator.model.distortion import Metric, distortion, per_sample_sums
 from allocator.model.outputs import tokens_within
-from sensitivity._activation_cache import BlockCache, _rows, make_chunks
+from sensitivity._activation_cache import BlockCache, make_chunks
 from sensitivity._base import BaseEstimator, EstimateContext, UnitCosts
 
 if TYPE_CHECKING:
@@ -272,7 +273,7 @@ class _Runner:
         module = get_module(self.cache.model, unit.module)
         batchable = True
         for ci, chunk in enumerate(self.cache.chunks):
-            rows = _chunk_rows(chunk.batch)
+            rows = batch_rows(chunk.batch)
             per = self._per_pass(ci, len(quantized), unit) if batchable else 1
             g0 = 0
             while g0 < len(quantized):
@@ -300,7 +301,7 @@ class _Runner:
         for ci, group, out in self._passes(
                 unit, view, original, quantized,
                 lambda ci, n: cache.outputs_from(ci, start, repeat=n)):
-            rows = _chunk_rows(cache.chunks[ci].batch)
+            rows = batch_rows(cache.chunks[ci].batch)
             ref = cache.reference[ci]  # read once per pass (it may come from disk)
             with torch.inference_mode():
                 for k, j in enumerate(group):
@@ -322,7 +323,7 @@ class _Runner:
                 unit, view, original, quantized,
                 lambda ci, n: cache.block_output(ci, block, repeat=n)):
             chunk = cache.chunks[ci]
-            rows = _chunk_rows(chunk.batch)
+            rows = batch_rows(chunk.batch)
             with torch.inference_mode():
                 ref = cache.cached_block_output(ci, block).double()
                 mask = _token_mask(chunk.batch, ref)
@@ -405,14 +406,10 @@ def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _chunk_rows(batch: Any) -> int:
-    return _rows(batch)
-
-
 def _chunk_tokens(batch: Any) -> int:
     ids = batch.get("input_ids")
     width = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
-    return _chunk_rows(batch) * width
+    return batch_rows(batch) * width
 
 
 def _token_mask(batch: Any, hidden: torch.Tensor) -> torch.Tensor | None:

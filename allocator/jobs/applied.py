@@ -149,10 +149,6 @@ def applied_choice(model: Any, plans: Mapping[str, BitPlan | None], *, kind: str
 
 
 def _rows(batches: Sequence[Mapping[str, Any]]) -> int:
-    import torch
+    from allocator.model.data.batches import batch_rows
 
-    n = 0
-    for b in batches:
-        t = next((v for v in b.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-        n += int(t.shape[0]) if t is not None else 1
-    return n
+    return sum(batch_rows(b) for b in batches)

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from allocator.core.errors import InvalidParameterError
+from allocator.model.data.batches import batch_rows
 from allocator.model.outputs import forward_outputs
 from sensitivity._base import EstimateContext
 from sensitivity._curvature.output_metric import output_metric, row_cotangents
 from sensitivity._curvature.reductions import Reduction, UnitReduction, streamed_reduce
-from sensitivity._loss import differentiable_attention, gradient_mode, sample_count, unit_leaves
+from sensitivity._loss import differentiable_attention, gradient_mode, unit_leaves
 from sensitivity._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def row_chunks(batch: Mapping[str, Any], chunk: int) -> list[dict[str, Any]]:
     """Sub-batches of ``chunk`` rows (tensors with the batch's leading size are sliced)."""
     import torch
 
-    rows = sample_count(batch)
+    rows = batch_rows(batch)
     out = []
     for lo in range(0, rows, chunk):
         hi = min(lo + chunk, rows)

@@ -6,7 +6,13 @@ user's own files (``user_data_for``: ``--data`` / ``--eval-data``, see ``allocat
 ``import allocator.model.data`` does not import torch; building batches does.
 """
 
-from allocator.model.data.batches import CalibrationData, batches_fingerprint, load_texts, read_text_file
+from allocator.model.data.batches import (
+    CalibrationData,
+    batch_rows,
+    batches_fingerprint,
+    load_texts,
+    read_text_file,
+)
 from allocator.model.data.corpus import (
     CORPUS_MODULES,
     SPLITS,
@@ -28,6 +34,7 @@ from allocator.model.data.images import DigitsData, data_for
 from allocator.model.data.user import data_description, user_data_for
 
 __all__ = [
+    "batch_rows",
     "CORPUS_MODULES",
     "DOMAINS",
     "SPLITS",

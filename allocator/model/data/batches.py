@@ -32,7 +32,7 @@ from allocator.model.data.corpus import texts_fingerprint
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CalibrationData", "batches_fingerprint", "load_texts", "read_text_file"]
+__all__ = ["CalibrationData", "batch_rows", "batches_fingerprint", "load_texts", "read_text_file"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,21 @@ def load_texts(path: str | Path | None = None, split: str = "calibration") -> li
     if path is None or builtin:
         return builtin_texts(split, domain)
     return read_text_file(path)
+
+
+def batch_rows(batch: Mapping[str, Any]) -> int:
+    """Rows (samples) of a token batch: the leading dimension of its first non-scalar tensor.
+
+    Raises:
+        InvalidParameterError: the batch holds no tensor (it was not tokenized).
+    """
+    import torch
+
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise InvalidParameterError(f"a calibration batch holds no tensor (keys {sorted(batch)}); "
+                                "pass tokenized batches")
 
 
 def batches_fingerprint(batches: Sequence[Mapping[str, Any]]) -> str:

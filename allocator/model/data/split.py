@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from allocator.core.errors import InvalidParameterError
+from allocator.model.data.batches import batch_rows
 
 if TYPE_CHECKING:
     import torch
@@ -58,15 +59,6 @@ def check_share(share: object, *, what: str = "validation_share") -> float:
     return float(share)
 
 
-def _rows(batch: Mapping[str, Any]) -> int:
-    import torch
-
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise InvalidParameterError(f"a calibration batch has no tensors (keys {sorted(batch)})")
-
-
 def _row(batch: Mapping[str, Any], key: str, r: int, rows: int) -> torch.Tensor | None:
     """Row ``r`` of tensor ``key`` with its padding left out (None: not a per-row tensor)."""
     import torch
@@ -87,7 +79,7 @@ def sample_keys(batches: Sequence[Mapping[str, Any]]) -> list[str]:
 
     keys: list[str] = []
     for b in batches:
-        rows = _rows(b)
+        rows = batch_rows(b)
         for r in range(rows):
             h = hashlib.sha256(_SALT)
             for key in sorted(b):
@@ -208,8 +200,8 @@ def split_calibration(data: Any, share: float = DEFAULT_VALIDATION_SHARE) -> Sam
         raise InvalidParameterError("no calibration batches to split")
     keys = sample_keys(batches)
     val = validation_rows(keys, share)
-    where = [(bi, r) for bi, b in enumerate(batches) for r in range(_rows(b))]
-    size = max(_rows(b) for b in batches)
+    where = [(bi, r) for bi, b in enumerate(batches) for r in range(batch_rows(b))]
+    size = max(batch_rows(b) for b in batches)
     size = int(getattr(data, "batch_size", size) or size)
     fit_rows = [w for w, v in zip(where, val, strict=True) if not v]
     val_rows = [w for w, v in zip(where, val, strict=True) if v]
