@@ -30,7 +30,13 @@ target is relative to the model that was built, and the table says how many laye
 
 ``evaluate`` is a pseudo-estimator: the held-out stage of ``run`` (reference outputs, every unit
 RTN-quantized to int4-g128-asym in place, then :func:`allocator.backend.evaluate`), the other
-stage that holds vocabulary-wide outputs. ``within`` says whether a row's peak met the target.
+stage that holds vocabulary-wide outputs. ``run`` is the whole ``bitalloc run`` at defaults
+(``--samples`` calibration and evaluation texts, ``--bpw``, the refinement cut at
+``--refine-time``) on the configuration saved to a model directory; its row prints each stage's
+peak. ``within`` says whether a row's peak met the target.
+
+    PYTHONPATH=. python benchmarks/scale.py --configs llama-1b-128k --layers 4 --estimators run \
+        --samples 8 --no-baseline
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
+# the checkout's packages first: this folder's solvers.py (a benchmark) must not shadow `solvers`
+sys.path.insert(0, str(ROOT))
 
 #: estimator → {variant: extra estimator parameters}; "default" is the current implementation.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -66,6 +74,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 ONE_BATCH = "one-batch"
 #: pseudo-estimator of the child: the run's evaluate stage (reference outputs, quantize, evaluate)
 EVALUATE = "evaluate"
+#: pseudo-estimator of the child: the whole ``bitalloc run`` at defaults on the configuration
+#: (saved to a model directory first, loaded from it by the run as a user's run loads it)
+RUN = "run"
 
 #: Llama-3.2-1B's shape (the issue's "≈1B Llama with a 128k vocabulary")
 LLAMA_1B_128K = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -160,6 +171,38 @@ def evaluate_stage(loaded: Any, samples: int, seq_len: int) -> dict[str, Any]:
             "metrics": {k: round(float(v), 4) for k, v in report.metrics.items()}}
 
 
+def run_stages(loaded: Any, samples: int, seq_len: int, params: dict[str, Any]) -> dict[str, Any]:
+    """``bitalloc run DIR --bpw B`` at defaults but ``samples`` calibration and evaluation texts
+    and the refinement's ``refine_time`` (params: ``bpw`` 3.25, ``refine_time`` 120 s): the
+    model is saved to a temporary directory and dropped, then :func:`run_pipeline` loads it
+    from there; each stage's seconds and peak RSS (GB) come from its ``results.json``."""
+    import shutil
+    import tempfile
+
+    from allocator.core.rss import release_free_memory
+    from allocator.jobs.pipeline import RunConfig, run_pipeline, run_spec
+
+    tmp = Path(tempfile.mkdtemp(prefix="bitalloc-scale-"))
+    try:
+        loaded.model.save_pretrained(tmp / "model")
+        loaded.tokenizer.save_pretrained(tmp / "model")
+        del loaded
+        release_free_memory()
+        cfg = RunConfig(model=str(tmp / "model"), bpw=float(params.get("bpw", 3.25)), out=tmp / "out",
+                        estimate=run_spec(samples=samples, seq_len=seq_len, progress=False),
+                        eval_samples=samples, refine_time_limit=float(params.get("refine_time", 120)))
+        t0 = time.perf_counter()
+        run_pipeline(cfg)
+        wall = time.perf_counter() - t0
+        results = json.loads((tmp / "out" / "results.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    peaks = {k: round(v / 1024, 2) for k, v in results["peak_rss_mb"].items()}
+    return {"wall_s": round(wall, 1), "stage_peak_gb": peaks,
+            "stage_seconds": {k: round(v, 1) for k, v in results["seconds"].items()},
+            "peak_rss_gb": max(peaks.values()), "per_stage": results.get("peak_rss_per_stage")}
+
+
 def _model_rss_gb() -> float:
     """The resident set once the model is built, its construction's transients released (a
     random init of a 128k × 2048 embedding peaks well above what stays); the high-water mark is
@@ -203,6 +246,13 @@ def child(config: str, estimator: str, params: dict[str, Any], samples: int, seq
             "model_rss_gb": round(model_rss, 2),
             "peak_rss_gb": max(out["ref_and_quantize_peak_gb"], out["evaluate_only_peak_gb"]),
             "fp32_gb": round(4 * params_n / 2**30, 2), "fwd_equiv": 0.0, **out}))
+        return
+    if estimator == RUN:
+        out = run_stages(loaded, samples, seq_len, params)
+        print(json.dumps({"config": config, "estimator": estimator, "params": params,
+                          "model_params": params_n, "layers": layers, "units": None,
+                          "model_rss_gb": round(model_rss, 2), "fp32_gb": round(4 * params_n / 2**30, 2),
+                          "fwd_equiv": 0.0, "passes": None, **out}))
         return
     rows = [0]
 
@@ -257,6 +307,9 @@ def main() -> None:
                     help="unit globs: estimate only these units (time per unit for the slow ones)")
     ap.add_argument("--layers", type=int, default=None,
                     help="blocks of the Llama configurations (default: all; vocabulary and widths stay)")
+    ap.add_argument("--bpw", type=float, default=3.25, help="the run's budget (--estimators run)")
+    ap.add_argument("--refine-time", type=float, default=120.0,
+                    help="the run's refinement seconds (--estimators run)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs=3, metavar=("CONFIG", "ESTIMATOR", "PARAMS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -275,6 +328,8 @@ def main() -> None:
         print(f"{config:<13} one batch's activations: {act_gb:.2f} GB (in the target)", flush=True)
         for est in a.estimators:
             variants = VARIANTS.get(est, {"default": {}})
+            if est == RUN:
+                variants = {"default": {"bpw": a.bpw, "refine_time": a.refine_time}}
             prev_wall = None
             for variant, params in reversed(list(variants.items())):  # previous first
                 if (a.no_baseline and variant != "default") or (a.variants and variant not in a.variants):
@@ -296,6 +351,11 @@ def main() -> None:
                       f"{r['peak_rss_gb']:>8.2f} {r['model_rss_gb']:>9.2f} {target:>9.2f} "
                       f"{'yes' if r['within'] else 'NO':>6} {r['fwd_equiv']:>7.2f} {r['passes'] or ''}",
                       flush=True)
+                if "stage_peak_gb" in r:
+                    secs = r["stage_seconds"]
+                    print(f"{'':<13} stages (peak GB / s): " + ", ".join(
+                        f"{k} {v:.2f} / {secs.get(k, 0):.0f}" for k, v in r["stage_peak_gb"].items()),
+                        flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 
