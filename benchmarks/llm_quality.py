@@ -174,7 +174,7 @@ def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) ->
     GPTQ the choice among them as the backend applies them, all judged on the calibration
     data's validation share); that uniform plan; the applied choice (None for other methods)."""
     import solvers
-    from allocator.jobs.pipeline import select_plan, uniform_plans
+    from allocator.jobs.pipeline import run_candidates, select_plan, uniform_plans
     from allocator.model.data.split import split_calibration
 
     # (mypy, run on this folder, takes benchmarks/solvers.py for the package)
@@ -183,7 +183,7 @@ def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) ->
     if opt is None:
         raise SystemExit(f"no plan fits {budget}; raise the budget")
     below, _ = uniform_plans(table, budget.size_cap_bits(table.total_params))
-    cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
+    cands = run_candidates(table, budget, opt, below, method=cfg.method, solver=cfg.solver)
     data = bench.calib if cfg.validation_share == 0 else split_calibration(bench.calib, cfg.validation_share)
     _, applied, plan = select_plan(bench.loaded, cfg, cands, table, budget, data, bench.units,
                                    quantizer, bench.state, say)
