@@ -263,11 +263,17 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
     t0 = time.perf_counter()
     table = table_for(bench, cfg, quantizer)
     say(f"  llamacpp cost table: {time.perf_counter() - t0:.0f} s")
+    done: list[tuple[dict[str, str], dict[str, Any]]] = []  # (preset plan's choice, its row)
     for preset in args.presets:
         pplan = llamacpp_preset_plan(shapes, preset, units=table.units, tied=tied,
                                      n_head=int(cfg_m.num_attention_heads),
                                      n_head_kv=int(getattr(cfg_m, "num_key_value_heads", None)
                                                    or cfg_m.num_attention_heads))
+        same = next((r for choice, r in done if choice == dict(pplan.choice)), None)
+        if same is not None:  # the fallbacks can make two presets one plan (Q2_K = Q3_K_S on SmolLM2)
+            keep({**same, "preset_name": preset, "same_as": same["preset_name"]})
+            say(f"  {preset} is the same plan as {same['preset_name']}: not measured again")
+            continue
         size_bits = float(pplan.summary.size_bits)
         ours, _, _ = run_plan(bench, table, Budget(size_bytes=size_bits / 8), cfg, quantizer)
         p_m, o_m = bench.ggml(pplan, args.imatrix), bench.ggml(ours, args.imatrix)
@@ -278,6 +284,7 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
         kl_r, ppl_r = row["plan"]["kl_ratio"]["value"], row["plan"]["ppl_ratio"]["value"]
         need = row["preset"]["kl"]["value"] > PRESET_KL_FLOOR
         row["target_met"] = bool(kl_r <= 1.0 and ppl_r <= 1.0 and (not need or kl_r <= TARGET_RATIO))
+        done.append((dict(pplan.choice), row))
         keep(row)
         say(f"  {preset} measured: KL / preset {kl_r:.3f}")
 
@@ -341,7 +348,8 @@ def print_results(res: Mapping[str, Any]) -> None:
                   f"{o['bpw']} | {_ci(o['kl'])} | {_ci(o['perplexity'])} | {_ci(o['kl_ratio'], '.3f')} | "
                   f"{_ci(o['ppl_ratio'], '.4f')} | {'**met**' if r['target_met'] else '**not met**'} |")
         for r in res["llamacpp"]:
-            print(f"\n{r['preset_name']} types: preset {r['preset_types']}; plan {r['plan_types']}")
+            same = f" (the same plan as {r['same_as']})" if r.get("same_as") else ""
+            print(f"\n{r['preset_name']} types{same}: preset {r['preset_types']}; plan {r['plan_types']}")
     sys.stdout.flush()
 
 

@@ -49,11 +49,14 @@ def test_tiny_llama_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     out = tmp_path / "q.json"
     res = _bench().main(["--model", "tiny-llama", "--calib", "4", "--evals", "8", "--seq-len", "32",
-                         "--budgets", "3.25", "--no-rtn-chosen", "--presets", "Q4_K_M",
+                         "--budgets", "3.25", "--no-rtn-chosen", "--presets", "Q2_K", "Q3_K_S",
                          "--rounds", "0", "--bootstrap", "200", "--json", str(out),
                          "--options", "int2-g128-asym,int3-g128-asym,int4-g128-asym"])
     assert json.loads(out.read_text())["model"] == "tiny-llama"
-    (g,), (p,) = res["gptq"], res["llamacpp"]
+    (g,), (p, same) = res["gptq"], res["llamacpp"]
+    # tiny-llama's 128-wide rows send both presets to the same fallbacks: measured once
+    assert same["same_as"] == "Q2_K" and same["preset_name"] == "Q3_K_S" and "same_as" not in p
+    assert same["preset"] == p["preset"] and same["plan"] == p["plan"]
     assert g["uniform_label"] == "int3-g128-asym" and g["uniform"]["bpw"] == 3.25
     assert g["gptq-chosen"]["bpw"] <= 3.25 + 1e-9
     assert p["plan"]["bpw"] <= p["preset"]["bpw"] + 1e-9
