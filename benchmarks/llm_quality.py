@@ -183,7 +183,7 @@ def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) ->
     if opt is None:
         raise SystemExit(f"no plan fits {budget}; raise the budget")
     below, _ = uniform_plans(table, budget.size_cap_bits(table.total_params))
-    cands = run_candidates(table, budget, opt, below, method=cfg.method, solver=cfg.solver)
+    cands = run_candidates(table, budget, opt, below)
     data = bench.calib if cfg.validation_share == 0 else split_calibration(bench.calib, cfg.validation_share)
     _, applied, plan = select_plan(bench.loaded, cfg, cands, table, budget, data, bench.units,
                                    quantizer, bench.state, say)

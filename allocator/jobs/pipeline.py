@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from sensitivity import EstimateSpec
 
 __all__ = ["DEFAULT_RUN_BATCH_SIZE", "DEFAULT_RUN_ESTIMATOR", "PlanResult", "RunConfig", "RunResult",
-           "floor_optimum", "run_candidates", "run_pipeline", "run_spec", "select_plan", "uniform_plans"]
+           "run_candidates", "run_pipeline", "run_spec", "select_plan", "uniform_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -300,43 +300,11 @@ def uniform_plans(table: CostTable, budget_bits: float) -> tuple[BitPlan | None,
     return plan(pick_b), plan(pick_a)
 
 
-def floor_optimum(table: CostTable, budget: Budget, uniform: BitPlan, *,
-                  solver: str = "mckp") -> BitPlan | None:
-    """The table's optimum at ``budget`` over the options with at least the bits of ``uniform``'s
-    option: no unit below the uniform plan's width (None when some unit has no such option or
-    nothing fits)."""
-    import solvers
-
-    option = next(iter(uniform.choice.values()))
-    df = table.df
-    bits = float(df.loc[df["option"] == option, "bits"].iloc[0])
-    sub = df[df["bits"] >= bits]
-    if sub["unit"].nunique() != table.n_units:
-        return None
-    res = solvers.solve(CostTable(sub.reset_index(drop=True), table.metadata), budget, solver=solver)
-    if res.plan is None:
-        return None
-    return BitPlan.from_choice(table, dict(res.plan.choice), budget=budget, solver=res.plan.solver)
-
-
-def run_candidates(table: CostTable, budget: Budget, optimum: BitPlan, below: BitPlan | None, *,
-                   method: str, solver: str = "mckp") -> dict[str, BitPlan]:
-    """The plans ``run`` measures before refining: the table's optimum and the uniform plan that
-    fits (``uniform ≤``) and, for a method whose per-unit quantizer is not what the backend
-    applies (:data:`~allocator.jobs.applied.APPLIED_CHECK_METHODS`: GPTQ), the optimum with no
-    unit below the uniform plan's width (:func:`floor_optimum`). Per-unit GPTQ costs are least
-    faithful at the narrowest widths, whose errors the block-by-block GPTQ carries into every
-    later block; that plan is the middle ground the applied choice can pick."""
-    cands = {"table optimum": optimum}
-    if below is None:
-        return cands
-    if method in APPLIED_CHECK_METHODS:
-        floor = floor_optimum(table, budget, below, solver=solver)
-        if floor is not None and all(floor.choice != p.choice for p in (optimum, below)):
-            bits = parse_format(next(iter(below.choice.values()))).bits
-            cands[f"optimum ≥ {bits:g} bits"] = floor
-    cands["uniform ≤"] = below
-    return cands
+def run_candidates(table: CostTable, budget: Budget, optimum: BitPlan,
+                   below: BitPlan | None) -> dict[str, BitPlan]:
+    """The plans ``run`` measures before refining: the table's optimum and, when one fits, the
+    uniform plan (``uniform ≤``)."""
+    return {"table optimum": optimum, **({"uniform ≤": below} if below is not None else {})}
 
 
 # ---------------------------------------------------------------------------- stages
@@ -477,7 +445,7 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     write.frontier(front)
     write.progress("solve", meter)
     below, above = uniform_plans(table, budget.size_cap_bits(table.total_params))
-    cands = run_candidates(table, budget, result.plan, below, method=cfg.method, solver=cfg.solver)
+    cands = run_candidates(table, budget, result.plan, below)
     from allocator.model.output_store import TensorStash
 
     # the full-precision weights, restored after each plan: on disk, not a second model in memory

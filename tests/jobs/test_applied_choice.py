@@ -46,6 +46,22 @@ def test_a_plan_worse_on_another_metric_is_ruled_out_even_with_the_lowest_error(
     assert choose([low, _candidate("uniform ≤", base, None)]) == "uniform ≤"
 
 
+def test_a_plan_behind_uniform_on_another_metric_is_ruled_out_within_the_interval() -> None:
+    # lower KL, but a perplexity point estimate above uniform's (inside the interval): the
+    # small validation share cannot vouch for it, uniform is handed out
+    rng = np.random.default_rng(2)
+    base = list(1.0 + 0.5 * rng.random(8))
+    low = _candidate("refined", [x * 0.9 for x in base], base)
+    noisy = [x * (1.02 + 0.3 * (i % 2 - 0.5)) for i, x in enumerate(base)]
+    behind = paired_comparison(_stats(noisy), _stats(base), resamples(8))["kl"]
+    assert behind.point_worse and not behind.worse
+    low = AppliedCandidate(label=low.label, error=low.error, metrics=low.metrics,
+                           vs_uniform={**low.vs_uniform, "perplexity": behind})
+    assert low.behind_on == ["perplexity"] and not low.worse_on
+    assert choose([low, _candidate("uniform ≤", base, None)]) == "uniform ≤"
+    assert low.to_dict()["behind_on"] == ["perplexity"]
+
+
 def test_ties_keep_the_first_candidate_and_no_candidate_is_an_error() -> None:
     a = _candidate("refined", [1.0, 1.0], None)
     b = _candidate("uniform ≤", [1.0, 1.0], None)
