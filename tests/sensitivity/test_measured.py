@@ -145,6 +145,20 @@ def test_kl_in_blocks_of_positions_is_the_same(monkeypatch) -> None:
     assert dist.kl_divergence(a[:, :0], b[:, :0]).shape == (2, 0)
 
 
+def test_kl_in_place_equals_the_differentiable_formula() -> None:
+    """Without autograd KL is computed in place (fewer float64 temporaries); with it, out of
+    place so that it can be differentiated: the same values, bit for bit."""
+    from allocator.model.distortion import kl_divergence
+
+    g = torch.Generator().manual_seed(3)
+    a = 3 * torch.randn(2, 9, 50, generator=g)
+    b = a + 0.01 * torch.randn(2, 9, 50, generator=g)
+    with torch.inference_mode():
+        fast = kl_divergence(a, b)
+    tracked = kl_divergence(a, b.clone().requires_grad_(True))
+    assert tracked.requires_grad and torch.equal(fast, tracked.detach())
+
+
 def test_minilm_matches_direct_evaluation_and_restores_weights(minilm) -> None:
     model, batches = minilm
     units = discover_units(model)
