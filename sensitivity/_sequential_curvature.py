@@ -270,35 +270,52 @@ class _Stage:
              probes: int) -> tuple[list[list[torch.Tensor]], list[list[tuple[int, int]]], list[int]]:
         """Row by row: the cotangents drawn at the output, the head units scored, and per batch
         the (row, probe) pairs of rows with counted positions, their cotangents at the head's
-        input and the rows' position counts."""
+        input and the rows' position counts.
+
+        A causal LM's plain linear head gets its gradient rows formed directly,
+        ``g[lo:hi] = v[:, lo:hi]ᵀ x`` (:func:`linear_weight_rows`), not by autograd: a job holding
+        one row piece then costs that piece, not a vocabulary-wide weight gradient (1.05 GB at a
+        128k vocabulary and hidden 2048) per (row, probe)."""
+        import torch
+
         kind, metric = str(self.ctx.model_kind), output_metric(self.ctx.model_kind)
         pairs: list[list[tuple[int, int]]] = [[] for _ in final]
         cots: list[list[torch.Tensor]] = [[] for _ in final]
         counts: list[int] = []
+        direct = _linear_head(seq, kind)
         for n, job in enumerate(self._stage_jobs(tail)):
             first = n == 0
-            with self._held(job) as (deltas, leaves, index):
+            with self._held(job, leaves=direct is None) as (deltas, leaves, index), \
+                    torch.set_grad_enabled(first or direct is None):
                 pair = 0
                 for b, batch in enumerate(self.ctx.batches):
                     gen = self.ctx.batch_generator(b)  # drawn as the whole-model path draws them
                     for r, sub in enumerate(row_chunks(batch, 1)):
                         h = final[b][r:r + 1].detach().requires_grad_(first)
-                        out = _outputs(seq, h, sub, kind)
+                        x = _head_input(seq, h)
+                        out = _outputs(seq, h, sub, kind) if direct is None else direct(x)
                         drawn, row_counts = row_cotangents(out, sub, kind, metric, probes, gen)
                         if row_counts[0] == 0:
                             continue
                         if first:
                             counts.append(row_counts[0])
                         for k in range(probes):
-                            grads = self._vjp(out, h if first else None, leaves, drawn[0][k].unsqueeze(0),
-                                              retain=k + 1 < probes)
+                            cot = drawn[0][k].unsqueeze(0)
+                            grads = self._vjp(out, h if first else None, leaves, cot,
+                                              retain=k + 1 < probes) if first or direct is None else [None]
                             dh = grads[0]
                             if first and dh is not None:
                                 pairs[b].append((r, k))
                                 cots[b].append(dh[0].detach())
-                            self._score(job, grads[1:], index, deltas, pair)
+                            if direct is None:
+                                self._score(job, grads[1:], index, deltas, pair)
+                            else:
+                                lo, hi = job.rows if job.rows is not None else (0, int(cot.shape[-1]))
+                                g_rows = linear_weight_rows(cot, x.detach(), lo, hi)
+                                for u, d in zip(job.units, deltas, strict=True):
+                                    self._score_rows(job, u, unit_block(g_rows, u), d, pair)
                             pair += 1
-                        del out, drawn
+                        del out, drawn, x
             trim_heap()  # before the next piece's deltas
         return cots, pairs, counts
 
@@ -371,8 +388,8 @@ class _Stage:
         self.reruns += len(jobs)
         return jobs
 
-    def _held(self, job: _Job) -> Any:
-        return _HeldDeltas(self, job)
+    def _held(self, job: _Job, *, leaves: bool = True) -> Any:
+        return _HeldDeltas(self, job, leaves=leaves)
 
     def _vjp(self, out: torch.Tensor, x: torch.Tensor | None, leaves: Sequence[torch.Tensor],
              cot: torch.Tensor, *, retain: bool) -> list[torch.Tensor | None]:
@@ -393,22 +410,27 @@ class _Stage:
             g = grads[k]
             g = torch.zeros_like(unit_weight(self.model, u)) if g is None else g.detach()
             block = unit_block(g, u)
-            i = self.acc.where[u.name]
-            if job.rows is not None or i in self.acc.linear_units:
-                if self.split is None:  # unreachable: pieces and tied units need a split
-                    raise NotFactorable("a unit in row pieces needs an additive term")
-                lo, hi = job.rows if job.rows is not None else (0, int(block.shape[0]))
-                self.acc.linear_units.add(i)
-                self.acc.add_linear(u, pair, self.split.linear(block[lo:hi], d))
-            else:
-                self.acc.finished[i].append(self.term(block, d))
+            if job.rows is not None:
+                block = block[job.rows[0]:job.rows[1]]
+            self._score_rows(job, u, block, d, pair)
+
+    def _score_rows(self, job: _Job, u: Unit, block: torch.Tensor, d: torch.Tensor, pair: int) -> None:
+        """Score the unit's gradient ``block``, already cut to the job's rows."""
+        i = self.acc.where[u.name]
+        if job.rows is not None or i in self.acc.linear_units:
+            if self.split is None:  # unreachable: pieces and tied units need a split
+                raise NotFactorable("a unit in row pieces needs an additive term")
+            self.acc.linear_units.add(i)
+            self.acc.add_linear(u, pair, self.split.linear(block, d))
+        else:
+            self.acc.finished[i].append(self.term(block, d))
 
 
 class _HeldDeltas:
     """A job's deltas and gradient leaves for one re-run (``requires_grad`` restored after)."""
 
-    def __init__(self, stage: _Stage, job: _Job) -> None:
-        self.stage, self.job = stage, job
+    def __init__(self, stage: _Stage, job: _Job, *, leaves: bool = True) -> None:
+        self.stage, self.job, self.want_leaves = stage, job, leaves
 
     def __enter__(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
         ctx, units = self.stage.ctx, self.job.units
@@ -416,6 +438,8 @@ class _HeldDeltas:
         self.deltas = [weight_deltas(u, unit_weight(model, u), ctx.options, ctx.quantizer,
                                      squared=self.stage.squared, rows=self.job.rows) for u in units]
         self.leaves, index = unit_leaves(model, units) if units else ([], [])
+        if not self.want_leaves:  # gradients formed without autograd: nothing to differentiate
+            self.leaves = []
         self.flags = [t.requires_grad for t in self.leaves]
         for t in self.leaves:
             t.requires_grad_(True)
@@ -429,14 +453,34 @@ class _HeldDeltas:
 
 def _outputs(seq: BlockRunner, h: torch.Tensor, batch: Mapping[str, Any], kind: str) -> torch.Tensor:
     """What the evaluator compares, from the last block's output ``h``."""
-    norm = seq.final_norm()
+    x = _head_input(seq, h)
     if kind == ModelKind.CAUSAL_LM:
         head = seq.head()
         if head is None:
             raise NotFactorable("the model has no output head to compute logits from")
-        return head(norm(h) if norm is not None else h)
-    mask = batch.get("attention_mask")
-    return mean_pool_normalize(norm(h) if norm is not None else h, mask)
+        return head(x)
+    return mean_pool_normalize(x, batch.get("attention_mask"))
+
+
+def _head_input(seq: BlockRunner, h: torch.Tensor) -> torch.Tensor:
+    """The last block's output ``h`` through the final norm, if the model has one."""
+    norm = seq.final_norm()
+    return norm(h) if norm is not None else h
+
+
+def _linear_head(seq: BlockRunner, kind: str) -> torch.nn.Linear | None:
+    """A causal LM's output head when it is a plain ``nn.Linear`` (logits = ``x Wᵀ + b``, checked
+    to be the model's outputs by :func:`_check_head_reproduces`), else None."""
+    import torch
+
+    head = seq.head() if kind == ModelKind.CAUSAL_LM else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+def linear_weight_rows(cot: torch.Tensor, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of the weight gradient of ``y = x Wᵀ + b`` for the output cotangent
+    ``v``: ``∂⟨v, y⟩/∂W[lo:hi] = v[..., lo:hi]ᵀ x`` summed over tokens ([hi − lo, in])."""
+    return cot[..., lo:hi].reshape(-1, hi - lo).t() @ x.reshape(-1, x.shape[-1])
 
 
 def _check_embedding_input(seq: BlockRunner, batches: Sequence[Mapping[str, Any]],

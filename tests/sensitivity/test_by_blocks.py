@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -92,12 +94,61 @@ def test_units_over_the_budget_go_in_row_pieces_with_the_same_table(tied: bool, 
         held.append(d.numel() * d.element_size())
         return d
 
+    differentiated: list[tuple[int, ...]] = []
+    grad = torch.autograd.grad
+
+    def watched(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        differentiated.extend(tuple(t.shape) for t in inputs)
+        return grad(outputs, inputs, *args, **kwargs)
+
     monkeypatch.setattr(seqc, "weight_deltas", counted)
-    passes, blocks = _pair("gauss-newton", model, ctx, delta_budget_mb=budget / 2**20)
+    passes = get_estimator("gauss-newton", probes=2, by_blocks=False,
+                           delta_budget_mb=budget / 2**20).estimate(model, ctx)
+    monkeypatch.setattr(torch.autograd, "grad", watched)
+    blocks = get_estimator("gauss-newton", probes=2, delta_budget_mb=budget / 2**20).estimate(model, ctx)
+    monkeypatch.setattr(torch.autograd, "grad", grad)
     _same(passes, blocks)
     assert held and max(held) <= budget
+    # the head's gradient is formed piece by piece, never as a whole vocabulary-wide tensor
+    assert differentiated and tuple(model.lm_head.weight.shape) not in differentiated
     one = get_estimator("gauss-newton", probes=2).estimate(model, ctx)
     assert blocks.metadata["stage_reruns"] > one.metadata["stage_reruns"]
+
+
+class _ScaledHead(torch.nn.Linear):
+    """A head that is not a plain ``nn.Linear``: its gradient must come from autograd."""
+
+    def forward(self, x: Any) -> Any:
+        return super().forward(x) * 1.5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_head_that_is_not_a_plain_linear_is_differentiated(tied: bool) -> None:
+    model = tiny_llama(hidden=16, layers=2, vocab=40, tied=tied)
+    old = model.lm_head
+    model.lm_head = _ScaledHead(old.in_features, old.out_features, bias=False)
+    model.lm_head.weight = old.weight  # keeps the tie
+    units = discover_units(model)
+    head = next(u for u in units if u.name == "lm_head")
+    passes, blocks = _pair("gauss-newton", model, _ctx(model, units),
+                           delta_budget_mb=(delta_bytes(head, OPTIONS) // 2 + 1) / 2**20)
+    _same(passes, blocks)
+    assert blocks.metadata["by_blocks"] is True
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(1, 6), out=st.integers(1, 9), width=st.integers(1, 5), data=st.data())
+def test_linear_weight_rows_are_autograd_s_rows(tokens: int, out: int, width: int, data: Any) -> None:
+    from sensitivity._sequential_curvature import linear_weight_rows
+
+    lo = data.draw(st.integers(0, out - 1))
+    hi = data.draw(st.integers(lo + 1, out))
+    gen = torch.Generator().manual_seed(tokens * 100 + out * 10 + width)
+    x = torch.randn(1, tokens, width, generator=gen)
+    v = torch.randn(1, tokens, out, generator=gen)
+    head = torch.nn.Linear(width, out)
+    (want,) = torch.autograd.grad(head(x), [head.weight], grad_outputs=v)
+    torch.testing.assert_close(linear_weight_rows(v, x, lo, hi), want[lo:hi], rtol=1e-5, atol=1e-6)
 
 
 def test_fisher_with_a_tied_head_takes_the_passes() -> None:
