@@ -14,7 +14,10 @@ a) **GPTQ** at each budget (default 3.25 and 4.25 bpw): the ``bitalloc run --met
    the uniform plan of exactly that size (int3-g128-asym = 3.25, int4-g128-asym = 4.25 bpw:
    ``uniform_plans``' pick, its label and bpw printed), and the plan chosen with RTN costs but
    applied with GPTQ (what ``--method gptq`` did before). All applied with the backend's GPTQ
-   (``apply_plan(method="gptq")``). One cost table per quantizer serves every budget.
+   (``apply_plan(method="gptq")``). As in ``run``, the per-unit GPTQ takes its Hessians from
+   each budget's uniform plan as the backend applies it
+   (:func:`allocator.jobs.pipeline.run_quantizer`), so each budget has its own GPTQ cost table;
+   costs and quantizers are fitted on the calibration data's fit share, as ``run`` does.
 b) **llama.cpp** for each preset (Q2_K … Q4_K_M, :func:`allocator.export.llamacpp_preset_plan`):
    the preset's plan, its exact size (bpw over the plan's units) and the ``bitalloc run --for
    llamacpp`` plan solved at exactly that size (``Budget(size_bytes=…)``), made as ``run`` makes it:
@@ -119,6 +122,7 @@ class Bench:
                                  seed=seed)
 
         self.calib = split("calibration", calib)
+        self.fit = _fit_share(self.calib)  # what run estimates and fits its quantizer on
         self.held = list(split("evaluation", evals))
         self.units = list(select_units(self.loaded, discover_units(self.model),
                                        batch=next(iter(self.calib))).units)
@@ -163,9 +167,18 @@ def run_config(bench: Bench, method: str, consumer: str | None, args: argparse.N
 
 
 def table_for(bench: Bench, cfg: Any, quantizer: Any) -> Any:
+    """The cost table as ``run`` estimates it: on the calibration data's fit share."""
     from allocator.jobs.pipeline import estimate_table
 
-    return estimate_table(bench.loaded, bench.calib, cfg, bench.units, quantizer)
+    return estimate_table(bench.loaded, bench.fit, cfg, bench.units, quantizer)
+
+
+def _fit_share(calib: Any) -> Any:
+    from allocator.jobs.pipeline import RunConfig
+    from allocator.model.data.split import split_calibration
+
+    share = RunConfig.__dataclass_fields__["validation_share"].default
+    return calib if not share else split_calibration(calib, share).fit
 
 
 def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) -> tuple[Any, Any, Any]:
@@ -205,26 +218,28 @@ def _bpw(plan: Any) -> float:
 def gptq_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
               keep: Callable[[dict[str, Any]], None]) -> None:
     """The ``run --method gptq`` plan, the RTN-chosen plan and uniform GPTQ at each budget."""
-    from allocator.core.budget import Budget
-    from allocator.model.quant import RtnQuantizer, build_quantizer
+    import dataclasses
 
-    chooser = {"gptq": build_quantizer("gptq", bench.model, bench.units, list(bench.calib),
-                                       kind="causal_lm")}
-    if not args.no_rtn_chosen:
-        chooser["rtn"] = RtnQuantizer()
-    tables = {}
-    for name, q in chooser.items():
-        t0 = time.perf_counter()
-        tables[name] = (table_for(bench, run_config(bench, name, None, args), q), q)
-        say(f"  {name} cost table: {time.perf_counter() - t0:.0f} s")
+    from allocator.core.budget import Budget
+    from allocator.jobs.pipeline import run_quantizer
+
+    names = ["gptq"] + ([] if args.no_rtn_chosen else ["rtn"])
+    rtn_table = None
     for bpw in args.budgets:
         budget = Budget(bpw=bpw)
         plans: dict[str, Any] = {}
         choice: dict[str, Any] | None = None
-        for name, (table, q) in tables.items():
+        for name in names:
             t0 = time.perf_counter()
-            plans[f"{name}-chosen"], below, applied = run_plan(bench, table, budget,
-                                                               run_config(bench, name, None, args), q)
+            cfg = dataclasses.replace(run_config(bench, name, None, args), bpw=bpw)
+            # as run builds it: GPTQ's Hessians from the uniform plan of this budget as applied
+            q = run_quantizer(bench.loaded, cfg, bench.fit, bench.units, say)
+            table = rtn_table if name == "rtn" and rtn_table is not None else table_for(bench, cfg, q)
+            if name == "rtn":
+                rtn_table = table
+            say(f"  {bpw:g} bpw, {name} quantizer and cost table: {time.perf_counter() - t0:.0f} s")
+            t0 = time.perf_counter()
+            plans[f"{name}-chosen"], below, applied = run_plan(bench, table, budget, cfg, q)
             if name == "gptq":
                 plans["uniform"] = below
                 choice = None if applied is None else applied.to_dict()
@@ -254,7 +269,7 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
     from allocator.model.quant import build_quantizer
 
     cfg = run_config(bench, "ggml", "llamacpp", args)
-    quantizer = build_quantizer("ggml", bench.model, bench.units, list(bench.calib) if args.imatrix else (),
+    quantizer = build_quantizer("ggml", bench.model, bench.units, list(bench.fit) if args.imatrix else (),
                                 kind="causal_lm", importance=args.imatrix)
     # the preset rules read every weight module's shape, the head counts and the tying from the
     # loaded model (a bundled name such as smollm2 is no model directory to read them from)

@@ -92,6 +92,7 @@ def apply_plan(
     static_groups: bool = False,
     forward: Callable[[Mapping[str, Any]], Any] | None = None,
     progress: bool = False,
+    on_hessian: Callable[[str, torch.Tensor], None] | None = None,
 ) -> ApplyReport:
     """Fake-quantize ``model`` in place as ``plan`` says.
 
@@ -102,6 +103,9 @@ def apply_plan(
         table: when given, the plan must pass :func:`allocator.core.plan.check_plan` against it.
         blocksize, percdamp, static_groups: GPTQ settings (:class:`allocator.model.quant.gptq.GptqConfig`).
         forward: how to run a batch (default ``model(**batch)``), for GPTQ's activations.
+        on_hessian: GPTQ only: called with each module's name and the input Hessian
+            ``H = 2XXᵀ/n`` it is quantized with (inputs of the model whose earlier blocks are
+            already quantized), before its weight changes.
 
     Raises:
         InvalidPlanError: unknown unit, option outside the catalogue or the table, bits or group
@@ -136,7 +140,7 @@ def apply_plan(
 
             cfg = GptqConfig(blocksize=blocksize, percdamp=percdamp, static_groups=static_groups)
             info = _apply_gptq(model, resolved, calibration, cfg, forward or _default_forward(model),
-                               progress, done)
+                               progress, done, on_hessian)
     report = [done[u.name] for u in resolved]
     size = sum(u.fmt.size_bits(r.params, u.hi - u.lo) for u, r in zip(resolved, report, strict=True))
     return ApplyReport(method=how, units=report, seconds=time.perf_counter() - t0,
@@ -198,7 +202,8 @@ def _apply_ggml(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
 def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
                 calibration: Sequence[Mapping[str, Any]], cfg: Any,
                 forward: Callable[[Mapping[str, Any]], Any], progress: bool,
-                done: dict[str, UnitApplied]) -> dict[str, Any]:
+                done: dict[str, UnitApplied],
+                on_hessian: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     by_module: dict[str, list[ResolvedUnit]] = {}
@@ -215,6 +220,8 @@ def _apply_gptq(model: torch.nn.Module, resolved: Sequence[ResolvedUnit],
         hess = collect_hessians(model, stage, calibration, forward)
         for name in stage:
             w = module_weight(model, name)
+            if on_hessian is not None:
+                on_hessian(name, hess[name].H)
             fmts = column_formats(int(w.shape[1]), [(u.lo, u.hi, u.fmt) for u in by_module[name]])
             q, loss = gptq_quantize(w.detach(), hess[name].H, fmts, cfg)
             for u in by_module[name]:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from sensitivity import EstimateSpec
 
 __all__ = ["DEFAULT_RUN_BATCH_SIZE", "DEFAULT_RUN_ESTIMATOR", "PlanResult", "RunConfig", "RunResult",
-           "run_candidates", "run_pipeline", "run_spec", "select_plan", "uniform_plans"]
+           "run_candidates", "run_pipeline", "run_quantizer", "run_spec", "select_plan", "uniform_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -359,16 +359,21 @@ def estimate_table(loaded: Any, calib: Any, cfg: RunConfig, units: Sequence[Any]
     when None); then the consumer's palette and ties."""
     import dataclasses
 
-    from allocator.export.palettes import apply_palette, palette_options
+    from allocator.export.palettes import palette_options
     from sensitivity import estimate
 
     spec = dataclasses.replace(cfg.estimate, data=calib, units=tuple(u.name for u in units),
                                options=palette_options(cfg.consumer, cfg.candidate_options),
                                quantizer=cfg.method)
-    table = estimate(loaded, spec, prebuilt_quantizer=quantizer)
+    return _palette(estimate(loaded, spec, prebuilt_quantizer=quantizer), loaded, cfg, units)
+
+
+def _palette(table: CostTable, loaded: Any, cfg: RunConfig, units: Sequence[Any]) -> CostTable:
+    """``table`` in the consumer's palette, with its ties (unchanged without a consumer)."""
     if cfg.consumer is None:
         return table
     from allocator.core.units import discover_units
+    from allocator.export.palettes import apply_palette
 
     # units tied (by the consumer) to a module left out of the budget are left out as well
     everything = [u.name for u in discover_units(loaded.model, fusion=None)]
@@ -421,7 +426,7 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
         say(f"{len(selection_units.excluded)} unit(s) left out of the budget: " + ", ".join(
             f"{u} ({why})" for u, why in list(selection_units.excluded.items())[:5])
             + (" …" if len(selection_units.excluded) > 5 else ""))
-    quantizer = _quantizer(loaded, cfg, calib, units, say)
+    quantizer = run_quantizer(loaded, cfg, fit, units, say)
     lap("load")
     write = StageWriter(cfg.out, cfg)
     table = _saved_table(cfg, loaded, fit, units, say)
@@ -471,7 +476,8 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
                     uniform_below=ub, uniform_above=ua, seconds=meter.seconds, fp_metrics=fp_metrics,
                     chosen=chosen, selection=selection, applied=applied,
                     excluded=dict(selection_units.excluded),
-                    data_info={**_data_info(cfg, calib, evaluation), **_split_info(shares)},
+                    data_info={**_data_info(cfg, calib, evaluation), **_split_info(shares),
+                               **_quantizer_info(quantizer)},
                     peak_rss_mb=meter.peaks,
                     peak_rss_per_stage=meter.per_stage)
     if run.worse_than_uniform:
@@ -486,15 +492,49 @@ def run_pipeline(cfg: RunConfig, *, on_stage: Stage | None = None) -> RunResult:
     return run
 
 
-def _quantizer(loaded: Any, cfg: RunConfig, calib: Any, units: Sequence[Any],
-               say: Callable[[str], None]) -> Quantizer:
+def run_quantizer(loaded: Any, cfg: RunConfig, fit: Any, units: Sequence[Any],
+                  say: Callable[[str], None] | None = None) -> Quantizer:
     """The plan's quantizer (``cfg.method``), shared by the estimate, the candidate choice and
-    refinement; GPTQ collects its input Hessians here in one full-precision pass."""
-    from allocator.model.quant import build_quantizer
+    refinement, fitted on the fit share (the validation share judges what it gives).
 
+    GPTQ takes its input Hessians from the uniform plan that fits as the backend applies it
+    (:func:`~allocator.model.quant.gptq_quantizer_as_applied`): then every plan is measured
+    against the uniform plan users would otherwise run, not a per-unit stand-in of it; with no
+    uniform plan under the budget, from the full-precision model."""
+    from allocator.model.quant import build_quantizer, gptq_quantizer_as_applied
+
+    say = say or (lambda msg: log.info("%s", msg))
+    if cfg.method == "gptq":
+        below, _ = uniform_plans(*_sizes_only(loaded, cfg, units))
+        if below is not None:
+            say(f"collecting GPTQ input Hessians as {plan_label(below)} is applied "
+                f"({fit.n_samples} samples, {len(units)} units)")
+            return gptq_quantizer_as_applied(loaded.model, units, list(fit), below)
     if cfg.method != "rtn":
-        say(f"collecting {cfg.method} input Hessians ({calib.n_samples} samples, {len(units)} units)")
-    return build_quantizer(cfg.method, loaded.model, units, list(calib), kind=str(loaded.kind))
+        say(f"collecting {cfg.method} input statistics ({fit.n_samples} samples, {len(units)} units)")
+    return build_quantizer(cfg.method, loaded.model, units, list(fit), kind=str(loaded.kind))
+
+
+def _quantizer_info(quantizer: Quantizer) -> dict[str, Any]:
+    """Where a data-fitted quantizer's statistics come from (results.json ``data``)."""
+    inputs = getattr(quantizer, "inputs", None)
+    return {"quantizer_inputs": inputs} if isinstance(inputs, str) else {}
+
+
+def _sizes_only(loaded: Any, cfg: RunConfig, units: Sequence[Any]) -> tuple[CostTable, float]:
+    """A table of the run's units and options with sizes and no costs (before any estimate),
+    and the budget in bits: enough for :func:`uniform_plans`."""
+    import numpy as np
+
+    from allocator.core.formats import parse_options
+    from allocator.export.palettes import palette_options
+
+    opts = parse_options(palette_options(cfg.consumer, cfg.candidate_options))
+    table = CostTable.from_unit_costs(units=[u.name for u in units], params=[u.params for u in units],
+                                      options=opts, cost=np.zeros((len(units), len(opts))),
+                                      in_features=[u.in_features for u in units])
+    table = _palette(table, loaded, cfg, units)
+    return table, Budget(bpw=cfg.bpw).size_cap_bits(table.total_params)
 
 
 def _saved_table(cfg: RunConfig, loaded: Any, calib: Any, units: Sequence[Any],

@@ -15,7 +15,7 @@ from allocator.core.formats import parse_format  # noqa: E402
 from allocator.core.plan import BitPlan  # noqa: E402
 from allocator.core.units import discover_units  # noqa: E402
 from allocator.jobs.refine import RefineConfig, _Weights, refine_plan  # noqa: E402
-from allocator.model.quant import RtnQuantizer, gptq_quantizer  # noqa: E402
+from allocator.model.quant import RtnQuantizer, gptq_quantizer, gptq_quantizer_as_applied  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 
 
@@ -67,6 +67,44 @@ def test_refine_with_gptq_quantizes_each_unit_option_once(tiny, tiny_calib) -> N
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def _uniform(units, option: str) -> BitPlan:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from allocator.core.table import CostTable
+
+    table = CostTable.from_unit_costs(units=[u.name for u in units], params=[u.params for u in units],
+                                      options=[option], cost=np.zeros((len(units), 1)),
+                                      in_features=[u.in_features for u in units])
+    return BitPlan.from_choice(table, dict.fromkeys(table.units, option))
+
+
+def test_gptq_as_applied_gives_the_backend_s_weights_of_the_reference(tiny, tiny_calib) -> None:
+    """Per unit, from the Hessians of the reference plan as applied: exactly the weights
+    block-by-block GPTQ gives that plan; from full-precision Hessians, not (later blocks see
+    the earlier blocks' quantization error)."""
+    from allocator.backend import apply_plan
+    from allocator.core.units import unit_weight
+
+    model = tiny.model
+    units = discover_units(model)
+    fmt = parse_format("int3-g32-asym")
+    plan = _uniform(units, fmt.name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = gptq_quantizer_as_applied(model, units, tiny_calib, plan)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
+    assert "as applied under int3-g32-asym" in repr(q)
+    fp = gptq_quantizer(model, units, tiny_calib, kind="causal_lm")
+    mine = {u.name: q.quantize(u, unit_weight(model, u).detach().clone(), fmt) for u in units}
+    stand_in = {u.name: fp.quantize(u, unit_weight(model, u).detach().clone(), fmt) for u in units}
+    try:
+        apply_plan(model, plan, method="gptq", calibration=tiny_calib, units=units)
+        for u in units:
+            torch.testing.assert_close(unit_weight(model, u), mine[u.name], rtol=0, atol=0)
+        assert any(not torch.equal(unit_weight(model, u), stand_in[u.name]) for u in units)
+    finally:
+        model.load_state_dict(before)
+
+
 def test_run_tiny_llama_with_gptq_records_the_quantizer(tmp_path: Path) -> None:
     from allocator.jobs.pipeline import RunConfig, run_pipeline, run_spec
 
@@ -77,6 +115,8 @@ def test_run_tiny_llama_with_gptq_records_the_quantizer(tmp_path: Path) -> None:
     assert run.table.metadata["quantizer"] == "gptq"
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quantizer"] == "gptq" and results["config"]["method"] == "gptq"
+    # the per-unit GPTQ learns from the uniform plan as the backend applies it
+    assert results["data"]["quantizer_inputs"] == "as applied under int2-g32-asym"
     assert run.result.verified
 
 

@@ -37,6 +37,7 @@ from allocator.model.quant.quantizer import (
     build_quantizer,
     default_quantizer,
     gptq_quantizer,
+    gptq_quantizer_as_applied,
 )
 from allocator.model.quant.rtn import (
     fake_quantize,
@@ -70,6 +71,7 @@ __all__ = [
     "ggml_values",
     "gptq_quantize",
     "gptq_quantizer",
+    "gptq_quantizer_as_applied",
     "hinv_cholesky",
     "quant_error",
     "quantize_ggml",
