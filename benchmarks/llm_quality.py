@@ -174,11 +174,10 @@ def table_for(bench: Bench, cfg: Any, quantizer: Any) -> Any:
 
 
 def _fit_share(calib: Any) -> Any:
-    from allocator.jobs.pipeline import RunConfig
-    from allocator.model.data.split import split_calibration
+    from allocator.model.data.split import DEFAULT_VALIDATION_SHARE, split_calibration
 
-    share = RunConfig.__dataclass_fields__["validation_share"].default
-    return calib if not share else split_calibration(calib, share).fit
+    # run_config leaves RunConfig.validation_share at its default
+    return split_calibration(calib, DEFAULT_VALIDATION_SHARE).fit
 
 
 def run_plan(bench: Bench, table: Any, budget: Any, cfg: Any, quantizer: Any) -> tuple[Any, Any, Any]:
