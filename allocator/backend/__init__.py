@@ -14,6 +14,7 @@ Importing this package does not import torch; the functions do.
 from __future__ import annotations
 
 from allocator.backend._apply import ApplyMethod, ApplyReport, UnitApplied, apply_plan
+from allocator.backend._as_applied import gptq_quantizer_as_applied
 from allocator.backend._evaluate import (
     EvalReport,
     ReferenceOutputs,
@@ -69,6 +70,7 @@ __all__ = [
     "clear_reference_cache",
     "data_fingerprint",
     "evaluate",
+    "gptq_quantizer_as_applied",
     "metric_intervals",
     "module_weight",
     "next_token_nll",

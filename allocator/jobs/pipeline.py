@@ -498,10 +498,11 @@ def run_quantizer(loaded: Any, cfg: RunConfig, fit: Any, units: Sequence[Any],
     refinement, fitted on the fit share (the validation share judges what it gives).
 
     GPTQ takes its input Hessians from the uniform plan that fits as the backend applies it
-    (:func:`~allocator.model.quant.gptq_quantizer_as_applied`): then every plan is measured
+    (:func:`~allocator.backend.gptq_quantizer_as_applied`): then every plan is measured
     against the uniform plan users would otherwise run, not a per-unit stand-in of it; with no
     uniform plan under the budget, from the full-precision model."""
-    from allocator.model.quant import build_quantizer, gptq_quantizer_as_applied
+    from allocator.backend import gptq_quantizer_as_applied
+    from allocator.model.quant import build_quantizer
 
     say = say or (lambda msg: log.info("%s", msg))
     if cfg.method == "gptq":

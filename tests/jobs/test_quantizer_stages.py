@@ -11,11 +11,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from allocator import Budget  # noqa: E402
+from allocator.backend import gptq_quantizer_as_applied  # noqa: E402
 from allocator.core.formats import parse_format  # noqa: E402
 from allocator.core.plan import BitPlan  # noqa: E402
 from allocator.core.units import discover_units  # noqa: E402
 from allocator.jobs.refine import RefineConfig, _Weights, refine_plan  # noqa: E402
-from allocator.model.quant import RtnQuantizer, gptq_quantizer, gptq_quantizer_as_applied  # noqa: E402
+from allocator.model.quant import RtnQuantizer, gptq_quantizer  # noqa: E402
 from sensitivity import EstimateContext, get_estimator  # noqa: E402
 
 

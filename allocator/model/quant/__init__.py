@@ -37,7 +37,6 @@ from allocator.model.quant.quantizer import (
     build_quantizer,
     default_quantizer,
     gptq_quantizer,
-    gptq_quantizer_as_applied,
 )
 from allocator.model.quant.rtn import (
     fake_quantize,
@@ -71,7 +70,6 @@ __all__ = [
     "ggml_values",
     "gptq_quantize",
     "gptq_quantizer",
-    "gptq_quantizer_as_applied",
     "hinv_cholesky",
     "quant_error",
     "quantize_ggml",

@@ -12,7 +12,8 @@ the quantizer it will be applied with:
 * :class:`GptqQuantizer` (``gptq``) — GPTQ (:func:`allocator.model.quant.gptq.gptq_quantize`) of
   each unit alone, from the input Hessian ``H = 2XXᵀ/n`` of its module, collected once over the
   calibration batches, at full precision (:func:`gptq_quantizer`) or as the backend applies a
-  reference plan (:func:`gptq_quantizer_as_applied`, what ``run --method gptq`` uses). Every
+  reference plan (:func:`allocator.backend.gptq_quantizer_as_applied`, what ``run --method gptq``
+  uses). Every
   (unit, option) result is cached, so nothing is quantized twice.
 
 What GPTQ of one unit means here (the approximation, docs/quantizer.md):
@@ -25,7 +26,8 @@ What GPTQ of one unit means here (the approximation, docs/quantizer.md):
   int3-g128 GPTQ from full-precision Hessians measured a held-out KL of 2.06 where the backend's
   block-by-block GPTQ of the same plan measured 1.63, so plans were compared against a uniform
   plan 26 % worse than the real one. From the Hessians of the uniform plan as applied
-  (:func:`gptq_quantizer_as_applied`) the per-unit quantizer reproduces that plan exactly, and
+  (:func:`allocator.backend.gptq_quantizer_as_applied`) the per-unit quantizer reproduces that
+  plan exactly, and
   plans near it closely (docs/quantizer.md).
 * a column-group unit ``m[g=i]`` (columns [lo, hi)) is GPTQ of its column slice alone with the
   slice's Hessian block ``H[lo:hi, lo:hi]``: the minimiser of ``‖ΔW_s X_s‖²`` with every other
@@ -48,12 +50,11 @@ from allocator.core.formats import QuantFormat
 if TYPE_CHECKING:
     import torch
 
-    from allocator.core.plan import BitPlan
     from allocator.core.units import Unit
     from allocator.model.quant.gptq import GptqConfig
 
 __all__ = ["DEFAULT_CACHE_BYTES", "QUANTIZERS", "GptqQuantizer", "Quantizer", "RtnQuantizer",
-           "build_quantizer", "default_quantizer", "gptq_quantizer", "gptq_quantizer_as_applied"]
+           "build_quantizer", "default_quantizer", "gptq_modules", "gptq_quantizer", "shared_hessians"]
 
 #: quantizer names (``--method`` of ``bitalloc run``, ``--quantizer`` of ``bitalloc estimate``)
 QUANTIZERS: tuple[str, ...] = ("rtn", "gptq", "ggml")
@@ -190,58 +191,14 @@ def gptq_quantizer(model: torch.nn.Module, units: Sequence[Unit], batches: Seque
     from allocator.model.outputs import model_inputs
     from allocator.model.quant.gptq import collect_hessians
 
-    modules = _gptq_modules(model, units, batches)
+    modules = gptq_modules(model, units, batches)
     acc = collect_hessians(model, modules, batches, lambda b: model(**model_inputs(b, kind)))
-    return GptqQuantizer(_shared({m: a.H for m, a in acc.items()}), config=config,
+    return GptqQuantizer(shared_hessians({m: a.H for m, a in acc.items()}), config=config,
                          cache_bytes=cache_bytes)
 
 
-def gptq_quantizer_as_applied(model: torch.nn.Module, units: Sequence[Unit],
-                              batches: Sequence[Mapping[str, Any]], reference: BitPlan, *,
-                              config: GptqConfig | None = None,
-                              cache_bytes: int | None = DEFAULT_CACHE_BYTES) -> GptqQuantizer:
-    """A :class:`GptqQuantizer` whose Hessians are the ones the backend's block-by-block GPTQ
-    uses when it applies ``reference`` on ``batches``: module m's ``H`` comes from the inputs of
-    the model whose earlier blocks already hold ``reference``'s GPTQ weights.
-
-    So the per-unit quantizer gives ``reference`` (the uniform plan that fits, in ``run``)
-    exactly as :func:`allocator.backend.apply_plan` applies it, and plans that differ from it in
-    a few units nearly so: every plan is then measured against the real uniform plan. Costs one
-    GPTQ application of ``reference``; the model's weights are restored before returning.
-
-    Raises:
-        InvalidParameterError: no batches, or a unit whose module is not Linear-like.
-    """
-    import torch
-
-    from allocator.backend import apply_plan, module_weight
-    from allocator.model.output_store import TensorStash
-
-    weights = {m: module_weight(model, m) for m in _gptq_modules(model, units, batches)}
-    stash = TensorStash(weights)  # on disk: not a second copy of the weights in memory
-    hessians: dict[str, torch.Tensor] = {}
-    cfg = config or _default_config()
-    try:
-        apply_plan(model, reference, method="gptq", calibration=list(batches), units=units,
-                   blocksize=cfg.blocksize, percdamp=cfg.percdamp, static_groups=cfg.static_groups,
-                   on_hessian=hessians.__setitem__)
-    finally:
-        with torch.no_grad():
-            for m, w in weights.items():
-                w.copy_(stash[m])
-    what = ", ".join(sorted(set(reference.choice.values())))
-    return GptqQuantizer(_shared(hessians), config=cfg, cache_bytes=cache_bytes,
-                         inputs=f"as applied under {what}")
-
-
-def _default_config() -> GptqConfig:
-    from allocator.model.quant.gptq import GptqConfig
-
-    return GptqConfig()
-
-
-def _gptq_modules(model: torch.nn.Module, units: Sequence[Unit],
-                  batches: Sequence[Mapping[str, Any]]) -> list[str]:
+def gptq_modules(model: torch.nn.Module, units: Sequence[Unit],
+                 batches: Sequence[Mapping[str, Any]]) -> list[str]:
     """The units' modules, in order; each must be Linear-like (GPTQ's domain), and there must
     be calibration batches (the Hessians come from the layer inputs)."""
     from allocator.core.units import get_module, is_linear_like
@@ -258,7 +215,7 @@ def _gptq_modules(model: torch.nn.Module, units: Sequence[Unit],
     return modules
 
 
-def _shared(hessians: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def shared_hessians(hessians: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same mapping with equal Hessians (modules reading one input) as one tensor."""
     import torch
 
