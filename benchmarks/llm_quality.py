@@ -275,7 +275,7 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
     shapes, cfg_m = weight_shapes(bench.model), cast(Any, getattr(bench.model, "config", None))
     tied = bool(getattr(cfg_m, "tie_word_embeddings", False))
     t0 = time.perf_counter()
-    table = table_for(bench, cfg, quantizer)
+    table = without_types(table_for(bench, cfg, quantizer), args.drop_types)
     say(f"  llamacpp cost table: {time.perf_counter() - t0:.0f} s")
     done: list[tuple[dict[str, str], dict[str, Any]]] = []  # (preset plan's choice, its row)
     for preset in args.presets:
@@ -301,6 +301,24 @@ def llamacpp_part(bench: Bench, args: argparse.Namespace, idx: np.ndarray,
         done.append((dict(pplan.choice), row))
         keep(row)
         say(f"  {preset} measured: KL / preset {kl_r:.3f}")
+
+
+def without_types(table: Any, types: Sequence[str]) -> Any:
+    """``table`` without the options ``types`` (the presets keep them; only our plan loses them).
+
+    On a model that ships as a GGUF of one type (SmolLM2: Q4_1), that type reproduces the weights
+    exactly and a plan that may use it finds the file's own grid rather than allocating bits."""
+    from allocator.core.errors import InvalidParameterError
+    from allocator.core.table import CostTable
+
+    if not types:
+        return table
+    unknown = sorted(set(types) - set(table.options))
+    if unknown:
+        raise InvalidParameterError(f"--drop-types {', '.join(unknown)}: not in the palette "
+                                    f"({', '.join(table.options)})")
+    df = table.df
+    return CostTable(df[~df["option"].isin(list(types))].reset_index(drop=True), table.metadata)
 
 
 def weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
@@ -380,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--estimator", default="gauss-newton")
     ap.add_argument("--options", default=None,
                     help="candidate options of the GPTQ part (default: run's dense palette)")
+    ap.add_argument("--drop-types", nargs="*", default=[],
+                    help="GGUF types our llama.cpp plan may not use (e.g. q4_1 on SmolLM2, whose "
+                         "file is Q4_1: the presets are not restricted)")
     ap.add_argument("--rounds", type=int, default=4, help="refinement rounds (run's default)")
     ap.add_argument("--refine-time", type=float, default=300.0, help="refinement seconds per plan")
     ap.add_argument("--no-imatrix", dest="imatrix", action="store_false",
@@ -400,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     say(f"{args.model}: loaded, {len(bench.units)} units, reference on {bench.fp.n} texts")
     res: dict[str, Any] = {"model": args.model, "calib": args.calib, "evals": bench.fp.n,
                            "seq_len": args.seq_len, "estimator": args.estimator, "rounds": args.rounds,
-                           "imatrix": args.imatrix,
+                           "imatrix": args.imatrix, "drop_types": list(args.drop_types),
                            "bootstrap": args.bootstrap, "argv": sys.argv[1:] if argv is None else argv,
                            "fp": {"perplexity": percentile_interval(
                                float(bench.fp.value("perplexity_fp")),

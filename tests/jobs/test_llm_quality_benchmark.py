@@ -69,3 +69,21 @@ def test_tiny_llama_end_to_end(tmp_path: Path) -> None:
     for ci in spread:  # texts differ: resampling them moves the corpus values
         assert ci["lo"] < ci["hi"], ci
     assert isinstance(g["target_met"], bool) and isinstance(p["target_met"], bool)
+
+
+def test_without_types_drops_only_those_options_and_names_an_unknown_one() -> None:
+    from allocator.core.errors import InvalidParameterError
+    from allocator.core.table import CostTable
+
+    opts = ["q4_0", "q4_1", "q5_1"]
+    table = CostTable.from_unit_costs(units=["a", "b"], params=[64, 64], options=opts,
+                                      cost=np.array([[3.0, 1.0, 0.5], [2.0, 0.0, 0.1]]),
+                                      in_features=[32, 32])
+    b = _bench()
+    kept = b.without_types(table, ["q4_1"])
+    assert kept.options == ["q4_0", "q5_1"] and kept.units == table.units
+    assert kept.df.set_index(["unit", "option"])["cost"].to_dict() == {
+        ("a", "q4_0"): 3.0, ("a", "q5_1"): 0.5, ("b", "q4_0"): 2.0, ("b", "q5_1"): 0.1}
+    assert b.without_types(table, []) is table
+    with pytest.raises(InvalidParameterError, match="q8_0"):
+        b.without_types(table, ["q8_0"])
