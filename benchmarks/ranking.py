@@ -15,7 +15,9 @@ them). Plans outside the band are dropped and listed, never stretched.
 **The table** is the one ``bitalloc run`` estimates by default: :func:`allocator.jobs.pipeline.run_spec`
 (``DEFAULT_RUN_ESTIMATOR`` = gauss-newton, its default samples / sequence length, batch size
 ``DEFAULT_RUN_BATCH_SIZE``, the dense palette) through :func:`allocator.jobs.pipeline.estimate_table`
-on the run's calibration batches and units (inert units left out).
+on the fit share of the run's calibration batches (24 of 32 texts; the validation share is run's
+judge of candidates, not an estimate input) and the run's units (inert units left out). The
+"calibration" error of ``--diagnose`` is measured on that fit share.
 
 **The plans** (duplicates dropped):
 
@@ -337,6 +339,7 @@ class Bench:
         from allocator.core.units import discover_units
         from allocator.jobs.pipeline import RunConfig, run_spec
         from allocator.model.data import user_data_for
+        from allocator.model.data.split import split_calibration
         from allocator.model.loading import load_model
         from allocator.model.unit_select import select_units
 
@@ -351,7 +354,10 @@ class Bench:
         spec = self.cfg.estimate
         common: dict[str, Any] = {"seq_len": spec.seq_len, "batch_size": spec.batch_size,
                                   "seed": spec.seed, "data": None, "eval_data": args.eval_data}
-        self.calib_data = user_data_for(self.loaded, "calibration", spec.samples, **common)
+        calib_data = user_data_for(self.loaded, "calibration", spec.samples, **common)
+        # run estimates on the fit share (the validation share judges candidates and moves)
+        self.calib_data = calib_data if self.cfg.validation_share == 0 else \
+            split_calibration(calib_data, self.cfg.validation_share).fit
         self.calib = list(self.calib_data)
         self.held = list(user_data_for(self.loaded, "evaluation", args.evals, **common))
         found = discover_units(self.model, kinds=spec.kinds, group_columns=spec.groups)
@@ -381,7 +387,8 @@ class Bench:
             self.cfg, estimate=dataclasses.replace(self.cfg.estimate, method=method))
         spec = cfg.estimate
         path = None if cache is None else cache / (
-            f"{self.cfg.model}-{spec.method}-{spec.samples}x{spec.seq_len}-seed{spec.seed}.parquet")
+            f"{self.cfg.model}-{spec.method}-{self.calib_data.n_samples}of{spec.samples}x{spec.seq_len}"
+            f"-seed{spec.seed}.parquet")
         if path is not None and path.is_file():
             return CostTable.load(path)
         table = estimate_table(self.loaded, self.calib_data, cfg, self.units)
