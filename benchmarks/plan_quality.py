@@ -32,7 +32,11 @@ domain's evaluation split; the table prints default / uniform per evaluation dom
 domains absent from the calibration set (out-of-domain), and the in- and out-of-domain means:
 
     PYTHONPATH=. python benchmarks/plan_quality.py --cross-domain --models minilm tiny-llama \\
-        --budgets 3.25 4.25 --json cross_domain.json
+        --budgets 3.25 4.25 --estimators gauss-newton --refine-time 300 --json cross_domain.json
+
+As in ``run``, the table is estimated on the fit share of each calibration set and the candidates
+and refinement moves are judged on its validation share (``--validation-share``, run's default);
+``--estimators gauss-newton --refine-time 300`` are run's estimator and refinement time limit.
 
 SmolLM2's weights lie on Q4_1's grid (4 bits, 32-element blocks): ≥ 4-bit options with 32-column
 groups are nearly lossless on it, so its informative budgets are 2–3.5 bpw; its 576-wide rows are
@@ -52,6 +56,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allocator.model.data.split import DEFAULT_VALIDATION_SHARE  # noqa: E402  (after the path above)
 
 BUDGETS = (2.5, 3.0, 3.25, 3.75, 4.25)
 UNIFORM = {b: f"int{b}-g128-asym" for b in range(2, 9)}
@@ -200,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cross-domain", action="store_true",
                     help="calibrate on each calibration set of --calib-sets, evaluate on every domain of "
                          "the built-in corpus (default plan / uniform plan of equal size)")
+    ap.add_argument("--refine-time", type=float, default=None,
+                    help="cross-domain: refinement seconds per plan (run: 300; default: no limit)")
+    ap.add_argument("--validation-share", type=float, default=DEFAULT_VALIDATION_SHARE,
+                    help="cross-domain: calibration share that judges candidates and moves, the "
+                         "rest fits the table and measures moves (run's default; 0: no split)")
     ap.add_argument("--calib-sets", nargs="+", choices=("mix", "loo", "single"),
                     default=["mix", "loo", "single"],
                     help="cross-domain calibration sets: mix (all domains, the default), loo (all but one), "
@@ -240,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------ cross-domain
+def _rows(batches: list[Any]) -> int:
+    from allocator.model.data.batches import batch_rows
+
+    return sum(batch_rows(b) for b in batches)
+
+
 def calibration_sets(present: tuple[str, ...], which: list[str]) -> dict[str, tuple[str, ...]]:
     """Named calibration sets: ``mix`` (every domain: the default), ``mix-X`` (every domain but X:
     X is then a domain absent from calibration) and single domains ``X``."""
@@ -259,9 +276,11 @@ def run_cross_domain(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import solvers
     from allocator.backend import apply_plan, evaluate, reference_outputs
     from allocator.core.budget import Budget
+    from allocator.jobs.pipeline import run_candidates
     from allocator.jobs.refine import RefineConfig, refine_plan
     from allocator.model.data import CalibrationData, data_for
     from allocator.model.data.domains import mixed_texts, present_domains
+    from allocator.model.data.split import split_calibration
 
     bench = Bench(name, args.calib, args.evals, args.seed, args.groups)
     present = present_domains("evaluation")
@@ -288,17 +307,24 @@ def run_cross_domain(name: str, args: argparse.Namespace) -> dict[str, Any]:
         calib = list(CalibrationData.from_texts(mixed_texts("calibration", domains), bench.loaded.tokenizer,
                                                 n_samples=args.calib, pack=pack,
                                                 source=f"builtin:{'+'.join(domains)}", **common))
-        table = bench.table(args.estimators[0], args.options, args.seed, calib)
+        # as run: the table on the fit share, candidates and moves judged on the validation share
+        shares = split_calibration(calib, args.validation_share) if args.validation_share else None
+        fit = calib if shares is None else list(shares.fit)
+        table = bench.table(args.estimators[0], args.options, args.seed, fit)
         for bpw in args.budgets:
             budget = Budget(bpw=bpw)
             below, _ = uniform_sides(table, bpw)
-            opt = solvers.solve(table, budget).plan
-            cands = {"table optimum": opt, **({"uniform ≤": below} if below is not None else {})}
-            sel = refine_plan(bench.model, cands, table, budget, calib, bench.units, kind=bench.kind,
-                              config=RefineConfig(rounds=args.rounds, neighbours=args.neighbours))
+            cands = run_candidates(table, budget, solvers.solve(table, budget).plan, below)
+            conf = RefineConfig(rounds=args.rounds, neighbours=args.neighbours,
+                                time_limit=args.refine_time, validation_share=args.validation_share)
+            sel = refine_plan(bench.model, cands, table, budget, fit, bench.units, kind=bench.kind,
+                              config=conf, validation=None if shares is None else list(shares.validation))
             plan_err, uni_err = measure(sel.plan), (measure(below) if below is not None else None)
             rows.append({"calibration": set_name, "domains": list(domains), "bpw": bpw,
                          "uniform_bpw": below.summary.bpw if below is not None else None,
+                         "fit_samples": _rows(fit), "validation_samples":
+                             None if shares is None else shares.n_validation,
+                         "refine_seconds_limit": args.refine_time, "refine_rounds": len(sel.rounds),
                          "default": plan_err, "uniform": uni_err,
                          "ratio": {d: (plan_err[d] / uni_err[d] if uni_err and uni_err[d] else None)
                                    for d in present}})
