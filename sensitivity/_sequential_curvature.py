@@ -85,9 +85,10 @@ def curvature_sequential(seq: BlockRunner, ctx: EstimateContext, by_block: Mappi
         raise NotFactorable(f"block-by-block gauss-newton / fisher support causal LMs and encoders, "
                             f"not model kind {kind!r}; run the estimator on the whole model")
     tied = [u for u in tail if seq.tied_head() and u.module == seq.head_name]
-    if tied and (split is None or not split.additive):
-        raise NotFactorable("the output head is tied to the input embedding and this estimator's term "
-                            "is not linear in the gradient; exclude the head or run the whole model")
+    if tied and (split is None or (not split.additive and _linear_head(seq, kind) is None)):
+        raise NotFactorable("the output head is tied to the input embedding, this estimator's term "
+                            "is not linear in the gradient and the head is not a plain Linear; "
+                            "exclude the head or run the whole model")
     bound_heap()  # a stage's deltas are freed block after block: map them, or the heap keeps them
     acc = _Terms(ctx.units, split)
     for u in tied:
@@ -98,7 +99,7 @@ def curvature_sequential(seq: BlockRunner, ctx: EstimateContext, by_block: Mappi
             _check_embedding_input(seq, ctx.batches, cached[0] if cached else seq.final_inputs)
         bar.update(1)
         stage = _Stage(ctx=ctx, model=seq.model, term=term, squared=squared, budget_bytes=budget_bytes,
-                       split=split, acc=acc)
+                       split=split, acc=acc, token_rows=bool(tied) and split is not None and not split.additive)
         with torch.enable_grad():
             cots, pairs, counts = stage.head(seq, [x.hidden for x in seq.final_inputs], tail, probes)
             trim_heap()
@@ -265,6 +266,11 @@ class _Stage:
     split: SplitTerm | None
     acc: _Terms
     reruns: int = 0
+    #: keep each (row, probe)'s head gradient at the row's own tokens: a tied head's term that
+    #: is not linear in the gradient needs it beside the embedding's share (:meth:`embedding`)
+    token_rows: bool = False
+    #: per batch, aligned with its (row, probe) pairs: (sorted token ids, head gradient at them)
+    head_at_tokens: list[list[tuple[torch.Tensor, torch.Tensor]]] = dataclasses.field(default_factory=list)
 
     def head(self, seq: BlockRunner, final: Sequence[torch.Tensor], tail: Sequence[Unit],
              probes: int) -> tuple[list[list[torch.Tensor]], list[list[tuple[int, int]]], list[int]]:
@@ -283,6 +289,7 @@ class _Stage:
         cots: list[list[torch.Tensor]] = [[] for _ in final]
         counts: list[int] = []
         direct = _linear_head(seq, kind)
+        self.head_at_tokens = [[] for _ in final]
         for n, job in enumerate(self._stage_jobs(tail)):
             first = n == 0
             with self._held(job, leaves=direct is None) as (deltas, leaves, index), \
@@ -307,6 +314,10 @@ class _Stage:
                             if first and dh is not None:
                                 pairs[b].append((r, k))
                                 cots[b].append(dh[0].detach())
+                                if self.token_rows and direct is not None:
+                                    ids = torch.unique(sub["input_ids"][0].to(cot.device))
+                                    self.head_at_tokens[b].append(
+                                        (ids, linear_weight_at(cot, x.detach(), ids)))
                             if direct is None:
                                 self._score(job, grads[1:], index, deltas, pair)
                             else:
@@ -352,11 +363,17 @@ class _Stage:
                   pairs: Sequence[Sequence[tuple[int, int]]]) -> None:
         """The tied unit's embedding share: ``⟨ΔW, Σ_t onehot(id_t) δ_0[t]⟩`` per (row, probe),
         added to its linear part. Only the rows of tokens in the calibration data have a share:
-        their deltas are taken in chunks under the budget (RTN quantizes rows alone)."""
+        their deltas are taken in chunks under the budget (RTN quantizes rows alone).
+
+        A term that is not linear in the gradient (the diagonal Fisher's ``Σ g² ΔW²``) needs the
+        whole gradient ``g = g_head + g_emb`` on those rows: the head stage kept ``g_head`` at each
+        row's tokens, and the share added is ``linear(g_head + g_emb) − linear(g_head)`` on the
+        rows the lookup reaches (elsewhere ``g_emb = 0`` and the head stage's term stands)."""
         import torch
 
         if self.split is None:  # unreachable: curvature_sequential refuses a tied head without one
             raise NotFactorable("a tied head needs an additive term")
+        linear = self.split.linear
         weight = unit_weight(self.model, unit)
         ids = [batch["input_ids"].to(weight.device) for batch in self.ctx.batches]
         vocab = torch.unique(torch.cat([i.reshape(-1) for i in ids]))  # sorted
@@ -364,12 +381,12 @@ class _Stage:
         step = max(1, self.budget_bytes // per_row)
         for start in range(0, len(vocab), step):
             chunk = vocab[start:start + step]
-            delta = weight_deltas(unit, weight, self.ctx.options, self.ctx.quantizer, squared=False,
-                                  rows=chunk)
+            delta = weight_deltas(unit, weight, self.ctx.options, self.ctx.quantizer,
+                                  squared=self.squared, rows=chunk)
             self.reruns += 1
             pair = 0
             for b, batch_ids in enumerate(ids):
-                for (r, _), cot in zip(pairs[b], cots[b], strict=True):
+                for j, ((r, _), cot) in enumerate(zip(pairs[b], cots[b], strict=True)):
                     tokens = batch_ids[r]
                     keep = torch.isin(tokens, chunk)
                     if bool(keep.any()):
@@ -378,7 +395,13 @@ class _Stage:
                         seen, where = torch.unique(local, return_inverse=True)
                         g_rows = torch.zeros((len(seen), cot.shape[-1]), dtype=cot.dtype, device=cot.device)
                         g_rows.index_add_(0, where, cot[keep])
-                        self.acc.add_linear(unit, pair, self.split.linear(g_rows, delta[:, seen]))
+                        d = delta[:, seen]
+                        if self.token_rows:
+                            at, g_head = self.head_at_tokens[b][j]
+                            h = g_head[torch.searchsorted(at, chunk[seen])].to(g_rows.dtype)
+                            self.acc.add_linear(unit, pair, linear(h + g_rows, d) - linear(h, d))
+                        else:
+                            self.acc.add_linear(unit, pair, linear(g_rows, d))
                     pair += 1
             del delta
 
@@ -481,6 +504,12 @@ def linear_weight_rows(cot: torch.Tensor, x: torch.Tensor, lo: int, hi: int) -> 
     """Rows ``[lo, hi)`` of the weight gradient of ``y = x Wᵀ + b`` for the output cotangent
     ``v``: ``∂⟨v, y⟩/∂W[lo:hi] = v[..., lo:hi]ᵀ x`` summed over tokens ([hi − lo, in])."""
     return cot[..., lo:hi].reshape(-1, hi - lo).t() @ x.reshape(-1, x.shape[-1])
+
+
+def linear_weight_at(cot: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (indices) of the weight gradient of ``y = x Wᵀ + b`` for the output
+    cotangent ``v``: ``v[..., rows]ᵀ x`` summed over tokens ([len(rows), in])."""
+    return cot[..., rows].reshape(-1, len(rows)).t() @ x.reshape(-1, x.shape[-1])
 
 
 def _check_embedding_input(seq: BlockRunner, batches: Sequence[Mapping[str, Any]],

@@ -151,15 +151,55 @@ def test_linear_weight_rows_are_autograd_s_rows(tokens: int, out: int, width: in
     torch.testing.assert_close(linear_weight_rows(v, x, lo, hi), want[lo:hi], rtol=1e-5, atol=1e-6)
 
 
-def test_fisher_with_a_tied_head_takes_the_passes() -> None:
-    """The diagonal Fisher squares the summed gradient of both paths: not additive, so the
+@pytest.mark.parametrize("pieces", [False, True])
+def test_fisher_with_a_tied_head_gets_the_whole_gradient_squared(pieces: bool) -> None:
+    """The diagonal Fisher squares the summed gradient of both paths (head and lookup): the
+    factored backward keeps the head's gradient at each row's tokens and adds
+    ``Σ ((g_h + g_e)² − g_h²) ΔW²`` on them, so the table is the whole-model backward's, with the
+    head whole or in row pieces."""
+    model = tiny_llama(hidden=16, layers=2, vocab=40, tied=True)
+    units = discover_units(model)
+    head = next(u for u in units if u.name == "lm_head")
+    budget = {"delta_budget_mb": (delta_bytes(head, OPTIONS) // 3 + 1) / 2**20} if pieces else {}
+    passes, blocks = _pair("fisher", model, _ctx(model, units), **budget)
+    _same(passes, blocks)
+    assert blocks.metadata["by_blocks"] is True
+    # the head's square alone (the lookup's share left out) is another number
+    untied = tiny_llama(hidden=16, layers=2, vocab=40, tied=False)
+    untied.load_state_dict(model.state_dict(), strict=False)
+    untied.lm_head.weight.data.copy_(model.lm_head.weight.data)
+    alone = get_estimator("fisher", probes=2).estimate(untied, _ctx(untied, discover_units(untied)))
+    cost = blocks.df[blocks.df["unit"] == "lm_head"]["cost"].to_numpy()
+    assert not np.allclose(alone.df[alone.df["unit"] == "lm_head"]["cost"].to_numpy(), cost, rtol=1e-3)
+
+
+def test_fisher_with_a_tied_head_that_is_not_a_plain_linear_takes_the_passes() -> None:
+    """Without a plain Linear head the head's gradient at the row's tokens is not kept: the
     whole-model passes run, and the table says why."""
     model = tiny_llama(hidden=16, layers=2, vocab=40, tied=True)
+    old = model.lm_head
+    model.lm_head = _ScaledHead(old.in_features, old.out_features, bias=False)
+    model.lm_head.weight = old.weight  # keeps the tie
     ctx = _ctx(model, discover_units(model))
     table = get_estimator("fisher", probes=2).estimate(model, ctx)
     assert "not linear in the gradient" in table.metadata["by_blocks"] and table.metadata["passes"] == 1
     passes = get_estimator("fisher", probes=2, by_blocks=False).estimate(model, ctx)
     np.testing.assert_array_equal(table.df["cost"].to_numpy(), passes.df["cost"].to_numpy())
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), out=st.integers(2, 9), width=st.integers(1, 5), data=st.data())
+def test_linear_weight_at_is_autograd_s_rows(n: int, out: int, width: int, data: Any) -> None:
+    from sensitivity._sequential_curvature import linear_weight_at
+
+    seed = data.draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(width, out, bias=False)
+    x = torch.randn(1, n, width, generator=gen)
+    v = torch.randn(1, n, out, generator=gen)
+    rows = torch.tensor(sorted(data.draw(st.sets(st.integers(0, out - 1), min_size=1))))
+    (want,) = torch.autograd.grad(head(x), [head.weight], grad_outputs=v)
+    torch.testing.assert_close(linear_weight_at(v, x, rows), want[rows], rtol=1e-5, atol=1e-6)
 
 
 def test_outputs_the_blocks_do_not_reproduce_take_the_passes() -> None:
