@@ -420,8 +420,10 @@ class Bench:
         return out
 
 
-def rank_budget(bench: Bench, table: Any, measured_table: Any | None, bpw: float,
+def rank_budget(bench: Bench, table: Any, others: Mapping[str, Any], bpw: float,
                 args: argparse.Namespace) -> dict[str, Any]:
+    """Build the plans from ``table``, measure them, and rank them by ``table``'s predicted cost
+    and by each of ``others`` (estimator → its table: its additive sum over the same plans)."""
     from allocator.core.plan import BitPlan
 
     plans, dropped = build_plans(table, bpw, sigma=args.sigma, perturbed=args.perturbed,
@@ -432,8 +434,8 @@ def rank_budget(bench: Bench, table: Any, measured_table: Any | None, bpw: float
         err = bench.errors(plan)
         row = {"label": label, "bpw": plan.summary.bpw, "predicted": plan.summary.predicted_cost,
                "seconds": time.perf_counter() - t0, **err}
-        if measured_table is not None:
-            row["measured_additive"] = BitPlan.from_choice(measured_table, plan.choice).summary.predicted_cost
+        row["predicted_by"] = {e: BitPlan.from_choice(t, plan.choice).summary.predicted_cost
+                               for e, t in others.items()}
         rows.append(row)
         print(f"  {label:<30} {row['bpw']:.4f} bpw  predicted {row['predicted']:.4g}  held-out "
               f"{row['held-out']:.4g}", file=sys.stderr, flush=True)
@@ -466,10 +468,13 @@ def rank_stats(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> d
             "predicted_vs_calibration": spearman(pred, cal),
             "calibration_vs_held_out": spearman(cal, held),
             "split_half": spearman(col("odd"), col("even")) if "odd" in rows[0] else float("nan")}
-        if "measured_additive" in rows[0]:
-            add = col("measured_additive")
-            out["diagnose"]["measured_additive_vs_held_out"] = spearman(add, held)
-            out["diagnose"]["measured_additive_vs_calibration"] = spearman(add, cal)
+    out["others"] = {}
+    for e in (rows[0]["predicted_by"] if rows else {}):
+        by = [float(r["predicted_by"][e]) for r in rows]
+        by_derived = [float(r["predicted_by"][e]) for r in rows if derived(r)]
+        out["others"][e] = {"spearman": spearman(by, held),
+                            "ci": list(bootstrap_rho(by, held, args.bootstrap, args.seed)),
+                            "spearman_table_derived": spearman(by_derived, col("held-out", derived))}
     return out
 
 
@@ -477,17 +482,19 @@ def rank_stats(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> d
 def print_budget(model: str, metric: str, res: Mapping[str, Any]) -> None:
     st = res["stats"]
     first = res["rows"][0] if res["rows"] else {}
-    extra = [c for c in ("calibration", "odd", "even", "measured_additive") if c in first]
+    extra = [c for c in ("calibration", "odd", "even") if c in first]
+    others = list(first.get("predicted_by", {}))
     print(f"\n### {model}, {res['bpw']:g} bpw ({metric}; {st['n']} plans, "
           f"{st['bpw_range'][0]:.4f}–{st['bpw_range'][1]:.4f} bpw)\n")
     head = "| plan | bpw | predicted cost | held-out | × uniform |" + "".join(
-        f" {c.replace('_', ' ')} |" for c in extra)
+        f" {c.replace('_', ' ')} |" for c in extra) + "".join(f" {e} predicted |" for e in others)
     print(head)
     print("|" + "---|" * head.count(" |"))
     for r in sorted(res["rows"], key=lambda r: r["predicted"]):
         x = f"{r['x_uniform']:.3f}×" if r["x_uniform"] is not None else "–"
         print(f"| {r['label']} | {r['bpw']:.4f} | {r['predicted']:.4g} | {r['held-out']:.4g} | {x} |"
-              + "".join(f" {r[c]:.4g} |" for c in extra))
+              + "".join(f" {r[c]:.4g} |" for c in extra)
+              + "".join(f" {r['predicted_by'][e]:.4g} |" for e in others))
     print(f"\nSpearman ρ (predicted vs held-out) **{st['spearman']:.2f}** [{st['ci'][0]:.2f}, "
           f"{st['ci'][1]:.2f}] over {st['n']} plans, Kendall τ {st['kendall']:.2f}; table-derived "
           f"plans only (optimum + perturbed, n = {st['n_table_derived']}): "
@@ -496,10 +503,10 @@ def print_budget(model: str, metric: str, res: Mapping[str, Any]) -> None:
     if "diagnose" in st:
         d = st["diagnose"]
         print(f"Diagnose: ρ predicted vs calibration {d['predicted_vs_calibration']:.2f}, calibration vs "
-              f"held-out {d['calibration_vs_held_out']:.2f}, split-half held-out {d['split_half']:.2f}"
-              + (f", measured-additive vs held-out {d['measured_additive_vs_held_out']:.2f} "
-                 f"(vs calibration {d['measured_additive_vs_calibration']:.2f})"
-                 if "measured_additive_vs_held_out" in d else ""))
+              f"held-out {d['calibration_vs_held_out']:.2f}, split-half held-out {d['split_half']:.2f}")
+    for e, o in st.get("others", {}).items():
+        print(f"Ranked by the {e} table instead (the same plans): ρ **{o['spearman']:.2f}** "
+              f"[{o['ci'][0]:.2f}, {o['ci'][1]:.2f}], table-derived plans {o['spearman_table_derived']:.2f}")
     for label, why in res["dropped"].items():
         print(f"- dropped {label}: {why}")
     sys.stdout.flush()
@@ -519,8 +526,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over plans")
     ap.add_argument("--diagnose", action="store_true",
                     help="each plan's calibration error and split-half held-out errors")
+    ap.add_argument("--estimator", default=None,
+                    help="the table the plans come from and are ranked by (default: run's estimator)")
+    ap.add_argument("--compare", nargs="*", default=[],
+                    help="estimators whose tables also rank the same plans (one more estimate each)")
     ap.add_argument("--measured-table", action="store_true",
-                    help="also a measured table's additive sum per plan (one more estimate)")
+                    help="also a measured table's additive sum per plan (same as --compare measured)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder for the estimated tables (reused by a later run with the same settings)")
@@ -528,18 +539,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     from allocator.jobs.pipeline import DEFAULT_RUN_ESTIMATOR
 
+    estimator = args.estimator or DEFAULT_RUN_ESTIMATOR
+    compare = list(dict.fromkeys([*args.compare, *(["measured"] if args.measured_table else [])]))
+
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "models": []}
     for name in args.models:
         t0 = time.perf_counter()
         bench = Bench(name, args)
-        table = bench.table(args.cache)
+        table = bench.table(args.cache, estimator)
         est_s = time.perf_counter() - t0
-        measured = bench.table(args.cache, "measured") if args.measured_table else None
-        entry: dict[str, Any] = {"model": name, "kind": bench.kind, "estimator": DEFAULT_RUN_ESTIMATOR,
+        others = {e: bench.table(args.cache, e) for e in compare if e != estimator}
+        entry: dict[str, Any] = {"model": name, "kind": bench.kind, "estimator": estimator,
                                  "units": table.n_units, "options": len(table.options),
                                  "setup_seconds": est_s, "budgets": []}
         for bpw in args.budgets:
-            res = rank_budget(bench, table, measured, bpw, args)
+            res = rank_budget(bench, table, others, bpw, args)
             entry["budgets"].append(res)
             entry["metric"] = bench.metric
             print_budget(name, bench.metric, res)

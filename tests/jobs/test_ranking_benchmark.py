@@ -115,3 +115,19 @@ def test_rank_statistics() -> None:
     assert r.bootstrap_rho(a, [10.0, 20.0, 30.0, 40.0, 50.0], 200) == pytest.approx((1.0, 1.0))
     lo, hi = r.bootstrap_rho(a, [2.0, 1.0, 4.0, 3.0, 5.0], 500)
     assert -1.0 <= lo < r.spearman(a, [2.0, 1.0, 4.0, 3.0, 5.0]) < hi <= 1.0
+
+
+def test_another_table_ranks_the_same_plans() -> None:
+    """--compare: each other estimator's additive sum over the same plans gets its own ρ."""
+    import argparse
+
+    r = _bench()
+    held = [0.1, 0.2, 0.3, 0.4, 0.5]
+    rows = [{"label": lab, "bpw": 3.25, "predicted": p, "held-out": h, "predicted_by": {"fisher": f}}
+            for lab, p, h, f in zip(["optimum", "perturbed-1", "perturbed-2", "uniform int3-g128-asym", "rule"],
+                                    [0.5, 0.4, 0.3, 0.2, 0.1], held, [1.0, 2.0, 3.0, 4.0, 5.0], strict=True)]
+    st = r.rank_stats(rows, argparse.Namespace(bootstrap=200, seed=0))
+    assert st["spearman"] == pytest.approx(-1.0)
+    assert st["others"]["fisher"]["spearman"] == pytest.approx(1.0)
+    assert st["others"]["fisher"]["spearman_table_derived"] == pytest.approx(1.0)
+    assert st["others"]["fisher"]["ci"] == pytest.approx([1.0, 1.0])
