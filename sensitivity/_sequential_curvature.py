@@ -98,8 +98,9 @@ def curvature_sequential(seq: BlockRunner, ctx: EstimateContext, by_block: Mappi
         if tied:
             _check_embedding_input(seq, ctx.batches, cached[0] if cached else seq.final_inputs)
         bar.update(1)
+        token_rows = bool(tied) and split is not None and not split.additive
         stage = _Stage(ctx=ctx, model=seq.model, term=term, squared=squared, budget_bytes=budget_bytes,
-                       split=split, acc=acc, token_rows=bool(tied) and split is not None and not split.additive)
+                       split=split, acc=acc, token_rows=token_rows)
         with torch.enable_grad():
             cots, pairs, counts = stage.head(seq, [x.hidden for x in seq.final_inputs], tail, probes)
             trim_heap()

@@ -62,4 +62,4 @@ def gptq_quantizer_as_applied(model: torch.nn.Module, units: Sequence[Unit],
                 w.copy_(stash[m])
     what = ", ".join(sorted(set(reference.choice.values())))
     return GptqQuantizer(shared_hessians(hessians), config=cfg, cache_bytes=cache_bytes,
-                         inputs=f"as applied under {what}")
+                         inputs=f"as applied under {what}", reference=dict(reference.choice))

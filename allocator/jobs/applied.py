@@ -22,7 +22,10 @@ share (data neither the costs nor the GPTQ fit saw). The rule:
   held-out text [1.01, 1.19];
 * of the rest (the uniform plan is never ruled out), the lowest validation error wins.
 
-The cost is one application and one validation forward per distinct plan.
+The cost is one application and one validation forward per distinct plan, except for the plan
+the per-unit quantizer was fitted under (``run``'s uniform plan,
+:func:`allocator.backend.gptq_quantizer_as_applied`): its per-unit results are already the
+backend's weights, so they are set from the quantizer (mostly its cache) instead.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from allocator.core.plan import BitPlan
 if TYPE_CHECKING:
     from allocator.backend import Comparison, EvalReport
     from allocator.core.units import Unit
+    from allocator.model.quant import Quantizer
 
-__all__ = ["APPLIED_CHECK_METHODS", "AppliedCandidate", "AppliedChoice", "applied_choice", "choose"]
+__all__ = ["APPLIED_CHECK_METHODS", "AppliedCandidate", "AppliedChoice", "applied_choice", "choose",
+           "set_units"]
 
 #: apply methods whose per-unit quantizer is not what the backend applies
 APPLIED_CHECK_METHODS = frozenset({"gptq"})
@@ -112,11 +117,14 @@ def choose(candidates: Sequence[AppliedCandidate]) -> str:
 def applied_choice(model: Any, plans: Mapping[str, BitPlan | None], *, kind: str, method: str,
                    fit: Sequence[Mapping[str, Any]], validation: Sequence[Mapping[str, Any]],
                    units: Sequence[Unit], restore: Callable[[], None], uniform: str | None,
-                   seed: int = 0, say: Callable[[str], None] | None = None) -> AppliedChoice:
+                   seed: int = 0, say: Callable[[str], None] | None = None,
+                   quantizer: Quantizer | None = None) -> AppliedChoice:
     """Apply each distinct plan of ``plans`` with ``method`` (GPTQ fitted on ``fit``), measure it
     on ``validation`` and choose (:func:`choose`). ``restore()`` puts the full-precision weights
     back; it is called after each plan and before returning. ``uniform`` names the uniform plan
-    among ``plans`` (None: no comparisons, the lowest error wins)."""
+    among ``plans`` (None: no comparisons, the lowest error wins). A plan equal to
+    ``quantizer.reference`` (a per-unit quantizer fitted under that plan as applied, on ``fit``)
+    takes its weights from ``quantizer``, unit by unit, instead of being applied again."""
     from allocator.backend import apply_plan, evaluate, paired_comparison, reference_outputs, resamples
 
     t0 = time.perf_counter()
@@ -139,7 +147,10 @@ def applied_choice(model: Any, plans: Mapping[str, BitPlan | None], *, kind: str
             if say is not None:
                 say(f"applying {label} ({method}, fitted on {_rows(fit)} samples) and measuring it "
                     f"on {_rows(validation)} validation samples")
-            apply_plan(model, plan, method=method, calibration=list(fit), units=units)
+            if quantizer is not None and _reproduces(quantizer, plan):
+                set_units(model, plan, units, quantizer)
+            else:
+                apply_plan(model, plan, method=method, calibration=list(fit), units=units)
             reports[label] = evaluate(model, list(validation), ref)
             restore()
     finally:
@@ -157,6 +168,26 @@ def applied_choice(model: Any, plans: Mapping[str, BitPlan | None], *, kind: str
                                     vs_uniform=comps, same_as=tuple(aliases[label])))
     return AppliedChoice(method=method, candidates=tuple(out), chosen=choose(out), uniform=base,
                          n_samples=first.n_samples, seconds=time.perf_counter() - t0)
+
+
+def _reproduces(quantizer: Quantizer | None, plan: BitPlan) -> bool:
+    reference = getattr(quantizer, "reference", None)
+    return reference is not None and dict(reference) == dict(plan.choice)
+
+
+def set_units(model: Any, plan: BitPlan, units: Sequence[Unit], quantizer: Quantizer) -> None:
+    """Each unit of ``plan`` set to ``quantizer``'s result for its option, from the weights the
+    model holds now (full precision)."""
+    import torch
+
+    from allocator.core.formats import parse_format
+    from allocator.core.units import unit_weight
+
+    with torch.no_grad():
+        for u in units:
+            if u.name in plan.choice:
+                view = unit_weight(model, u)
+                view.copy_(quantizer.quantize(u, view.detach().clone(), parse_format(plan.choice[u.name])))
 
 
 def _rows(batches: Sequence[Mapping[str, Any]]) -> int:

@@ -597,7 +597,7 @@ def select_plan(loaded: Any, cfg: RunConfig, cands: Mapping[str, BitPlan], table
     if cfg.method not in APPLIED_CHECK_METHODS:
         return selection, None, selection.plan
     plans = {"refined": selection.plan, **cands}
-    applied = _applied(loaded, cfg, plans, data, units, state, say)
+    applied = _applied(loaded, cfg, plans, data, units, state, say, quantizer)
     if lap is not None:
         lap("applied choice")
     return selection, applied, plans[applied.chosen]
@@ -636,7 +636,7 @@ def _chosen(plan: BitPlan, origin: str, mixed: PlanResult, below: PlanResult | N
 
 
 def _applied(loaded: Any, cfg: RunConfig, plans: Mapping[str, BitPlan], data: Any,
-             units: Sequence[Any], state: Any, say: Stage) -> AppliedChoice:
+             units: Sequence[Any], state: Any, say: Stage, quantizer: Quantizer) -> AppliedChoice:
     """:func:`~allocator.jobs.applied.applied_choice` on the fit / validation shares of ``data``
     (a :class:`SampleSplit`; calibration batches judge themselves without one), the validation
     batches cut so that their outputs stay within the output chunk budget."""
@@ -653,7 +653,7 @@ def _applied(loaded: Any, cfg: RunConfig, plans: Mapping[str, BitPlan], data: An
     return applied_choice(loaded.model, plans, kind=str(loaded.kind), method=cfg.method,
                           fit=list(fit), validation=pieces, units=units,
                           restore=lambda: state.restore(loaded.model), uniform="uniform ≤",
-                          seed=cfg.estimate.seed, say=say)
+                          seed=cfg.estimate.seed, say=say, quantizer=quantizer)
 
 
 def _min_bpw(table: CostTable) -> float:

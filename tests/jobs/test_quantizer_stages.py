@@ -106,6 +106,55 @@ def test_gptq_as_applied_gives_the_backend_s_weights_of_the_reference(tiny, tiny
         model.load_state_dict(before)
 
 
+def test_applied_choice_takes_the_reference_plan_from_the_quantizer(tiny, tiny_calib,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan the per-unit quantizer was fitted under is not applied again: its weights come
+    from the quantizer and measure exactly what the backend's GPTQ of it measures."""
+    import allocator.backend as backend
+    from allocator.jobs.applied import applied_choice
+
+    model = tiny.model
+    units = discover_units(model)
+    fit, val = tiny_calib[:1], tiny_calib[1:]
+    import numpy as np
+
+    from allocator.core.table import CostTable
+
+    opts = ["int3-g32-asym", "int4-g32-asym"]
+    table = CostTable.from_unit_costs(units=[u.name for u in units], params=[u.params for u in units],
+                                      options=opts, cost=np.zeros((len(units), 2)),
+                                      in_features=[u.in_features for u in units])
+    uniform = BitPlan.from_choice(table, dict.fromkeys(table.units, opts[0]))
+    mixed = BitPlan.from_choice(table, {u: opts[i % 2] for i, u in enumerate(table.units)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def restore() -> None:
+        model.load_state_dict(before)
+
+    q = gptq_quantizer_as_applied(model, units, fit, uniform)
+    assert q.reference == dict(uniform.choice)
+    applied: list[dict[str, str]] = []
+    real = backend.apply_plan
+
+    def counted(m, plan, **kw):  # type: ignore[no-untyped-def]
+        applied.append(dict(plan.choice))
+        return real(m, plan, **kw)
+
+    args = dict(kind="causal_lm", method="gptq", fit=fit, validation=val, units=units,
+                restore=restore, uniform="uniform ≤")
+    plans = {"refined": mixed, "uniform ≤": uniform}
+    monkeypatch.setattr(backend, "apply_plan", counted)
+    reused = applied_choice(model, plans, **args, quantizer=q)
+    assert applied == [dict(mixed.choice)]  # uniform was not applied again
+    again = applied_choice(model, plans, **args)
+    assert applied[1:] == [dict(mixed.choice), dict(uniform.choice)]
+    for label in plans:
+        assert reused.candidate(label).error == again.candidate(label).error
+        assert reused.candidate(label).metrics == again.candidate(label).metrics
+    assert reused.chosen == again.chosen
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_run_tiny_llama_with_gptq_records_the_quantizer(tmp_path: Path) -> None:
     from allocator.jobs.pipeline import RunConfig, run_pipeline, run_spec
 

@@ -123,9 +123,10 @@ def test_another_table_ranks_the_same_plans() -> None:
 
     r = _bench()
     held = [0.1, 0.2, 0.3, 0.4, 0.5]
+    labels = ["optimum", "perturbed-1", "perturbed-2", "uniform int3-g128-asym", "rule"]
     rows = [{"label": lab, "bpw": 3.25, "predicted": p, "held-out": h, "predicted_by": {"fisher": f}}
-            for lab, p, h, f in zip(["optimum", "perturbed-1", "perturbed-2", "uniform int3-g128-asym", "rule"],
-                                    [0.5, 0.4, 0.3, 0.2, 0.1], held, [1.0, 2.0, 3.0, 4.0, 5.0], strict=True)]
+            for lab, p, h, f in zip(labels, [0.5, 0.4, 0.3, 0.2, 0.1], held, [1.0, 2.0, 3.0, 4.0, 5.0],
+                                    strict=True)]
     st = r.rank_stats(rows, argparse.Namespace(bootstrap=200, seed=0))
     assert st["spearman"] == pytest.approx(-1.0)
     assert st["others"]["fisher"]["spearman"] == pytest.approx(1.0)

@@ -101,6 +101,9 @@ class GptqQuantizer:
         cache_bytes: bytes of results kept; past it the least recently used are dropped (and
             computed again if asked for again). None: keep everything.
         inputs: where the Hessians' inputs come from, in words (reports and ``repr``).
+        reference: the plan (unit → option) whose Hessians these are, as the backend applies it
+            (:func:`allocator.backend.gptq_quantizer_as_applied`): for that plan the per-unit
+            results *are* the backend's weights, so it need not be applied again.
 
     ``computed`` counts GPTQ runs and ``hits`` cache hits, per (unit, option) in ``runs``.
     """
@@ -108,7 +111,8 @@ class GptqQuantizer:
     name = "gptq"
 
     def __init__(self, hessians: Mapping[str, torch.Tensor], *, config: GptqConfig | None = None,
-                 cache_bytes: int | None = DEFAULT_CACHE_BYTES, inputs: str = "full precision") -> None:
+                 cache_bytes: int | None = DEFAULT_CACHE_BYTES, inputs: str = "full precision",
+                 reference: Mapping[str, str] | None = None) -> None:
         from allocator.model.quant.gptq import GptqConfig
 
         if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
@@ -118,6 +122,7 @@ class GptqQuantizer:
         self.config = config or GptqConfig()
         self.cache_bytes = cache_bytes
         self.inputs = inputs
+        self.reference = None if reference is None else dict(reference)
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._held = 0
         self.computed = 0
