@@ -251,12 +251,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------ cross-domain
-def _rows(batches: list[Any]) -> int:
-    from allocator.model.data.batches import batch_rows
-
-    return sum(batch_rows(b) for b in batches)
-
-
 def calibration_sets(present: tuple[str, ...], which: list[str]) -> dict[str, tuple[str, ...]]:
     """Named calibration sets: ``mix`` (every domain: the default), ``mix-X`` (every domain but X:
     X is then a domain absent from calibration) and single domains ``X``."""
@@ -322,8 +316,9 @@ def run_cross_domain(name: str, args: argparse.Namespace) -> dict[str, Any]:
             plan_err, uni_err = measure(sel.plan), (measure(below) if below is not None else None)
             rows.append({"calibration": set_name, "domains": list(domains), "bpw": bpw,
                          "uniform_bpw": below.summary.bpw if below is not None else None,
-                         "fit_samples": _rows(fit), "validation_samples":
-                             None if shares is None else shares.n_validation,
+                         # None: no split (the whole calibration set fits and judges)
+                         "fit_samples": None if shares is None else shares.n_fit,
+                         "validation_samples": None if shares is None else shares.n_validation,
                          "refine_seconds_limit": args.refine_time, "refine_rounds": len(sel.rounds),
                          "default": plan_err, "uniform": uni_err,
                          "ratio": {d: (plan_err[d] / uni_err[d] if uni_err and uni_err[d] else None)

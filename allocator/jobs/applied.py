@@ -170,7 +170,8 @@ def applied_choice(model: Any, plans: Mapping[str, BitPlan | None], *, kind: str
                          n_samples=first.n_samples, seconds=time.perf_counter() - t0)
 
 
-def _reproduces(quantizer: Quantizer | None, plan: BitPlan) -> bool:
+def _reproduces(quantizer: Quantizer, plan: BitPlan) -> bool:
+    """Whether ``quantizer`` was fitted under ``plan`` as applied (its results are the backend's)."""
     reference = getattr(quantizer, "reference", None)
     return reference is not None and dict(reference) == dict(plan.choice)
 
