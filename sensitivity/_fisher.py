@@ -44,7 +44,7 @@ from allocator.core.errors import InvalidParameterError
 from sensitivity._base import EstimateContext, Partial, SampleMeanEstimator, UnitCosts, mean_and_sem
 from sensitivity._curvature.passes import curvature_in_passes
 from sensitivity._curvature.sampling import check_probes
-from sensitivity._curvature.split import SplitTerm
+from sensitivity._curvature.split import SplitTerm, already_finished
 from sensitivity._curvature.terms import gn_diagonal_terms
 from sensitivity._deltas import DEFAULT_DELTA_BUDGET_MB, check_delta_budget, delta_groups, quant_deltas
 from sensitivity._loss import (
@@ -201,10 +201,5 @@ class FisherEstimator(SampleMeanEstimator):
                                    split=FISHER_SPLIT, by_blocks=self.by_blocks)
 
 
-def _same(terms: torch.Tensor) -> torch.Tensor:
-    """The diagonal terms are already additive over a unit's rows: nothing to finish."""
-    return terms
-
-
 #: ``½ Σ g² ΔW²`` sums over a unit's rows, but not over two paths of one gradient (squared)
-FISHER_SPLIT = SplitTerm(linear=gn_diagonal_terms, finish=_same)
+FISHER_SPLIT = SplitTerm(linear=gn_diagonal_terms, finish=already_finished)

@@ -130,12 +130,13 @@ def estimate_sequential(
 def _curvature_terms(est: BaseEstimator) -> tuple[Any, bool, int, float, SplitTerm] | None:
     """(per-(sample, probe) term, squared deltas, probes, delta budget in MiB, its row split) of
     a sampled-curvature estimator, else None."""
-    from sensitivity._curvature.terms import gn_diagonal_terms, gn_quadratic_terms
+    from sensitivity._curvature.terms import gn_diagonal_terms
     from sensitivity._fisher import FISHER_SPLIT, FisherEstimator
-    from sensitivity._gauss_newton import GN_SPLIT, GaussNewtonEstimator
+    from sensitivity._gauss_newton import GaussNewtonEstimator, gn_form
 
     if isinstance(est, GaussNewtonEstimator):
-        return gn_quadratic_terms, False, est.probes, est.delta_budget_mb, GN_SPLIT
+        term, split = gn_form(est.correlations)
+        return term, False, est.probes, est.delta_budget_mb, split
     if isinstance(est, FisherEstimator) and est.target == "model":
         return gn_diagonal_terms, True, est.probes, est.delta_budget_mb, FISHER_SPLIT
     return None

@@ -16,7 +16,7 @@ from sensitivity._deltas import delta_bytes
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SplitTerm", "row_pieces"]
+__all__ = ["SplitTerm", "already_finished", "row_pieces"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +30,11 @@ class SplitTerm:
     #: ``linear(g₁ + g₂, ΔW) = linear(g₁, ΔW) + linear(g₂, ΔW)``: a gradient that reaches one
     #: weight by two paths (a head tied to the embedding) can be scored path by path
     additive: bool = False
+
+
+def already_finished(terms: torch.Tensor) -> torch.Tensor:
+    """The ``finish`` of a term that is a sum over its unit's rows already (diagonal, row blocks)."""
+    return terms
 
 
 def row_pieces(unit: Any, options: Sequence[Any], budget_bytes: int) -> list[tuple[int, int]]:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["gn_diagonal_terms", "gn_inner_products", "gn_quadratic_terms", "gn_square", "gn_trace_terms"]
+__all__ = ["gn_diagonal_terms", "gn_inner_products", "gn_quadratic_terms", "gn_row_terms", "gn_square",
+           "gn_trace_terms"]
 
 
 def gn_quadratic_terms(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,29 @@ def gn_inner_products(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 def gn_square(inner: torch.Tensor) -> torch.Tensor:
     """``½ x²``: :func:`gn_quadratic_terms` from its summed :func:`gn_inner_products`."""
     return 0.5 * inner**2
+
+
+def gn_row_terms(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``½ Σ_r ⟨ΔW_{o,r}, g_r⟩²`` per option o, over the unit's output rows r: ``g`` [out, cols],
+    ``delta`` [options, out, cols].
+
+    ``E ½ Σ_r ⟨ΔW_r, g_r⟩² = ½ Σ_r ΔW_r GN_{rr} ΔW_rᵀ``: the GN form with its row blocks only.
+    Each row block keeps the input-side correlations (``GN_rr = E[g_r g_rᵀ]``,
+    ``g_r = Σ_t δ_{t,r} x_t``: the correlations GPTQ's ``X Xᵀ`` describes, weighted by the row's
+    output sensitivity); the cross-row terms it
+    drops have mean zero over rounding errors that are independent between rows (RTN, k-quants
+    and GPTQ all quantize each row alone), while in :func:`gn_quadratic_terms` they are
+    ``out² − out`` products of mean about zero added to every (sample, probe) term: their noise
+    is gone here (how much that is depends on how independently the rows' projections vary;
+    docs/ranking.md measures it). Sums over any split of the rows (no finishing step), but not
+    over two paths of one gradient."""
+    import torch
+
+    out = torch.empty((delta.shape[0], delta.shape[1]), dtype=torch.float64, device=delta.device)
+    gd = g.to(delta.dtype)
+    for o in range(delta.shape[0]):  # one [out, cols] product at a time: no second stack of deltas
+        out[o] = (delta[o] * gd).sum(-1).double()
+    return 0.5 * out.square().sum(-1)
 
 
 def gn_diagonal_terms(g: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:

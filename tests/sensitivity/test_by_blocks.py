@@ -46,24 +46,30 @@ def _same(a: Any, b: Any) -> None:
     assert b.metadata["positions"] == a.metadata["positions"]
 
 
-@pytest.mark.parametrize("name", ["gauss-newton", "fisher"])
-def test_same_table_as_the_passes(name: str) -> None:
+#: every sampled-curvature form the factored backward serves
+FORMS = [("gauss-newton", {"correlations": "rows"}), ("gauss-newton", {"correlations": "unit"}),
+         ("fisher", {})]
+
+
+@pytest.mark.parametrize(("name", "params"), FORMS)
+def test_same_table_as_the_passes(name: str, params: dict[str, Any]) -> None:
     model = tiny_llama(hidden=16, layers=3, vocab=40)
     units = discover_units(model, group_columns=8)  # column groups: a unit is a slice of its leaf
-    passes, blocks = _pair(name, model, _ctx(model, units))
+    passes, blocks = _pair(name, model, _ctx(model, units), **params)
     _same(passes, blocks)
     assert blocks.metadata["by_blocks"] is True and "passes" not in blocks.metadata
     assert passes.metadata["passes"] == 1
 
 
-def test_tied_head_gets_the_embedding_s_share() -> None:
+@pytest.mark.parametrize("correlations", ["rows", "unit"])
+def test_tied_head_gets_the_embedding_s_share(correlations: str) -> None:
     """The tied head's gradient has two paths (the head and the embedding lookup): the factored
     backward adds the lookup's share, so the table equals the whole-model backward's."""
     model = tiny_llama(hidden=16, layers=2, vocab=40, tied=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     units = discover_units(model)
     assert "lm_head" in [u.name for u in units]
-    passes, blocks = _pair("gauss-newton", model, _ctx(model, units))
+    passes, blocks = _pair("gauss-newton", model, _ctx(model, units), correlations=correlations)
     _same(passes, blocks)
     assert blocks.metadata["by_blocks"] is True
     # without the lookup's share the head's cost would be another number
@@ -71,7 +77,8 @@ def test_tied_head_gets_the_embedding_s_share() -> None:
     untied = tiny_llama(hidden=16, layers=2, vocab=40, tied=False)
     untied.load_state_dict(model.state_dict(), strict=False)
     untied.lm_head.weight.data.copy_(model.lm_head.weight.data)
-    alone = get_estimator("gauss-newton", probes=2).estimate(untied, _ctx(untied, discover_units(untied)))
+    alone = get_estimator("gauss-newton", probes=2, correlations=correlations).estimate(
+        untied, _ctx(untied, discover_units(untied)))
     assert not np.allclose(alone.df[alone.df["unit"] == "lm_head"]["cost"].to_numpy(), head, rtol=1e-3)
 
 
@@ -130,7 +137,7 @@ def test_a_head_that_is_not_a_plain_linear_is_differentiated(tied: bool) -> None
     model.lm_head.weight = old.weight  # keeps the tie
     units = discover_units(model)
     head = next(u for u in units if u.name == "lm_head")
-    passes, blocks = _pair("gauss-newton", model, _ctx(model, units),
+    passes, blocks = _pair("gauss-newton", model, _ctx(model, units), correlations="unit",
                            delta_budget_mb=(delta_bytes(head, OPTIONS) // 2 + 1) / 2**20)
     _same(passes, blocks)
     assert blocks.metadata["by_blocks"] is True
@@ -151,29 +158,37 @@ def test_linear_weight_rows_are_autograd_s_rows(tokens: int, out: int, width: in
     torch.testing.assert_close(linear_weight_rows(v, x, lo, hi), want[lo:hi], rtol=1e-5, atol=1e-6)
 
 
+#: the forms whose term squares the gradient before summing it over a unit: not additive in paths
+SQUARED_FORMS = [("fisher", {}), ("gauss-newton", {"correlations": "rows"})]
+
+
 @pytest.mark.parametrize("pieces", [False, True])
-def test_fisher_with_a_tied_head_gets_the_whole_gradient_squared(pieces: bool) -> None:
-    """The diagonal Fisher squares the summed gradient of both paths (head and lookup): the
-    factored backward keeps the head's gradient at each row's tokens and adds
-    ``Σ ((g_h + g_e)² − g_h²) ΔW²`` on them, so the table is the whole-model backward's, with the
+@pytest.mark.parametrize(("name", "params"), SQUARED_FORMS)
+def test_fisher_with_a_tied_head_gets_the_whole_gradient_squared(pieces: bool, name: str,
+                                                                  params: dict[str, Any]) -> None:
+    """The diagonal Fisher (and GN's row blocks) square the summed gradient of both paths (head
+    and lookup): the factored backward keeps the head's gradient at each row's tokens and adds
+    ``term(g_h + g_e) − term(g_h)`` on them, so the table is the whole-model backward's, with the
     head whole or in row pieces."""
     model = tiny_llama(hidden=16, layers=2, vocab=40, tied=True)
     units = discover_units(model)
     head = next(u for u in units if u.name == "lm_head")
     budget = {"delta_budget_mb": (delta_bytes(head, OPTIONS) // 3 + 1) / 2**20} if pieces else {}
-    passes, blocks = _pair("fisher", model, _ctx(model, units), **budget)
+    passes, blocks = _pair(name, model, _ctx(model, units), **budget, **params)
     _same(passes, blocks)
     assert blocks.metadata["by_blocks"] is True
     # the head's square alone (the lookup's share left out) is another number
     untied = tiny_llama(hidden=16, layers=2, vocab=40, tied=False)
     untied.load_state_dict(model.state_dict(), strict=False)
     untied.lm_head.weight.data.copy_(model.lm_head.weight.data)
-    alone = get_estimator("fisher", probes=2).estimate(untied, _ctx(untied, discover_units(untied)))
+    alone = get_estimator(name, probes=2, **params).estimate(untied, _ctx(untied, discover_units(untied)))
     cost = blocks.df[blocks.df["unit"] == "lm_head"]["cost"].to_numpy()
     assert not np.allclose(alone.df[alone.df["unit"] == "lm_head"]["cost"].to_numpy(), cost, rtol=1e-3)
 
 
-def test_fisher_with_a_tied_head_that_is_not_a_plain_linear_takes_the_passes() -> None:
+@pytest.mark.parametrize(("name", "params"), SQUARED_FORMS)
+def test_fisher_with_a_tied_head_that_is_not_a_plain_linear_takes_the_passes(
+        name: str, params: dict[str, Any]) -> None:
     """Without a plain Linear head the head's gradient at the row's tokens is not kept: the
     whole-model passes run, and the table says why."""
     model = tiny_llama(hidden=16, layers=2, vocab=40, tied=True)
@@ -181,9 +196,9 @@ def test_fisher_with_a_tied_head_that_is_not_a_plain_linear_takes_the_passes() -
     model.lm_head = _ScaledHead(old.in_features, old.out_features, bias=False)
     model.lm_head.weight = old.weight  # keeps the tie
     ctx = _ctx(model, discover_units(model))
-    table = get_estimator("fisher", probes=2).estimate(model, ctx)
+    table = get_estimator(name, probes=2, **params).estimate(model, ctx)
     assert "not linear in the gradient" in table.metadata["by_blocks"] and table.metadata["passes"] == 1
-    passes = get_estimator("fisher", probes=2, by_blocks=False).estimate(model, ctx)
+    passes = get_estimator(name, probes=2, by_blocks=False, **params).estimate(model, ctx)
     np.testing.assert_array_equal(table.df["cost"].to_numpy(), passes.df["cost"].to_numpy())
 
 
