@@ -8,6 +8,10 @@ the largest relative difference of the tables from the default's (the budget tra
 passes or row pieces; the table must not change). Timings are meaningful only on a quiet machine.
 
     PYTHONPATH=. python benchmarks/stage_memory.py --model smollm2 --budgets 384 512
+    PYTHONPATH=. python benchmarks/stage_memory.py --model smollm2 --budgets 256 --param correlations=unit
+
+``--param KEY=VALUE`` sets an estimator parameter of every run (the value read as JSON when it
+parses, else as a string).
 """
 
 from __future__ import annotations
@@ -24,7 +28,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def one(model: str, budget: float, out: Path) -> dict[str, float]:
+def parse_params(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs (VALUE as JSON where it parses, else the string)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--param wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def one(model: str, budget: float, out: Path, params: dict[str, object] | None = None) -> dict[str, float]:
     """The estimate stage at ``budget`` MiB in this process; the table is saved to ``out``."""
     from allocator.core.rss import peak_rss_mb, reset_peak_rss
     from allocator.core.units import discover_units
@@ -37,7 +55,8 @@ def one(model: str, budget: float, out: Path) -> dict[str, float]:
 
     cfg = RunConfig(model=model, bpw=3.25, out=None)
     spec = dataclasses.replace(cfg.estimate, progress=False,
-                               params={**dict(cfg.estimate.params or {}), "delta_budget_mb": budget})
+                               params={**dict(cfg.estimate.params or {}), **(params or {}),
+                                       "delta_budget_mb": budget})
     cfg = dataclasses.replace(cfg, estimate=spec)
     loaded = load_model(model)  # as run's stages do: the same data, fit share, units, quantizer
     loaded.model.eval()
@@ -63,18 +82,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--budgets", nargs="+", type=float, default=[DEFAULT_DELTA_BUDGET_MB, 512.0])
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="an estimator parameter for every run (repeatable)")
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # the child process's budget
     ap.add_argument("--table", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one(args.model, args.one, args.table)))
+        print(json.dumps(one(args.model, args.one, args.table, parse_params(args.param))))
         return []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for b in args.budgets:
             path = Path(tmp) / f"table-{b:g}.parquet"
+            extra = [f"--param={p}" for p in args.param]
             done = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", str(b),
-                                   "--table", str(path)], check=True, capture_output=True, text=True)
+                                   "--table", str(path), *extra], check=True, capture_output=True, text=True)
             rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "table": str(path)})
         _diffs(rows, DEFAULT_DELTA_BUDGET_MB)
     print(f"| delta budget MiB | estimate peak MiB | before the estimate MiB | seconds | "

@@ -78,7 +78,7 @@ class GaussNewtonEstimator(SampleMeanEstimator):
 
     name: ClassVar[str] = "gauss-newton"
 
-    def __init__(self, *, correlations: str = "unit", probes: int = 2, chunk: int = 1,
+    def __init__(self, *, correlations: str = "rows", probes: int = 2, chunk: int = 1,
                  per_sample: str = "auto", delta_budget_mb: float = DEFAULT_DELTA_BUDGET_MB,
                  by_blocks: bool = True) -> None:
         gn_form(correlations)  # validates

@@ -50,11 +50,10 @@ def gn_row_terms(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     over two paths of one gradient."""
     import torch
 
-    out = torch.empty((delta.shape[0], delta.shape[1]), dtype=torch.float64, device=delta.device)
-    gd = g.to(delta.dtype)
-    for o in range(delta.shape[0]):  # one [out, cols] product at a time: no second stack of deltas
-        out[o] = (delta[o] * gd).sum(-1).double()
-    return 0.5 * out.square().sum(-1)
+    # a batched gemv over the rows: no [out, cols] temporary per option (a product-then-sum
+    # loop took twice the time, most of it allocating)
+    inner = torch.einsum("orc,rc->or", delta, g.to(delta.dtype)).double()
+    return 0.5 * inner.square().sum(-1)
 
 
 def gn_diagonal_terms(g: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
