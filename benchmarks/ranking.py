@@ -329,6 +329,17 @@ def bootstrap_rho(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
+def parse_estimator(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` → (name, parameters), values read as
+    ``bitalloc estimate --param`` reads them (JSON where it parses, else a string)."""
+    from allocator.cli._estimate import parse_params
+
+    name, _, rest = text.partition(":")
+    if not name:
+        raise ValueError(f"no estimator name in {text!r}")
+    return name, parse_params([item for item in rest.split(",") if item])
+
+
 # ---------------------------------------------------------------------------- measurement
 class Bench:
     """One model as ``bitalloc run`` sees it: its calibration and held-out batches, its units,
@@ -376,18 +387,25 @@ class Bench:
         self.metric = "error"
 
     def table(self, cache: Path | None, method: str | None = None) -> Any:
-        """The run's default table (or ``method``'s, same settings otherwise); read from / saved
-        to ``cache`` (a folder) when given, keyed by model, method, samples and seed."""
+        """The run's default table (or ``method``'s, ``NAME[:KEY=VALUE,…]``, same settings
+        otherwise); read from / saved to ``cache`` (a folder) when given, keyed by model, method,
+        its parameters, samples and seed."""
         import dataclasses
+        import hashlib
 
         from allocator.core.table import CostTable
         from allocator.jobs.pipeline import estimate_table
 
-        cfg = self.cfg if method is None else dataclasses.replace(
-            self.cfg, estimate=dataclasses.replace(self.cfg.estimate, method=method))
+        cfg = self.cfg
+        if method is not None:
+            name, params = parse_estimator(method)
+            cfg = dataclasses.replace(self.cfg, estimate=dataclasses.replace(
+                self.cfg.estimate, method=name, params={**dict(self.cfg.estimate.params or {}), **params}))
         spec = cfg.estimate
+        tag = hashlib.sha256(json.dumps(dict(spec.params or {}), sort_keys=True, default=str)
+                             .encode()).hexdigest()[:8]
         path = None if cache is None else cache / (
-            f"{self.cfg.model}-{spec.method}-{self.calib_data.n_samples}of{spec.samples}x{spec.seq_len}"
+            f"{self.cfg.model}-{spec.method}-{tag}-{self.calib_data.n_samples}of{spec.samples}x{spec.seq_len}"
             f"-seed{spec.seed}.parquet")
         if path is not None and path.is_file():
             return CostTable.load(path)
@@ -527,9 +545,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--diagnose", action="store_true",
                     help="each plan's calibration error and split-half held-out errors")
     ap.add_argument("--estimator", default=None,
-                    help="the table the plans come from and are ranked by (default: run's estimator)")
+                    help="the table the plans come from and are ranked by (default: run's estimator); "
+                         "NAME or NAME:KEY=VALUE,… (e.g. gauss-newton:correlations=unit)")
     ap.add_argument("--compare", nargs="*", default=[],
-                    help="estimators whose tables also rank the same plans (one more estimate each)")
+                    help="estimators (NAME[:KEY=VALUE,…]) whose tables also rank the same plans "
+                         "(one more estimate each)")
     ap.add_argument("--measured-table", action="store_true",
                     help="also a measured table's additive sum per plan (same as --compare measured)")
     ap.add_argument("--seed", type=int, default=0)

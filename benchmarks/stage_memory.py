@@ -10,8 +10,8 @@ passes or row pieces; the table must not change). Timings are meaningful only on
     PYTHONPATH=. python benchmarks/stage_memory.py --model smollm2 --budgets 384 512
     PYTHONPATH=. python benchmarks/stage_memory.py --model smollm2 --budgets 256 --param correlations=unit
 
-``--param KEY=VALUE`` sets an estimator parameter of every run (the value read as JSON when it
-parses, else as a string).
+``--param KEY=VALUE`` sets an estimator parameter of every run (read as ``bitalloc estimate
+--param`` reads it).
 """
 
 from __future__ import annotations
@@ -26,20 +26,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def parse_params(items: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs (VALUE as JSON where it parses, else the string)."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--param wants KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def one(model: str, budget: float, out: Path, params: dict[str, object] | None = None) -> dict[str, float]:
@@ -88,6 +74,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--table", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one is not None:
+        from allocator.cli._estimate import parse_params
+
         print(json.dumps(one(args.model, args.one, args.table, parse_params(args.param))))
         return []
     rows = []

@@ -132,3 +132,17 @@ def test_another_table_ranks_the_same_plans() -> None:
     assert st["others"]["fisher"]["spearman"] == pytest.approx(1.0)
     assert st["others"]["fisher"]["spearman_table_derived"] == pytest.approx(1.0)
     assert st["others"]["fisher"]["ci"] == pytest.approx([1.0, 1.0])
+
+
+def test_estimator_with_parameters() -> None:
+    """--estimator / --compare take NAME[:KEY=VALUE,…], values read as `bitalloc estimate --param`."""
+    from allocator.core.errors import InvalidParameterError
+
+    r = _bench()
+    assert r.parse_estimator("fisher") == ("fisher", {})
+    assert r.parse_estimator("gauss-newton:correlations=unit,probes=4") == (
+        "gauss-newton", {"correlations": "unit", "probes": 4})
+    with pytest.raises(InvalidParameterError, match="KEY=VALUE"):
+        r.parse_estimator("gauss-newton:unit")
+    with pytest.raises(ValueError, match="no estimator name"):
+        r.parse_estimator(":probes=2")
