@@ -332,12 +332,12 @@ def bootstrap_rho(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
 def parse_estimator(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` → (name, parameters), values read as
     ``bitalloc estimate --param`` reads them (JSON where it parses, else a string)."""
-    from allocator.cli._estimate import parse_params
+    from sensitivity import parse_estimator_params
 
     name, _, rest = text.partition(":")
     if not name:
         raise ValueError(f"no estimator name in {text!r}")
-    return name, parse_params([item for item in rest.split(",") if item])
+    return name, parse_estimator_params([item for item in rest.split(",") if item])
 
 
 # ---------------------------------------------------------------------------- measurement

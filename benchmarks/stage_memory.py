@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--table", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one is not None:
-        from allocator.cli._estimate import parse_params
+        from sensitivity import parse_estimator_params
 
-        print(json.dumps(one(args.model, args.one, args.table, parse_params(args.param))))
+        print(json.dumps(one(args.model, args.one, args.table, parse_estimator_params(args.param))))
         return []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,6 +28,7 @@ from sensitivity._spec import (
     Sharding,
     check_estimator_params,
     estimator_parameters,
+    parse_estimator_params,
     sharded_methods,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "Metric",
     "UnitCosts",
     "check_estimator_params",
+    "parse_estimator_params",
     "default_metric",
     "distortion",
     "estimator_class",

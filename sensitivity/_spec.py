@@ -66,6 +66,24 @@ def estimator_parameters(cls: type[BaseEstimator]) -> frozenset[str] | None:
                                    inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 
+def parse_estimator_params(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["max_probes=50", "probe_mode=loop"]`` → ``{"max_probes": 50, "probe_mode": "loop"}``:
+    each value read as JSON where it parses (numbers, true / false), else kept as a string
+    (``bitalloc estimate --param``, the benchmarks' estimator options)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidParameterError(f"an estimator parameter is KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw  # a bare word is a string (probe_mode=loop)
+    return out
+
+
 def check_estimator_params(method: str, params: Mapping[str, Any]) -> None:
     """Raise one-line InvalidParameterError / UnknownNameError for an unknown estimator or an
     estimator parameter its constructor does not declare."""

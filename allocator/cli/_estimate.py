@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 from allocator.cli._common import add_device_argument, add_for_argument, console, device_from_args
@@ -96,35 +95,19 @@ def sharding(args: argparse.Namespace, method: str) -> Sharding | None:
                     max_shards=args.max_shards)
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """``["max_probes=50", "probe_mode=loop"]`` → ``{"max_probes": 50, "probe_mode": "loop"}``."""
-    from allocator.core.errors import InvalidParameterError
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise InvalidParameterError(f"--param expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw  # a bare word is a string (probe_mode=loop)
-    return out
-
-
 def estimate_spec(args: argparse.Namespace, options: str | None) -> EstimateSpec:
     """The one :class:`~sensitivity.EstimateSpec` of the command line, execution included
     (``--param`` names are checked against the estimator's declared parameters here, before any
     model loads)."""
     from allocator.core.errors import InvalidParameterError
-    from sensitivity import ESTIMATORS, EstimateSpec, check_estimator_params
+    from sensitivity import ESTIMATORS, EstimateSpec, check_estimator_params, parse_estimator_params
 
-    params = parse_params(args.param)
-    if params and args.method in ESTIMATORS:
-        try:
+    try:
+        params = parse_estimator_params(args.param)
+        if params and args.method in ESTIMATORS:
             check_estimator_params(args.method, params)
-        except InvalidParameterError as exc:
-            raise InvalidParameterError(f"--param: {exc}") from None
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"--param: {exc}") from None
     shards = sharding(args, args.method) if args.method in ESTIMATORS else None
     return EstimateSpec(
         method=args.method, params=params, data=args.data, options=options,
