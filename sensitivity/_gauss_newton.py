@@ -1,8 +1,7 @@
 """The ``gauss-newton`` estimator: the sampled Gauss–Newton quadratic form of the output
 distortion per unit and option, with the correlations inside each output row (default) or inside
-the whole unit. The curvature library it
-shares with ``fisher``, ``hessian-trace`` and the sequential mode is :mod:`sensitivity._curvature`
-(whose doc derives the estimate).
+the whole unit. The curvature library it shares with ``fisher``, ``hessian-trace`` and the
+sequential mode is :mod:`sensitivity._curvature` (whose doc derives the estimate).
 """
 
 from __future__ import annotations
