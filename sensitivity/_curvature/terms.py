@@ -41,9 +41,9 @@ def gn_row_terms(g: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     ``E ½ Σ_r ⟨ΔW_r, g_r⟩² = ½ Σ_r ΔW_r GN_{rr} ΔW_rᵀ``: the GN form with its row blocks only.
     Each row block keeps the input-side correlations (``GN_rr = E[g_r g_rᵀ]``,
     ``g_r = Σ_t δ_{t,r} x_t``: the correlations GPTQ's ``X Xᵀ`` describes, weighted by the row's
-    output sensitivity); the cross-row terms it
-    drops have mean zero over rounding errors that are independent between rows (RTN, k-quants
-    and GPTQ all quantize each row alone), while in :func:`gn_quadratic_terms` they are
+    output sensitivity); the cross-row terms it drops have mean zero over rounding errors that
+    are independent between rows (RTN, k-quants and GPTQ all quantize each row alone), while in
+    :func:`gn_quadratic_terms` they are
     ``out² − out`` products of mean about zero added to every (sample, probe) term: their noise
     is gone here (how much that is depends on how independently the rows' projections vary;
     docs/ranking.md measures it). Sums over any split of the rows (no finishing step), but not
